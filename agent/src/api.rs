@@ -1,0 +1,441 @@
+//! The gRPC surface of the agent: `reload.v1` handlers plus the one place
+//! where internal errors become `tonic::Status` codes.
+//!
+//! Artifact calls and `GetAgentInfo` are implemented here. Service control,
+//! leases and agent upgrade answer UNIMPLEMENTED, naming the work that will
+//! bring them, so pipelines written against the full API fail clearly today.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reload_artifact::verify::check_platform;
+use reload_artifact::{VerifiedManifest, VerifyError};
+use reload_proto::prost_types;
+use reload_proto::v1 as pb;
+use reload_proto::v1::upload_artifact_request::Part;
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::config::AgentConfig;
+use crate::store::{ArtifactStore, StoreError, StoredArtifact};
+
+/// The handlers: a cheap handle on the shared [`AgentState`].
+#[derive(Clone)]
+pub struct AgentApi(Arc<AgentState>);
+
+impl std::ops::Deref for AgentApi {
+    type Target = AgentState;
+    fn deref(&self) -> &AgentState {
+        &self.0
+    }
+}
+
+/// Everything the handlers share.
+pub struct AgentState {
+    config: AgentConfig,
+    store: Arc<ArtifactStore>,
+    /// One permit per upload allowed to run at once.
+    upload_slots: Arc<Semaphore>,
+    started: SystemTime,
+}
+
+impl AgentApi {
+    pub fn new(config: AgentConfig, store: Arc<ArtifactStore>) -> AgentApi {
+        let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
+        AgentApi(Arc::new(AgentState {
+            config,
+            store,
+            upload_slots,
+            started: SystemTime::now(),
+        }))
+    }
+}
+
+impl AgentState {
+    /// Runs blocking store work off the async threads.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ArtifactStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|err| Status::internal(format!("store task failed: {err}")))?
+            .map_err(store_status)
+    }
+
+    /// Every check an envelope must pass on this agent before any byte of
+    /// its file is accepted.
+    fn verify_envelope(&self, envelope: &[u8]) -> Result<VerifiedManifest, Status> {
+        let verified = self
+            .config
+            .trusted_keys
+            .verify_envelope(envelope, SystemTime::now())
+            .map_err(verify_status)?;
+        check_platform(&verified.manifest).map_err(verify_status)?;
+        let limit = self.config.limits.max_artifact_bytes;
+        if verified.manifest.size > limit {
+            return Err(Status::resource_exhausted(format!(
+                "artifact {} {} is {} bytes, above this agent's max_artifact_size of {limit} bytes; raise [limits] max_artifact_size in the agent config",
+                verified.manifest.service, verified.manifest.version, verified.manifest.size
+            )));
+        }
+        Ok(verified)
+    }
+
+    async fn upload(
+        &self,
+        mut stream: Streaming<pb::UploadArtifactRequest>,
+    ) -> Result<pb::UploadArtifactResponse, Status> {
+        let idle = self.config.limits.upload_idle_timeout;
+        let envelope = match next_message(&mut stream, idle).await? {
+            Some(pb::UploadArtifactRequest {
+                part: Some(Part::Envelope(envelope)),
+            }) => envelope,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first UploadArtifact message must carry the envelope (field `envelope`), not a chunk",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the upload stream ended before its first message (the envelope)",
+                ))
+            }
+        };
+        let verified = self.verify_envelope(&envelope)?;
+        let span = tracing::info_span!(
+            "upload",
+            service = %verified.manifest.service,
+            version = %verified.manifest.version,
+            sha256 = %verified.manifest.sha256,
+        );
+        let (check, check_envelope) = (verified.clone(), envelope.clone());
+        if let Some(existing) = self
+            .with_store(move |store| store.restore_existing(&check, &check_envelope))
+            .await?
+        {
+            span.in_scope(|| tracing::info!("artifact already stored; upload skipped"));
+            return Ok(pb::UploadArtifactResponse {
+                artifact: Some(artifact_info(&existing)),
+                already_present: true,
+                bytes_received: 0,
+            });
+        }
+
+        let mut upload = self
+            .store
+            .begin_upload(verified, envelope)
+            .map_err(store_status)?;
+        let max_chunk = self.config.limits.max_chunk_bytes;
+        while let Some(message) = next_message(&mut stream, idle).await? {
+            match message.part {
+                Some(Part::Chunk(chunk)) => {
+                    if chunk.len() as u64 > max_chunk {
+                        return Err(Status::resource_exhausted(format!(
+                            "a chunk of {} bytes is above this agent's max_chunk_size of {max_chunk} bytes; send smaller chunks (reloadctl sends 256 KiB)",
+                            chunk.len()
+                        )));
+                    }
+                    upload.write_chunk(chunk).await.map_err(store_status)?;
+                }
+                Some(Part::Envelope(_)) => {
+                    return Err(Status::invalid_argument(
+                        "the envelope was sent twice; send it only in the first message",
+                    ))
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an UploadArtifact message carried neither envelope nor chunk",
+                    ))
+                }
+            }
+        }
+        let received = upload.received();
+        let stored = upload.finish(&self.store).await.map_err(store_status)?;
+        span.in_scope(|| tracing::info!(bytes = received, "artifact verified and stored"));
+        Ok(pb::UploadArtifactResponse {
+            artifact: Some(artifact_info(&stored)),
+            already_present: false,
+            bytes_received: received,
+        })
+    }
+}
+
+/// The next message, or a DEADLINE_EXCEEDED if the client stalls: a slow
+/// or stuck client must not hold an upload slot and a temp file forever.
+async fn next_message(
+    stream: &mut Streaming<pb::UploadArtifactRequest>,
+    idle: Duration,
+) -> Result<Option<pb::UploadArtifactRequest>, Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(result) => result,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the upload sent nothing for {}; it was cut off (upload_idle_timeout)",
+            humantime::format_duration(idle)
+        ))),
+    }
+}
+
+fn timestamp(text: &str) -> Option<prost_types::Timestamp> {
+    humantime::parse_rfc3339(text).ok().map(Into::into)
+}
+
+pub fn artifact_info(artifact: &StoredArtifact) -> pb::ArtifactInfo {
+    let m = &artifact.manifest;
+    pb::ArtifactInfo {
+        manifest: Some(pb::ArtifactManifest {
+            service: m.service.clone(),
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+            size: m.size,
+            os: m.os.clone(),
+            arch: m.arch.clone(),
+            created: timestamp(&m.created),
+            expires: timestamp(&m.expires),
+        }),
+        key_ids: artifact.key_ids.clone(),
+        stored_at: Some(artifact.stored_at.into()),
+    }
+}
+
+fn verified_info(verified: &VerifiedManifest) -> pb::ArtifactInfo {
+    let m = &verified.manifest;
+    pb::ArtifactInfo {
+        manifest: Some(pb::ArtifactManifest {
+            service: m.service.clone(),
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+            size: m.size,
+            os: m.os.clone(),
+            arch: m.arch.clone(),
+            created: timestamp(&m.created),
+            expires: timestamp(&m.expires),
+        }),
+        key_ids: verified.key_ids.clone(),
+        stored_at: None,
+    }
+}
+
+/// The gRPC code of each verification failure (see artifacts.proto).
+fn verify_code(err: &VerifyError) -> Code {
+    match err {
+        VerifyError::Malformed(_)
+        | VerifyError::WrongPayloadType { .. }
+        | VerifyError::PayloadNotManifest(_)
+        | VerifyError::InvalidManifest(_) => Code::InvalidArgument,
+        VerifyError::NoSignature
+        | VerifyError::UntrustedKey { .. }
+        | VerifyError::BadSignature { .. } => Code::PermissionDenied,
+        VerifyError::Expired { .. } | VerifyError::WrongPlatform { .. } => Code::FailedPrecondition,
+        VerifyError::ContentMismatch(_) => Code::DataLoss,
+    }
+}
+
+fn verify_status(err: VerifyError) -> Status {
+    tracing::warn!(error = %err, "artifact rejected");
+    Status::new(verify_code(&err), err.to_string())
+}
+
+/// The one conversion from store errors to gRPC statuses.
+fn store_status(err: StoreError) -> Status {
+    let code = match &err {
+        StoreError::Verify(inner) => verify_code(inner),
+        StoreError::TooLarge { .. } => Code::ResourceExhausted,
+        StoreError::Truncated { .. } | StoreError::Damaged { .. } => Code::DataLoss,
+        StoreError::BadRequest(_) => Code::InvalidArgument,
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            Code::ResourceExhausted
+        }
+        StoreError::Io { .. } => Code::Internal,
+    };
+    if code == Code::Internal {
+        tracing::error!(error = %err, "artifact store failure");
+    } else {
+        tracing::warn!(error = %err, "artifact rejected");
+    }
+    Status::new(code, err.to_string())
+}
+
+fn unimplemented(call: &str, work: &str) -> Status {
+    Status::unimplemented(format!(
+        "{call} is not implemented by this agent version ({}); it arrives with the {work} work",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+#[tonic::async_trait]
+impl pb::artifact_service_server::ArtifactService for AgentApi {
+    async fn stat_artifact(
+        &self,
+        request: Request<pb::StatArtifactRequest>,
+    ) -> Result<Response<pb::StatArtifactResponse>, Status> {
+        let sha256 = request.into_inner().sha256;
+        let found = self.with_store(move |store| store.stat(&sha256)).await?;
+        Ok(Response::new(pb::StatArtifactResponse {
+            present: found.is_some(),
+            artifact: found.as_ref().map(artifact_info),
+        }))
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<pb::UploadArtifactRequest>>,
+    ) -> Result<Response<pb::UploadArtifactResponse>, Status> {
+        let _slot = self.upload_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} uploads are already running on this agent (max_concurrent_uploads); retry when one finishes",
+                self.config.limits.max_concurrent_uploads
+            ))
+        })?;
+        self.upload(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let service = request.into_inner().service;
+        let found = self
+            .with_store(move |store| store.list((!service.is_empty()).then_some(service.as_str())))
+            .await?;
+        Ok(Response::new(pb::ListArtifactsResponse {
+            artifacts: found.iter().map(artifact_info).collect(),
+        }))
+    }
+
+    async fn validate_artifact(
+        &self,
+        request: Request<pb::ValidateArtifactRequest>,
+    ) -> Result<Response<pb::ValidateArtifactResponse>, Status> {
+        use pb::validate_artifact_request::Target;
+        let info = match request.into_inner().target {
+            Some(Target::Envelope(envelope)) => verified_info(&self.verify_envelope(&envelope)?),
+            Some(Target::Sha256(sha256)) => {
+                let lookup = sha256.clone();
+                let (stored, envelope) = self
+                    .with_store(move |store| {
+                        let Some(stored) = store.stat(&lookup)? else {
+                            return Ok(None);
+                        };
+                        store.check_stored_content(&stored)?;
+                        let envelope = store.envelope_bytes(&lookup)?;
+                        Ok(Some((stored, envelope)))
+                    })
+                    .await?
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "this agent holds no artifact with sha256 {sha256}; upload it first"
+                        ))
+                    })?;
+                let verified = self.verify_envelope(&envelope)?;
+                let mut info = verified_info(&verified);
+                info.stored_at = Some(stored.stored_at.into());
+                info
+            }
+            None => return Err(Status::invalid_argument(
+                "ValidateArtifact needs a target: `sha256` of a stored artifact or an `envelope`",
+            )),
+        };
+        Ok(Response::new(pb::ValidateArtifactResponse {
+            artifact: Some(info),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn get_agent_info(
+        &self,
+        _request: Request<pb::GetAgentInfoRequest>,
+    ) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let limits = &self.config.limits;
+        Ok(Response::new(pb::GetAgentInfoResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname,
+            pid: std::process::id(),
+            started: Some(self.started.into()),
+            limits: Some(pb::Limits {
+                max_artifact_bytes: limits.max_artifact_bytes,
+                max_chunk_bytes: limits.max_chunk_bytes,
+            }),
+            trusted_key_ids: self.config.trusted_keys.ids(),
+            services: Vec::new(),
+            keep_versions: self.config.keep_versions as u32,
+        }))
+    }
+
+    async fn upgrade_agent(
+        &self,
+        _request: Request<pb::UpgradeAgentRequest>,
+    ) -> Result<Response<pb::UpgradeAgentResponse>, Status> {
+        Err(unimplemented("UpgradeAgent", "agent self-reload"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::service_control_server::ServiceControl for AgentApi {
+    async fn activate(
+        &self,
+        _request: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::ActivateResponse>, Status> {
+        Err(unimplemented("Activate", "socket-preserving reload"))
+    }
+
+    async fn rollback(
+        &self,
+        _request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        Err(unimplemented("Rollback", "socket-preserving reload"))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Err(unimplemented("GetStatus", "socket-preserving reload"))
+    }
+
+    type WatchEventsStream = tokio_stream::Empty<Result<pb::Event, Status>>;
+
+    async fn watch_events(
+        &self,
+        _request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        Err(unimplemented("WatchEvents", "socket-preserving reload"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::lease_service_server::LeaseService for AgentApi {
+    async fn acquire_lease(
+        &self,
+        _request: Request<pb::AcquireLeaseRequest>,
+    ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
+        Err(unimplemented("AcquireLease", "fleet rollout"))
+    }
+
+    async fn renew_lease(
+        &self,
+        _request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        Err(unimplemented("RenewLease", "fleet rollout"))
+    }
+
+    async fn release_lease(
+        &self,
+        _request: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        Err(unimplemented("ReleaseLease", "fleet rollout"))
+    }
+
+    async fn get_lease(
+        &self,
+        _request: Request<pb::GetLeaseRequest>,
+    ) -> Result<Response<pb::GetLeaseResponse>, Status> {
+        Err(unimplemented("GetLease", "fleet rollout"))
+    }
+}

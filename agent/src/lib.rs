@@ -1,0 +1,142 @@
+//! `reload-agent`: the per-host daemon that accepts signed artifacts over
+//! gRPC, verifies them and keeps them in a content-addressed store.
+//!
+//! Layout:
+//! - [`config`]: the TOML config, checked and resolved (`--check` stops here).
+//! - [`store`]: the artifact store; the only code that writes under
+//!   `store_dir`, and the only place that decides when a file becomes
+//!   visible under its final name.
+//! - [`api`]: the `reload.v1` gRPC handlers and the mapping of errors to
+//!   status codes.
+//! - [`serve`]: binds nothing itself; it takes already-bound listeners so the
+//!   tests, a systemd socket and a future in-place re-exec share one path.
+//!
+//! Verification rules live in the `reload-artifact` crate, shared with
+//! `reloadctl verify`. The wire types live in `reload-proto`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use reload_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::AgentApi;
+use crate::config::AgentConfig;
+use crate::store::ArtifactStore;
+
+/// Room for the envelope and protobuf framing above the chunk limit, so an
+/// oversized chunk reaches our own check (RESOURCE_EXHAUSTED with a clear
+/// message) instead of tonic's generic decode limit.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// HTTP/2 flow-control window for each stream and connection: a few chunks
+/// in flight per upload.
+const UPLOAD_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Larger HTTP/2 frames: fewer frame headers and wake-ups per chunk.
+const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
+/// Binds every configured gRPC address. Kept apart from [`serve`] so the
+/// caller can report bind errors before anything else starts.
+pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ([agent] listen)"))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Opens the store and serves the gRPC API on `listeners` until `shutdown`
+/// completes; in-flight calls then get a short grace period.
+pub async fn serve(
+    config: AgentConfig,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store_dir = config.store_dir.clone();
+    let keep_versions = config.keep_versions;
+    let store = tokio::task::spawn_blocking(move || ArtifactStore::open(&store_dir, keep_versions))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot open the artifact store {}",
+                config.store_dir.display()
+            )
+        })?;
+    let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
+    let api = AgentApi::new(config, Arc::new(store));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::agent_service_server::AgentServiceServer<AgentApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // Several listeners feed one server through a channel of accepted
+    // connections.
+    let (connections, incoming) = tokio::sync::mpsc::channel(64);
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving gRPC");
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = listener.accept().await.map(|(stream, _)| stream);
+                if let Err(err) = &accepted {
+                    tracing::warn!(%addr, error = %err, "accept failed");
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+                if connections.send(accepted).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(connections);
+
+    tonic::transport::Server::builder()
+        // HTTP/2's default 64 KiB windows cap an upload at a few dozen MiB/s
+        // even on loopback; artifacts are large, so let the window grow.
+        .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))
+        .initial_connection_window_size(Some(UPLOAD_WINDOW_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            pb::artifact_service_server::ArtifactServiceServer::new(api.clone())
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(pb::agent_service_server::AgentServiceServer::new(
+            api.clone(),
+        ))
+        .add_service(pb::service_control_server::ServiceControlServer::new(
+            api.clone(),
+        ))
+        .add_service(pb::lease_service_server::LeaseServiceServer::new(api))
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
+        .await
+        .context("gRPC server failed")
+}

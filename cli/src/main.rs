@@ -1,0 +1,411 @@
+//! `reloadctl`: the operator's and the pipeline's command line.
+//!
+//! Subcommands today: `keygen`, `sign`, `verify` (local files only, no
+//! network), and `upload`, `artifacts` (talk to one agent over gRPC).
+//! Signing and verification rules come from `reload-artifact`, the same code
+//! the agent runs, so "verify passes here" means "the agent will accept it"
+//! for the same trusted keys. Network code lives in [`client`].
+#![forbid(unsafe_code)]
+
+mod client;
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use reload_artifact::verify::{check_content, hash_file};
+use reload_artifact::{envelope_path_for, Envelope, Manifest, PublicKey, SigningKey, TrustedKeys};
+use reload_proto::v1 as pb;
+
+#[derive(Parser)]
+#[command(version, about = "Sign artifacts and roll them out to reload agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make an Ed25519 signing key: PREFIX.key (private, 0600) and PREFIX.pub.
+    #[command(
+        after_help = "Example:\n  reloadctl keygen --out release\n  # writes release.key and release.pub; put release.pub in the agents' trusted_keys"
+    )]
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, default_value = "release")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign FILE for SERVICE at VERSION; writes FILE.dsse.json beside it.
+    #[command(
+        after_help = "Example:\n  reloadctl sign --key release.key --service web --version 1.4 ./web\n  # writes ./web.dsse.json"
+    )]
+    Sign {
+        /// Private key (PKCS#8 PEM, from `reloadctl keygen` or `openssl genpkey -algorithm ed25519`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        #[arg(long)]
+        service: String,
+        /// Semantic version; `1.4` means `1.4.0`.
+        #[arg(long)]
+        version: String,
+        /// How long agents accept the signature.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// Target OS (default: this machine's; `any` for scripts).
+        #[arg(long, default_value = std::env::consts::OS)]
+        os: String,
+        /// Target CPU architecture (default: this machine's; `any` for scripts).
+        #[arg(long, default_value = std::env::consts::ARCH)]
+        arch: String,
+        file: PathBuf,
+    },
+    /// Check FILE against FILE.dsse.json and the given public keys.
+    #[command(after_help = "Example:\n  reloadctl verify --pubkey release.pub ./web")]
+    Verify {
+        /// Trusted public key (SPKI PEM); repeat for several.
+        #[arg(long = "pubkey", value_name = "PUB", required = true)]
+        pubkeys: Vec<PathBuf>,
+        /// Envelope to check (default: FILE.dsse.json).
+        #[arg(long)]
+        envelope: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Send FILE and its signature to an agent, unless it already has it.
+    #[command(after_help = "Example:\n  reloadctl upload --host 127.0.0.1:7700 ./web")]
+    Upload {
+        /// Agent address, host[:port] (default port 7700).
+        #[arg(long)]
+        host: String,
+        /// Envelope to send (default: FILE.dsse.json).
+        #[arg(long)]
+        envelope: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// List the artifacts an agent holds, newest first.
+    #[command(after_help = "Example:\n  reloadctl artifacts --host 127.0.0.1:7700 --service web")]
+    Artifacts {
+        #[arg(long)]
+        host: String,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// `table` for people, `json` (one object a line) for scripts.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("reloadctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Sign {
+            key,
+            service,
+            version,
+            expires_in,
+            os,
+            arch,
+            file,
+        } => sign(&key, &service, &version, expires_in, &os, &arch, &file),
+        Command::Verify {
+            pubkeys,
+            envelope,
+            file,
+        } => verify(&pubkeys, envelope.as_deref(), &file),
+        Command::Upload {
+            host,
+            envelope,
+            file,
+        } => runtime()?.block_on(upload(&host, envelope.as_deref(), &file)),
+        Command::Artifacts {
+            host,
+            service,
+            output,
+        } => runtime()?.block_on(artifacts(&host, &service, &output)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename, so a reader
+/// never sees half a file. `mode` applies from creation on.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> anyhow::Result<()> {
+    if !replace && path.exists() {
+        bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("path has no file name")?
+        .to_string_lossy();
+    let temp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut name = prefix.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
+    let private = with_suffix(out, ".key");
+    let public = with_suffix(out, ".pub");
+    if !force {
+        for path in [&private, &public] {
+            if path.exists() {
+                bail!(
+                    "{} already exists; pass --force to replace it",
+                    path.display()
+                );
+            }
+        }
+    }
+    let key = SigningKey::generate();
+    write_atomically(&private, key.to_pem().as_bytes(), 0o600, force)?;
+    write_atomically(&public, key.public().to_pem().as_bytes(), 0o644, force)?;
+    println!("private key: {} (keep it secret)", private.display());
+    println!(
+        "public key:  {} (list it in the agents' trusted_keys)",
+        public.display()
+    );
+    println!("key id:      {}", key.id());
+    Ok(())
+}
+
+fn sign(
+    key: &Path,
+    service: &str,
+    version: &str,
+    expires_in: Duration,
+    os: &str,
+    arch: &str,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let key = SigningKey::load(key)?;
+    let (sha256, size) =
+        hash_file(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut manifest = Manifest::new(
+        service,
+        version,
+        &sha256,
+        size,
+        SystemTime::now(),
+        expires_in,
+    )?;
+    manifest.os = os.to_string();
+    manifest.arch = arch.to_string();
+    manifest.validate()?;
+    let envelope = Envelope::sign_manifest(&manifest, &[&key]);
+    let out = envelope_path_for(file);
+    write_atomically(&out, &envelope.to_json(), 0o644, true)?;
+    println!(
+        "signed {} {} ({} bytes, sha256 {}) with key {}",
+        manifest.service,
+        manifest.version,
+        size,
+        sha256,
+        key.id()
+    );
+    println!("envelope: {} (expires {})", out.display(), manifest.expires);
+    Ok(())
+}
+
+fn read_envelope(envelope: Option<&Path>, file: &Path) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    let path = envelope
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| envelope_path_for(file));
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read the envelope {}; sign the file first with `reloadctl sign`",
+            path.display()
+        )
+    })?;
+    Ok((path, bytes))
+}
+
+fn verify(pubkeys: &[PathBuf], envelope: Option<&Path>, file: &Path) -> anyhow::Result<()> {
+    let keys = pubkeys
+        .iter()
+        .map(|p| PublicKey::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trusted = TrustedKeys::new(keys, Duration::ZERO);
+    let (envelope_path, bytes) = read_envelope(envelope, file)?;
+    let verified = trusted
+        .verify_envelope(&bytes, SystemTime::now())
+        .with_context(|| format!("{} failed verification", envelope_path.display()))?;
+    let (sha256, size) =
+        hash_file(file).with_context(|| format!("cannot read {}", file.display()))?;
+    check_content(&verified.manifest, &sha256, size).with_context(|| {
+        format!(
+            "{} does not match {}",
+            file.display(),
+            envelope_path.display()
+        )
+    })?;
+    let m = &verified.manifest;
+    println!(
+        "OK: {} {} for {}/{}, {} bytes, sha256 {}, signed by {}, expires {}",
+        m.service,
+        m.version,
+        m.os,
+        m.arch,
+        m.size,
+        m.sha256,
+        verified.key_ids.join(", "),
+        m.expires
+    );
+    Ok(())
+}
+
+async fn upload(host: &str, envelope: Option<&Path>, file: &Path) -> anyhow::Result<()> {
+    let (envelope_path, bytes) = read_envelope(envelope, file)?;
+    // The sha256 to look up comes from the envelope: hashing a large file
+    // here would double the work, and the agent hashes what it receives and
+    // refuses a file that does not match (DATA_LOSS).
+    let manifest = serde_json::from_slice::<Envelope>(&bytes)
+        .map_err(|err| err.to_string())
+        .and_then(|envelope| envelope.unverified_manifest())
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "{} is not a reload envelope: {err}",
+                envelope_path.display()
+            )
+        })?;
+    // A size check is free and catches a file replaced or appended to after
+    // signing before anything is sent.
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    if size != manifest.size {
+        bail!(
+            "{} is {size} bytes but {} says {}: the file changed after signing; sign it again",
+            file.display(),
+            envelope_path.display(),
+            manifest.size
+        );
+    }
+    let sha256 = manifest.sha256;
+    let channel = client::connect(host).await?;
+    let show_progress = std::io::stderr().is_terminal();
+    let outcome = client::upload(host, channel, file, bytes, &sha256, show_progress).await?;
+    let m = outcome.info.manifest.unwrap_or_default();
+    if outcome.already_present {
+        println!(
+            "{host}: already has {} {} (sha256 {}); nothing sent",
+            m.service, m.version, m.sha256
+        );
+    } else {
+        println!(
+            "{host}: stored {} {} (sha256 {}), {} bytes sent",
+            m.service, m.version, m.sha256, outcome.bytes_sent
+        );
+    }
+    Ok(())
+}
+
+fn format_timestamp(ts: Option<&reload_proto::prost_types::Timestamp>) -> String {
+    ts.and_then(|t| SystemTime::try_from(*t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn artifacts(host: &str, service: &str, output: &str) -> anyhow::Result<()> {
+    let channel = client::connect(host).await?;
+    let mut agent = pb::artifact_service_client::ArtifactServiceClient::new(channel);
+    let list = agent
+        .list_artifacts(pb::ListArtifactsRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|s| client::describe_status(host, "list artifacts", &s))?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if output == "json" {
+        for info in &list.artifacts {
+            let m = info.manifest.clone().unwrap_or_default();
+            let line = serde_json::json!({
+                "service": m.service, "version": m.version, "sha256": m.sha256,
+                "size": m.size, "os": m.os, "arch": m.arch,
+                "expires": format_timestamp(m.expires.as_ref()),
+                "stored_at": format_timestamp(info.stored_at.as_ref()),
+                "key_ids": info.key_ids,
+            });
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20} {:<14} {:>12}  {:<20}  {:<20}  SHA256",
+        "SERVICE", "VERSION", "SIZE", "STORED", "EXPIRES"
+    )?;
+    for info in &list.artifacts {
+        let m = info.manifest.clone().unwrap_or_default();
+        writeln!(
+            out,
+            "{:<20} {:<14} {:>12}  {:<20}  {:<20}  {}",
+            m.service,
+            m.version,
+            m.size,
+            format_timestamp(info.stored_at.as_ref()),
+            format_timestamp(m.expires.as_ref()),
+            m.sha256
+        )?;
+    }
+    if list.artifacts.is_empty() {
+        writeln!(
+            out,
+            "(no artifacts{})",
+            if service.is_empty() {
+                String::new()
+            } else {
+                format!(" of {service}")
+            }
+        )?;
+    }
+    Ok(())
+}

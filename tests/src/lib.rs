@@ -1,0 +1,284 @@
+//! Helpers for the end-to-end tests: run the real `reload-agent` and
+//! `reloadctl` binaries as real processes, talk real gRPC to them, and look
+//! at the real files they leave.
+//!
+//! The binaries are found beside the test executable (`target/<profile>/`),
+//! so build them first: `make test` does (`cargo build --workspace --bins`,
+//! then `cargo nextest run --workspace`). A missing binary fails the test
+//! with that instruction rather than skipping anything.
+//!
+//! Every helper that starts a process kills it on drop and, when a test
+//! fails, prints what the process logged.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use reload_artifact::{Envelope, Manifest, SigningKey};
+use reload_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+/// Path of a workspace binary built for the same profile as this test.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // Tests run from target/<profile>/deps/, the bench binary from
+    // target/<profile>/.
+    let mut profile_dir = exe.parent().expect("executable has a folder");
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().expect("deps has a parent");
+    }
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (`make test` does it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `reloadctl` with `args` in `dir` and returns its output; does not
+/// judge the exit status.
+pub fn reloadctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin_path("reloadctl"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running reloadctl")
+}
+
+/// Runs `reloadctl` and fails the test, printing everything, unless it
+/// succeeds. Returns stdout.
+pub fn reloadctl_ok(dir: &Path, args: &[&str]) -> String {
+    let output = reloadctl(dir, args);
+    assert!(
+        output.status.success(),
+        "reloadctl {args:?} in {} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        dir.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Deterministic, incompressible-looking bytes (xorshift64*), fast enough
+/// for 50 MiB files without a random crate.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    // Spread the seed so that neighbouring seeds give unrelated streams.
+    let mut state = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A manifest for `bytes`, valid for an hour from now.
+pub fn manifest_for(service: &str, version: &str, bytes: &[u8]) -> Manifest {
+    Manifest::new(
+        service,
+        version,
+        &sha256_hex(bytes),
+        bytes.len() as u64,
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .expect("valid manifest")
+}
+
+/// A running `reload-agent` with its own folder, key and store.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub key: Arc<SigningKey>,
+    pub addr: SocketAddr,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts an agent in `dir` trusting `key`; `extra_toml` is appended to
+    /// the config (e.g. a `[limits]` table).
+    pub fn start(dir: &Path, key: Arc<SigningKey>, extra_toml: &str) -> Agent {
+        std::fs::write(dir.join("trusted.pub"), key.public().to_pem()).unwrap();
+        let config = format!(
+            "[agent]\nlisten = [\"127.0.0.1:0\"]\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
+        );
+        std::fs::write(dir.join("agent.toml"), config).unwrap();
+        Agent::start_with_config(dir, key)
+    }
+
+    /// Starts (or restarts) an agent on the `agent.toml` already in `dir`.
+    pub fn start_with_config(dir: &Path, key: Arc<SigningKey>) -> Agent {
+        let mut child = Command::new(bin_path("reload-agent"))
+            .args(["--config", "agent.toml", "--log-format", "json"])
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning reload-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if event["fields"]["message"] == "serving gRPC" {
+                        if let Some(addr) = event["fields"]["addr"].as_str() {
+                            let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
+                        }
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Agent {
+            dir: dir.to_path_buf(),
+            key,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            child,
+            log,
+        };
+        match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => agent.addr = addr,
+            Err(_) => panic!(
+                "reload-agent did not start serving within 20s (exit: {:?})\n{}",
+                agent.child.try_wait(),
+                agent.log_text()
+            ),
+        }
+        agent
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|err| panic!("connecting to the agent: {err}\n{}", self.log_text()))
+    }
+
+    pub async fn artifacts(&self) -> pb::artifact_service_client::ArtifactServiceClient<Channel> {
+        pb::artifact_service_client::ArtifactServiceClient::new(self.channel().await)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// Signs `bytes` with the trusted key.
+    pub fn sign(&self, service: &str, version: &str, bytes: &[u8]) -> Vec<u8> {
+        Envelope::sign_manifest(&manifest_for(service, version, bytes), &[&self.key]).to_json()
+    }
+
+    /// Stops the agent with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- reload-agent log ({}) ----\n{}",
+                self.dir.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// The messages of one upload: the envelope, then `bytes` in `chunk` sized
+/// pieces.
+pub fn upload_messages(
+    envelope: Vec<u8>,
+    bytes: &[u8],
+    chunk: usize,
+) -> Vec<pb::UploadArtifactRequest> {
+    use pb::upload_artifact_request::Part;
+    let mut messages = vec![pb::UploadArtifactRequest {
+        part: Some(Part::Envelope(envelope)),
+    }];
+    messages.extend(bytes.chunks(chunk).map(|c| pb::UploadArtifactRequest {
+        part: Some(Part::Chunk(bytes::Bytes::copy_from_slice(c))),
+    }));
+    messages
+}
+
+/// Sends a complete upload stream and returns the agent's answer.
+pub async fn upload(
+    client: &mut pb::artifact_service_client::ArtifactServiceClient<Channel>,
+    messages: Vec<pb::UploadArtifactRequest>,
+) -> Result<pb::UploadArtifactResponse, tonic::Status> {
+    client
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Every file under `dir` with its size and sha256: two equal snapshots mean
+/// nothing was added, removed or changed.
+pub fn snapshot(dir: &Path) -> BTreeMap<String, (u64, String)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u64, String)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(name, (bytes.len() as u64, sha256_hex(&bytes)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Waits until `condition` holds, polling without blocking the runtime;
+/// panics with `what` after `timeout`. For conditions another process or
+/// task makes true.
+pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

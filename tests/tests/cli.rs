@@ -1,0 +1,266 @@
+//! End-to-end: `reloadctl` as a user runs it, against files and a real agent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use reload_artifact::SigningKey;
+use reload_tests::*;
+
+fn stderr_of(dir: &Path, args: &[&str]) -> String {
+    let output = reloadctl(dir, args);
+    assert!(
+        !output.status.success(),
+        "reloadctl {args:?} should have failed"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// openssl is part of the test toolchain (`.ci/run` installs it): a missing
+/// one fails the test instead of skipping it.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for this test: apt-get install openssl (.ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn keygen_sign_verify_round_trip_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = reloadctl_ok(d, &["keygen", "--out", "release"]);
+    assert!(out.contains("key id:"), "{out}");
+    let mode = std::fs::metadata(d.join("release.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the private key must not be readable by others"
+    );
+    // keygen never overwrites a key by accident.
+    assert!(stderr_of(d, &["keygen", "--out", "release"]).contains("--force"));
+
+    std::fs::write(d.join("web"), pseudo_random_bytes(100_000, 1)).unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "1.4",
+            "web",
+        ],
+    );
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("web.dsse.json")).unwrap()).unwrap();
+    assert_eq!(
+        envelope["payloadType"],
+        "application/vnd.reload.manifest.v1+json"
+    );
+    let out = reloadctl_ok(d, &["verify", "--pubkey", "release.pub", "web"]);
+    assert!(out.starts_with("OK: web 1.4.0"), "{out}");
+
+    reloadctl_ok(d, &["keygen", "--out", "other"]);
+    let err = stderr_of(d, &["verify", "--pubkey", "other.pub", "web"]);
+    assert!(err.contains("untrusted key"), "{err}");
+
+    // One changed byte in the file.
+    let mut bytes = std::fs::read(d.join("web")).unwrap();
+    bytes[99] ^= 1;
+    std::fs::write(d.join("web"), &bytes).unwrap();
+    let err = stderr_of(d, &["verify", "--pubkey", "release.pub", "web"]);
+    assert!(err.contains("does not match"), "{err}");
+
+    // Swapped key files get a hint, not a parser error.
+    let err = stderr_of(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.pub",
+            "--service",
+            "web",
+            "--version",
+            "1",
+            "web",
+        ],
+    );
+    assert!(err.contains("signing needs the private key"), "{err}");
+    let err = stderr_of(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "a/b",
+            "--version",
+            "1",
+            "web",
+        ],
+    );
+    assert!(err.contains("service name"), "{err}");
+    let err = stderr_of(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "one",
+            "web",
+        ],
+    );
+    assert!(err.contains("not a semantic version"), "{err}");
+}
+
+#[tokio::test]
+async fn openssl_ed25519_key_signs_and_the_agent_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ossl.key"]);
+    openssl(
+        d,
+        &["pkey", "-in", "ossl.key", "-pubout", "-out", "ossl.pub"],
+    );
+    std::fs::write(d.join("web"), pseudo_random_bytes(3_000_000, 2)).unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "ossl.key",
+            "--service",
+            "web",
+            "--version",
+            "2.0",
+            "web",
+        ],
+    );
+    reloadctl_ok(d, &["verify", "--pubkey", "ossl.pub", "web"]);
+
+    // The agent trusts the openssl-written public key file as it is.
+    let agent_dir = d.join("agent");
+    std::fs::create_dir(&agent_dir).unwrap();
+    std::fs::copy(d.join("ossl.pub"), agent_dir.join("ossl.pub")).unwrap();
+    std::fs::write(
+        agent_dir.join("agent.toml"),
+        "[agent]\nlisten = [\"127.0.0.1:0\"]\ntrusted_keys = [\"ossl.pub\"]\n",
+    )
+    .unwrap();
+    let key = Arc::new(SigningKey::load(&d.join("ossl.key")).unwrap());
+    let agent = Agent::start_with_config(&agent_dir, key);
+    let host = agent.host();
+    let out = reloadctl_ok(d, &["upload", "--host", &host, "web"]);
+    assert!(
+        out.contains("stored web 2.0.0") && out.contains("3000000 bytes sent"),
+        "{out}"
+    );
+    let out = reloadctl_ok(d, &["upload", "--host", &host, "web"]);
+    assert!(out.contains("nothing sent"), "{out}");
+    let out = reloadctl_ok(d, &["artifacts", "--host", &host, "--output", "json"]);
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(line["version"], "2.0.0");
+    assert_eq!(
+        line["sha256"],
+        sha256_hex(&std::fs::read(d.join("web")).unwrap())
+    );
+}
+
+#[test]
+fn rsa_keys_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa.key",
+        ],
+    );
+    openssl(d, &["pkey", "-in", "rsa.key", "-pubout", "-out", "rsa.pub"]);
+    std::fs::write(d.join("web"), b"#!/bin/sh\n").unwrap();
+    let err = stderr_of(
+        d,
+        &[
+            "sign",
+            "--key",
+            "rsa.key",
+            "--service",
+            "web",
+            "--version",
+            "1",
+            "web",
+        ],
+    );
+    assert!(
+        err.contains("RSA key") && err.contains("only Ed25519"),
+        "{err}"
+    );
+    assert!(
+        !d.join("web.dsse.json").exists(),
+        "a failed sign must not write an envelope"
+    );
+
+    // The agent's --check names the key file and the algorithm.
+    std::fs::write(
+        d.join("agent.toml"),
+        "[agent]\ntrusted_keys = [\"rsa.pub\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(bin_path("reload-agent"))
+        .args(["--config", "agent.toml", "--check"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(err.contains("rsa.pub") && err.contains("RSA"), "{err}");
+}
+
+#[test]
+fn upload_to_an_unreachable_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reloadctl_ok(d, &["keygen", "--out", "k"]);
+    std::fs::write(d.join("web"), b"x").unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "k.key",
+            "--service",
+            "web",
+            "--version",
+            "1",
+            "web",
+        ],
+    );
+    // Port 1 on loopback: nothing listens there.
+    let err = stderr_of(d, &["upload", "--host", "127.0.0.1:1", "web"]);
+    assert!(
+        err.contains("cannot reach the agent at 127.0.0.1:1"),
+        "{err}"
+    );
+}
