@@ -42,6 +42,7 @@ for host in "${hosts[@]}"; do
     cat > "$dir/agent.toml" <<TOML
 [agent]
 listen = ["$host"]
+health_listen = "${host%%:*}:$((port + 1))"
 trusted_keys = ["release.pub"]
 store_dir = "store"
 TOML

@@ -17,7 +17,9 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config::AgentConfig;
+use crate::events::EventFields;
 use crate::store::{ArtifactStore, StoreError, StoredArtifact};
+use crate::supervisor::Supervisor;
 
 /// The handlers: a cheap handle on the shared [`AgentState`].
 #[derive(Clone)]
@@ -37,16 +39,22 @@ pub struct AgentState {
     /// One permit per upload allowed to run at once.
     upload_slots: Arc<Semaphore>,
     started: SystemTime,
+    supervisor: Arc<Supervisor>,
 }
 
 impl AgentApi {
-    pub fn new(config: AgentConfig, store: Arc<ArtifactStore>) -> AgentApi {
+    pub fn new(
+        config: AgentConfig,
+        store: Arc<ArtifactStore>,
+        supervisor: Arc<Supervisor>,
+    ) -> AgentApi {
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
         AgentApi(Arc::new(AgentState {
             config,
             store,
             upload_slots,
             started: SystemTime::now(),
+            supervisor,
         }))
     }
 }
@@ -154,6 +162,19 @@ impl AgentState {
         let received = upload.received();
         let stored = upload.finish(&self.store).await.map_err(store_status)?;
         span.in_scope(|| tracing::info!(bytes = received, "artifact verified and stored"));
+        self.supervisor.events.emit(
+            pb::EventKind::ArtifactStored,
+            EventFields {
+                service: &stored.manifest.service,
+                version: &stored.manifest.version,
+                sha256: &stored.manifest.sha256,
+                pid: 0,
+                message: format!(
+                    "stored {} {} ({received} bytes)",
+                    stored.manifest.service, stored.manifest.version
+                ),
+            },
+        );
         Ok(pb::UploadArtifactResponse {
             artifact: Some(artifact_info(&stored)),
             already_present: false,
@@ -363,7 +384,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 max_chunk_bytes: limits.max_chunk_bytes,
             }),
             trusted_key_ids: self.config.trusted_keys.ids(),
-            services: Vec::new(),
+            services: self
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
             keep_versions: self.config.keep_versions as u32,
         }))
     }
@@ -380,32 +406,79 @@ impl pb::agent_service_server::AgentService for AgentApi {
 impl pb::service_control_server::ServiceControl for AgentApi {
     async fn activate(
         &self,
-        _request: Request<pb::ActivateRequest>,
+        request: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::ActivateResponse>, Status> {
-        Err(unimplemented("Activate", "socket-preserving reload"))
+        let request = request.into_inner();
+        let (result, status) = self
+            .supervisor
+            .activate(&request.service, &request.sha256)
+            .await?;
+        Ok(Response::new(pb::ActivateResponse {
+            result: Some(result),
+            status: Some(status),
+        }))
     }
 
     async fn rollback(
         &self,
-        _request: Request<pb::RollbackRequest>,
+        request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
-        Err(unimplemented("Rollback", "socket-preserving reload"))
+        let request = request.into_inner();
+        let (result, status) = self.supervisor.rollback(&request.service).await?;
+        Ok(Response::new(pb::RollbackResponse {
+            result: Some(result),
+            status: Some(status),
+        }))
     }
 
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        Err(unimplemented("GetStatus", "socket-preserving reload"))
+        let name = request.into_inner().service;
+        let services = if name.is_empty() {
+            self.supervisor.services().map(|s| s.status()).collect()
+        } else {
+            vec![self.supervisor.service(&name)?.status()]
+        };
+        Ok(Response::new(pb::GetStatusResponse { services }))
     }
 
-    type WatchEventsStream = tokio_stream::Empty<Result<pb::Event, Status>>;
+    type WatchEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
 
     async fn watch_events(
         &self,
-        _request: Request<pb::WatchEventsRequest>,
+        request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(unimplemented("WatchEvents", "socket-preserving reload"))
+        use tokio_stream::StreamExt;
+        let service = request.into_inner().service;
+        if !service.is_empty() {
+            self.supervisor.service(&service)?;
+        }
+        let events = tokio_stream::wrappers::BroadcastStream::new(self.supervisor.events.subscribe())
+            .filter_map(move |event| match event {
+                Ok(event) if service.is_empty() || event.service == service => Some(Ok(event)),
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::resource_exhausted(format!(
+                        "this watcher fell {n} events behind and was dropped; watch again and read GetStatus"
+                    ))))
+                }
+            })
+            // After a lag error the stream ends: a watcher must not believe
+            // it saw every event.
+            .map_while({
+                let mut ended = false;
+                move |item| {
+                    if ended {
+                        return None;
+                    }
+                    ended = item.is_err();
+                    Some(item)
+                }
+            });
+        Ok(Response::new(Box::pin(events)))
     }
 }
 

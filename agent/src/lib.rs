@@ -8,16 +8,28 @@
 //!   visible under its final name.
 //! - [`api`]: the `reload.v1` gRPC handlers and the mapping of errors to
 //!   status codes.
+//! - [`supervisor`]: services: start, socket-preserving reload, drain,
+//!   restart with backoff; `listeners` binds their sockets once, `spawn`
+//!   (the only module with `unsafe`) starts a process with them, [`state`]
+//!   persists current/previous versions, [`probe`] and `health_http` report
+//!   health, [`events`] fans out every state change.
 //! - [`serve`]: binds nothing itself; it takes already-bound listeners so the
 //!   tests, a systemd socket and a future in-place re-exec share one path.
 //!
 //! Verification rules live in the `reload-artifact` crate, shared with
 //! `reloadctl verify`. The wire types live in `reload-proto`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod config;
+pub mod events;
+mod health_http;
+mod listeners;
+pub mod probe;
+mod spawn;
+pub mod state;
 pub mod store;
+pub mod supervisor;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -73,15 +85,47 @@ pub async fn serve(
                 config.store_dir.display()
             )
         })?;
+    let store = Arc::new(store);
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create the state folder {}",
+            config.state_dir.display()
+        )
+    })?;
+    let supervisor = Arc::new(supervisor::Supervisor::new(
+        &config.services,
+        &config.state_dir,
+        store.clone(),
+        config.trusted_keys.clone(),
+        Arc::new(events::EventBus::default()),
+    )?);
+    let health_listener = match config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} ([agent] health_listen)"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving HTTP /healthz");
+            Some(listener)
+        }
+        None => None,
+    };
     let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
-    let api = AgentApi::new(config, Arc::new(store));
+    let api = AgentApi::new(config, store, supervisor.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    supervisor.start_monitors();
+    probe::start_probes(&supervisor, health_reporter.clone());
+    if let Some(listener) = health_listener {
+        tokio::spawn(health_http::serve(listener, supervisor.clone()));
+    }
     health_reporter
         .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()
         .await;
     health_reporter
         .set_serving::<pb::agent_service_server::AgentServiceServer<AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::service_control_server::ServiceControlServer<AgentApi>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -138,5 +182,8 @@ pub async fn serve(
         .add_service(pb::lease_service_server::LeaseServiceServer::new(api))
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await
-        .context("gRPC server failed")
+        .context("gRPC server failed")?;
+    tracing::info!("stopping every service");
+    supervisor.stop_all().await;
+    Ok(())
 }

@@ -70,6 +70,9 @@ pub struct ArtifactStore {
     keep_versions: usize,
     commit_lock: Mutex<()>,
     temp_counter: AtomicU64,
+    /// Per service, artifacts pruning must keep whatever their age: the
+    /// current and previous versions (the supervisor says which).
+    pinned: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
@@ -96,6 +99,7 @@ impl ArtifactStore {
             keep_versions,
             commit_lock: Mutex::new(()),
             temp_counter: AtomicU64::new(0),
+            pinned: Mutex::new(Default::default()),
         };
         create_private_dir(root)?;
         create_private_dir(&store.objects)?;
@@ -295,12 +299,29 @@ impl ArtifactStore {
         self.read_entry(&sha256)
     }
 
-    /// Keeps the newest `keep_versions` artifacts of `service`. Caller holds
-    /// the commit lock.
+    /// Marks the artifacts of `service` that pruning must keep.
+    pub fn pin(&self, service: &str, sha256s: Vec<String>) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.insert(service.to_string(), sha256s);
+    }
+
+    /// Keeps the newest `keep_versions` artifacts of `service`, and always
+    /// the pinned ones. Caller holds the commit lock.
     fn prune(&self, service: &str) -> Result<(), StoreError> {
         let artifacts = self.list(Some(service))?;
+        let pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+            .unwrap_or_default();
         let mut removed = false;
-        for old in artifacts.iter().skip(self.keep_versions) {
+        let prunable = artifacts
+            .iter()
+            .skip(self.keep_versions)
+            .filter(|a| !pinned.contains(&a.manifest.sha256));
+        for old in prunable {
             tracing::info!(
                 service,
                 version = %old.manifest.version,

@@ -10,6 +10,8 @@
 //! Every helper that starts a process kills it on drop and, when a test
 //! fails, prints what the process logged.
 
+pub mod load;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -105,6 +107,8 @@ pub struct Agent {
     pub dir: PathBuf,
     pub key: Arc<SigningKey>,
     pub addr: SocketAddr,
+    /// Where `/healthz` is served, if the config enables it.
+    pub health_addr: Option<SocketAddr>,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -115,7 +119,7 @@ impl Agent {
     pub fn start(dir: &Path, key: Arc<SigningKey>, extra_toml: &str) -> Agent {
         std::fs::write(dir.join("trusted.pub"), key.public().to_pem()).unwrap();
         let config = format!(
-            "[agent]\nlisten = [\"127.0.0.1:0\"]\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
+            "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
         );
         std::fs::write(dir.join("agent.toml"), config).unwrap();
         Agent::start_with_config(dir, key)
@@ -140,9 +144,17 @@ impl Agent {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if event["fields"]["message"] == "serving gRPC" {
-                        if let Some(addr) = event["fields"]["addr"].as_str() {
-                            let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
+                    let message = event["fields"]["message"].as_str().unwrap_or_default();
+                    if let Some(addr) = event["fields"]["addr"].as_str() {
+                        let addr = addr.parse::<SocketAddr>().unwrap();
+                        match message {
+                            "serving gRPC" => {
+                                let _ = addr_tx.send((true, addr));
+                            }
+                            "serving HTTP /healthz" => {
+                                let _ = addr_tx.send((false, addr));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -153,16 +165,24 @@ impl Agent {
             dir: dir.to_path_buf(),
             key,
             addr: "0.0.0.0:0".parse().unwrap(),
+            health_addr: None,
             child,
             log,
         };
-        match addr_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => agent.addr = addr,
-            Err(_) => panic!(
-                "reload-agent did not start serving within 20s (exit: {:?})\n{}",
-                agent.child.try_wait(),
-                agent.log_text()
-            ),
+        // The health endpoint (if any) is bound before gRPC serves.
+        loop {
+            match addr_rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((true, addr)) => {
+                    agent.addr = addr;
+                    break;
+                }
+                Ok((false, addr)) => agent.health_addr = Some(addr),
+                Err(_) => panic!(
+                    "reload-agent did not start serving within 20s (exit: {:?})\n{}",
+                    agent.child.try_wait(),
+                    agent.log_text()
+                ),
+            }
         }
         agent
     }
@@ -196,6 +216,10 @@ impl Agent {
     /// Signs `bytes` with the trusted key.
     pub fn sign(&self, service: &str, version: &str, bytes: &[u8]) -> Vec<u8> {
         Envelope::sign_manifest(&manifest_for(service, version, bytes), &[&self.key]).to_json()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the agent with SIGKILL and waits for it.

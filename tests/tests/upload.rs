@@ -684,16 +684,13 @@ async fn health_reflection_and_unimplemented_calls_answer() {
         );
     }
 
-    let mut control = pb::service_control_client::ServiceControlClient::new(channel.clone());
-    let err = control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            ..Default::default()
-        })
+    let mut leases = pb::lease_service_client::LeaseServiceClient::new(channel.clone());
+    let err = leases
+        .acquire_lease(pb::AcquireLeaseRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("Activate"), "{}", err.message());
+    assert!(err.message().contains("AcquireLease"), "{}", err.message());
 
     let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
     let info = agent

@@ -1,0 +1,115 @@
+//! Health probes: the agent's view of whether each service is healthy,
+//! reported on gRPC (`GetStatus`, `grpc.health.v1` per service name) and on
+//! the HTTP `/healthz` endpoint that load balancers and `reloadctl` poll.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use reload_proto::v1 as pb;
+use tonic_health::ServingStatus;
+
+use crate::config::HealthProbe;
+use crate::events::EventFields;
+use crate::supervisor::{Service, Supervisor};
+
+/// GET `path` on `address`; true on a 2xx answer within `timeout`. Plain
+/// HTTP/1.1 through hyper's client connection: no pool, no retry, so a
+/// failure is seen as a failure.
+pub async fn http_get_ok(address: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, address.to_string())
+            .header(hyper::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        Some(response.status().is_success())
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+}
+
+async fn probe_once(service: &Service) -> bool {
+    let config = &service.config;
+    if service.serving_pid().is_none() {
+        return false;
+    }
+    match &config.health {
+        HealthProbe::None => true,
+        HealthProbe::Http { path, listener } => match config.tcp_address(listener.as_deref()) {
+            Some(address) => http_get_ok(address, path, config.health_timeout).await,
+            None => false,
+        },
+        HealthProbe::Tcp { listener } => match config.tcp_address(listener.as_deref()) {
+            Some(address) => matches!(
+                tokio::time::timeout(
+                    config.health_timeout,
+                    tokio::net::TcpStream::connect(address)
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+            None => false,
+        },
+        HealthProbe::Exec { command } => {
+            let mut child = tokio::process::Command::new(&command[0]);
+            child
+                .args(&command[1..])
+                .current_dir(&config.working_dir)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            matches!(
+                tokio::time::timeout(config.health_timeout, child.status()).await,
+                Ok(Ok(status)) if status.success()
+            )
+        }
+    }
+}
+
+/// Probes every service at its interval, forever.
+pub fn start_probes(supervisor: &Arc<Supervisor>, reporter: tonic_health::server::HealthReporter) {
+    for service in supervisor.services() {
+        let (supervisor, service, reporter) =
+            (supervisor.clone(), service.clone(), reporter.clone());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(service.config.health_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let healthy = probe_once(&service).await;
+                let Some(health) = service.record_health(healthy) else {
+                    continue;
+                };
+                let serving = if health == pb::HealthState::Healthy {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status(&service.config.name, serving)
+                    .await;
+                let status = service.status();
+                supervisor.events.emit(
+                    pb::EventKind::HealthChanged,
+                    EventFields {
+                        service: &service.config.name,
+                        version: &status.current_version,
+                        sha256: &status.current_sha256,
+                        pid: status.pid,
+                        message: format!("health is now {}", health.as_str_name()),
+                    },
+                );
+            }
+        });
+    }
+}

@@ -1,0 +1,227 @@
+//! Starting a service process with the agent's listening sockets: the only
+//! module of the agent with `unsafe` code.
+//!
+//! The new process receives its sockets through systemd's socket-activation
+//! protocol: fds 3, 4, ... in the declared order, `LISTEN_FDS=n`,
+//! `LISTEN_FDNAMES=a:b`, and `LISTEN_PID=<its own pid>`. The pid is only known
+//! after fork, and between fork and exec a multi-threaded parent's child may
+//! not allocate (another thread may have held the allocator's lock at fork).
+//! So everything the child needs is built before the fork: the program path,
+//! argv and envp as C strings with their pointer arrays, and a fixed-width
+//! `LISTEN_PID=` slot. After the fork the child only makes async-signal-safe
+//! system calls: it moves the sockets to 3.. (clearing CLOEXEC on exactly
+//! those fds, in the child only), writes its pid into the slot, asks to be
+//! told when the agent dies, and calls execve itself.
+//!
+//! std (through tokio) has already made the process group, stdio and the
+//! signal mask by the time our `pre_exec` hook runs; if our execve fails, the
+//! error travels back to the parent's `spawn()` as usual.
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Stdio;
+
+/// Decimal digits reserved for the pid in `LISTEN_PID=`; Linux pids are at
+/// most 4194304 (7 digits).
+const PID_DIGITS: usize = 10;
+
+/// What a new process is made of, built before the fork.
+pub struct SpawnSpec<'a> {
+    pub program: &'a Path,
+    pub args: &'a [String],
+    /// The whole environment of the child (nothing else is inherited).
+    pub env: Vec<(String, String)>,
+    pub working_dir: &'a Path,
+    /// Listening sockets, in LISTEN_FDS order, with their names.
+    pub sockets: Vec<(String, BorrowedFd<'a>)>,
+}
+
+/// Everything `execve` needs, in memory the child can use without
+/// allocating. The pointer arrays point into the C strings' heap buffers,
+/// which do not move when this struct moves.
+struct ExecImage {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// Index in `envp` of the `LISTEN_PID=` entry, if sockets are passed.
+    pid_slot: Option<usize>,
+    /// Source fds of the sockets, in order.
+    socket_fds: Vec<RawFd>,
+    /// The agent's pid: the child exits if it was already orphaned.
+    agent_pid: libc::pid_t,
+}
+
+// SAFETY: the raw pointers only point into buffers owned by the same struct;
+// the struct is moved into the pre_exec closure and used only in the forked
+// child, where no other thread exists.
+unsafe impl Send for ExecImage {}
+unsafe impl Sync for ExecImage {}
+
+fn c_string(text: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(text).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+impl ExecImage {
+    fn new(spec: &SpawnSpec<'_>) -> io::Result<ExecImage> {
+        let program = c_string(spec.program.as_os_str().as_bytes(), "program path")?;
+        let mut argv = vec![program.clone()];
+        for arg in spec.args {
+            argv.push(c_string(OsStr::new(arg).as_bytes(), "an argument")?);
+        }
+        let mut envp: Vec<Vec<u8>> = Vec::new();
+        for (key, value) in &spec.env {
+            let entry = c_string(format!("{key}={value}").as_bytes(), "an environment entry")?;
+            envp.push(entry.into_bytes_with_nul());
+        }
+        let mut pid_slot = None;
+        if !spec.sockets.is_empty() {
+            let names: Vec<&str> = spec.sockets.iter().map(|(name, _)| name.as_str()).collect();
+            envp.push(format!("LISTEN_FDS={}\0", spec.sockets.len()).into_bytes());
+            envp.push(format!("LISTEN_FDNAMES={}\0", names.join(":")).into_bytes());
+            let mut slot = b"LISTEN_PID=".to_vec();
+            slot.extend(std::iter::repeat_n(b'0', PID_DIGITS));
+            slot.push(0);
+            pid_slot = Some(envp.len());
+            envp.push(slot);
+        }
+        let argv_ptrs = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp_ptrs = envp
+            .iter()
+            .map(|e| e.as_ptr().cast::<libc::c_char>())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(ExecImage {
+            program,
+            _argv: argv,
+            argv_ptrs,
+            envp,
+            envp_ptrs,
+            pid_slot,
+            socket_fds: spec.sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+            // SAFETY: getpid has no preconditions.
+            agent_pid: unsafe { libc::getpid() },
+        })
+    }
+
+    /// Runs in the forked child. Only async-signal-safe calls, no
+    /// allocation, no locks.
+    fn exec_in_child(&mut self) -> io::Result<()> {
+        let n = self.socket_fds.len() as RawFd;
+        // Move every socket above the target range first, so that placing
+        // socket i at fd 3+i never overwrites a socket not yet placed.
+        let floor = 3 + n + self.socket_fds.iter().copied().max().unwrap_or(0);
+        for fd in self.socket_fds.iter_mut() {
+            // SAFETY: fcntl on an fd that is open in this process.
+            let high = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor) };
+            if high < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *fd = high;
+        }
+        for (i, fd) in self.socket_fds.iter().enumerate() {
+            // dup2 leaves CLOEXEC clear on the new fd: exactly the passed
+            // sockets survive the exec; the high copies are CLOEXEC.
+            // SAFETY: both fds are valid; the target is ours to replace.
+            if unsafe { libc::dup2(*fd, 3 + i as RawFd) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(slot) = self.pid_slot {
+            // SAFETY: getpid has no preconditions.
+            let pid = unsafe { libc::getpid() } as u32;
+            write_decimal(&mut self.envp[slot][b"LISTEN_PID=".len()..], pid);
+        }
+        // If the agent dies, the service is told to drain (SIGTERM), so a
+        // restarted agent can bind its sockets again. Set it, then check the
+        // agent did not die before it took effect.
+        // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            if libc::getppid() != self.agent_pid {
+                libc::_exit(1);
+            }
+        }
+        // SAFETY: program, argv and envp are NUL-terminated strings owned by
+        // self, and both pointer arrays end with a null pointer.
+        unsafe {
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp_ptrs.as_ptr(),
+            );
+        }
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `value` in decimal at the start of `slot` and terminates
+/// it with NUL (the slot has room for PID_DIGITS digits plus the NUL that
+/// follows). No allocation.
+fn write_decimal(slot: &mut [u8], mut value: u32) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (value % 10) as u8;
+        value /= 10;
+        len += 1;
+        if value == 0 || len == PID_DIGITS {
+            break;
+        }
+    }
+    for i in 0..len {
+        slot[i] = digits[len - 1 - i];
+    }
+    slot[len] = 0;
+}
+
+/// Starts the process described by `spec` in its own process group, with
+/// stdout and stderr piped to the agent (which logs them).
+pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
+    let mut image = ExecImage::new(&spec)?;
+    let mut command = tokio::process::Command::new(spec.program);
+    command
+        .current_dir(spec.working_dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    // SAFETY: the hook runs in the forked child before exec; it only makes
+    // async-signal-safe system calls on data prepared before the fork (see
+    // ExecImage::exec_in_child), and never returns on success.
+    unsafe {
+        command.pre_exec(move || image.exec_in_child());
+    }
+    command.spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_decimal;
+
+    #[test]
+    fn pid_is_written_and_terminated() {
+        let mut slot = *b"0000000000\0";
+        write_decimal(&mut slot, 4_194_304);
+        assert_eq!(&slot[..8], b"4194304\0");
+        let mut slot = *b"0000000000\0";
+        write_decimal(&mut slot, 7);
+        assert_eq!(&slot[..2], b"7\0");
+    }
+}

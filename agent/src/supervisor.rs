@@ -1,0 +1,1058 @@
+//! Running services: start, reload with the same sockets, drain, restart.
+//!
+//! Each declared service has its listening sockets (bound once, see
+//! [`crate::listeners`]), at most one *serving* process, and a monitor task
+//! that restarts the serving process with backoff when it exits on its own.
+//!
+//! A reload ([`Supervisor::activate`]) follows DESIGN.md section 3:
+//! re-verify the stored artifact, preflight it, spawn it with the same
+//! sockets beside the serving process (both accept from the same kernel
+//! queue), wait for readiness, and only then make it current, persist that,
+//! and drain the old process (its signal, the drain timeout, then SIGKILL of
+//! its group). Any failure before ready kills the new process group and
+//! leaves the old process serving, untouched.
+//!
+//! Concurrency: `reloading` refuses a second reload while one is starting a
+//! process; the `reload` mutex is held by a reload from start to the end of
+//! the old process's drain, and by each restart attempt, so a reload that
+//! arrives while the previous one drains waits at most the drain timeout.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use reload_artifact::verify::check_platform;
+use reload_artifact::TrustedKeys;
+use reload_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::config::{Readiness, ServiceConfig};
+use crate::events::{EventBus, EventFields};
+use crate::listeners::{bind_all, BoundListener};
+use crate::spawn::{spawn, SpawnSpec};
+use crate::state::{ArtifactRef, ServiceVersions, StateFile};
+use crate::store::{ArtifactStore, StoredArtifact};
+
+/// Lines of a process's stderr kept for failure reasons.
+const STDERR_TAIL_LINES: usize = 12;
+/// A process that ran this long before exiting resets the restart backoff.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+
+/// One process of a service, as the agent tracks it.
+#[derive(Clone)]
+pub struct Process {
+    pub pid: u32,
+    started: Instant,
+    /// `Some(status)` once the process has exited and been reaped.
+    exited: watch::Receiver<Option<ExitStatus>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Process {
+    /// Keeps the process's notify socket open for its whole life and logs
+    /// what it says there (STATUS=, STOPPING=1): a program that notifies
+    /// while draining must not find the socket gone.
+    fn listen_for_notifications(
+        &self,
+        service: &str,
+        socket: tokio::net::UnixDatagram,
+        path: NotifyPath,
+    ) {
+        let (service, pid, process) = (service.to_string(), self.pid, self.clone());
+        tokio::spawn(async move {
+            let _path = path;
+            let mut buffer = vec![0u8; 4096];
+            loop {
+                tokio::select! {
+                    received = socket.recv(&mut buffer) => match received {
+                        Ok(n) => {
+                            let message = String::from_utf8_lossy(&buffer[..n]);
+                            tracing::debug!(service, pid, notify = %message.trim(), "notification");
+                        }
+                        Err(_) => return,
+                    },
+                    _ = process.wait() => return,
+                }
+            }
+        });
+    }
+
+    async fn wait(&self) -> ExitStatus {
+        let mut exited = self.exited.clone();
+        let status = exited
+            .wait_for(Option::is_some)
+            .await
+            .map(|s| s.expect("checked by wait_for"));
+        // The sender lives in the reaper task until it has sent the status.
+        status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0))
+    }
+
+    fn stderr_tail(&self) -> String {
+        let tail = self.stderr_tail.lock().unwrap_or_else(|p| p.into_inner());
+        if tail.is_empty() {
+            "(nothing on stderr)".into()
+        } else {
+            tail.iter().cloned().collect::<Vec<_>>().join(" | ")
+        }
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // ESRCH: the whole group is gone already.
+        let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+    }
+
+    /// Kills the whole process group and waits until the leader is reaped.
+    async fn kill(&self) {
+        self.signal_group(Signal::SIGKILL);
+        self.wait().await;
+    }
+}
+
+/// What a status report shows; changed under one lock.
+struct Observed {
+    state: pb::ServiceState,
+    state_since: SystemTime,
+    health: pb::HealthState,
+    consecutive_healthy: u32,
+    versions: ServiceVersions,
+    /// The serving process.
+    process: Option<Process>,
+    restarts: u32,
+    last_reload: Option<pb::ReloadResult>,
+}
+
+pub struct Service {
+    pub config: ServiceConfig,
+    sockets: Vec<BoundListener>,
+    reloading: AtomicBool,
+    reload: Arc<tokio::sync::Mutex<()>>,
+    observed: Mutex<Observed>,
+    /// Bumped whenever the serving process changes, to wake the monitor.
+    changed: watch::Sender<u64>,
+}
+
+impl Service {
+    fn observe<T>(&self, f: impl FnOnce(&mut Observed) -> T) -> T {
+        f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn set_state(&self, state: pb::ServiceState) {
+        self.observe(|o| {
+            if o.state != state {
+                o.state = state;
+                o.state_since = SystemTime::now();
+            }
+        });
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub fn status(&self) -> pb::ServiceStatus {
+        self.observe(|o| pb::ServiceStatus {
+            name: self.config.name.clone(),
+            state: o.state as i32,
+            health: o.health as i32,
+            consecutive_healthy: o.consecutive_healthy,
+            current_version: o
+                .versions
+                .current
+                .as_ref()
+                .map(|a| a.version.clone())
+                .unwrap_or_default(),
+            current_sha256: o
+                .versions
+                .current
+                .as_ref()
+                .map(|a| a.sha256.clone())
+                .unwrap_or_default(),
+            previous_version: o
+                .versions
+                .previous
+                .as_ref()
+                .map(|a| a.version.clone())
+                .unwrap_or_default(),
+            previous_sha256: o
+                .versions
+                .previous
+                .as_ref()
+                .map(|a| a.sha256.clone())
+                .unwrap_or_default(),
+            pid: o.process.as_ref().map(|p| p.pid).unwrap_or(0),
+            restarts: o.restarts,
+            last_reload: o.last_reload.clone(),
+            state_since: Some(o.state_since.into()),
+        })
+    }
+
+    pub fn serving_pid(&self) -> Option<u32> {
+        self.observe(|o| o.process.as_ref().map(|p| p.pid))
+    }
+
+    /// Records a probe result; returns the new health if it changed.
+    pub fn record_health(&self, healthy: bool) -> Option<pb::HealthState> {
+        self.observe(|o| {
+            let health = if healthy {
+                o.consecutive_healthy = o.consecutive_healthy.saturating_add(1);
+                pb::HealthState::Healthy
+            } else {
+                o.consecutive_healthy = 0;
+                pb::HealthState::Unhealthy
+            };
+            (o.health != health).then(|| {
+                o.health = health;
+                health
+            })
+        })
+    }
+}
+
+/// Why a start or reload did not produce a ready process.
+struct StartFailure {
+    outcome: pb::ReloadOutcome,
+    reason: String,
+    new_pid: u32,
+}
+
+impl StartFailure {
+    fn new(outcome: pb::ReloadOutcome, reason: impl Into<String>) -> StartFailure {
+        StartFailure {
+            outcome,
+            reason: reason.into(),
+            new_pid: 0,
+        }
+    }
+}
+
+pub struct Supervisor {
+    services: BTreeMap<String, Arc<Service>>,
+    store: Arc<ArtifactStore>,
+    trusted: TrustedKeys,
+    state: StateFile,
+    run_dir: PathBuf,
+    spawn_counter: AtomicU64,
+    /// Set once the agent is stopping: monitors stop restarting.
+    stopping: AtomicBool,
+    pub events: Arc<EventBus>,
+}
+
+impl Supervisor {
+    /// Binds every service's sockets and reads the persisted versions. Binds
+    /// before anything starts, so a port in use stops the agent at once.
+    pub fn new(
+        services: &[ServiceConfig],
+        state_dir: &Path,
+        store: Arc<ArtifactStore>,
+        trusted: TrustedKeys,
+        events: Arc<EventBus>,
+    ) -> anyhow::Result<Supervisor> {
+        let run_dir = state_dir.join("run");
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        // Notify sockets of processes from an earlier run are stale.
+        for entry in std::fs::read_dir(&run_dir)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        let state = StateFile::open(state_dir)?;
+        let mut by_name = BTreeMap::new();
+        for config in services {
+            let versions = state.get(&config.name);
+            store.pin(&config.name, pinned_shas(&versions));
+            let service = Service {
+                sockets: bind_all(&config.name, &config.listeners)?,
+                config: config.clone(),
+                reloading: AtomicBool::new(false),
+                reload: Arc::new(tokio::sync::Mutex::new(())),
+                observed: Mutex::new(Observed {
+                    // A persisted current version is started by the monitor.
+                    state: if versions.current.is_some() {
+                        pb::ServiceState::Starting
+                    } else {
+                        pb::ServiceState::Stopped
+                    },
+                    state_since: SystemTime::now(),
+                    health: pb::HealthState::Unknown,
+                    consecutive_healthy: 0,
+                    versions,
+                    process: None,
+                    restarts: 0,
+                    last_reload: None,
+                }),
+                changed: watch::channel(0).0,
+            };
+            by_name.insert(config.name.clone(), Arc::new(service));
+        }
+        Ok(Supervisor {
+            services: by_name,
+            store,
+            trusted,
+            state,
+            run_dir,
+            spawn_counter: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            events,
+        })
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Arc<Service>, Status> {
+        self.services.get(name).ok_or_else(|| {
+            Status::not_found(format!(
+                "this agent has no service named {name:?}; its config declares {:?}",
+                self.services.keys().collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    /// Starts the monitor of every service (which also starts the persisted
+    /// current version).
+    pub fn start_monitors(self: &Arc<Self>) {
+        for service in self.services.values() {
+            let (supervisor, service) = (self.clone(), service.clone());
+            tokio::spawn(async move { supervisor.monitor(service).await });
+        }
+    }
+
+    /// Watches the serving process; starts it when it should run and does
+    /// not, with exponential backoff between failed attempts.
+    async fn monitor(&self, service: Arc<Service>) {
+        let mut changed = service.changed.subscribe();
+        let mut backoff = service.config.initial_backoff;
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let (process, should_run) =
+                service.observe(|o| (o.process.clone(), o.versions.current.is_some()));
+            if let Some(process) = process {
+                tokio::select! {
+                    status = process.wait() => {
+                        let _guard = service.reload.lock().await;
+                        let still_current = service.serving_pid() == Some(process.pid);
+                        if !still_current {
+                            continue;
+                        }
+                        service.observe(|o| {
+                            o.process = None;
+                            o.restarts += 1;
+                            o.health = pb::HealthState::Unhealthy;
+                            o.consecutive_healthy = 0;
+                        });
+                        service.set_state(pb::ServiceState::Backoff);
+                        if process.started.elapsed() >= STABLE_RUN {
+                            backoff = service.config.initial_backoff;
+                        }
+                        let versions = service.observe(|o| o.versions.clone());
+                        let current = versions.current.unwrap_or_else(|| ArtifactRef { sha256: String::new(), version: String::new() });
+                        self.events.emit(pb::EventKind::Exited, EventFields {
+                            service: &service.config.name,
+                            version: &current.version,
+                            sha256: &current.sha256,
+                            pid: process.pid,
+                            message: format!("exited unexpectedly ({}); restarting in {}; sockets stay open. stderr: {}",
+                                describe_exit(status), humantime::format_duration(backoff), process.stderr_tail()),
+                        });
+                    }
+                    _ = changed.changed() => {}
+                }
+                continue;
+            }
+            if !should_run {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            // Should run, does not: one start attempt after the backoff.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = changed.changed() => continue,
+            }
+            let _guard = service.reload.lock().await;
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let (process, current) =
+                service.observe(|o| (o.process.clone(), o.versions.current.clone()));
+            let Some(current) = current.filter(|_| process.is_none()) else {
+                continue;
+            };
+            match self.start_artifact(&service, &current.sha256).await {
+                Ok(process) => {
+                    let pid = process.pid;
+                    service.observe(|o| o.process = Some(process));
+                    service.set_state(pb::ServiceState::Running);
+                    self.events.emit(
+                        pb::EventKind::Restarted,
+                        EventFields {
+                            service: &service.config.name,
+                            version: &current.version,
+                            sha256: &current.sha256,
+                            pid,
+                            message: format!("started {} (pid {pid})", current.version),
+                        },
+                    );
+                }
+                Err(failure) => {
+                    backoff = (backoff * 2).min(service.config.max_backoff);
+                    service.set_state(pb::ServiceState::Backoff);
+                    self.events.emit(
+                        pb::EventKind::Failed,
+                        EventFields {
+                            service: &service.config.name,
+                            version: &current.version,
+                            sha256: &current.sha256,
+                            pid: failure.new_pid,
+                            message: format!(
+                                "start failed: {}; next attempt in {}",
+                                failure.reason,
+                                humantime::format_duration(backoff)
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Verify, preflight and start a stored artifact, waiting for readiness.
+    async fn start_artifact(
+        &self,
+        service: &Service,
+        sha256: &str,
+    ) -> Result<Process, StartFailure> {
+        let artifact = self.verify(service, sha256).await?;
+        self.preflight(service, &artifact).await?;
+        self.start_process(service, &artifact).await
+    }
+
+    /// Re-reads and re-verifies a stored artifact: hash, signature, expiry,
+    /// platform, service name.
+    async fn verify(
+        &self,
+        service: &Service,
+        sha256: &str,
+    ) -> Result<StoredArtifact, StartFailure> {
+        let store = self.store.clone();
+        let trusted = self.trusted.clone();
+        let sha = sha256.to_string();
+        let name = service.config.name.clone();
+        let checked = tokio::task::spawn_blocking(move || -> Result<StoredArtifact, String> {
+            let artifact = store
+                .stat(&sha)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!("artifact {sha} is not in the store (pruned or never uploaded)")
+                })?;
+            store
+                .check_stored_content(&artifact)
+                .map_err(|e| e.to_string())?;
+            let envelope = store.envelope_bytes(&sha).map_err(|e| e.to_string())?;
+            let verified = trusted
+                .verify_envelope(&envelope, SystemTime::now())
+                .map_err(|e| e.to_string())?;
+            check_platform(&verified.manifest).map_err(|e| e.to_string())?;
+            if verified.manifest.service != name {
+                return Err(format!(
+                    "artifact is signed for service {:?}, not {name:?}",
+                    verified.manifest.service
+                ));
+            }
+            Ok(artifact)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        checked.map_err(|reason| StartFailure::new(pb::ReloadOutcome::VerificationFailed, reason))
+    }
+
+    fn child_env(&self, service: &Service, artifact: &StoredArtifact) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )];
+        env.extend(service.config.env.iter().cloned());
+        env.push(("RELOAD_SERVICE".into(), service.config.name.clone()));
+        env.push((
+            "RELOAD_SERVICE_VERSION".into(),
+            artifact.manifest.version.clone(),
+        ));
+        env.push((
+            "RELOAD_ARTIFACT_SHA256".into(),
+            artifact.manifest.sha256.clone(),
+        ));
+        env
+    }
+
+    /// Runs the new binary with the preflight arguments, without sockets,
+    /// bounded in time: catches a binary that cannot even start (wrong
+    /// architecture, missing libraries, a broken build) before any process
+    /// is replaced.
+    async fn preflight(
+        &self,
+        service: &Service,
+        artifact: &StoredArtifact,
+    ) -> Result<(), StartFailure> {
+        let config = &service.config;
+        if config.preflight_args.is_empty() {
+            return Ok(());
+        }
+        self.events.emit(
+            pb::EventKind::Preflight,
+            EventFields {
+                service: &config.name,
+                version: &artifact.manifest.version,
+                sha256: &artifact.manifest.sha256,
+                pid: 0,
+                message: format!(
+                    "preflight: {} {}",
+                    artifact.manifest.version,
+                    config.preflight_args.join(" ")
+                ),
+            },
+        );
+        let mut command = tokio::process::Command::new(&artifact.path);
+        command
+            .args(&config.preflight_args)
+            .env_clear()
+            .envs(self.child_env(service, artifact))
+            .current_dir(&config.working_dir)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let failed = |reason: String| StartFailure::new(pb::ReloadOutcome::PreflightFailed, reason);
+        let output = match tokio::time::timeout(config.preflight_timeout, command.output()).await {
+            Err(_) => {
+                return Err(failed(format!(
+                    "preflight `{}` did not finish within {}",
+                    config.preflight_args.join(" "),
+                    humantime::format_duration(config.preflight_timeout)
+                )))
+            }
+            Ok(Err(err)) => {
+                return Err(failed(format!("preflight could not run the binary: {err}")))
+            }
+            Ok(Ok(output)) => output,
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(failed(format!(
+            "preflight `{}` {}; stderr: {}",
+            config.preflight_args.join(" "),
+            describe_exit(output.status),
+            last_chars(stderr.trim(), 500)
+        )))
+    }
+
+    /// Spawns the artifact with the service's sockets and waits until it is
+    /// ready. On any failure the new process group is killed and reaped.
+    async fn start_process(
+        &self,
+        service: &Service,
+        artifact: &StoredArtifact,
+    ) -> Result<Process, StartFailure> {
+        let config = &service.config;
+        let n = self.spawn_counter.fetch_add(1, Ordering::Relaxed);
+        let mut env = self.child_env(service, artifact);
+        let notify = if config.readiness == Readiness::Notify {
+            let path = self.run_dir.join(format!("{}-{n}.notify", config.name));
+            let socket = tokio::net::UnixDatagram::bind(&path).map_err(|err| {
+                StartFailure::new(
+                    pb::ReloadOutcome::SpawnFailed,
+                    format!("cannot create the notify socket {}: {err}", path.display()),
+                )
+            })?;
+            env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+            Some((socket, NotifyPath(path)))
+        } else {
+            None
+        };
+        self.events.emit(
+            pb::EventKind::Spawning,
+            EventFields {
+                service: &config.name,
+                version: &artifact.manifest.version,
+                sha256: &artifact.manifest.sha256,
+                pid: 0,
+                message: format!("spawning {}", artifact.manifest.version),
+            },
+        );
+        let child = spawn(SpawnSpec {
+            program: &artifact.path,
+            args: &config.args,
+            env,
+            working_dir: &config.working_dir,
+            sockets: service
+                .sockets
+                .iter()
+                .map(|l| (l.name.clone(), std::os::fd::AsFd::as_fd(&l.fd)))
+                .collect(),
+        })
+        .map_err(|err| {
+            StartFailure::new(
+                pb::ReloadOutcome::SpawnFailed,
+                format!("spawn failed: {err}"),
+            )
+        })?;
+        let process = self.track(&config.name, child);
+        let ready = tokio::time::timeout(config.ready_timeout, async {
+            tokio::select! {
+                status = process.wait() => Err(status),
+                () = wait_ready(&config.readiness, notify.as_ref().map(|(s, _)| s)) => Ok(()),
+            }
+        })
+        .await;
+        let failure = match ready {
+            Ok(Ok(())) => {
+                if let Some((socket, path)) = notify {
+                    process.listen_for_notifications(&config.name, socket, path);
+                }
+                return Ok(process);
+            }
+            Ok(Err(status)) => StartFailure {
+                outcome: pb::ReloadOutcome::ExitedBeforeReady,
+                reason: format!(
+                    "exited before ready ({}); stderr: {}",
+                    describe_exit(status),
+                    process.stderr_tail()
+                ),
+                new_pid: process.pid,
+            },
+            Err(_) => StartFailure {
+                outcome: pb::ReloadOutcome::ReadyTimeout,
+                reason: format!(
+                    "not ready within {} (readiness: {}); killed. stderr: {}",
+                    humantime::format_duration(config.ready_timeout),
+                    describe_readiness(&config.readiness),
+                    process.stderr_tail()
+                ),
+                new_pid: process.pid,
+            },
+        };
+        process.kill().await;
+        Err(failure)
+    }
+
+    /// Reaps the child in a task of its own and forwards its output to the
+    /// log, keeping the tail of stderr for failure reasons.
+    fn track(&self, service: &str, mut child: tokio::process::Child) -> Process {
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(stdout) = child.stdout.take() {
+            let service = service.to_string();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(service, pid, stream = "stdout", "{line}");
+                }
+            });
+        }
+        if let Some(stderr) = child.stderr.take() {
+            let (service, tail) = (service.to_string(), stderr_tail.clone());
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(service, pid, stream = "stderr", "{line}");
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if tail.len() == STDERR_TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let status = child.wait().await.unwrap_or_else(|err| {
+                tracing::error!(pid, error = %err, "waiting for a child failed");
+                std::os::unix::process::ExitStatusExt::from_raw(-1)
+            });
+            let _ = exit_tx.send(Some(status));
+        });
+        Process {
+            pid,
+            started: Instant::now(),
+            exited: exit_rx,
+            stderr_tail,
+        }
+    }
+
+    /// Activates a stored artifact; see the module docs.
+    pub async fn activate(
+        &self,
+        name: &str,
+        sha256: &str,
+    ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
+        let service = self.service(name)?.clone();
+        let sha = sha256.to_string();
+        let found = {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.stat(&sha))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
+        let artifact = found.ok_or_else(|| {
+            Status::not_found(format!("this agent holds no artifact with sha256 {sha256}; upload it first (reloadctl upload)"))
+        })?;
+        if artifact.manifest.service != name {
+            return Err(Status::failed_precondition(format!(
+                "artifact {sha256} is {} {}, not an artifact of service {name:?}",
+                artifact.manifest.service, artifact.manifest.version
+            )));
+        }
+        if service.reloading.swap(true, Ordering::SeqCst) {
+            return Err(Status::aborted(format!(
+                "a reload of {name:?} is already running; wait for it to finish (reloadctl status)"
+            )));
+        }
+        let _reloading = ResetOnDrop(&service.reloading);
+        // A previous reload may still be draining its old process: wait for
+        // it, bounded by the drain timeout (plus the SIGKILL and reap).
+        let bound = service.config.drain_timeout + Duration::from_secs(5);
+        let guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                Status::aborted(format!(
+                    "the previous reload of {name:?} did not finish within {}",
+                    humantime::format_duration(bound)
+                ))
+            })?;
+        let result = self.replace(&service, artifact, guard).await;
+        Ok((result, service.status()))
+    }
+
+    /// Rolls back to the previous version.
+    pub async fn rollback(
+        &self,
+        name: &str,
+    ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
+        let service = self.service(name)?;
+        let previous = service
+            .observe(|o| o.versions.previous.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "service {name:?} has no previous version to roll back to"
+                ))
+            })?;
+        self.activate(name, &previous.sha256).await
+    }
+
+    async fn replace(
+        &self,
+        service: &Arc<Service>,
+        artifact: StoredArtifact,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) -> pb::ReloadResult {
+        let config = &service.config;
+        let started = SystemTime::now();
+        let (old_process, old_versions) =
+            service.observe(|o| (o.process.clone(), o.versions.clone()));
+        let new_ref = ArtifactRef {
+            sha256: artifact.manifest.sha256.clone(),
+            version: artifact.manifest.version.clone(),
+        };
+        let mut result = pb::ReloadResult {
+            outcome: pb::ReloadOutcome::Unspecified as i32,
+            reason: String::new(),
+            from_version: old_versions
+                .current
+                .as_ref()
+                .map(|a| a.version.clone())
+                .unwrap_or_default(),
+            to_version: new_ref.version.clone(),
+            old_pid: old_process.as_ref().map(|p| p.pid).unwrap_or(0),
+            new_pid: 0,
+            started: Some(started.into()),
+            finished: None,
+        };
+        let fields = |pid: u32, message: String| EventFields {
+            service: &config.name,
+            version: &new_ref.version,
+            sha256: &new_ref.sha256,
+            pid,
+            message,
+        };
+        if old_process.is_some() {
+            service.set_state(pb::ServiceState::Reloading);
+        } else {
+            service.set_state(pb::ServiceState::Starting);
+        }
+        self.events.emit(
+            pb::EventKind::Verifying,
+            fields(0, format!("verifying {}", new_ref.version)),
+        );
+        let started_process = match self.verify(service, &new_ref.sha256).await {
+            Ok(verified) => match self.preflight(service, &verified).await {
+                Ok(()) => self.start_process(service, &verified).await,
+                Err(failure) => Err(failure),
+            },
+            Err(failure) => Err(failure),
+        };
+        let new_process = match started_process {
+            Ok(process) => process,
+            Err(failure) => {
+                result.outcome = failure.outcome as i32;
+                result.reason = failure.reason.clone();
+                result.new_pid = failure.new_pid;
+                result.finished = Some(SystemTime::now().into());
+                let state_after = if old_process.is_some() {
+                    pb::ServiceState::Running
+                } else {
+                    pb::ServiceState::Failed
+                };
+                service.observe(|o| o.last_reload = Some(result.clone()));
+                service.set_state(state_after);
+                self.events.emit(
+                    pb::EventKind::Failed,
+                    fields(
+                        failure.new_pid,
+                        format!(
+                            "reload to {} failed ({}): {}; {}",
+                            new_ref.version,
+                            failure.outcome.as_str_name(),
+                            failure.reason,
+                            if old_process.is_some() {
+                                "the old process keeps serving"
+                            } else {
+                                "nothing is serving"
+                            }
+                        ),
+                    ),
+                );
+                return result;
+            }
+        };
+        let new_pid = new_process.pid;
+        result.new_pid = new_pid;
+        self.events.emit(
+            pb::EventKind::Ready,
+            fields(
+                new_pid,
+                format!("{} is ready (pid {new_pid})", new_ref.version),
+            ),
+        );
+
+        // Make it current, durably, before the old process is told to go.
+        let versions = ServiceVersions {
+            previous: match &old_versions.current {
+                Some(old) if old.sha256 != new_ref.sha256 => Some(old.clone()),
+                _ => old_versions.previous.clone(),
+            },
+            current: Some(new_ref.clone()),
+        };
+        if let Err(err) = self.state.set(&config.name, versions.clone()) {
+            // Serving is right; only the memory of it across a restart is
+            // at risk. Say so loudly.
+            tracing::error!(service = %config.name, error = %format!("{err:#}"), "could not persist the new current version");
+        }
+        self.store.pin(&config.name, pinned_shas(&versions));
+        service.observe(|o| {
+            o.versions = versions;
+            o.process = Some(new_process);
+            o.health = pb::HealthState::Unknown;
+            o.consecutive_healthy = 0;
+        });
+        service.set_state(pb::ServiceState::Running);
+        service.bump();
+        result.outcome = pb::ReloadOutcome::Succeeded as i32;
+        result.finished = Some(SystemTime::now().into());
+        service.observe(|o| o.last_reload = Some(result.clone()));
+
+        match old_process {
+            Some(old) => {
+                self.events.emit(
+                    pb::EventKind::Draining,
+                    fields(
+                        old.pid,
+                        format!(
+                            "draining pid {} with {} (up to {})",
+                            old.pid,
+                            config.drain_signal,
+                            humantime::format_duration(config.drain_timeout)
+                        ),
+                    ),
+                );
+                let events = self.events.clone();
+                let (signal, timeout) = (config.drain_signal, config.drain_timeout);
+                let (name, version, sha) = (
+                    config.name.clone(),
+                    new_ref.version.clone(),
+                    new_ref.sha256.clone(),
+                );
+                // The guard moves into the drain: the next reload of this
+                // service waits for it (bounded by the drain timeout).
+                tokio::spawn(async move {
+                    let outcome = drain(&old, signal, timeout).await;
+                    events.emit(
+                        pb::EventKind::Done,
+                        EventFields {
+                            service: &name,
+                            version: &version,
+                            sha256: &sha,
+                            pid: new_pid,
+                            message: format!(
+                                "reload to {version} done; old pid {} {outcome}",
+                                old.pid
+                            ),
+                        },
+                    );
+                    drop(guard);
+                });
+            }
+            None => {
+                self.events.emit(
+                    pb::EventKind::Done,
+                    fields(
+                        new_pid,
+                        format!("{} started (pid {new_pid})", new_ref.version),
+                    ),
+                );
+            }
+        }
+        result
+    }
+
+    /// Stops every service process (agent shutdown): drain signal, then
+    /// SIGKILL after the drain timeout.
+    pub async fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut drains = Vec::new();
+        for service in self.services.values() {
+            // Waits for a reload in progress; holding the lock also keeps
+            // the monitor from starting anything meanwhile.
+            let _guard = service.reload.lock().await;
+            let process = service.observe(|o| o.process.take());
+            service.set_state(pb::ServiceState::Stopped);
+            service.bump();
+            if let Some(process) = process {
+                let (signal, timeout) = (service.config.drain_signal, service.config.drain_timeout);
+                drains.push(async move { drain(&process, signal, timeout).await });
+            }
+        }
+        for drain in drains {
+            drain.await;
+        }
+    }
+}
+
+fn pinned_shas(versions: &ServiceVersions) -> Vec<String> {
+    [&versions.current, &versions.previous]
+        .into_iter()
+        .flatten()
+        .map(|a| a.sha256.clone())
+        .collect()
+}
+
+/// Signals the process group, waits up to `timeout` for the leader, then
+/// SIGKILLs whatever of the group is left. Returns what happened, for people.
+async fn drain(process: &Process, signal: Signal, timeout: Duration) -> String {
+    process.signal_group(signal);
+    let outcome = match tokio::time::timeout(timeout, process.wait()).await {
+        Ok(status) => format!("drained and {}", describe_exit(status)),
+        Err(_) => {
+            process.kill().await;
+            format!(
+                "did not exit within {} and was killed",
+                humantime::format_duration(timeout)
+            )
+        }
+    };
+    // Stragglers of the group (workers the service started) go too.
+    process.signal_group(Signal::SIGKILL);
+    outcome
+}
+
+/// Waits until the readiness condition holds. Never returns otherwise; the
+/// caller bounds it with the readiness timeout and the process's exit.
+async fn wait_ready(readiness: &Readiness, notify: Option<&tokio::net::UnixDatagram>) {
+    match readiness {
+        Readiness::Notify => {
+            let socket = notify.expect("a notify socket is made for notify readiness");
+            let mut buffer = vec![0u8; 4096];
+            loop {
+                let Ok(n) = socket.recv(&mut buffer).await else {
+                    return std::future::pending().await;
+                };
+                let message = String::from_utf8_lossy(&buffer[..n]);
+                if message.lines().any(|line| line.trim() == "READY=1") {
+                    return;
+                }
+            }
+        }
+        Readiness::Delay { delay } => tokio::time::sleep(*delay).await,
+        Readiness::Tcp { address } => loop {
+            if tokio::net::TcpStream::connect(address).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+        Readiness::Http { address, path } => loop {
+            if crate::probe::http_get_ok(*address, path, Duration::from_secs(2)).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+    }
+}
+
+fn describe_readiness(readiness: &Readiness) -> String {
+    match readiness {
+        Readiness::Notify => "READY=1 on NOTIFY_SOCKET".into(),
+        Readiness::Delay { delay } => format!("delay {}", humantime::format_duration(*delay)),
+        Readiness::Tcp { address } => format!("tcp connect to {address}"),
+        Readiness::Http { address, path } => format!("http GET {address}{path}"),
+    }
+}
+
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!(
+            "killed by {}",
+            Signal::try_from(signal)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| format!("signal {signal}"))
+        ),
+        _ => "ended".into(),
+    }
+}
+
+fn last_chars(text: &str, n: usize) -> &str {
+    let start = text.len().saturating_sub(n);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    &text[start..]
+}
+
+/// Removes a notify socket file when the spawn it belongs to is over.
+struct NotifyPath(PathBuf);
+
+impl Drop for NotifyPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct ResetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}

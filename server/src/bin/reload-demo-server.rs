@@ -1,0 +1,249 @@
+//! `reload-demo-server`: the program the end-to-end tests and the README demo
+//! roll out, and a short example of the `reload-server` library.
+//!
+//! It serves a few HTTP routes on an inherited listener (or its own, when run
+//! alone), says READY=1 to the supervisor, and drains on SIGTERM, SIGINT or
+//! SIGQUIT. Every response names the version and pid that produced it
+//! (`x-version`, `x-pid`), so load tests can tell old and new processes apart.
+//! Flags make it misbehave on purpose: slow to start, never ready, crashing
+//! before ready, failing its preflight, slow requests.
+
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use reload_server::http::{serve_http, shutdown_signal, DrainConfig};
+use reload_server::{notify, Listeners};
+
+#[derive(Debug, Parser)]
+#[command(name = "reload-demo-server", disable_version_flag = true)]
+/// Demo HTTP service for the reload orchestrator.
+struct Args {
+    /// Print `reload-demo-server <version>` and exit: the agent's preflight check.
+    #[arg(long)]
+    version: bool,
+    /// Make `--version` print an error and exit 1 (a failing preflight).
+    #[arg(long)]
+    fail_preflight: bool,
+    /// Name of the inherited listener to serve on.
+    #[arg(long, value_name = "NAME", default_value = "http")]
+    listen_name: String,
+    /// Address to bind when the listener was not inherited (running alone).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    bind: SocketAddr,
+    /// Version to report when RELOAD_SERVICE_VERSION is not set.
+    #[arg(long)]
+    label: Option<String>,
+    /// Wait this long before accepting and sending READY=1 (e.g. `300ms`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    startup_delay: Duration,
+    /// After the startup delay, exit with CODE instead of becoming ready.
+    #[arg(long, value_name = "CODE")]
+    exit_before_ready: Option<u8>,
+    /// Serve, but never send READY=1.
+    #[arg(long)]
+    never_ready: bool,
+    /// Wait this long before answering every request.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    request_delay: Duration,
+    /// Exit status after a clean drain.
+    #[arg(long, value_name = "CODE", default_value_t = 0)]
+    exit_code: u8,
+    /// Longest drain before the remaining connections are dropped.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    drain_timeout: Duration,
+    /// How long an idle keep-alive connection is kept once the drain began.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    idle_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // The agent sets RELOAD_SERVICE_VERSION from the signed manifest.
+    let version = std::env::var("RELOAD_SERVICE_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| args.label.clone())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+
+    if args.version {
+        if args.fail_preflight {
+            eprintln!("reload-demo-server: preflight failed on purpose (--fail-preflight)");
+            return ExitCode::FAILURE;
+        }
+        println!("reload-demo-server {version}");
+        return ExitCode::SUCCESS;
+    }
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in the agent's logs.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    // Both edit the environment, so they run before the runtime starts threads.
+    let listeners = Listeners::from_env();
+    let supervised = notify::enabled();
+
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let listeners = listeners.context("reading inherited sockets")?;
+                run(args, version, listeners, supervised).await
+            })
+        });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reload-demo-server: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    args: Args,
+    version: String,
+    mut listeners: Listeners,
+    supervised: bool,
+) -> anyhow::Result<ExitCode> {
+    let pid = std::process::id();
+    let inherited = listeners.names().contains(&args.listen_name);
+    let listener = listeners
+        .tcp(&args.listen_name, args.bind)
+        .context("taking the HTTP listener")?;
+    let addr = listener.local_addr()?;
+    let demo = Demo::new(&version, pid, args.request_delay)?;
+
+    // Handlers first: the agent may send the drain signal right after READY=1.
+    let mut shutdown = Box::pin(shutdown_signal().context("installing signal handlers")?);
+
+    // Not accepting yet: connections wait in the listening socket's queue,
+    // which the old process (sharing it) keeps serving meanwhile.
+    tokio::select! {
+        () = tokio::time::sleep(args.startup_delay) => {}
+        () = &mut shutdown => {
+            let _ = notify::stopping();
+            return Ok(ExitCode::from(args.exit_code));
+        }
+    }
+    if let Some(code) = args.exit_before_ready {
+        tracing::error!(code, "exiting before ready (--exit-before-ready)");
+        return Ok(ExitCode::from(code));
+    }
+    let readiness = if args.never_ready {
+        "never ready (--never-ready)"
+    } else {
+        notify::ready().context("sending READY=1")?;
+        if supervised {
+            "READY=1 sent"
+        } else {
+            "no NOTIFY_SOCKET"
+        }
+    };
+    let source = if inherited { "inherited" } else { "bound" };
+    tracing::info!(
+        "reload-demo-server {version} pid {pid} serving on {addr} ({source} listener {:?}); {readiness}",
+        args.listen_name
+    );
+
+    let service = service_fn(move |request| {
+        let demo = demo.clone();
+        async move { Ok::<_, Infallible>(demo.respond(request).await) }
+    });
+    let shutdown = async move {
+        shutdown.await;
+        if let Err(e) = notify::stopping() {
+            tracing::warn!(error = %e, "could not send STOPPING=1");
+        }
+    };
+    let config = DrainConfig {
+        drain_timeout: args.drain_timeout,
+        idle_grace: args.idle_grace,
+    };
+    serve_http(listener, service, shutdown, config)
+        .await
+        .context("serving HTTP")?;
+    tracing::info!(exit_code = args.exit_code, "drained, exiting");
+    Ok(ExitCode::from(args.exit_code))
+}
+
+/// The request handler's state: who we are, how slow to be.
+#[derive(Clone)]
+struct Demo {
+    version: String,
+    pid: u32,
+    /// Checked once at startup, so responses cannot fail to build.
+    version_header: HeaderValue,
+    request_delay: Duration,
+}
+
+impl Demo {
+    fn new(version: &str, pid: u32, request_delay: Duration) -> anyhow::Result<Demo> {
+        let version_header = HeaderValue::from_str(version)
+            .with_context(|| format!("version {version:?} cannot be sent as an HTTP header"))?;
+        Ok(Demo {
+            version: version.to_owned(),
+            pid,
+            version_header,
+            request_delay,
+        })
+    }
+
+    async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if !self.request_delay.is_zero() {
+            tokio::time::sleep(self.request_delay).await;
+        }
+        let text = "text/plain; charset=utf-8";
+        let (status, content_type, body) = match request.uri().path() {
+            "/" => (
+                StatusCode::OK,
+                text,
+                format!("hello from {} pid {}\n", self.version, self.pid),
+            ),
+            "/version" => (
+                StatusCode::OK,
+                "application/json",
+                format!(
+                    "{}\n",
+                    serde_json::json!({ "version": self.version, "pid": self.pid })
+                ),
+            ),
+            "/healthz" => (StatusCode::OK, text, "ok\n".to_owned()),
+            _ => (StatusCode::NOT_FOUND, text, "not found\n".to_owned()),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(
+            HeaderName::from_static("x-version"),
+            self.version_header.clone(),
+        );
+        headers.insert(
+            HeaderName::from_static("x-pid"),
+            HeaderValue::from(self.pid),
+        );
+        response
+    }
+}

@@ -1,0 +1,67 @@
+//! `reload-server`: what a program managed by the reload agent links to.
+//!
+//! The agent swaps a running service to a new binary without closing its
+//! listening sockets: it owns them, hands the same sockets to the new process,
+//! waits for the new process to say it is ready, then asks the old one to
+//! drain. This crate is the program's half of that contract, so a Rust
+//! service needs one or two calls to take part:
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use reload_server::{http, notify, Listeners};
+//! # let svc = hyper::service::service_fn(|_req| async {
+//! #     Ok::<_, std::convert::Infallible>(hyper::Response::new(
+//! #         http_body_util::Full::new(bytes::Bytes::from_static(b"hi")),
+//! #     ))
+//! # });
+//! // Ideally called first thing in `main`, before threads exist (it edits the environment).
+//! let mut listeners = Listeners::from_env()?;
+//! let tcp = listeners.tcp("http", "127.0.0.1:8080".parse()?)?;
+//! // Install the signal handlers *before* announcing readiness: the agent may
+//! // send the drain signal the moment it sees READY=1.
+//! let shutdown = http::shutdown_signal()?;
+//! notify::ready()?;
+//! http::serve_http(tcp, svc, shutdown, http::DrainConfig::default()).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The protocol
+//!
+//! Everything here speaks systemd's protocols, so the same binary runs under
+//! the agent, under systemd, or alone:
+//!
+//! - **Sockets** arrive by socket activation: fds 3, 4, … with
+//!   `LISTEN_FDS=<count>`, `LISTEN_FDNAMES=<name>:<name>…` and
+//!   `LISTEN_PID=<our pid>`. When nothing was passed, each listener falls back
+//!   to binding its own address ("run alone" mode).
+//! - **Readiness** is a `READY=1` datagram to the Unix socket named by
+//!   `NOTIFY_SOCKET` (sd_notify); `STOPPING=1` when the drain starts.
+//! - **Draining** starts on a signal (SIGTERM, SIGINT or SIGQUIT). The listening
+//!   socket is closed at once (the kernel queue lives on in the agent and the
+//!   new process), and each open keep-alive connection gets `Connection: close`
+//!   on its next response instead of being cut while the client may be sending.
+//!   See `DESIGN.md`, "Keep-alive connections: where even nginx loses requests".
+//!
+//! # Layout
+//!
+//! - [`listeners`]: inherited sockets by name (the only module with `unsafe`:
+//!   turning a raw fd number into an owned socket).
+//! - [`notify`]: sd_notify readiness messages.
+//! - [`http`]: HTTP/1.1 serving on hyper with the drain semantics above, and
+//!   the signal helper that starts the drain.
+//!
+//! The demo binary `reload-demo-server` (in `src/bin`) is the program the
+//! end-to-end tests roll out, and a short example of using all three.
+
+// Unsafe code is denied everywhere and allowed only on the one module that has
+// to take ownership of raw file descriptors.
+#![deny(unsafe_code)]
+
+pub mod http;
+#[allow(unsafe_code)]
+pub mod listeners;
+pub mod notify;
+
+pub use http::{serve_http, shutdown_signal, DrainConfig};
+pub use listeners::{ListenError, Listeners};

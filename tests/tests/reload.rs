@@ -1,0 +1,555 @@
+//! End-to-end: socket-preserving reloads of real services under real load.
+//!
+//! Every test runs a real `reload-agent` supervising `reload-demo-server`
+//! (or a Python server) on a listener the agent bound, drives it over gRPC,
+//! and counts requests with `reload_tests::load`, a client that never
+//! retries: any refused, reset or unanswered request is a failure.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reload_artifact::{Envelope, SigningKey};
+use reload_proto::v1 as pb;
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
+use reload_tests::*;
+
+const RELOADS: usize = 20;
+const CONNECTIONS: usize = 50;
+
+/// A free TCP port on loopback for a service listener. The agent binds it
+/// right after; nothing else on this machine picks ports from this range.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Fixture {
+    agent: Agent,
+    service_addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+/// An agent with one service `web` (demo server args, notify readiness,
+/// http health on /healthz) on a fresh port.
+fn fixture(extra_service_toml: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let service_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = format!(
+        r#"
+[[service]]
+name = "web"
+args = ["--listen-name", "http", "--drain-timeout", "5s"]
+[[service.listener]]
+name = "http"
+tcp = "{service_addr}"
+[service.health]
+kind = "http"
+path = "/healthz"
+interval = "200ms"
+[service.drain]
+timeout = "8s"
+{extra_service_toml}
+"#
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    Fixture {
+        agent,
+        service_addr,
+        dir,
+    }
+}
+
+impl Fixture {
+    /// Writes `bytes` as an executable artifact, signs it as `web` at
+    /// `version` and uploads it. Returns its sha256.
+    async fn stage(&self, name: &str, bytes: &[u8], version: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let mut manifest = manifest_for("web", version, bytes);
+        manifest.os = "any".into();
+        manifest.arch = "any".into();
+        let envelope = Envelope::sign_manifest(&manifest, &[&self.agent.key]).to_json();
+        let mut client = self.agent.artifacts().await;
+        upload(&mut client, upload_messages(envelope, bytes, 256 * 1024))
+            .await
+            .unwrap();
+        manifest.sha256
+    }
+
+    /// The demo server binary with `label` appended: same program, distinct
+    /// bytes, so each version is its own artifact.
+    async fn stage_demo(&self, version: &str) -> String {
+        let mut bytes = std::fs::read(bin_path("reload-demo-server")).unwrap();
+        bytes.extend_from_slice(format!("\nreload-test-version {version}\n").as_bytes());
+        self.stage(&format!("demo-{version}"), &bytes, version)
+            .await
+    }
+
+    /// A shell script that runs the demo server with extra flags: how the
+    /// tests make a version that misbehaves.
+    async fn stage_script(&self, version: &str, flags: &str) -> String {
+        let script = format!(
+            "#!/bin/sh\nexec '{}' {flags} \"$@\"\n",
+            bin_path("reload-demo-server").display()
+        );
+        self.stage(&format!("script-{version}"), script.as_bytes(), version)
+            .await
+    }
+
+    async fn control(
+        &self,
+    ) -> pb::service_control_client::ServiceControlClient<tonic::transport::Channel> {
+        pb::service_control_client::ServiceControlClient::new(self.agent.channel().await)
+    }
+
+    async fn activate(&self, sha256: &str) -> pb::ActivateResponse {
+        self.control()
+            .await
+            .activate(pb::ActivateRequest {
+                service: "web".into(),
+                sha256: sha256.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", self.agent.log_text()))
+            .into_inner()
+    }
+
+    async fn activate_ok(&self, sha256: &str) -> pb::ReloadResult {
+        let result = self.activate(sha256).await.result.unwrap();
+        assert_eq!(
+            result.outcome,
+            pb::ReloadOutcome::Succeeded as i32,
+            "reload failed: {}\n{}",
+            result.reason,
+            self.agent.log_text()
+        );
+        result
+    }
+
+    async fn status(&self) -> pb::ServiceStatus {
+        self.control()
+            .await
+            .get_status(pb::GetStatusRequest {
+                service: "web".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .services
+            .remove(0)
+    }
+
+    fn load(&self, mode: ConnectionMode) -> LoadRun {
+        LoadRun::start(LoadConfig {
+            addr: self.service_addr,
+            path: "/".into(),
+            connections: CONNECTIONS,
+            mode,
+            request_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+/// Waits until the load has produced `n` more responses than `from`.
+async fn wait_for_requests(run: &LoadRun, n: u64) {
+    let start = run.snapshot().requests;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while run.snapshot().requests < start + n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "load made no progress: {}",
+            run.snapshot().summary()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn assert_no_failures(report: &LoadReport) {
+    assert_eq!(
+        report.failures,
+        0,
+        "{}\nfirst failures: {:#?}",
+        report.summary(),
+        report.failure_samples
+    );
+    assert_eq!(report.non_200, 0, "{}", report.summary());
+    assert!(report.requests > 0, "{}", report.summary());
+}
+
+async fn reload_twenty_times_under_load(mode: ConnectionMode) {
+    let f = fixture("");
+    let v1 = f.stage_demo("1.0.0").await;
+    let v2 = f.stage_demo("2.0.0").await;
+    f.activate_ok(&v1).await;
+    let first_pid = f.status().await.pid;
+
+    let run = f.load(mode);
+    wait_for_requests(&run, 200).await;
+    let mut pids = vec![first_pid];
+    for i in 0..RELOADS {
+        let target = if i % 2 == 0 { &v2 } else { &v1 };
+        let result = f.activate_ok(target).await;
+        assert_eq!(result.old_pid, *pids.last().unwrap());
+        pids.push(result.new_pid);
+        // Keep a steady rhythm: traffic reaches each new process before the
+        // next reload.
+        wait_for_requests(&run, 100).await;
+    }
+    let report = run.stop().await;
+    println!("{mode:?}, {RELOADS} reloads: {}", report.summary());
+    assert_no_failures(&report);
+    assert_eq!(
+        report.by_version.keys().cloned().collect::<Vec<_>>(),
+        vec!["1.0.0".to_string(), "2.0.0".to_string()],
+        "{}",
+        report.summary()
+    );
+    // Every process that was current answered, and only those did.
+    let expected: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+    assert_eq!(
+        expected.len(),
+        RELOADS + 1,
+        "each reload starts a new process"
+    );
+    assert!(
+        report.pids.is_subset(&expected),
+        "an unknown pid answered: {:?}",
+        report.pids
+    );
+    assert!(
+        report.pids.len() > RELOADS / 2,
+        "the serving pid did not change: {:?}",
+        report.pids
+    );
+    let status = f.status().await;
+    assert_eq!(status.pid, *pids.last().unwrap());
+    // Reload i goes to v2 when i is even: after an even count, v1 is current.
+    let expected_final = if RELOADS.is_multiple_of(2) {
+        "1.0.0"
+    } else {
+        "2.0.0"
+    };
+    assert_eq!(status.current_version, expected_final);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_lose_no_request_on_keep_alive_connections() {
+    reload_twenty_times_under_load(ConnectionMode::KeepAlive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_lose_no_request_with_a_connection_per_request() {
+    reload_twenty_times_under_load(ConnectionMode::NewConnectionPerRequest).await;
+}
+
+/// A bad new version under load: the old process keeps serving with the
+/// same pid, the reason is clear, and no request is lost.
+async fn failed_reload_keeps_the_old_process(
+    flags: &str,
+    extra_service_toml: &str,
+    outcome: pb::ReloadOutcome,
+    reason: &str,
+) {
+    let f = fixture(extra_service_toml);
+    let v1 = f.stage_demo("1.0.0").await;
+    let bad = f.stage_script("2.0.0", flags).await;
+    f.activate_ok(&v1).await;
+    let before = f.status().await;
+
+    let run = f.load(ConnectionMode::KeepAlive);
+    wait_for_requests(&run, 200).await;
+    let response = f.activate(&bad).await;
+    wait_for_requests(&run, 200).await;
+    let report = run.stop().await;
+
+    let result = response.result.unwrap();
+    assert_eq!(result.outcome, outcome as i32, "{result:?}");
+    assert!(
+        result.reason.contains(reason),
+        "reason {:?} lacks {reason:?}",
+        result.reason
+    );
+    let after = f.status().await;
+    assert_eq!(after.pid, before.pid, "the old process must still serve");
+    assert_eq!(after.current_version, "1.0.0");
+    assert_eq!(after.state, pb::ServiceState::Running as i32);
+    assert_no_failures(&report);
+    assert_eq!(
+        report.pids.iter().copied().collect::<Vec<_>>(),
+        vec![before.pid],
+        "{}",
+        report.summary()
+    );
+    // The failed process and its group are gone.
+    if result.new_pid != 0 {
+        assert!(
+            !Path::new(&format!("/proc/{}", result.new_pid)).exists()
+                || is_zombie_or_gone(result.new_pid)
+        );
+    }
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| stat.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_version_that_exits_before_ready_leaves_the_old_serving() {
+    failed_reload_keeps_the_old_process(
+        "--exit-before-ready 3",
+        "",
+        pb::ReloadOutcome::ExitedBeforeReady,
+        "exit status 3",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_version_that_never_becomes_ready_is_killed_after_the_timeout() {
+    failed_reload_keeps_the_old_process(
+        "--never-ready",
+        "[service.readiness]\ntimeout = \"2s\"\n",
+        pb::ReloadOutcome::ReadyTimeout,
+        "not ready within 2s",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_version_that_fails_preflight_is_never_started() {
+    failed_reload_keeps_the_old_process(
+        "--fail-preflight",
+        "",
+        pb::ReloadOutcome::PreflightFailed,
+        "preflight `--version` exit status 1",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_service_takes_over_the_same_socket() {
+    let f = fixture("");
+    let script =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/python_server.py"))
+            .unwrap();
+    let v1 = f.stage_demo("1.0.0").await;
+    let mut py = script.clone();
+    py.extend_from_slice(b"# 2.0.0\n");
+    let py2 = f.stage("python-2", &py, "2.0.0").await;
+    py.extend_from_slice(b"# 3.0.0\n");
+    let py3 = f.stage("python-3", &py, "3.0.0").await;
+    f.activate_ok(&v1).await;
+
+    let run = f.load(ConnectionMode::NewConnectionPerRequest);
+    wait_for_requests(&run, 100).await;
+    // Rust to Python, then Python to Python, on the same socket.
+    f.activate_ok(&py2).await;
+    wait_for_requests(&run, 100).await;
+    f.activate_ok(&py3).await;
+    wait_for_requests(&run, 100).await;
+    let report = run.stop().await;
+    println!("python takeover: {}", report.summary());
+    assert_no_failures(&report);
+    for version in ["1.0.0", "2.0.0", "3.0.0"] {
+        assert!(
+            report.by_version.contains_key(version),
+            "{version} never answered: {}",
+            report.summary()
+        );
+    }
+}
+
+/// One request on a fresh connection; the status code and x-pid.
+async fn get_once(addr: SocketAddr) -> std::io::Result<(u16, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let pid = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-pid: ")
+                .map(|p| p.trim().to_string())
+        })
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Ok((code, pid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_service_is_restarted_and_clients_wait_instead_of_being_refused() {
+    // A slow start makes the gap measurable: clients that connect during it
+    // must be served by the restarted process, not refused.
+    let f = fixture("[service.restart]\ninitial_backoff = \"200ms\"\n");
+    let slow = f.stage_script("1.0.0", "--startup-delay 300ms").await;
+    f.activate_ok(&slow).await;
+    let before = f.status().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Connect while nothing serves: the agent's socket queues the clients.
+    let clients: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get_once(f.service_addr)))
+        .collect();
+    let mut served_by = std::collections::BTreeSet::new();
+    for client in clients {
+        let (code, pid) = client
+            .await
+            .unwrap()
+            .expect("a client connecting during the restart must be served");
+        assert_eq!(code, 200);
+        served_by.insert(pid);
+    }
+    let after = f.status().await;
+    assert_ne!(after.pid, before.pid);
+    assert_eq!(after.restarts, 1);
+    assert_eq!(served_by, [after.pid].into_iter().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_runs_the_version_it_had_activated() {
+    let mut f = fixture("");
+    let v1 = f.stage_demo("1.0.0").await;
+    let v2 = f.stage_demo("2.0.0").await;
+    f.activate_ok(&v1).await;
+    f.activate_ok(&v2).await;
+    let old_pid = f.status().await.pid;
+    f.agent.kill();
+    // The service follows its agent (it is told to drain when the agent
+    // dies), so the new agent can bind the same socket.
+    wait_for(
+        "the old service process to exit",
+        Duration::from_secs(20),
+        || is_zombie_or_gone(old_pid),
+    )
+    .await;
+    let key = f.agent.key.clone();
+    f.agent = Agent::start_with_config(f.dir.path(), key);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = f.status().await;
+        if status.state == pb::ServiceState::Running as i32 {
+            assert_eq!(status.current_version, "2.0.0");
+            assert_eq!(status.previous_version, "1.0.0");
+            let (code, pid) = get_once(f.service_addr).await.unwrap();
+            assert_eq!((code, pid), (200, status.pid));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "service not running after the agent restart: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
+    let f = fixture("");
+    let v1 = f.stage_demo("1.0.0").await;
+    let v2 = f.stage_demo("2.0.0").await;
+    let mut control = f.control().await;
+    let err = control
+        .rollback(pb::RollbackRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    f.activate_ok(&v1).await;
+    f.activate_ok(&v2).await;
+    let result = control
+        .rollback(pb::RollbackRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}",
+        result.reason
+    );
+    assert_eq!(
+        (result.from_version.as_str(), result.to_version.as_str()),
+        ("2.0.0", "1.0.0")
+    );
+    let status = f.status().await;
+    assert_eq!(
+        (
+            status.current_version.as_str(),
+            status.previous_version.as_str()
+        ),
+        ("1.0.0", "2.0.0")
+    );
+
+    // /healthz/web turns 200 once the probe has seen the service healthy.
+    let health = f.agent.health_addr.expect("health endpoint");
+    wait_for_health(health, "/healthz/web", 200).await;
+    let (code, body) = http_get(health, "/healthz").await;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["services"][0]["version"], "1.0.0");
+    assert_eq!(json["services"][0]["pid"], status.pid);
+    let (code, _) = http_get(health, "/healthz/nope").await;
+    assert_eq!(code, 404);
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (code, body)
+}
+
+async fn wait_for_health(addr: SocketAddr, path: &str, code: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if http_get(addr, path).await.0 == code {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never answered {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
