@@ -39,15 +39,16 @@ async fn find_artifact(
         .map(|m| m.sha256))
 }
 
-/// Prints the agent's events for `service` on stderr until the task is
-/// aborted.
-fn print_events(channel: Channel, service: String) -> tokio::task::JoinHandle<()> {
+/// Subscribes to the agent's events for `service` and prints them on stderr
+/// until the returned task is aborted. Returns once the subscription is in
+/// place, so no event of a call made afterwards is missed.
+async fn print_events(channel: Channel, service: String) -> tokio::task::JoinHandle<()> {
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    let subscription = control
+        .watch_events(pb::WatchEventsRequest { service })
+        .await;
     tokio::spawn(async move {
-        let mut control = pb::service_control_client::ServiceControlClient::new(channel);
-        let Ok(response) = control
-            .watch_events(pb::WatchEventsRequest { service })
-            .await
-        else {
+        let Ok(response) = subscription else {
             return;
         };
         let mut events = response.into_inner();
@@ -121,7 +122,7 @@ pub async fn activate(
         }
     };
     eprintln!("activating {service} {version} on {host}");
-    let watcher = print_events(channel.clone(), service.to_string());
+    let watcher = print_events(channel.clone(), service.to_string()).await;
     let mut control = pb::service_control_client::ServiceControlClient::new(channel);
     let response = control
         .activate(pb::ActivateRequest {
@@ -145,7 +146,7 @@ pub async fn activate(
 
 pub async fn rollback(host: &str, service: &str) -> anyhow::Result<()> {
     let channel = connect(host).await?;
-    let watcher = print_events(channel.clone(), service.to_string());
+    let watcher = print_events(channel.clone(), service.to_string()).await;
     let mut control = pb::service_control_client::ServiceControlClient::new(channel);
     let response = control
         .rollback(pb::RollbackRequest {

@@ -222,6 +222,30 @@ impl Agent {
         self.child.id()
     }
 
+    /// Signs `bytes` as `service` at `version` (for any os/arch: scripts
+    /// and binaries alike) and uploads them. Returns the sha256.
+    pub async fn stage(&self, service: &str, version: &str, bytes: &[u8]) -> String {
+        let mut manifest = manifest_for(service, version, bytes);
+        manifest.os = "any".into();
+        manifest.arch = "any".into();
+        let envelope = Envelope::sign_manifest(&manifest, &[&self.key]).to_json();
+        let mut client = self.artifacts().await;
+        upload(&mut client, upload_messages(envelope, bytes, 256 * 1024))
+            .await
+            .unwrap_or_else(|s| {
+                panic!("uploading {service} {version}: {s:?}\n{}", self.log_text())
+            });
+        manifest.sha256
+    }
+
+    /// The demo server binary with a trailer naming `version`: the same
+    /// program, distinct bytes, so each version is its own artifact.
+    pub fn demo_server_bytes(version: &str) -> Vec<u8> {
+        let mut bytes = std::fs::read(bin_path("reload-demo-server")).unwrap();
+        bytes.extend_from_slice(format!("\nreload-test-version {version}\n").as_bytes());
+        bytes
+    }
+
     /// Stops the agent with SIGKILL and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

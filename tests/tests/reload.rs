@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reload_artifact::{Envelope, SigningKey};
+use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
 use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
 use reload_tests::*;
@@ -66,28 +66,13 @@ timeout = "8s"
 }
 
 impl Fixture {
-    /// Writes `bytes` as an executable artifact, signs it as `web` at
-    /// `version` and uploads it. Returns its sha256.
-    async fn stage(&self, name: &str, bytes: &[u8], version: &str) -> String {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, bytes).unwrap();
-        let mut manifest = manifest_for("web", version, bytes);
-        manifest.os = "any".into();
-        manifest.arch = "any".into();
-        let envelope = Envelope::sign_manifest(&manifest, &[&self.agent.key]).to_json();
-        let mut client = self.agent.artifacts().await;
-        upload(&mut client, upload_messages(envelope, bytes, 256 * 1024))
-            .await
-            .unwrap();
-        manifest.sha256
+    /// Uploads `bytes` signed as `web` at `version`; returns the sha256.
+    async fn stage(&self, bytes: &[u8], version: &str) -> String {
+        self.agent.stage("web", version, bytes).await
     }
 
-    /// The demo server binary with `label` appended: same program, distinct
-    /// bytes, so each version is its own artifact.
     async fn stage_demo(&self, version: &str) -> String {
-        let mut bytes = std::fs::read(bin_path("reload-demo-server")).unwrap();
-        bytes.extend_from_slice(format!("\nreload-test-version {version}\n").as_bytes());
-        self.stage(&format!("demo-{version}"), &bytes, version)
+        self.stage(&Agent::demo_server_bytes(version), version)
             .await
     }
 
@@ -98,8 +83,7 @@ impl Fixture {
             "#!/bin/sh\nexec '{}' {flags} \"$@\"\n",
             bin_path("reload-demo-server").display()
         );
-        self.stage(&format!("script-{version}"), script.as_bytes(), version)
-            .await
+        self.stage(script.as_bytes(), version).await
     }
 
     async fn control(
@@ -344,9 +328,9 @@ async fn a_python_service_takes_over_the_same_socket() {
     let v1 = f.stage_demo("1.0.0").await;
     let mut py = script.clone();
     py.extend_from_slice(b"# 2.0.0\n");
-    let py2 = f.stage("python-2", &py, "2.0.0").await;
+    let py2 = f.stage(&py, "2.0.0").await;
     py.extend_from_slice(b"# 3.0.0\n");
-    let py3 = f.stage("python-3", &py, "3.0.0").await;
+    let py3 = f.stage(&py, "3.0.0").await;
     f.activate_ok(&v1).await;
 
     let run = f.load(ConnectionMode::NewConnectionPerRequest);

@@ -1,31 +1,46 @@
 //! `make bench`: measurements against a baseline taken in the same run, so
 //! the figures are ratios that survive a shared, noisy machine.
 //!
-//! Scenario today: upload-and-verify of a 256 MiB signed artifact over
-//! loopback (`reloadctl upload` into a real `reload-agent`, ending with the
-//! file fsync'd under its final name), beside `openssl dgst -sha256` of the
-//! same file. Hashing is the physical floor of verification, so the ratio
-//! says how close the whole path (gRPC, streaming, hash, write, fsync)
-//! comes to it.
+//! Scenarios:
+//! 1. Upload and verify a 256 MiB signed artifact over loopback
+//!    (`reloadctl upload` into a real agent, ending fsync'd under its final
+//!    name) beside `openssl dgst -sha256` of the same file.
+//! 2. The agent's own time per handoff over 100 reloads (Activate call to
+//!    the old process signalled, minus the new process's start-up to READY)
+//!    beside one fork+exec+wait of `/bin/true` (the floor).
+//! 3. Failed requests and p99 latency during 20 reloads under 50 clients
+//!    that never retry, keep-alive and a connection per request, beside a
+//!    stop-then-start restart of the same server under the same load.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use reload_artifact::SigningKey;
+use reload_proto::v1 as pb;
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
 use reload_tests::{bin_path, pseudo_random_bytes, reloadctl_ok, Agent};
+use tokio_stream::StreamExt;
 
 const ARTIFACT_MIB: usize = 256;
-const ROUNDS: usize = 5;
+const UPLOAD_ROUNDS: usize = 5;
+const HANDOFFS: usize = 100;
+const RELOADS_UNDER_LOAD: usize = 20;
+const CONNECTIONS: usize = 50;
+/// Steady state measured before the reloads, and the rhythm of reloads.
+const STEADY: Duration = Duration::from_secs(3);
+const RELOAD_EVERY: Duration = Duration::from_millis(250);
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
+fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn mib_per_s(d: Duration) -> f64 {
-    ARTIFACT_MIB as f64 / d.as_secs_f64()
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn time_openssl(file: &Path) -> Duration {
@@ -39,10 +54,7 @@ fn time_openssl(file: &Path) -> Duration {
     start.elapsed()
 }
 
-fn main() {
-    let work = tempfile::tempdir().expect("temp dir");
-    let dir = work.path();
-    let key = Arc::new(SigningKey::generate());
+fn upload_bench(dir: &Path, key: &Arc<SigningKey>) {
     std::fs::write(dir.join("release.key"), key.to_pem()).unwrap();
     let file = dir.join("artifact");
     std::fs::write(&file, pseudo_random_bytes(ARTIFACT_MIB * 1024 * 1024, 42)).unwrap();
@@ -59,17 +71,13 @@ fn main() {
             "artifact",
         ],
     );
-    println!("reloadctl: {}", bin_path("reloadctl").display());
-
-    let mut upload = Vec::new();
-    let mut openssl = Vec::new();
-    let mut in_process = Vec::new();
-    for round in 0..ROUNDS {
+    let (mut upload, mut openssl, mut in_process) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..UPLOAD_ROUNDS {
         // A fresh agent and store each round: every upload is a real one.
-        let agent_dir = dir.join(format!("agent-{round}"));
+        let agent_dir = dir.join(format!("upload-agent-{round}"));
         std::fs::create_dir(&agent_dir).unwrap();
         let agent = Agent::start(&agent_dir, key.clone(), "");
-        // Interleave the two so drift on the machine hits both alike.
+        // Interleaved so drift on the machine hits all three alike.
         openssl.push(time_openssl(&file));
         let start = Instant::now();
         reload_artifact::verify::hash_file(&file).unwrap();
@@ -81,10 +89,17 @@ fn main() {
         drop(agent);
         std::fs::remove_dir_all(&agent_dir).unwrap();
     }
-    let (upload, openssl, in_process) = (median(upload), median(openssl), median(in_process));
-    println!();
-    println!("| scenario ({ARTIFACT_MIB} MiB, median of {ROUNDS}) | time | MiB/s |");
-    println!("|---|---:|---:|");
+    std::fs::remove_file(&file).unwrap();
+    let mib_per_s = |d: Duration| ARTIFACT_MIB as f64 / d.as_secs_f64();
+    let (upload, openssl, in_process) = (
+        quantile(&upload, 0.5),
+        quantile(&openssl, 0.5),
+        quantile(&in_process, 0.5),
+    );
+    println!(
+        "## 1. Upload and verify, {ARTIFACT_MIB} MiB over loopback (median of {UPLOAD_ROUNDS})\n"
+    );
+    println!("| scenario | time | MiB/s |\n|---|---:|---:|");
     println!(
         "| openssl dgst -sha256 (baseline) | {:.3} s | {:.0} |",
         openssl.as_secs_f64(),
@@ -100,10 +115,287 @@ fn main() {
         upload.as_secs_f64(),
         mib_per_s(upload)
     );
-    println!();
     let ratio = openssl.as_secs_f64() / upload.as_secs_f64();
     println!(
-        "upload-and-verify speed / openssl sha256 speed = {ratio:.2} (goal >= 0.70: {})",
+        "\nupload-and-verify speed / openssl sha256 speed = {ratio:.2} (goal >= 0.70: {})\n",
         if ratio >= 0.7 { "met" } else { "MISSED" }
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An agent supervising the demo server as `bench`, with v1 and v2 staged.
+async fn reload_agent(
+    dir: &Path,
+    key: &Arc<SigningKey>,
+    preflight: bool,
+) -> (Agent, SocketAddr, String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let preflight = if preflight {
+        ""
+    } else {
+        "[service.preflight]\nargs = []\n"
+    };
+    let config = format!(
+        "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}"
+    );
+    let agent = Agent::start(dir, key.clone(), &config);
+    let v1 = agent
+        .stage("bench", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let v2 = agent
+        .stage("bench", "2.0.0", &Agent::demo_server_bytes("2.0.0"))
+        .await;
+    (agent, addr, v1, v2)
+}
+
+async fn activate(
+    control: &mut pb::service_control_client::ServiceControlClient<tonic::transport::Channel>,
+    sha256: &str,
+) -> pb::ReloadResult {
+    let result = control
+        .activate(pb::ActivateRequest {
+            service: "bench".into(),
+            sha256: sha256.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Activate")
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}",
+        result.reason
+    );
+    result
+}
+
+fn event_time(event: &pb::Event) -> SystemTime {
+    SystemTime::try_from(event.time.unwrap()).unwrap()
+}
+
+async fn handoff_bench(dir: &Path, key: &Arc<SigningKey>) {
+    let (agent, _, v1, v2) = reload_agent(&dir.join("handoff-agent"), key, false).await;
+    let channel = agent.channel().await;
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel.clone());
+    activate(&mut control, &v1).await;
+    let mut events = pb::service_control_client::ServiceControlClient::new(channel)
+        .watch_events(pb::WatchEventsRequest {
+            service: "bench".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut own, mut mechanics, mut startup, mut verify) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..HANDOFFS {
+        let target = if i % 2 == 0 { &v2 } else { &v1 };
+        let start = Instant::now();
+        activate(&mut control, target).await;
+        let total = start.elapsed();
+        // The events of this reload, up to the old process being signalled.
+        let (mut verifying, mut spawning, mut ready) = (None, None, None);
+        loop {
+            let event = events.next().await.unwrap().unwrap();
+            match pb::EventKind::try_from(event.kind).unwrap() {
+                pb::EventKind::Verifying => verifying = Some(event_time(&event)),
+                pb::EventKind::Spawning => spawning = Some(event_time(&event)),
+                pb::EventKind::Ready => ready = Some(event_time(&event)),
+                pb::EventKind::Draining => break,
+                _ => {}
+            }
+        }
+        let (verifying, spawning, ready) = (verifying.unwrap(), spawning.unwrap(), ready.unwrap());
+        let up = ready.duration_since(spawning).unwrap_or_default();
+        let checked = spawning.duration_since(verifying).unwrap_or_default();
+        startup.push(up);
+        verify.push(checked);
+        own.push(total.saturating_sub(up));
+        mechanics.push(total.saturating_sub(up).saturating_sub(checked));
+    }
+    let mut floor = Vec::new();
+    for _ in 0..HANDOFFS {
+        let start = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        floor.push(start.elapsed());
+    }
+    let floor_median = quantile(&floor, 0.5);
+    println!("## 2. Handoff overhead over {HANDOFFS} reloads (no preflight; demo server, release build)\n");
+    println!("| measure | median | p99 | median / floor |\n|---|---:|---:|---:|");
+    for (name, samples) in [
+        ("fork+exec+wait of /bin/true (floor)", &floor),
+        (
+            "agent's own time per handoff (Activate to old signalled, minus start-up to READY)",
+            &own,
+        ),
+        (
+            "  of which re-verification (hash + signature of the stored artifact)",
+            &verify,
+        ),
+        (
+            "  the rest: spawn with sockets, persist, signal",
+            &mechanics,
+        ),
+        ("new process start-up to READY (not the agent's)", &startup),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.1}x |",
+            ms(quantile(samples, 0.5)),
+            ms(quantile(samples, 0.99)),
+            quantile(samples, 0.5).as_secs_f64() / floor_median.as_secs_f64()
+        );
+    }
+    println!();
+}
+
+fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
+    LoadRun::start(LoadConfig {
+        addr,
+        path: "/".into(),
+        connections: CONNECTIONS,
+        mode,
+        request_timeout: Duration::from_secs(10),
+    })
+}
+
+/// Steady load for STEADY, then RELOADS_UNDER_LOAD reloads done by
+/// `reload`, one every RELOAD_EVERY; returns (steady, during).
+async fn measure<F, Fut>(
+    addr: SocketAddr,
+    mode: ConnectionMode,
+    mut reload: F,
+) -> (LoadReport, LoadReport)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let run = load(addr, mode);
+    tokio::time::sleep(STEADY).await;
+    let steady = run.stop().await;
+    let run = load(addr, mode);
+    for i in 0..RELOADS_UNDER_LOAD {
+        let next = tokio::time::Instant::now() + RELOAD_EVERY;
+        reload(i).await;
+        tokio::time::sleep_until(next).await;
+    }
+    tokio::time::sleep(RELOAD_EVERY).await;
+    (steady, run.stop().await)
+}
+
+fn row(name: &str, mode: ConnectionMode, steady: &LoadReport, during: &LoadReport) {
+    let failed_pct =
+        100.0 * during.failures as f64 / (during.requests + during.failures).max(1) as f64;
+    println!(
+        "| {name} | {} | {} | {} | {failed_pct:.3}% | {} | {} | {:.2}x |",
+        match mode {
+            ConnectionMode::KeepAlive => "keep-alive",
+            ConnectionMode::NewConnectionPerRequest => "new conn/request",
+        },
+        during.requests + during.failures,
+        during.failures,
+        ms(steady.p99()),
+        ms(during.p99()),
+        during.p99().as_secs_f64() / steady.p99().as_secs_f64().max(1e-9)
+    );
+}
+
+async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
+    println!("## 3. Failed requests during {RELOADS_UNDER_LOAD} reloads, {CONNECTIONS} clients that never retry\n");
+    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio |\n|---|---|---:|---:|---:|---:|---:|---:|");
+    for mode in [
+        ConnectionMode::KeepAlive,
+        ConnectionMode::NewConnectionPerRequest,
+    ] {
+        let (agent, addr, v1, v2) =
+            reload_agent(&dir.join(format!("load-agent-{mode:?}")), key, true).await;
+        let mut control =
+            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+        activate(&mut control, &v1).await;
+        let (steady, during) = measure(addr, mode, |i| {
+            let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+            let mut control = control.clone();
+            async move {
+                activate(&mut control, &target).await;
+            }
+        })
+        .await;
+        row("reload-agent handoff", mode, &steady, &during);
+        drop(agent);
+
+        // The same server restarted the way `systemctl restart` does it:
+        // stop (drain), then start a new process that binds the port again.
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let start_server = || {
+            let child = Command::new(bin_path("reload-demo-server"))
+                .args(["--bind", &addr.to_string()])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "demo server did not start");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            child
+        };
+        let server = std::sync::Mutex::new(Some(start_server()));
+        let (steady, during) = measure(addr, mode, |_| {
+            let mut old = server.lock().unwrap().take().unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(old.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            old.wait().unwrap();
+            *server.lock().unwrap() = Some(start_server());
+            async {}
+        })
+        .await;
+        row("stop-then-start restart", mode, &steady, &during);
+        let last = server.lock().unwrap().take();
+        if let Some(mut last) = last {
+            let _ = last.kill();
+            let _ = last.wait();
+        }
+    }
+    println!();
+}
+
+fn main() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path();
+    let key = Arc::new(SigningKey::generate());
+    println!(
+        "reload-bench: {} cores, binaries from {}\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        bin_path("reload-agent").parent().unwrap().display()
+    );
+    let only = std::env::args().nth(1);
+    let wants = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if wants("upload") {
+        upload_bench(dir, &key);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if wants("handoff") {
+        runtime.block_on(handoff_bench(dir, &key));
+    }
+    if wants("failed-requests") {
+        runtime.block_on(failed_requests_bench(dir, &key));
+    }
 }
