@@ -264,3 +264,110 @@ fn upload_to_an_unreachable_agent_says_so() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_rollback_and_status_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"release.pub\"]\n\
+             [[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+             [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    for version in ["1.4", "1.5"] {
+        std::fs::write(
+            d.join(format!("web-{version}")),
+            Agent::demo_server_bytes(version),
+        )
+        .unwrap();
+        reloadctl_ok(
+            d,
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "web",
+                "--version",
+                version,
+                &format!("web-{version}"),
+            ],
+        );
+    }
+    let key = Arc::new(SigningKey::load(&d.join("release.key")).unwrap());
+    let agent = Agent::start_with_config(d, key);
+    let host = agent.host();
+
+    // Not uploaded and no --artifact: the error says what to pass.
+    let err = stderr_of(
+        d,
+        &[
+            "activate",
+            "--host",
+            &host,
+            "--service",
+            "web",
+            "--version",
+            "1.4",
+        ],
+    );
+    assert!(err.contains("--artifact"), "{err}");
+    let output = reloadctl(
+        d,
+        &[
+            "activate",
+            "--host",
+            &host,
+            "--service",
+            "web",
+            "--version",
+            "1.4",
+            "--artifact",
+            "web-1.4",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let steps = String::from_utf8_lossy(&output.stderr);
+    for step in ["verifying", "spawning", "ready", "done"] {
+        assert!(steps.contains(step), "step {step} not shown:\n{steps}");
+    }
+    reloadctl_ok(
+        d,
+        &[
+            "activate",
+            "--host",
+            &host,
+            "--service",
+            "web",
+            "--version",
+            "1.5",
+            "--artifact",
+            "web-1.5",
+        ],
+    );
+    let status = reloadctl_ok(d, &["status", "--host", &host, "--output", "json"]);
+    let line: serde_json::Value = serde_json::from_str(status.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (line["version"].as_str(), line["previous_version"].as_str()),
+        (Some("1.5.0"), Some("1.4.0"))
+    );
+    let out = reloadctl_ok(d, &["rollback", "--host", &host, "--service", "web"]);
+    assert!(out.contains("1.5.0 -> 1.4.0"), "{out}");
+    let table = reloadctl_ok(d, &["status", "--host", &host]);
+    assert!(table.lines().nth(1).unwrap().starts_with("web "), "{table}");
+    assert!(table.contains("1.4.0"), "{table}");
+}

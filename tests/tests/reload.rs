@@ -537,3 +537,73 @@ async fn wait_for_health(addr: SocketAddr, path: &str, code: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
+    let f = fixture("");
+    let v1 = f.stage_demo("1.0.0").await;
+    let v2 = f.stage_demo("2.0.0").await;
+    f.activate_ok(&v1).await;
+    let mut events = f
+        .control()
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let result = f.activate_ok(&v2).await;
+    let mut kinds = Vec::new();
+    while !kinds.contains(&pb::EventKind::Done) {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.message())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.service, "web");
+        let kind = pb::EventKind::try_from(event.kind).unwrap();
+        if kind == pb::EventKind::Ready {
+            assert_eq!(event.pid, result.new_pid);
+        }
+        if kind != pb::EventKind::HealthChanged {
+            kinds.push(kind);
+        }
+    }
+    use pb::EventKind::*;
+    assert_eq!(
+        kinds,
+        vec![Verifying, Preflight, Spawning, Ready, Draining, Done]
+    );
+
+    // A watch of an unknown service is refused, not silent.
+    let err = f
+        .control()
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(f.agent.channel().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "web".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .ok();
+        if status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "grpc health of web never SERVING: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
