@@ -40,6 +40,7 @@ pub struct AgentState {
     upload_slots: Arc<Semaphore>,
     started: SystemTime,
     supervisor: Arc<Supervisor>,
+    leases: crate::lease::Leases,
 }
 
 impl AgentApi {
@@ -47,6 +48,7 @@ impl AgentApi {
         config: AgentConfig,
         store: Arc<ArtifactStore>,
         supervisor: Arc<Supervisor>,
+        leases: crate::lease::Leases,
     ) -> AgentApi {
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
         AgentApi(Arc::new(AgentState {
@@ -55,6 +57,7 @@ impl AgentApi {
             upload_slots,
             started: SystemTime::now(),
             supervisor,
+            leases,
         }))
     }
 }
@@ -409,6 +412,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         request: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::ActivateResponse>, Status> {
         let request = request.into_inner();
+        self.leases.check_mutation(request.lease.as_ref())?;
         let (result, status) = self
             .supervisor
             .activate(&request.service, &request.sha256)
@@ -424,6 +428,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
         let request = request.into_inner();
+        self.leases.check_mutation(request.lease.as_ref())?;
         let (result, status) = self.supervisor.rollback(&request.service).await?;
         Ok(Response::new(pb::RollbackResponse {
             result: Some(result),
@@ -486,29 +491,31 @@ impl pb::service_control_server::ServiceControl for AgentApi {
 impl pb::lease_service_server::LeaseService for AgentApi {
     async fn acquire_lease(
         &self,
-        _request: Request<pb::AcquireLeaseRequest>,
+        request: Request<pb::AcquireLeaseRequest>,
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
-        Err(unimplemented("AcquireLease", "fleet rollout"))
+        self.leases.acquire(request.into_inner()).map(Response::new)
     }
 
     async fn renew_lease(
         &self,
-        _request: Request<pb::RenewLeaseRequest>,
+        request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        Err(unimplemented("RenewLease", "fleet rollout"))
+        self.leases.renew(request.into_inner()).map(Response::new)
     }
 
     async fn release_lease(
         &self,
-        _request: Request<pb::ReleaseLeaseRequest>,
+        request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
-        Err(unimplemented("ReleaseLease", "fleet rollout"))
+        self.leases
+            .release(request.into_inner())
+            .map(|()| Response::new(pb::ReleaseLeaseResponse {}))
     }
 
     async fn get_lease(
         &self,
         _request: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
-        Err(unimplemented("GetLease", "fleet rollout"))
+        Ok(Response::new(self.leases.get()))
     }
 }

@@ -24,6 +24,7 @@ pub mod api;
 pub mod config;
 pub mod events;
 mod health_http;
+pub mod lease;
 mod listeners;
 pub mod probe;
 mod spawn;
@@ -110,7 +111,8 @@ pub async fn serve(
         None => None,
     };
     let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
-    let api = AgentApi::new(config, store, supervisor.clone());
+    let leases = lease::Leases::open(&config.state_dir)?;
+    let api = AgentApi::new(config, store, supervisor.clone(), leases);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     supervisor.start_monitors();
@@ -126,6 +128,9 @@ pub async fn serve(
         .await;
     health_reporter
         .set_serving::<pb::service_control_server::ServiceControlServer<AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::lease_service_server::LeaseServiceServer<AgentApi>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

@@ -9,6 +9,7 @@
 
 mod client;
 mod reload;
+mod rollout;
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,6 +22,49 @@ use clap::{Parser, Subcommand};
 use reload_artifact::verify::{check_content, hash_file};
 use reload_artifact::{envelope_path_for, Envelope, Manifest, PublicKey, SigningKey, TrustedKeys};
 use reload_proto::v1 as pb;
+
+/// `push` settings; unset ones come from the project file.
+#[derive(clap::Args)]
+struct RolloutFlags {
+    /// Project file with the service, releases and trusted keys.
+    #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
+    config: PathBuf,
+    /// Hosts in the first wave, alone.
+    #[arg(long)]
+    canary: Option<usize>,
+    /// Cumulative wave sizes after the canary: counts or percentages.
+    #[arg(long)]
+    waves: Option<String>,
+    /// Hosts changed at once within a wave.
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// Consecutive healthy results a host needs.
+    #[arg(long)]
+    healthy_checks: Option<u32>,
+    /// The healthy results must span at least this long (a failure resets it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    min_healthy_time: Option<Duration>,
+    /// A host not healthy this long after its reload has failed.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    healthy_deadline: Option<Duration>,
+    /// Bound on the whole rollout; past it the rollout halts.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    progress_deadline: Option<Duration>,
+    /// Failed hosts tolerated before halting: a count or a percentage.
+    #[arg(long)]
+    max_failures: Option<String>,
+    /// Roll back changed hosts when the rollout halts (default true).
+    #[arg(long)]
+    auto_revert: Option<bool>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pause_between_waves: Option<Duration>,
+    /// Take the leases even from another rollout (written to the agents' logs).
+    #[arg(long)]
+    force_takeover: bool,
+    /// `text` for people (stderr), `json` (one event per line, stdout) for pipelines.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
 
 #[derive(Parser)]
 #[command(version, about = "Sign artifacts and roll them out to reload agents")]
@@ -109,22 +153,60 @@ enum Command {
     /// Activate the version a service ran before the current one.
     #[command(after_help = "Example:\n  reloadctl rollback --host 127.0.0.1:7700 --service web")]
     Rollback {
-        #[arg(long)]
-        host: String,
+        /// One agent; or give a hosts file to roll back every host of it.
+        #[arg(long, required_unless_present = "hosts_file")]
+        host: Option<String>,
         #[arg(long)]
         service: String,
+        /// Roll back every host of this file, in parallel.
+        hosts_file: Option<PathBuf>,
     },
     /// Show every service of an agent: state, health, version, pid.
     #[command(after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700")]
     Status {
-        #[arg(long)]
-        host: String,
+        /// One agent; or give a hosts file for the whole fleet.
+        #[arg(long, required_unless_present = "hosts_file")]
+        host: Option<String>,
+        /// Every host of this file (unreachable ones are shown, not fatal).
+        hosts_file: Option<PathBuf>,
         /// Only this service.
         #[arg(long, default_value = "")]
         service: String,
         /// `table` for people, `json` (one object a line) for scripts.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+    /// Roll VERSION out to every host of HOSTS_FILE: staged, fenced, in
+    /// waves, health-gated, halted and reverted on failure, resumable.
+    #[command(
+        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted and reverted; 4 halted, not (fully) reverted; 5\npaused by Ctrl-C (continue with `reloadctl resume`)."
+    )]
+    Push {
+        /// Version to roll out; `1.4` means `1.4.0`.
+        #[arg(long)]
+        version: String,
+        /// One host[:port] a line; `#` comments.
+        hosts_file: PathBuf,
+        #[command(flatten)]
+        rollout: RolloutFlags,
+        /// Print the plan (waves, gate, budget) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Continue a rollout that was paused (Ctrl-C) or whose CLI died.
+    #[command(
+        after_help = "Example:\n  reloadctl resume            # the newest unfinished rollout\n  reloadctl resume 3f2a9c...  # a given one"
+    )]
+    Resume {
+        /// Rollout id (default: the newest unfinished one).
+        id: Option<String>,
+        #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
+        config: PathBuf,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+        /// Take the leases even from another rollout.
+        #[arg(long)]
+        force_takeover: bool,
     },
     /// List the artifacts an agent holds, newest first.
     #[command(after_help = "Example:\n  reloadctl artifacts --host 127.0.0.1:7700 --service web")]
@@ -143,16 +225,63 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("reloadctl: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<rollout::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Push {
+            version,
+            hosts_file,
+            rollout: flags,
+            dry_run,
+        } => runtime()?.block_on(rollout::push(rollout::PushArgs {
+            config: flags.config,
+            version,
+            hosts_file,
+            overrides: rollout::Overrides {
+                canary: flags.canary,
+                waves: flags.waves,
+                max_parallel: flags.max_parallel,
+                healthy_checks: flags.healthy_checks,
+                min_healthy_time: flags.min_healthy_time,
+                healthy_deadline: flags.healthy_deadline,
+                progress_deadline: flags.progress_deadline,
+                max_failures: flags.max_failures,
+                auto_revert: flags.auto_revert,
+                pause_between_waves: flags.pause_between_waves,
+            },
+            json: flags.output == "json",
+            dry_run,
+            force_takeover: flags.force_takeover,
+        })),
+        Command::Resume {
+            id,
+            config,
+            output,
+            force_takeover,
+        } => runtime()?.block_on(rollout::resume(
+            &config,
+            id.as_deref(),
+            output == "json",
+            force_takeover,
+        )),
+        other => run_simple(other).map(|()| 0),
+    }
+}
+
+fn run_simple(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Push { .. } | Command::Resume { .. } => unreachable!("handled in run"),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Sign {
             key,
@@ -189,14 +318,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &version,
             artifact.as_deref(),
         )),
-        Command::Rollback { host, service } => {
-            runtime()?.block_on(reload::rollback(&host, &service))
-        }
-        Command::Status {
+        Command::Rollback {
             host,
             service,
+            hosts_file,
+        } => runtime()?.block_on(reload::rollback_fleet(host, hosts_file, &service)),
+        Command::Status {
+            host,
+            hosts_file,
+            service,
             output,
-        } => runtime()?.block_on(reload::status(&host, &service, &output)),
+        } => runtime()?.block_on(reload::status_fleet(host, hosts_file, &service, &output)),
     }
 }
 

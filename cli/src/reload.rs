@@ -170,108 +170,191 @@ fn short(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_lowercase()
 }
 
-pub async fn status(host: &str, service: &str, output: &str) -> anyhow::Result<()> {
-    let channel = connect(host).await?;
-    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
-    let services = control
-        .get_status(pb::GetStatusRequest {
-            service: service.to_string(),
-        })
-        .await
-        .map_err(|s| describe_status(host, "report status", &s))?
-        .into_inner()
-        .services;
-    let mut out = std::io::stdout().lock();
-    for s in &services {
-        let state = short(
-            pb::ServiceState::try_from(s.state)
-                .unwrap_or_default()
-                .as_str_name(),
-            "SERVICE_STATE_",
-        );
-        let health = short(
-            pb::HealthState::try_from(s.health)
-                .unwrap_or_default()
-                .as_str_name(),
-            "HEALTH_STATE_",
-        );
-        let last = s.last_reload.as_ref().map(|r| {
-            let outcome = short(
-                pb::ReloadOutcome::try_from(r.outcome)
-                    .unwrap_or_default()
-                    .as_str_name(),
-                "RELOAD_OUTCOME_",
-            );
-            (outcome, r.reason.clone(), r.to_version.clone())
+fn hosts_of(
+    host: Option<String>,
+    hosts_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<Vec<String>> {
+    match (host, hosts_file) {
+        (Some(host), None) => Ok(vec![host]),
+        (None, Some(file)) => crate::rollout::hosts::read_hosts(&file),
+        (Some(_), Some(_)) => bail!("give either --host or a hosts file, not both"),
+        (None, None) => bail!("give --host HOST or a hosts file"),
+    }
+}
+
+/// Rolls back one host, or every host of a file in parallel.
+pub async fn rollback_fleet(
+    host: Option<String>,
+    hosts_file: Option<std::path::PathBuf>,
+    service: &str,
+) -> anyhow::Result<()> {
+    let hosts = hosts_of(host, hosts_file)?;
+    if hosts.len() == 1 {
+        return rollback(&hosts[0], service).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for host in hosts {
+        let service = service.to_string();
+        tasks.spawn(async move {
+            let result = async {
+                let channel = connect(&host).await?;
+                let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+                let response = control
+                    .rollback(pb::RollbackRequest {
+                        service: service.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| describe_status(&host, "roll back", &s))?
+                    .into_inner();
+                report(
+                    &host,
+                    &service,
+                    &response.result.context("the agent sent no result")?,
+                )
+            }
+            .await;
+            (host, result)
         });
-        if output == "json" {
-            let line = serde_json::json!({
-                "service": s.name, "state": state, "health": health,
-                "consecutive_healthy": s.consecutive_healthy,
-                "version": s.current_version, "sha256": s.current_sha256,
-                "previous_version": s.previous_version, "pid": s.pid, "restarts": s.restarts,
-                "last_reload": last.as_ref().map(|(outcome, reason, to)| serde_json::json!({"outcome": outcome, "reason": reason, "to_version": to})),
-            });
-            writeln!(out, "{line}")?;
+    }
+    let mut failed = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (host, result) = done?;
+        if let Err(err) = result {
+            failed += 1;
+            eprintln!("{host}: {err:#}");
         }
     }
-    if output == "json" {
-        return Ok(());
+    if failed > 0 {
+        bail!("{failed} host(s) were not rolled back");
     }
-    writeln!(
-        out,
-        "{:<16} {:<10} {:<10} {:<12} {:>8} {:<12} {:>8}  LAST RELOAD",
-        "SERVICE", "STATE", "HEALTH", "VERSION", "PID", "PREVIOUS", "RESTARTS"
-    )?;
-    for s in &services {
-        let state = short(
-            pb::ServiceState::try_from(s.state)
-                .unwrap_or_default()
-                .as_str_name(),
-            "SERVICE_STATE_",
-        );
-        let health = short(
-            pb::HealthState::try_from(s.health)
-                .unwrap_or_default()
-                .as_str_name(),
-            "HEALTH_STATE_",
-        );
-        let last = s
-            .last_reload
-            .as_ref()
-            .map(|r| {
+    Ok(())
+}
+
+/// Status of one host or a fleet; unreachable hosts are shown, not fatal.
+pub async fn status_fleet(
+    host: Option<String>,
+    hosts_file: Option<std::path::PathBuf>,
+    service: &str,
+    output: &str,
+) -> anyhow::Result<()> {
+    let hosts = hosts_of(host, hosts_file)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let (host, service) = (host.clone(), service.to_string());
+        tasks.spawn(async move {
+            let result = async {
+                let channel = connect(&host).await?;
+                let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+                Ok::<_, anyhow::Error>(
+                    control
+                        .get_status(pb::GetStatusRequest { service })
+                        .await
+                        .map_err(|s| describe_status(&host, "report status", &s))?
+                        .into_inner()
+                        .services,
+                )
+            }
+            .await;
+            (i, result)
+        });
+    }
+    let mut rows: Vec<Option<anyhow::Result<Vec<pb::ServiceStatus>>>> =
+        (0..hosts.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done?;
+        rows[i] = Some(result);
+    }
+    let mut out = std::io::stdout().lock();
+    if output != "json" {
+        writeln!(
+            out,
+            "{:<22} {:<14} {:<10} {:<10} {:<12} {:>8} {:<12} {:>8} {:<20}  LAST RELOAD",
+            "HOST", "SERVICE", "STATE", "HEALTH", "VERSION", "PID", "PREVIOUS", "RESTARTS", "SINCE"
+        )?;
+    }
+    let mut unreachable = 0;
+    for (host, row) in hosts.iter().zip(rows) {
+        let services = match row.expect("every host answered or failed") {
+            Ok(services) => services,
+            Err(err) => {
+                unreachable += 1;
+                if output == "json" {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "host": host, "error": format!("{err:#}") })
+                    )?;
+                } else {
+                    writeln!(out, "{host:<22} unreachable: {err:#}")?;
+                }
+                continue;
+            }
+        };
+        for s in &services {
+            let state = short(
+                pb::ServiceState::try_from(s.state)
+                    .unwrap_or_default()
+                    .as_str_name(),
+                "SERVICE_STATE_",
+            );
+            let health = short(
+                pb::HealthState::try_from(s.health)
+                    .unwrap_or_default()
+                    .as_str_name(),
+                "HEALTH_STATE_",
+            );
+            let since = crate::format_timestamp(s.state_since.as_ref());
+            let last = s.last_reload.as_ref().map(|r| {
                 let outcome = short(
                     pb::ReloadOutcome::try_from(r.outcome)
                         .unwrap_or_default()
                         .as_str_name(),
                     "RELOAD_OUTCOME_",
                 );
-                if r.reason.is_empty() {
-                    format!("{outcome} -> {}", r.to_version)
-                } else {
-                    format!("{outcome} -> {}: {}", r.to_version, r.reason)
-                }
-            })
-            .unwrap_or_else(|| "-".into());
-        let dash = |v: &str| {
-            if v.is_empty() {
-                "-".to_string()
-            } else {
-                v.to_string()
+                (outcome, r.reason.clone(), r.to_version.clone())
+            });
+            if output == "json" {
+                let line = serde_json::json!({
+                    "host": host, "service": s.name, "state": state, "health": health,
+                    "consecutive_healthy": s.consecutive_healthy,
+                    "version": s.current_version, "sha256": s.current_sha256,
+                    "previous_version": s.previous_version, "pid": s.pid, "restarts": s.restarts,
+                    "since": since,
+                    "last_reload": last.as_ref().map(|(outcome, reason, to)| serde_json::json!({"outcome": outcome, "reason": reason, "to_version": to})),
+                });
+                writeln!(out, "{line}")?;
+                continue;
             }
-        };
-        writeln!(
-            out,
-            "{:<16} {:<10} {:<10} {:<12} {:>8} {:<12} {:>8}  {}",
-            s.name,
-            state,
-            health,
-            dash(&s.current_version),
-            s.pid,
-            dash(&s.previous_version),
-            s.restarts,
-            last
-        )?;
+            let last = last
+                .map(|(outcome, reason, to)| {
+                    if reason.is_empty() {
+                        format!("{outcome} -> {to}")
+                    } else {
+                        format!("{outcome} -> {to}: {reason}")
+                    }
+                })
+                .unwrap_or_else(|| "-".into());
+            let dash = |v: &str| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            writeln!(
+                out,
+                "{host:<22} {:<14} {state:<10} {health:<10} {:<12} {:>8} {:<12} {:>8} {since:<20}  {last}",
+                s.name,
+                dash(&s.current_version),
+                s.pid,
+                dash(&s.previous_version),
+                s.restarts
+            )?;
+        }
+    }
+    if unreachable == hosts.len() {
+        bail!("no host answered");
     }
     Ok(())
 }

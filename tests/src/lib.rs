@@ -117,9 +117,20 @@ impl Agent {
     /// Starts an agent in `dir` trusting `key`; `extra_toml` is appended to
     /// the config (e.g. a `[limits]` table).
     pub fn start(dir: &Path, key: Arc<SigningKey>, extra_toml: &str) -> Agent {
+        Agent::start_at("127.0.0.1".parse().unwrap(), dir, key, extra_toml)
+    }
+
+    /// Like [`Agent::start`], listening on `ip` (each simulated host has
+    /// its own 127.0.0.x).
+    pub fn start_at(
+        ip: std::net::IpAddr,
+        dir: &Path,
+        key: Arc<SigningKey>,
+        extra_toml: &str,
+    ) -> Agent {
         std::fs::write(dir.join("trusted.pub"), key.public().to_pem()).unwrap();
         let config = format!(
-            "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
+            "[agent]\nlisten = [\"{ip}:0\"]\nhealth_listen = \"{ip}:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
         );
         std::fs::write(dir.join("agent.toml"), config).unwrap();
         Agent::start_with_config(dir, key)

@@ -368,6 +368,7 @@ async fn activate_rollback_and_status_from_the_command_line() {
     let out = reloadctl_ok(d, &["rollback", "--host", &host, "--service", "web"]);
     assert!(out.contains("1.5.0 -> 1.4.0"), "{out}");
     let table = reloadctl_ok(d, &["status", "--host", &host]);
-    assert!(table.lines().nth(1).unwrap().starts_with("web "), "{table}");
+    let row = table.lines().nth(1).unwrap();
+    assert!(row.starts_with(&host) && row.contains(" web "), "{table}");
     assert!(table.contains("1.4.0"), "{table}");
 }

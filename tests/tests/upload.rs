@@ -684,13 +684,13 @@ async fn health_reflection_and_unimplemented_calls_answer() {
         );
     }
 
-    let mut leases = pb::lease_service_client::LeaseServiceClient::new(channel.clone());
-    let err = leases
-        .acquire_lease(pb::AcquireLeaseRequest::default())
+    let mut upgrade = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+    let err = upgrade
+        .upgrade_agent(pb::UpgradeAgentRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("AcquireLease"), "{}", err.message());
+    assert!(err.message().contains("UpgradeAgent"), "{}", err.message());
 
     let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
     let info = agent

@@ -56,6 +56,19 @@ struct Args {
     /// Serve, but never send READY=1.
     #[arg(long)]
     never_ready: bool,
+    /// Exit before ready (status 4) when running as one of these versions
+    /// (comma-separated). Set per host through the environment, it makes a
+    /// release fail on some hosts only, as a host-specific config would.
+    #[arg(
+        long,
+        value_name = "VERSIONS",
+        env = "DEMO_FAIL_VERSIONS",
+        value_delimiter = ','
+    )]
+    fail_versions: Vec<String>,
+    /// Serve, but answer `/healthz` with 503: ready, never healthy.
+    #[arg(long)]
+    unhealthy: bool,
     /// Wait this long before answering every request.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
     request_delay: Duration,
@@ -133,7 +146,7 @@ async fn run(
         .tcp(&args.listen_name, args.bind)
         .context("taking the HTTP listener")?;
     let addr = listener.local_addr()?;
-    let demo = Demo::new(&version, pid, args.request_delay)?;
+    let demo = Demo::new(&version, pid, args.request_delay, args.unhealthy)?;
 
     // Handlers first: the agent may send the drain signal right after READY=1.
     let mut shutdown = Box::pin(shutdown_signal().context("installing signal handlers")?);
@@ -146,6 +159,10 @@ async fn run(
             let _ = notify::stopping();
             return Ok(ExitCode::from(args.exit_code));
         }
+    }
+    if args.fail_versions.iter().any(|v| v.trim() == version) {
+        tracing::error!(%version, "exiting before ready: this version is in DEMO_FAIL_VERSIONS");
+        return Ok(ExitCode::from(4));
     }
     if let Some(code) = args.exit_before_ready {
         tracing::error!(code, "exiting before ready (--exit-before-ready)");
@@ -196,10 +213,16 @@ struct Demo {
     /// Checked once at startup, so responses cannot fail to build.
     version_header: HeaderValue,
     request_delay: Duration,
+    unhealthy: bool,
 }
 
 impl Demo {
-    fn new(version: &str, pid: u32, request_delay: Duration) -> anyhow::Result<Demo> {
+    fn new(
+        version: &str,
+        pid: u32,
+        request_delay: Duration,
+        unhealthy: bool,
+    ) -> anyhow::Result<Demo> {
         let version_header = HeaderValue::from_str(version)
             .with_context(|| format!("version {version:?} cannot be sent as an HTTP header"))?;
         Ok(Demo {
@@ -207,6 +230,7 @@ impl Demo {
             pid,
             version_header,
             request_delay,
+            unhealthy,
         })
     }
 
@@ -228,6 +252,11 @@ impl Demo {
                     "{}\n",
                     serde_json::json!({ "version": self.version, "pid": self.pid })
                 ),
+            ),
+            "/healthz" if self.unhealthy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                "unhealthy (--unhealthy)\n".to_owned(),
             ),
             "/healthz" => (StatusCode::OK, text, "ok\n".to_owned()),
             _ => (StatusCode::NOT_FOUND, text, "not found\n".to_owned()),

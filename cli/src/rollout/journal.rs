@@ -1,0 +1,278 @@
+//! The rollout journal: one JSON line per state change, appended and
+//! fsync'd before the rollout acts on it, so `reloadctl resume` (after
+//! Ctrl-C, a crash or SIGKILL) knows exactly what was done. The same lines
+//! are the `--output json` event stream.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Every knob of a rollout, recorded in the plan so resume uses the same.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub canary: usize,
+    pub waves: String,
+    pub max_parallel: usize,
+    pub healthy_checks: u32,
+    #[serde(with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    #[serde(with = "humantime_serde")]
+    pub healthy_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    pub progress_deadline: Duration,
+    pub max_failures: String,
+    pub auto_revert: bool,
+    #[serde(with = "humantime_serde")]
+    pub pause_between_waves: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Already on the target version: left alone.
+    Skipped,
+    Staged,
+    Activating,
+    /// The new process is serving; the health gate runs next.
+    Activated,
+    Healthy,
+    Failed,
+    Reverted,
+    RevertFailed,
+}
+
+/// Why a host failed, kept apart because each calls for another response.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The agent could not be reached.
+    Unreachable,
+    /// The agent refused: verification, lease, unknown service.
+    Rejected,
+    /// The new process never became ready; the old one still serves.
+    ReloadFailed,
+    /// Ready, but not healthy within the healthy deadline.
+    Unhealthy,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    HaltedReverted,
+    HaltedPartial,
+    Aborted,
+    NotStarted,
+}
+
+impl Outcome {
+    /// The exit code that tells this outcome apart (see `reloadctl push --help`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Done => 0,
+            Outcome::NotStarted => 1,
+            Outcome::HaltedReverted => 3,
+            Outcome::HaltedPartial => 4,
+            Outcome::Aborted => 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    Plan {
+        service: String,
+        version: String,
+        sha256: String,
+        size: u64,
+        artifact: PathBuf,
+        hosts: Vec<String>,
+        /// Host indexes per wave, the canary first.
+        waves: Vec<Vec<usize>>,
+        settings: Box<Settings>,
+    },
+    /// A new generation took the leases (a start or a resume).
+    Leased {
+        generation: u64,
+    },
+    Wave {
+        index: usize,
+        of: usize,
+        hosts: Vec<String>,
+    },
+    Host {
+        host: String,
+        state: HostState,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        cause: Option<Cause>,
+        #[serde(skip_serializing_if = "String::is_empty", default)]
+        message: String,
+    },
+    Halted {
+        reason: String,
+    },
+    Paused {
+        reason: String,
+    },
+    Finished {
+        outcome: Outcome,
+        hosts: usize,
+        healthy: usize,
+        skipped: usize,
+        failed: usize,
+        reverted: usize,
+        bytes_sent: u64,
+        elapsed_seconds: f64,
+    },
+}
+
+/// A journal line: the record with its rollout and time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Line {
+    pub rollout: String,
+    pub seq: u64,
+    pub time: String,
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+pub struct Journal {
+    pub path: PathBuf,
+    rollout: String,
+    file: File,
+    seq: u64,
+    /// Also print each line on stdout (`--output json`).
+    echo: bool,
+}
+
+impl Journal {
+    pub fn folder(base: &Path) -> PathBuf {
+        base.join(".reloadctl").join("rollouts")
+    }
+
+    pub fn create(base: &Path, rollout: &str, echo: bool) -> anyhow::Result<Journal> {
+        let dir = Journal::folder(base);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{rollout}.jsonl"));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create the journal {}", path.display()))?;
+        File::open(&dir)?.sync_all()?;
+        Ok(Journal {
+            path,
+            rollout: rollout.to_string(),
+            file,
+            seq: 0,
+            echo,
+        })
+    }
+
+    /// Reopens a journal to append to it; returns its lines so far.
+    pub fn reopen(path: &Path, echo: bool) -> anyhow::Result<(Journal, Vec<Line>)> {
+        let lines = read_lines(path)?;
+        let Some(first) = lines.first() else {
+            bail!("journal {} is empty", path.display());
+        };
+        let file = OpenOptions::new().append(true).open(path)?;
+        let journal = Journal {
+            path: path.to_path_buf(),
+            rollout: first.rollout.clone(),
+            file,
+            seq: lines.last().map(|l| l.seq).unwrap_or(0),
+            echo,
+        };
+        Ok((journal, lines))
+    }
+
+    /// Appends and fsyncs one record; only then may the rollout act on it.
+    pub fn append(&mut self, record: Record) -> anyhow::Result<()> {
+        self.seq += 1;
+        let line = Line {
+            rollout: self.rollout.clone(),
+            seq: self.seq,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            record,
+        };
+        let mut text = serde_json::to_string(&line).expect("journal lines serialize");
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("cannot write the journal {}", self.path.display()))?;
+        if self.echo {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a journal. A torn last line (a crash mid-write) is ignored: it was
+/// never fsync'd, so nothing acted on it.
+pub fn read_lines(path: &Path) -> anyhow::Result<Vec<Line>> {
+    let file =
+        File::open(path).with_context(|| format!("cannot open the journal {}", path.display()))?;
+    let mut lines = Vec::new();
+    let raw: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>()?;
+    let count = raw.len();
+    for (i, text) in raw.into_iter().enumerate() {
+        match serde_json::from_str::<Line>(&text) {
+            Ok(line) => lines.push(line),
+            Err(_) if i + 1 == count => break,
+            Err(err) => bail!(
+                "journal {} line {} is damaged: {err}",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::create(dir.path(), "r1", false).unwrap();
+        journal.append(Record::Leased { generation: 1 }).unwrap();
+        journal
+            .append(Record::Host {
+                host: "a:1".into(),
+                state: HostState::Failed,
+                cause: Some(Cause::Unreachable),
+                message: "gone".into(),
+            })
+            .unwrap();
+        let path = journal.path.clone();
+        drop(journal);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"rollout\":\"r1\",\"se")
+            .unwrap();
+        let (mut again, lines) = Journal::reopen(&path, false).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(matches!(
+            lines[1].record,
+            Record::Host {
+                state: HostState::Failed,
+                cause: Some(Cause::Unreachable),
+                ..
+            }
+        ));
+        again.append(Record::Halted { reason: "x".into() }).unwrap();
+    }
+}

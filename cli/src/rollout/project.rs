@@ -1,0 +1,111 @@
+//! `reloadctl.toml`, the project file: which service this project deploys,
+//! where its signed releases are, which keys to trust locally, and the
+//! rollout defaults. Every setting can be overridden by a `push` flag.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+pub const DEFAULT_FILE: &str = "reloadctl.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    pub service: String,
+    /// Path of a release, `{version}` replaced by the version as typed, or
+    /// else as normalized (`1.4` then `1.4.0`). Relative to this file.
+    pub artifact: String,
+    /// Public keys a release must be signed by, checked before any agent
+    /// is contacted. Relative to this file.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub rollout: RolloutDefaults,
+    #[serde(skip)]
+    pub base: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutDefaults {
+    pub canary: usize,
+    pub waves: String,
+    pub max_parallel: usize,
+    pub healthy_checks: u32,
+    #[serde(with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    #[serde(with = "humantime_serde")]
+    pub healthy_deadline: Duration,
+    #[serde(with = "humantime_serde")]
+    pub progress_deadline: Duration,
+    pub max_failures: String,
+    pub auto_revert: bool,
+    #[serde(with = "humantime_serde")]
+    pub pause_between_waves: Duration,
+}
+
+impl Default for RolloutDefaults {
+    fn default() -> Self {
+        RolloutDefaults {
+            canary: 1,
+            waves: "1,10%,50%,100%".into(),
+            max_parallel: 4,
+            healthy_checks: 3,
+            min_healthy_time: Duration::from_secs(10),
+            healthy_deadline: Duration::from_secs(120),
+            progress_deadline: Duration::from_secs(30 * 60),
+            max_failures: "0".into(),
+            auto_revert: true,
+            pause_between_waves: Duration::ZERO,
+        }
+    }
+}
+
+impl Project {
+    pub fn load(path: &Path) -> anyhow::Result<Project> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the project file {}; write one (see README, \"Rollouts\") or pass --config", path.display())
+        })?;
+        let mut project: Project = toml::from_str(&text)
+            .with_context(|| format!("project file {} is not valid", path.display()))?;
+        project.base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        reload_artifact::manifest::validate_service_name(&project.service)
+            .with_context(|| format!("{}: service", path.display()))?;
+        if !project.artifact.contains("{version}") {
+            bail!(
+                "{}: artifact = {:?} must contain {{version}}, e.g. \"releases/web-{{version}}\"",
+                path.display(),
+                project.artifact
+            );
+        }
+        Ok(project)
+    }
+
+    /// The release file of `version` (typed form first, then normalized).
+    pub fn artifact_path(&self, typed: &str, normalized: &str) -> anyhow::Result<PathBuf> {
+        let candidates: Vec<PathBuf> = [typed, normalized]
+            .iter()
+            .map(|v| self.base.join(self.artifact.replace("{version}", v)))
+            .collect();
+        candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no release {normalized} of {}: none of {} exists; sign it there with `reloadctl sign`",
+                self.service,
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    pub fn trusted_key_paths(&self) -> Vec<PathBuf> {
+        self.trusted_keys
+            .iter()
+            .map(|p| self.base.join(p))
+            .collect()
+    }
+}

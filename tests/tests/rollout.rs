@@ -1,0 +1,597 @@
+//! End-to-end: fleet rollouts with `reloadctl push` against real agents,
+//! each simulated host on its own 127.0.x.y address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reload_artifact::SigningKey;
+use reload_proto::v1 as pb;
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadRun};
+use reload_tests::*;
+
+struct Host {
+    agent: Agent,
+    service_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+struct Fleet {
+    hosts: Vec<Host>,
+    project: tempfile::TempDir,
+    key: Arc<SigningKey>,
+}
+
+/// `count` hosts on 127.0.`net`.1, .2, ...; `extra_env(i)` is added to
+/// host i's service environment (a host-specific config).
+fn fleet(net: u8, count: usize, extra_env: impl Fn(usize) -> String) -> Fleet {
+    let key = Arc::new(SigningKey::generate());
+    let project = tempfile::tempdir().unwrap();
+    let p = project.path();
+    std::fs::write(p.join("release.key"), key.to_pem()).unwrap();
+    std::fs::write(p.join("release.pub"), key.public().to_pem()).unwrap();
+    std::fs::write(
+        p.join("reloadctl.toml"),
+        "service = \"demo\"\nartifact = \"releases/demo-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
+         [rollout]\nhealthy_checks = 2\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"5s\"\nprogress_deadline = \"5m\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(p.join("releases")).unwrap();
+    let mut hosts = Vec::new();
+    let mut hosts_file = String::from("# test fleet\n");
+    for i in 0..count {
+        let ip: IpAddr = format!("127.0.{net}.{}", i + 1).parse().unwrap();
+        let port = std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let service_addr = SocketAddr::new(ip, port);
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "[[service]]\nname = \"demo\"\nargs = [\"--listen-name\", \"http\"]\nenv = {{ {} }}\n\
+             [[service.listener]]\nname = \"http\"\ntcp = \"{service_addr}\"\n\
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n\
+             [service.drain]\ntimeout = \"5s\"\n",
+            extra_env(i)
+        );
+        let agent = Agent::start_at(ip, dir.path(), key.clone(), &config);
+        hosts_file.push_str(&format!("{}\n", agent.host()));
+        hosts.push(Host {
+            agent,
+            service_addr,
+            _dir: dir,
+        });
+    }
+    std::fs::write(p.join("hosts.txt"), hosts_file).unwrap();
+    Fleet {
+        hosts,
+        project,
+        key,
+    }
+}
+
+impl Fleet {
+    fn dir(&self) -> &Path {
+        self.project.path()
+    }
+
+    /// A release: the demo server (with `flags`, through a script, if any),
+    /// signed as demo `version`.
+    fn release(&self, version: &str, flags: &str) {
+        let path = self.dir().join(format!("releases/demo-{version}"));
+        if flags.is_empty() {
+            std::fs::write(&path, Agent::demo_server_bytes(version)).unwrap();
+        } else {
+            let script = format!(
+                "#!/bin/sh\nexec '{}' {flags} \"$@\"\n",
+                bin_path("reload-demo-server").display()
+            );
+            std::fs::write(&path, script).unwrap();
+        }
+        let name = format!("releases/demo-{version}");
+        reloadctl_ok(
+            self.dir(),
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "demo",
+                "--version",
+                version,
+                "--os",
+                "any",
+                "--arch",
+                "any",
+                &name,
+            ],
+        );
+    }
+
+    fn push(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["push"];
+        all.extend_from_slice(args);
+        all.push("hosts.txt");
+        reloadctl(self.dir(), &all)
+    }
+
+    async fn status(&self, i: usize) -> pb::ServiceStatus {
+        let mut control = pb::service_control_client::ServiceControlClient::new(
+            self.hosts[i].agent.channel().await,
+        );
+        control
+            .get_status(pb::GetStatusRequest {
+                service: "demo".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .services
+            .remove(0)
+    }
+
+    async fn versions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in 0..self.hosts.len() {
+            out.push(self.status(i).await.current_version);
+        }
+        out
+    }
+
+    /// Every host on `version` already (the starting point of a test).
+    fn push_ok(&self, version: &str) {
+        let output = self.push(&[
+            "--version",
+            version,
+            "--canary",
+            "0",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "8",
+        ]);
+        assert_ok(&output);
+    }
+
+    /// How many times an agent made `version` ready (from its own log).
+    fn activations(&self, i: usize, version: &str) -> usize {
+        self.hosts[i]
+            .agent
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| {
+                e["fields"]["event"] == "EVENT_KIND_READY" && e["fields"]["version"] == version
+            })
+            .count()
+    }
+}
+
+fn assert_ok(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn json_events(output: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_hosts_roll_out_in_waves_with_zero_failed_requests() {
+    let f = fleet(41, 8, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let loads: Vec<LoadRun> = f
+        .hosts
+        .iter()
+        .map(|h| {
+            LoadRun::start(LoadConfig {
+                addr: h.service_addr,
+                path: "/".into(),
+                connections: 6,
+                mode: ConnectionMode::KeepAlive,
+                request_timeout: Duration::from_secs(10),
+            })
+        })
+        .collect();
+    let output = f.push(&[
+        "--version",
+        "2.0",
+        "--canary",
+        "1",
+        "--waves",
+        "1,10%,50%,100%",
+        "--output",
+        "json",
+    ]);
+    assert_ok(&output);
+    let mut total = 0;
+    for load in loads {
+        let report = load.stop().await;
+        println!("{}", report.summary());
+        assert_eq!(
+            report.failures,
+            0,
+            "{}\n{:#?}",
+            report.summary(),
+            report.failure_samples
+        );
+        assert_eq!(report.non_200, 0);
+        assert!(
+            report.by_version.contains_key("2.0.0"),
+            "{}",
+            report.summary()
+        );
+        total += report.requests;
+    }
+    assert!(total > 1000, "too little load to mean anything: {total}");
+    assert_eq!(f.versions().await, vec!["2.0.0"; 8]);
+    // The JSON stream: every line parses, waves came in order, the last
+    // line is the summary.
+    let events = json_events(&output);
+    let waves: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "wave")
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(waves, vec![1, 2, 3]);
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "finished");
+    assert_eq!(last["outcome"], "done");
+    assert_eq!(last["healthy"], 8);
+    // Each host was activated exactly once.
+    for i in 0..8 {
+        assert_eq!(f.activations(i, "2.0.0"), 1, "host {i}");
+    }
+    // A second push of the same version skips every host and sends nothing.
+    let again = f.push(&["--version", "2.0.0", "--output", "json"]);
+    assert_ok(&again);
+    let last = json_events(&again).pop().unwrap();
+    assert_eq!(
+        (last["skipped"].as_u64(), last["bytes_sent"].as_u64()),
+        (Some(8), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_never_healthy_canary_halts_the_rollout_and_is_reverted() {
+    let f = fleet(42, 4, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "--unhealthy");
+    f.push_ok("1.0.0");
+    let mut before = Vec::new();
+    for i in [1, 2, 3] {
+        before.push(f.status(i).await.pid);
+    }
+    let output = f.push(&[
+        "--version",
+        "2.0.0",
+        "--canary",
+        "1",
+        "--healthy-deadline",
+        "2s",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "halted-and-reverted is exit 3\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("unhealthy after reload"), "{stdout}");
+    assert!(stdout.contains("halted and reverted"), "{stdout}");
+    // The canary is back on the old version; no other host was touched.
+    assert_eq!(f.versions().await, vec!["1.0.0"; 4]);
+    assert_eq!(f.status(0).await.last_reload.unwrap().to_version, "1.0.0");
+    for (k, i) in [1, 2, 3].into_iter().enumerate() {
+        let status = f.status(i).await;
+        assert_eq!(status.pid, before[k], "host {i} was touched");
+        assert_eq!(f.activations(i, "2.0.0"), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_absorbs_one_host_failure_and_halts_at_the_second() {
+    // Hosts 2 and 4 refuse 2.0.0 through their own config.
+    let f = fleet(43, 5, |i| {
+        if i == 2 || i == 4 {
+            "DEMO_FAIL_VERSIONS = \"2.0.0\"".into()
+        } else {
+            String::new()
+        }
+    });
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let output = f.push(&[
+        "--version",
+        "2.0.0",
+        "--canary",
+        "1",
+        "--waves",
+        "100%",
+        "--max-parallel",
+        "1",
+        "--max-failures",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events = json_events(&output);
+    let failed: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "host" && e["state"] == "failed")
+        .map(|e| e["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, vec!["reload_failed", "reload_failed"]);
+    // The rollout went on past host 2 (host 3 was changed) and stopped at
+    // host 4; every host it changed is back on 1.0.0.
+    assert_eq!(
+        f.activations(3, "2.0.0"),
+        1,
+        "the rollout must go on past the first failure"
+    );
+    assert_eq!(f.versions().await, vec!["1.0.0"; 5]);
+    let reverted: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "host" && e["state"] == "reverted")
+        .map(|e| e["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(reverted.len(), 3, "{reverted:?}");
+    assert_eq!(events.last().unwrap()["outcome"], "halted_reverted");
+}
+
+/// Runs `reloadctl push ... --output json hosts.txt` in `dir` as a child
+/// and hands each event to `on_event` as it arrives, until the summary or
+/// the end of its output. Returns the child (to wait on) and the events.
+fn push_watching(
+    dir: &Path,
+    args: &[&str],
+    mut on_event: impl FnMut(&serde_json::Value),
+) -> (std::process::Child, Vec<serde_json::Value>) {
+    use std::io::BufRead;
+    let mut all = vec!["push"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", "json", "hosts.txt"]);
+    let mut child = Command::new(bin_path("reloadctl"))
+        .args(&all)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut events = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        on_event(&event);
+        events.push(event);
+    }
+    (child, events)
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_rollout_is_unreachable_and_counts_against_the_budget() {
+    let f = fleet(44, 3, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let victim = f.hosts[2].agent.host();
+    let victim_pid = f.hosts[2].agent.pid();
+    let dir: PathBuf = f.dir().to_path_buf();
+    // Kill the last host's agent once the canary is healthy, while the
+    // rollout waits between waves.
+    let (mut child, events) = push_watching(
+        &dir,
+        &[
+            "--version",
+            "2.0.0",
+            "--canary",
+            "1",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "1",
+            "--pause-between-waves",
+            "1s",
+        ],
+        |event| {
+            if event["event"] == "host" && event["state"] == "healthy" {
+                sigkill(victim_pid);
+            }
+        },
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "{events:#?}");
+    let failed: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["event"] == "host" && e["state"] == "failed")
+        .map(|e| (e["host"].as_str().unwrap(), e["cause"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![(victim.as_str(), "unreachable")],
+        "{events:#?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["outcome"].as_str(), last["failed"].as_u64()),
+        (Some("halted_reverted"), Some(1))
+    );
+    // The hosts that answered are back on 1.0.0.
+    assert_eq!(f.status(0).await.current_version, "1.0.0");
+    assert_eq!(f.status(1).await.current_version, "1.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_killed_mid_wave_is_resumed_without_activating_any_host_twice() {
+    let f = fleet(45, 4, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let dir: PathBuf = f.dir().to_path_buf();
+    // A long health gate, so the CLI dies while the second wave is gating.
+    let mut cli_pid = None;
+    let mut killed = false;
+    let (child, events) = {
+        use std::io::BufRead;
+        let mut child = Command::new(bin_path("reloadctl"))
+            .args([
+                "push",
+                "--version",
+                "2.0.0",
+                "--canary",
+                "1",
+                "--waves",
+                "100%",
+                "--max-parallel",
+                "2",
+                "--min-healthy-time",
+                "1500ms",
+                "--output",
+                "json",
+                "hosts.txt",
+            ])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        cli_pid.get_or_insert(child.id());
+        let stdout = child.stdout.take().unwrap();
+        let mut events = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let in_second_wave = event["event"] == "host"
+                && event["state"] == "activated"
+                && events
+                    .iter()
+                    .any(|e: &serde_json::Value| e["event"] == "wave" && e["index"] == 2);
+            events.push(event);
+            if in_second_wave && !killed {
+                sigkill(child.id());
+                killed = true;
+            }
+        }
+        (child, events)
+    };
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert!(
+        killed,
+        "the CLI finished before it could be killed: {events:#?}"
+    );
+    assert_eq!(status.code(), None, "killed by a signal");
+    assert!(!events.iter().any(|e| e["event"] == "finished"));
+
+    let output = reloadctl(&dir, &["resume", "--output", "json"]);
+    assert_ok(&output);
+    let last = json_events(&output).pop().unwrap();
+    assert_eq!(last["outcome"], "done");
+    assert_eq!(f.versions().await, vec!["2.0.0"; 4]);
+    for i in 0..4 {
+        assert_eq!(
+            f.activations(i, "2.0.0"),
+            1,
+            "host {i} activated {} times",
+            f.activations(i, "2.0.0")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_pushes_started_at_once_one_proceeds_and_the_other_names_the_holder() {
+    let f = fleet(46, 3, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let spawn = |version: &str| {
+        Command::new(bin_path("reloadctl"))
+            .args([
+                "push",
+                "--version",
+                version,
+                "--min-healthy-time",
+                "1s",
+                "hosts.txt",
+            ])
+            .current_dir(f.dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("2.0.0"), spawn("2.0.0"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (winner, loser) = if a.status.success() { (a, b) } else { (b, a) };
+    assert_ok(&winner);
+    assert_eq!(
+        loser.status.code(),
+        Some(1),
+        "the loser fails fast with exit 1"
+    );
+    let err = String::from_utf8_lossy(&loser.stderr);
+    assert!(
+        err.contains("leased to another rollout") && err.contains("reloadctl push demo 2.0.0 by"),
+        "{err}"
+    );
+    assert_eq!(f.versions().await, vec!["2.0.0"; 3]);
+    for i in 0..3 {
+        assert_eq!(f.activations(i, "2.0.0"), 1);
+    }
+}
+
+#[test]
+fn bad_hosts_files_and_configs_are_usage_errors() {
+    let f = fleet(47, 1, |_| String::new());
+    f.release("1.0.0", "");
+    std::fs::write(
+        f.dir().join("bad-hosts.txt"),
+        "127.0.47.1:7700
+not a host
+",
+    )
+    .unwrap();
+    let output = reloadctl(f.dir(), &["push", "--version", "1.0.0", "bad-hosts.txt"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("line 2"));
+    let output = reloadctl(f.dir(), &["push", "--version", "9.9", "hosts.txt"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no release 9.9.0"));
+    let output = reloadctl(
+        f.dir(),
+        &["push", "--version", "1.0.0", "--dry-run", "hosts.txt"],
+    );
+    assert_ok(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("nothing was changed"));
+    let _ = &f.key;
+}
