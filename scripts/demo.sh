@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The quick-start demo: two agents on loopback (127.0.0.2 and 127.0.0.3, as
-# if they were two hosts), a fresh signing key, two signed releases of the
-# demo server, activated host by host while clients that never retry keep
-# both busy (0 failed requests), a rollback, and a tampered artifact that
-# the agent refuses. Everything lives in a temp folder and every process is stopped on
+# The quick-start demo: three agents on loopback (127.0.0.2-4, as if they
+# were three hosts), a fresh signing key, signed releases of the demo
+# server, a first deploy with `reloadctl push`, a rollout to 1.5 while
+# clients that never retry keep every host busy (0 failed requests), a
+# never-healthy 1.6 whose canary halts and reverts the rollout, a fleet
+# rollback, and a tampered artifact that the agent refuses. Everything lives in a temp folder and every process is stopped on
 # exit. Exits non-zero if any step does not behave as shown.
 set -euo pipefail
 
@@ -30,18 +31,35 @@ cd "$work"
 step "reloadctl keygen --out release"
 "$reloadctl" keygen --out release
 
-step "two releases of the demo server, signed: reloadctl sign --key release.key --service demo --version 1.4 demo-1.4"
+step "two releases of the demo server, signed: reloadctl sign --key release.key --service demo --version 1.4 releases/demo-1.4"
+mkdir releases
 # Same program, a different trailer: two artifacts with their own sha256.
 for version in 1.4 1.5; do
-    cp "$bin/reload-demo-server" "demo-$version"
-    printf '\nrelease %s\n' "$version" >> "demo-$version"
-    "$reloadctl" sign --key release.key --service demo --version "$version" "demo-$version"
+    cp "$bin/reload-demo-server" "releases/demo-$version"
+    printf '\nrelease %s\n' "$version" >> "releases/demo-$version"
+    "$reloadctl" sign --key release.key --service demo --version "$version" "releases/demo-$version"
 done
-"$reloadctl" verify --pubkey release.pub demo-1.5
+# 1.6 starts and says it is ready, but its health check always fails.
+printf '#!/bin/sh\nexec "%s" --unhealthy "$@"\n' "$bin/reload-demo-server" > releases/demo-1.6
+"$reloadctl" sign --key release.key --service demo --version 1.6 --os any --arch any releases/demo-1.6 > /dev/null
 
-hosts=("127.0.0.2:$port" "127.0.0.3:$port")
+cat > reloadctl.toml <<TOML
+service = "demo"
+artifact = "releases/demo-{version}"
+trusted_keys = ["release.pub"]
+[rollout]
+canary = 1
+waves = "1,50%,100%"
+healthy_checks = 3
+min_healthy_time = "1s"
+healthy_deadline = "5s"
+TOML
+
+hosts=("127.0.0.2:$port" "127.0.0.3:$port" "127.0.0.4:$port")
+: > hosts.txt
 for host in "${hosts[@]}"; do
     ip="${host%%:*}"
+    echo "$host" >> hosts.txt
     dir="agent-$ip"
     mkdir -p "$dir"
     cp release.pub "$dir/"
@@ -60,6 +78,7 @@ tcp = "$ip:$((port + 80))"
 [service.health]
 kind = "http"
 path = "/healthz"
+interval = "200ms"
 TOML
     step "starting reload-agent on $host (service demo on $ip:$((port + 80)))"
     "$bin/reload-agent" --config "$dir/agent.toml" --check
@@ -73,20 +92,18 @@ for host in "${hosts[@]}"; do
     done
 done
 
-for host in "${hosts[@]}"; do
-    step "reloadctl activate --host $host --service demo --version 1.4 --artifact demo-1.4"
-    "$reloadctl" activate --host "$host" --service demo --version 1.4 --artifact demo-1.4
-done
+step "reloadctl push --version 1.4 hosts.txt   (first deploy)"
+"$reloadctl" push --version 1.4 hosts.txt
 
-step "clients that never retry hit both hosts while each is reloaded to 1.5"
+step "reloadctl push --version 1.5 hosts.txt   (while clients that never retry keep every host busy)"
 python3 - "$port" > load.txt <<'PY' &
 import http.client, sys, time
 port = int(sys.argv[1]) + 80
 ok = failed = 0
 versions = set()
-deadline = time.time() + 60
+deadline = time.time() + 120
 while time.time() < deadline:
-    for ip in ("127.0.0.2", "127.0.0.3"):
+    for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
         try:
             conn = http.client.HTTPConnection(ip, port, timeout=5)
             conn.request("GET", "/version")
@@ -108,20 +125,26 @@ sys.exit(1 if failed else 0)
 PY
 load=$!
 sleep 0.5
-for host in "${hosts[@]}"; do
-    "$reloadctl" activate --host "$host" --service demo --version 1.5 --artifact demo-1.5
-done
-sleep 0.5
+"$reloadctl" push --version 1.5 hosts.txt
 touch stop-load
-wait "$load" || { cat load.txt; echo "demo failed: requests failed during the reloads" >&2; exit 1; }
+wait "$load" || { cat load.txt; echo "demo failed: requests failed during the rollout" >&2; exit 1; }
 cat load.txt
 
-step "reloadctl rollback --host ${hosts[1]} --service demo"
-"$reloadctl" rollback --host "${hosts[1]}" --service demo
+step "reloadctl push --version 1.6 hosts.txt   (never healthy: the canary fails, the rollout halts and reverts)"
+code=0
+"$reloadctl" push --version 1.6 hosts.txt || code=$?
+if [ "$code" != 3 ]; then
+    echo "demo failed: expected exit code 3 (halted and reverted), got $code" >&2
+    exit 1
+fi
+echo "exit code $code: halted and reverted"
+
+step "reloadctl rollback hosts.txt --service demo   (the whole fleet back to 1.4)"
+"$reloadctl" rollback hosts.txt --service demo
 
 step "a file changed after signing is refused by the agent, and nothing is stored"
-cp demo-1.5 tampered && printf "release 1.6" >> tampered
-"$reloadctl" sign --key release.key --service demo --version 1.6 tampered > /dev/null
+cp releases/demo-1.5 tampered && printf "release 1.7" >> tampered
+"$reloadctl" sign --key release.key --service demo --version 1.7 tampered > /dev/null
 # Flip one byte in the middle, keeping the size.
 python3 - <<'PY'
 with open("tampered", "r+b") as f:
@@ -137,11 +160,8 @@ fi
 cat err.txt
 grep -q DataLoss err.txt
 
-for host in "${hosts[@]}"; do
-    step "reloadctl status --host $host"
-    "$reloadctl" status --host "$host"
-done
-"$reloadctl" status --host "${hosts[0]}" --output json | grep -q '"version":"1.5.0"'
-"$reloadctl" status --host "${hosts[1]}" --output json | grep -q '"version":"1.4.0"'
+step "reloadctl status hosts.txt"
+"$reloadctl" status hosts.txt
+[ "$("$reloadctl" status hosts.txt --output json | grep -c '"version":"1.4.0"')" = 3 ]
 
 step "demo passed"

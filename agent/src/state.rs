@@ -21,10 +21,45 @@ pub struct ArtifactRef {
     pub version: String,
 }
 
+/// Versions a service ran, most recent last in `history`: a forward
+/// activation pushes the version it replaces, a rollback pops. So after a
+/// bad release is reverted, the bad release is not what the next rollback
+/// activates.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceVersions {
     pub current: Option<ArtifactRef>,
-    pub previous: Option<ArtifactRef>,
+    #[serde(default)]
+    pub history: Vec<ArtifactRef>,
+}
+
+/// Versions remembered for rollback.
+pub const HISTORY_LEN: usize = 8;
+
+impl ServiceVersions {
+    /// What a rollback activates.
+    pub fn previous(&self) -> Option<&ArtifactRef> {
+        self.history.last()
+    }
+
+    /// The versions after `next` became current; `rollback` when it was
+    /// activated as a rollback to the top of the history.
+    pub fn after(&self, next: &ArtifactRef, rollback: bool) -> ServiceVersions {
+        let mut history = self.history.clone();
+        let is_top = history.last().is_some_and(|top| top.sha256 == next.sha256);
+        if rollback && is_top {
+            history.pop();
+        } else if let Some(current) = &self.current {
+            if current.sha256 != next.sha256 {
+                history.push(current.clone());
+            }
+        }
+        let excess = history.len().saturating_sub(HISTORY_LEN);
+        history.drain(..excess);
+        ServiceVersions {
+            current: Some(next.clone()),
+            history,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -85,6 +120,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rollback_pops_and_forward_pushes() {
+        let v = |s: &str| ArtifactRef {
+            sha256: s.repeat(64),
+            version: s.into(),
+        };
+        let start = ServiceVersions::default()
+            .after(&v("a"), false)
+            .after(&v("b"), false)
+            .after(&v("c"), false);
+        assert_eq!(start.previous(), Some(&v("b")));
+        // A bad release reverted: c is not remembered as "previous".
+        let reverted = start.after(&v("b"), true);
+        assert_eq!(
+            (reverted.current.clone(), reverted.previous()),
+            (Some(v("b")), Some(&v("a")))
+        );
+        let again = reverted.after(&v("a"), true);
+        assert_eq!(again.previous(), None);
+        // Activating the current version again changes nothing.
+        assert_eq!(again.after(&v("a"), false).history, vec![]);
+    }
+
+    #[test]
     fn versions_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateFile::open(dir.path()).unwrap();
@@ -95,7 +153,7 @@ mod tests {
         };
         let versions = ServiceVersions {
             current: Some(v("a")),
-            previous: Some(v("b")),
+            history: vec![v("b")],
         };
         state.set("web", versions.clone()).unwrap();
         let again = StateFile::open(dir.path()).unwrap();

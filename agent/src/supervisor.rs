@@ -177,14 +177,12 @@ impl Service {
                 .unwrap_or_default(),
             previous_version: o
                 .versions
-                .previous
-                .as_ref()
+                .previous()
                 .map(|a| a.version.clone())
                 .unwrap_or_default(),
             previous_sha256: o
                 .versions
-                .previous
-                .as_ref()
+                .previous()
                 .map(|a| a.sha256.clone())
                 .unwrap_or_default(),
             pid: o.process.as_ref().map(|p| p.pid).unwrap_or(0),
@@ -696,6 +694,16 @@ impl Supervisor {
         name: &str,
         sha256: &str,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
+        self.activate_as(name, sha256, false).await
+    }
+
+    /// `rollback`: this activation goes back to the top of the history.
+    async fn activate_as(
+        &self,
+        name: &str,
+        sha256: &str,
+        rollback: bool,
+    ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
         let service = self.service(name)?.clone();
         let sha = sha256.to_string();
         let found = {
@@ -731,7 +739,7 @@ impl Supervisor {
                     humantime::format_duration(bound)
                 ))
             })?;
-        let result = self.replace(&service, artifact, guard).await;
+        let result = self.replace(&service, artifact, guard, rollback).await;
         Ok((result, service.status()))
     }
 
@@ -742,13 +750,13 @@ impl Supervisor {
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
         let service = self.service(name)?;
         let previous = service
-            .observe(|o| o.versions.previous.clone())
+            .observe(|o| o.versions.previous().cloned())
             .ok_or_else(|| {
                 Status::failed_precondition(format!(
                     "service {name:?} has no previous version to roll back to"
                 ))
             })?;
-        self.activate(name, &previous.sha256).await
+        self.activate_as(name, &previous.sha256, true).await
     }
 
     async fn replace(
@@ -756,6 +764,7 @@ impl Supervisor {
         service: &Arc<Service>,
         artifact: StoredArtifact,
         guard: tokio::sync::OwnedMutexGuard<()>,
+        rollback: bool,
     ) -> pb::ReloadResult {
         let config = &service.config;
         let started = SystemTime::now();
@@ -847,13 +856,7 @@ impl Supervisor {
         );
 
         // Make it current, durably, before the old process is told to go.
-        let versions = ServiceVersions {
-            previous: match &old_versions.current {
-                Some(old) if old.sha256 != new_ref.sha256 => Some(old.clone()),
-                _ => old_versions.previous.clone(),
-            },
-            current: Some(new_ref.clone()),
-        };
+        let versions = old_versions.after(&new_ref, rollback);
         if let Err(err) = self.state.set(&config.name, versions.clone()) {
             // Serving is right; only the memory of it across a restart is
             // at risk. Say so loudly.
@@ -950,9 +953,10 @@ impl Supervisor {
 }
 
 fn pinned_shas(versions: &ServiceVersions) -> Vec<String> {
-    [&versions.current, &versions.previous]
-        .into_iter()
-        .flatten()
+    versions
+        .current
+        .iter()
+        .chain(&versions.history)
         .map(|a| a.sha256.clone())
         .collect()
 }
