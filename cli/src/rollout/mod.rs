@@ -700,11 +700,17 @@ async fn gate(plan: &Plan, channel: Channel, pid: u32) -> Result<(), (Cause, Str
                 false
             }
         };
+        let mut wait = poll;
         if healthy {
             streak += 1;
             let first = *since.get_or_insert_with(Instant::now);
             if streak >= s.healthy_checks && first.elapsed() >= s.min_healthy_time {
                 return Ok(());
+            }
+            // Enough checks already: the next one is due when the window
+            // closes, not a whole poll interval later.
+            if streak >= s.healthy_checks {
+                wait = poll.min(s.min_healthy_time.saturating_sub(first.elapsed()));
             }
         } else {
             streak = 0;
@@ -719,7 +725,7 @@ async fn gate(plan: &Plan, channel: Channel, pid: u32) -> Result<(), (Cause, Str
                 ),
             ));
         }
-        tokio::time::sleep(poll).await;
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -11,7 +11,12 @@
 //! 3. Failed requests and p99 latency during 20 reloads under 50 clients
 //!    that never retry, keep-alive and a connection per request, beside a
 //!    stop-then-start restart of the same server under the same load.
+//! 4. A 20-host rollout (agents on 127.0.60.x): wall time against its lower
+//!    bound (per wave, the slowest handoff plus the min-healthy-time), and
+//!    the bytes the CLI sent against artifact size x hosts, then again with
+//!    the artifact already staged.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -371,6 +376,178 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!();
 }
 
+const ROLLOUT_HOSTS: usize = 20;
+const ROLLOUT_MIN_HEALTHY: Duration = Duration::from_secs(2);
+
+/// Runs `reloadctl push ... --output json` and returns its events.
+fn push_json(dir: &Path, version: &str) -> Vec<serde_json::Value> {
+    let output = Command::new(bin_path("reloadctl"))
+        .args([
+            "push",
+            "--version",
+            version,
+            "--canary",
+            "0",
+            "--waves",
+            "1,25%,100%",
+            "--max-parallel",
+            "20",
+            "--healthy-checks",
+            "3",
+        ])
+        .args([
+            "--min-healthy-time",
+            &humantime::format_duration(ROLLOUT_MIN_HEALTHY).to_string(),
+            "--output",
+            "json",
+            "hosts.txt",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "push failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn parse_time(event: &serde_json::Value) -> SystemTime {
+    humantime::parse_rfc3339(event["time"].as_str().unwrap()).unwrap()
+}
+
+async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
+    let project = dir.join("rollout-project");
+    std::fs::create_dir_all(project.join("releases")).unwrap();
+    std::fs::write(project.join("release.key"), key.to_pem()).unwrap();
+    std::fs::write(project.join("release.pub"), key.public().to_pem()).unwrap();
+    std::fs::write(
+        project.join("reloadctl.toml"),
+        "service = \"bench\"\nartifact = \"releases/bench-{version}\"\ntrusted_keys = [\"release.pub\"]\n",
+    )
+    .unwrap();
+    for version in ["1.0.0", "2.0.0"] {
+        let path = project.join(format!("releases/bench-{version}"));
+        std::fs::write(&path, Agent::demo_server_bytes(version)).unwrap();
+        reloadctl_ok(
+            &project,
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "bench",
+                "--version",
+                version,
+                &format!("releases/bench-{version}"),
+            ],
+        );
+    }
+    let size = std::fs::metadata(project.join("releases/bench-2.0.0"))
+        .unwrap()
+        .len();
+    let mut agents = Vec::new();
+    let mut hosts = String::new();
+    for i in 0..ROLLOUT_HOSTS {
+        let ip: std::net::IpAddr = format!("127.0.60.{}", i + 1).parse().unwrap();
+        let port = std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let agent_dir = dir.join(format!("rollout-agent-{i}"));
+        std::fs::create_dir_all(&agent_dir).unwrap();
+        let config = format!(
+            "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{ip}:{port}\"\n\
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n[service.preflight]\nargs = []\n"
+        );
+        let agent = Agent::start_at(ip, &agent_dir, key.clone(), &config);
+        hosts.push_str(&format!("{}\n", agent.host()));
+        agents.push(agent);
+    }
+    std::fs::write(project.join("hosts.txt"), hosts).unwrap();
+    push_json(&project, "1.0.0");
+
+    let start = Instant::now();
+    let events = push_json(&project, "2.0.0");
+    let wall = start.elapsed();
+    // Lower bound: per wave, the slowest handoff (activating -> activated)
+    // plus the min-healthy-time the gate must observe.
+    let mut activating: BTreeMap<String, SystemTime> = BTreeMap::new();
+    let mut slowest: BTreeMap<u64, Duration> = BTreeMap::new();
+    let mut wave = 0;
+    for event in &events {
+        match event["event"].as_str().unwrap() {
+            "wave" => wave = event["index"].as_u64().unwrap(),
+            "host" if event["state"] == "activating" => {
+                activating.insert(
+                    event["host"].as_str().unwrap().to_string(),
+                    parse_time(event),
+                );
+            }
+            "host" if event["state"] == "activated" => {
+                let began = activating[event["host"].as_str().unwrap()];
+                let took = parse_time(event).duration_since(began).unwrap_or_default();
+                let entry = slowest.entry(wave).or_default();
+                *entry = (*entry).max(took);
+            }
+            _ => {}
+        }
+    }
+    let bound: Duration = slowest
+        .values()
+        .map(|handoff| *handoff + ROLLOUT_MIN_HEALTHY)
+        .sum();
+    let sent = events.last().unwrap()["bytes_sent"].as_u64().unwrap();
+    // Back to 1.0.0 everywhere, then 2.0.0 again: now already staged.
+    let rollback = Command::new(bin_path("reloadctl"))
+        .args(["rollback", "hosts.txt", "--service", "bench"])
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert!(
+        rollback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    let start = Instant::now();
+    let staged = push_json(&project, "2.0.0");
+    let staged_wall = start.elapsed();
+    let staged_sent = staged.last().unwrap()["bytes_sent"].as_u64().unwrap();
+    println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,25%,100%, max-parallel 20, 3 checks over a min-healthy-time of {})\n", humantime::format_duration(ROLLOUT_MIN_HEALTHY));
+    println!("| measure | value |\n|---|---:|");
+    println!(
+        "| wall time of `reloadctl push` | {:.2} s |",
+        wall.as_secs_f64()
+    );
+    println!(
+        "| lower bound ({} waves: slowest handoff + min-healthy-time each) | {:.2} s |",
+        slowest.len(),
+        bound.as_secs_f64()
+    );
+    println!(
+        "| wall / lower bound | {:.2}x (goal <= 1.2x) |",
+        wall.as_secs_f64() / bound.as_secs_f64()
+    );
+    println!(
+        "| wall time again, artifact already staged (no upload) | {:.2} s = {:.2}x the bound |",
+        staged_wall.as_secs_f64(),
+        staged_wall.as_secs_f64() / bound.as_secs_f64()
+    );
+    println!(
+        "| bytes sent / (artifact size x hosts) | {sent} / {} = {:.3} |",
+        size * ROLLOUT_HOSTS as u64,
+        sent as f64 / (size * ROLLOUT_HOSTS as u64) as f64
+    );
+    println!("| bytes sent with the artifact already staged | {staged_sent} |");
+    println!();
+    drop(agents);
+}
+
 fn main() {
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path();
@@ -397,5 +574,8 @@ fn main() {
     }
     if wants("failed-requests") {
         runtime.block_on(failed_requests_bench(dir, &key));
+    }
+    if wants("rollout") {
+        runtime.block_on(rollout_bench(dir, &key));
     }
 }
