@@ -459,7 +459,6 @@ async fn a_cli_killed_mid_wave_is_resumed_without_activating_any_host_twice() {
     f.push_ok("1.0.0");
     let dir: PathBuf = f.dir().to_path_buf();
     // A long health gate, so the CLI dies while the second wave is gating.
-    let mut cli_pid = None;
     let mut killed = false;
     let (child, events) = {
         use std::io::BufRead;
@@ -485,7 +484,6 @@ async fn a_cli_killed_mid_wave_is_resumed_without_activating_any_host_twice() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        cli_pid.get_or_insert(child.id());
         let stdout = child.stdout.take().unwrap();
         let mut events = Vec::new();
         for line in std::io::BufReader::new(stdout).lines() {
@@ -594,4 +592,65 @@ not a host
     assert_ok(&output);
     assert!(String::from_utf8_lossy(&output.stdout).contains("nothing was changed"));
     let _ = &f.key;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_pauses_after_the_hosts_in_flight_and_resume_finishes() {
+    let f = fleet(48, 3, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "");
+    f.push_ok("1.0.0");
+    let dir: PathBuf = f.dir().to_path_buf();
+    let (mut child, events) = {
+        use std::io::BufRead;
+        let mut child = Command::new(bin_path("reloadctl"))
+            .args([
+                "push",
+                "--version",
+                "2.0.0",
+                "--canary",
+                "1",
+                "--waves",
+                "100%",
+                "--max-parallel",
+                "1",
+                "--output",
+                "json",
+                "hosts.txt",
+            ])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let cli_pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let mut events = Vec::new();
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            // Ctrl-C while the canary is being gated.
+            if !sent && event["event"] == "host" && event["state"] == "activated" {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(cli_pid as i32),
+                    nix::sys::signal::Signal::SIGINT,
+                )
+                .unwrap();
+                sent = true;
+            }
+            events.push(event);
+        }
+        (child, events)
+    };
+    assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
+    // The host in flight finished its step; nothing after it started.
+    assert!(events.iter().any(|e| e["event"] == "paused"));
+    assert_eq!(events.last().unwrap()["outcome"], "aborted");
+    assert_eq!(f.versions().await, vec!["2.0.0", "1.0.0", "1.0.0"]);
+    let output = reloadctl(&dir, &["resume"]);
+    assert_ok(&output);
+    assert_eq!(f.versions().await, vec!["2.0.0"; 3]);
+    for i in 0..3 {
+        assert_eq!(f.activations(i, "2.0.0"), 1);
+    }
 }

@@ -409,10 +409,9 @@ fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
     {
         let path = entry?.path();
         let lines = journal::read_lines(&path)?;
-        if !lines
-            .iter()
-            .any(|l| matches!(l.record, Record::Finished { .. }))
-        {
+        if !lines.iter().any(
+            |l| matches!(l.record, Record::Finished { outcome, .. } if outcome != Outcome::Aborted),
+        ) {
             let modified = std::fs::metadata(&path)?.modified()?;
             unfinished.push((modified, path));
         }
@@ -449,10 +448,9 @@ pub async fn resume(
     else {
         bail!("journal {} does not start with a plan", path.display());
     };
-    if lines
-        .iter()
-        .any(|l| matches!(l.record, Record::Finished { .. }))
-    {
+    if lines.iter().any(
+        |l| matches!(l.record, Record::Finished { outcome, .. } if outcome != Outcome::Aborted),
+    ) {
         bail!("rollout {rollout} has finished already");
     }
     let generation = lines
