@@ -16,6 +16,7 @@ use reload_proto::v1::upload_artifact_request::Part;
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::audit::{AuditEntry, AuditLog};
 use crate::config::AgentConfig;
 use crate::events::EventFields;
 use crate::store::{ArtifactStore, StoreError, StoredArtifact};
@@ -41,6 +42,7 @@ pub struct AgentState {
     started: SystemTime,
     supervisor: Arc<Supervisor>,
     leases: crate::lease::Leases,
+    audit: AuditLog,
 }
 
 impl AgentApi {
@@ -49,6 +51,7 @@ impl AgentApi {
         store: Arc<ArtifactStore>,
         supervisor: Arc<Supervisor>,
         leases: crate::lease::Leases,
+        audit: AuditLog,
     ) -> AgentApi {
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
         AgentApi(Arc::new(AgentState {
@@ -58,6 +61,7 @@ impl AgentApi {
             started: SystemTime::now(),
             supervisor,
             leases,
+            audit,
         }))
     }
 }
@@ -281,6 +285,144 @@ fn store_status(err: StoreError) -> Status {
     Status::new(code, err.to_string())
 }
 
+/// What a caller may do (see `[rights]` in the agent config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Right {
+    Read,
+    Deploy,
+}
+
+impl Right {
+    fn name(self) -> &'static str {
+        match self {
+            Right::Read => "read",
+            Right::Deploy => "deploy",
+        }
+    }
+}
+
+/// The names a TLS client certificate carries: its common name and its
+/// DNS and URI subject alternative names.
+fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(n)
+                | x509_parser::extensions::GeneralName::URI(n) => names.push(n.to_string()),
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+impl AgentState {
+    /// Who is calling, for checks and the audit log.
+    fn caller<T>(&self, request: &Request<T>) -> (String, Vec<String>) {
+        if self.config.tls.is_none() {
+            let peer = request
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            return (format!("insecure:{peer}"), Vec::new());
+        }
+        let names = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|leaf| certificate_names(leaf.as_ref())))
+            .unwrap_or_default();
+        let shown = names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "unknown-certificate".into());
+        (shown, names)
+    }
+
+    /// Checks `right` for the caller; returns who it is either way.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        right: Right,
+        call: &str,
+    ) -> (String, Result<(), Status>) {
+        let (shown, names) = self.caller(request);
+        if self.config.tls.is_none() {
+            // Plaintext is loopback-only by config: whoever is on this
+            // machine may act, as the start-up warning says.
+            return (shown, Ok(()));
+        }
+        let rights = &self.config.rights;
+        let allowed: Vec<&String> = match right {
+            Right::Deploy => rights.deploy.iter().collect(),
+            Right::Read => rights.deploy.iter().chain(&rights.read).collect(),
+        };
+        if names.iter().any(|n| allowed.contains(&n)) {
+            return (shown, Ok(()));
+        }
+        let status = Status::permission_denied(format!(
+            "identity {shown:?} (certificate names {names:?}) lacks the {} right needed for {call}; the agent config's [rights] grant it to {allowed:?}",
+            right.name()
+        ));
+        (shown, Err(status))
+    }
+
+    fn audit(
+        &self,
+        identity: &str,
+        call: &str,
+        service: &str,
+        version: &str,
+        sha256: &str,
+        result: Result<(), String>,
+    ) {
+        self.audit.record(AuditEntry {
+            identity,
+            call,
+            service,
+            version,
+            sha256,
+            result: result.err().unwrap_or_else(|| "ok".into()),
+        });
+    }
+
+    /// Read calls: checked, not audited.
+    fn check_read<T>(&self, request: &Request<T>, call: &str) -> Result<(), Status> {
+        self.authorize(request, Right::Read, call).1
+    }
+}
+
+/// How a call ended, for the audit log.
+fn audit_result<T>(result: &Result<T, Status>) -> Result<(), String> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// A reload that ran is audited with its outcome.
+fn reload_audit<T>(result: &Result<(pb::ReloadResult, T), Status>) -> (String, Result<(), String>) {
+    match result {
+        Ok((reload, _)) if reload.outcome == pb::ReloadOutcome::Succeeded as i32 => {
+            (reload.to_version.clone(), Ok(()))
+        }
+        Ok((reload, _)) => {
+            let outcome = pb::ReloadOutcome::try_from(reload.outcome).unwrap_or_default();
+            (
+                reload.to_version.clone(),
+                Err(format!("{}: {}", outcome.as_str_name(), reload.reason)),
+            )
+        }
+        Err(_) => (String::new(), audit_result(result)),
+    }
+}
+
 fn unimplemented(call: &str, work: &str) -> Status {
     Status::unimplemented(format!(
         "{call} is not implemented by this agent version ({}); it arrives with the {work} work",
@@ -294,6 +436,7 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         &self,
         request: Request<pb::StatArtifactRequest>,
     ) -> Result<Response<pb::StatArtifactResponse>, Status> {
+        self.check_read(&request, "StatArtifact")?;
         let sha256 = request.into_inner().sha256;
         let found = self.with_store(move |store| store.stat(&sha256)).await?;
         Ok(Response::new(pb::StatArtifactResponse {
@@ -306,19 +449,39 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         &self,
         request: Request<Streaming<pb::UploadArtifactRequest>>,
     ) -> Result<Response<pb::UploadArtifactResponse>, Status> {
-        let _slot = self.upload_slots.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{} uploads are already running on this agent (max_concurrent_uploads); retry when one finishes",
-                self.config.limits.max_concurrent_uploads
-            ))
-        })?;
-        self.upload(request.into_inner()).await.map(Response::new)
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "UploadArtifact");
+        let result = match allowed {
+            Err(status) => Err(status),
+            Ok(()) => match self.upload_slots.clone().try_acquire_owned() {
+                Err(_) => Err(Status::resource_exhausted(format!(
+                    "{} uploads are already running on this agent (max_concurrent_uploads); retry when one finishes",
+                    self.config.limits.max_concurrent_uploads
+                ))),
+                Ok(_slot) => self.upload(request.into_inner()).await,
+            },
+        };
+        let manifest = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.artifact.as_ref())
+            .and_then(|a| a.manifest.clone())
+            .unwrap_or_default();
+        self.audit(
+            &identity,
+            "UploadArtifact",
+            &manifest.service,
+            &manifest.version,
+            &manifest.sha256,
+            audit_result(&result),
+        );
+        result.map(Response::new)
     }
 
     async fn list_artifacts(
         &self,
         request: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        self.check_read(&request, "ListArtifacts")?;
         let service = request.into_inner().service;
         let found = self
             .with_store(move |store| store.list((!service.is_empty()).then_some(service.as_str())))
@@ -332,6 +495,7 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         &self,
         request: Request<pb::ValidateArtifactRequest>,
     ) -> Result<Response<pb::ValidateArtifactResponse>, Status> {
+        self.check_read(&request, "ValidateArtifact")?;
         use pb::validate_artifact_request::Target;
         let info = match request.into_inner().target {
             Some(Target::Envelope(envelope)) => verified_info(&self.verify_envelope(&envelope)?),
@@ -371,8 +535,9 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
 impl pb::agent_service_server::AgentService for AgentApi {
     async fn get_agent_info(
         &self,
-        _request: Request<pb::GetAgentInfoRequest>,
+        request: Request<pb::GetAgentInfoRequest>,
     ) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
+        self.check_read(&request, "GetAgentInfo")?;
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
@@ -399,9 +564,20 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
     async fn upgrade_agent(
         &self,
-        _request: Request<pb::UpgradeAgentRequest>,
+        request: Request<pb::UpgradeAgentRequest>,
     ) -> Result<Response<pb::UpgradeAgentResponse>, Status> {
-        Err(unimplemented("UpgradeAgent", "agent self-reload"))
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "UpgradeAgent");
+        let result = allowed.and(Err(unimplemented("UpgradeAgent", "agent self-reload")));
+        let sha256 = request.into_inner().sha256;
+        self.audit(
+            &identity,
+            "UpgradeAgent",
+            "reload-agent",
+            "",
+            &sha256,
+            audit_result(&result),
+        );
+        result
     }
 }
 
@@ -411,12 +587,26 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         &self,
         request: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::ActivateResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "Activate");
         let request = request.into_inner();
-        self.leases.check_mutation(request.lease.as_ref())?;
-        let (result, status) = self
-            .supervisor
-            .activate(&request.service, &request.sha256)
-            .await?;
+        let result = async {
+            allowed?;
+            self.leases.check_mutation(request.lease.as_ref())?;
+            self.supervisor
+                .activate(&request.service, &request.sha256)
+                .await
+        }
+        .await;
+        let (version, outcome) = reload_audit(&result);
+        self.audit(
+            &identity,
+            "Activate",
+            &request.service,
+            &version,
+            &request.sha256,
+            outcome,
+        );
+        let (result, status) = result?;
         Ok(Response::new(pb::ActivateResponse {
             result: Some(result),
             status: Some(status),
@@ -427,9 +617,28 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "Rollback");
         let request = request.into_inner();
-        self.leases.check_mutation(request.lease.as_ref())?;
-        let (result, status) = self.supervisor.rollback(&request.service).await?;
+        let result = async {
+            allowed?;
+            self.leases.check_mutation(request.lease.as_ref())?;
+            self.supervisor.rollback(&request.service).await
+        }
+        .await;
+        let (version, outcome) = reload_audit(&result);
+        let sha256 = result
+            .as_ref()
+            .map(|(_, s)| s.current_sha256.clone())
+            .unwrap_or_default();
+        self.audit(
+            &identity,
+            "Rollback",
+            &request.service,
+            &version,
+            &sha256,
+            outcome,
+        );
+        let (result, status) = result?;
         Ok(Response::new(pb::RollbackResponse {
             result: Some(result),
             status: Some(status),
@@ -440,6 +649,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.check_read(&request, "GetStatus")?;
         let name = request.into_inner().service;
         let services = if name.is_empty() {
             self.supervisor.services().map(|s| s.status()).collect()
@@ -456,6 +666,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.check_read(&request, "WatchEvents")?;
         use tokio_stream::StreamExt;
         let service = request.into_inner().service;
         if !service.is_empty() {
@@ -493,13 +704,31 @@ impl pb::lease_service_server::LeaseService for AgentApi {
         &self,
         request: Request<pb::AcquireLeaseRequest>,
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
-        self.leases.acquire(request.into_inner()).map(Response::new)
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "AcquireLease");
+        let request = request.into_inner();
+        let rollout = request
+            .r#ref
+            .as_ref()
+            .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
+            .unwrap_or_default();
+        let result = allowed.and_then(|()| self.leases.acquire(request));
+        self.audit(
+            &identity,
+            "AcquireLease",
+            "",
+            &rollout,
+            "",
+            audit_result(&result),
+        );
+        result.map(Response::new)
     }
 
     async fn renew_lease(
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        // Renewals are frequent and change no holder: checked, not audited.
+        self.authorize(&request, Right::Deploy, "RenewLease").1?;
         self.leases.renew(request.into_inner()).map(Response::new)
     }
 
@@ -507,15 +736,30 @@ impl pb::lease_service_server::LeaseService for AgentApi {
         &self,
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
-        self.leases
-            .release(request.into_inner())
-            .map(|()| Response::new(pb::ReleaseLeaseResponse {}))
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "ReleaseLease");
+        let request = request.into_inner();
+        let rollout = request
+            .r#ref
+            .as_ref()
+            .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
+            .unwrap_or_default();
+        let result = allowed.and_then(|()| self.leases.release(request));
+        self.audit(
+            &identity,
+            "ReleaseLease",
+            "",
+            &rollout,
+            "",
+            audit_result(&result),
+        );
+        result.map(|()| Response::new(pb::ReleaseLeaseResponse {}))
     }
 
     async fn get_lease(
         &self,
-        _request: Request<pb::GetLeaseRequest>,
+        request: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
+        self.check_read(&request, "GetLease")?;
         Ok(Response::new(self.leases.get()))
     }
 }

@@ -24,6 +24,50 @@ struct ConfigFile {
     limits: LimitsSection,
     #[serde(default, rename = "service")]
     services: Vec<ServiceSection>,
+    tls: Option<TlsSection>,
+    #[serde(default)]
+    rights: RightsSection,
+    #[serde(default)]
+    audit: AuditSection,
+}
+
+/// Mutual TLS for the gRPC API: clients must present a certificate that
+/// chains to `ca`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Client identities (certificate common name, or a DNS/URI name in its
+/// subject alternative names) and what they may do.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RightsSection {
+    /// Upload, activate, roll back, take leases (and everything `read` may).
+    pub deploy: Vec<String>,
+    /// Status, lists, health, events.
+    pub read: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AuditSection {
+    /// JSON lines, one per mutating call; default `<state_dir>/audit.log`.
+    path: Option<PathBuf>,
+    /// Rotated to `.1` past this size.
+    max_size: ByteSize,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            path: None,
+            max_size: ByteSize::mib(64),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +87,9 @@ struct AgentSection {
     state_dir: PathBuf,
     /// HTTP address of `/healthz` for load balancers and the CLI.
     health_listen: Option<SocketAddr>,
+    /// Plaintext gRPC without client authentication: only on loopback,
+    /// for development, and said loudly at start.
+    insecure: bool,
 }
 
 impl Default for AgentSection {
@@ -52,6 +99,7 @@ impl Default for AgentSection {
             store_dir: PathBuf::from("store"),
             state_dir: PathBuf::from("state"),
             health_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7701))),
+            insecure: false,
             trusted_keys: Vec::new(),
             keep_versions: 3,
             clock_skew: Duration::from_secs(300),
@@ -357,6 +405,24 @@ impl ServiceConfig {
     }
 }
 
+/// A private key readable or writable by others is refused: whoever can
+/// read it can impersonate the agent.
+fn refuse_exposed_secret(path: &Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("{what}: cannot read {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{what} {} is accessible by group or others (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
 fn check_service(section: ServiceSection, base: &Path) -> anyhow::Result<ServiceConfig> {
     let name = section.name;
     reload_artifact::manifest::validate_service_name(&name)
@@ -443,9 +509,28 @@ impl ServiceConfig {
     }
 }
 
+/// TLS material, read at load time.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles { .. }")
+    }
+}
+
 /// The checked, resolved config.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// None only with `insecure = true` (loopback only).
+    pub tls: Option<TlsFiles>,
+    pub rights: RightsSection,
+    pub audit_path: PathBuf,
+    pub audit_max_bytes: u64,
     pub listen: Vec<SocketAddr>,
     pub store_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -524,10 +609,51 @@ impl AgentConfig {
             }
             services.push(service);
         }
+        let tls = match (file.tls, agent.insecure) {
+            (Some(_), true) => bail!("[tls] and insecure = true contradict each other: remove one"),
+            (None, false) => bail!(
+                "no [tls] section: the agent accepts only clients with a certificate from its CA. Add [tls] ca/cert/key (`reloadctl certs` makes a development set), or set insecure = true under [agent] for plaintext on loopback during development"
+            ),
+            (None, true) => {
+                let exposed: Vec<String> = agent
+                    .listen
+                    .iter()
+                    .chain(agent.health_listen.iter())
+                    .filter(|a| !a.ip().is_loopback())
+                    .map(|a| a.to_string())
+                    .collect();
+                if !exposed.is_empty() {
+                    bail!("insecure = true is for loopback only, but the agent would listen on {}; configure [tls] to listen there", exposed.join(", "));
+                }
+                None
+            }
+            (Some(tls), false) => {
+                let read = |path: &Path, what: &str| {
+                    let full = base.join(path);
+                    std::fs::read(&full).with_context(|| format!("[tls] {what}: cannot read {}", full.display()))
+                };
+                let key_path = base.join(&tls.key);
+                refuse_exposed_secret(&key_path, "[tls] key")?;
+                Some(TlsFiles {
+                    ca: read(&tls.ca, "ca")?,
+                    cert: read(&tls.cert, "cert")?,
+                    key: read(&tls.key, "key")?,
+                })
+            }
+        };
+        let state_dir = base.join(&agent.state_dir);
         Ok(AgentConfig {
+            tls,
+            rights: file.rights,
+            audit_path: file
+                .audit
+                .path
+                .map(|p| base.join(p))
+                .unwrap_or_else(|| state_dir.join("audit.log")),
+            audit_max_bytes: file.audit.max_size.as_u64().max(4096),
             listen: agent.listen,
             store_dir: base.join(agent.store_dir),
-            state_dir: base.join(agent.state_dir),
+            state_dir,
             health_listen: agent.health_listen,
             services,
             trusted_keys: TrustedKeys::new(keys, agent.clock_skew),
@@ -555,8 +681,11 @@ mod tests {
     fn minimal_config_gets_loopback_defaults() {
         let dir = tempfile::tempdir().unwrap();
         with_key(dir.path());
-        let config =
-            AgentConfig::parse("[agent]\ntrusted_keys = [\"release.pub\"]\n", dir.path()).unwrap();
+        let config = AgentConfig::parse(
+            "[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n",
+            dir.path(),
+        )
+        .unwrap();
         assert_eq!(config.listen, vec!["127.0.0.1:7700".parse().unwrap()]);
         assert_eq!(config.store_dir, dir.path().join("store"));
         assert_eq!(config.limits.max_chunk_bytes, 1024 * 1024);
@@ -569,6 +698,7 @@ mod tests {
         with_key(dir.path());
         let text = r#"
 [agent]
+insecure = true
 trusted_keys = ["release.pub"]
 
 [[service]]
@@ -611,6 +741,40 @@ timeout = "5s"
     }
 
     #[test]
+    fn plaintext_is_loopback_only_and_explicit() {
+        let dir = tempfile::tempdir().unwrap();
+        with_key(dir.path());
+        let err = AgentConfig::parse("[agent]\ntrusted_keys = [\"release.pub\"]\n", dir.path())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no [tls] section"), "{err:#}");
+        let err = AgentConfig::parse(
+            "[agent]\ninsecure = true\nlisten = [\"0.0.0.0:7700\"]\ntrusted_keys = [\"release.pub\"]\n",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("loopback only"), "{err:#}");
+        // A TLS key readable by others is refused.
+        for (name, text) in [("ca.pem", "x"), ("agent.pem", "x"), ("agent.key", "x")] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("agent.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let tls = "[agent]\ntrusted_keys = [\"release.pub\"]\n[tls]\nca = \"ca.pem\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\n";
+        let err = AgentConfig::parse(tls, dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
+        std::fs::set_permissions(
+            dir.path().join("agent.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert!(AgentConfig::parse(tls, dir.path()).unwrap().tls.is_some());
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let dir = tempfile::tempdir().unwrap();
         with_key(dir.path());
@@ -621,11 +785,14 @@ timeout = "5s"
         );
         let err = AgentConfig::parse("[agent]\nlisen = []\n", dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");
-        let err = AgentConfig::parse("[agent]\ntrusted_keys = [\"missing.pub\"]\n", dir.path())
-            .unwrap_err();
+        let err = AgentConfig::parse(
+            "[agent]\ninsecure = true\ntrusted_keys = [\"missing.pub\"]\n",
+            dir.path(),
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("missing.pub"), "{err:#}");
         let err = AgentConfig::parse(
-            "[agent]\ntrusted_keys = [\"release.pub\"]\n[limits]\nmax_chunk_size = \"64 MiB\"\n",
+            "[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n[limits]\nmax_chunk_size = \"64 MiB\"\n",
             dir.path(),
         )
         .unwrap_err();

@@ -21,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod events;
 mod health_http;
@@ -112,7 +113,9 @@ pub async fn serve(
     };
     let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
     let leases = lease::Leases::open(&config.state_dir)?;
-    let api = AgentApi::new(config, store, supervisor.clone(), leases);
+    let audit = audit::AuditLog::open(&config.audit_path, config.audit_max_bytes)?;
+    let tls = config.tls.clone();
+    let api = AgentApi::new(config, store, supervisor.clone(), leases, audit);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     supervisor.start_monitors();
@@ -165,7 +168,19 @@ pub async fn serve(
     }
     drop(connections);
 
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => {
+            let config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key))
+                // Mutual TLS: a client without a certificate from this CA
+                // does not get past the handshake.
+                .client_ca_root(tonic::transport::Certificate::from_pem(tls.ca));
+            server = server.tls_config(config).context("the [tls] certificate or key is not valid PEM")?;
+        }
+        None => tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development"),
+    }
+    server
         // HTTP/2's default 64 KiB windows cap an upload at a few dozen MiB/s
         // even on loopback; artifacts are large, so let the window grow.
         .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))

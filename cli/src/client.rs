@@ -40,9 +40,87 @@ pub fn normalize_host(host: &str) -> anyhow::Result<String> {
     Ok(host.to_string())
 }
 
-pub async fn connect(host: &str) -> anyhow::Result<Channel> {
+/// Mutual TLS settings, from flags, the environment or the project file.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// CA that signed the agents' certificates.
+    pub ca: Option<std::path::PathBuf>,
+    /// This client's certificate and key (its identity for the agents'
+    /// [rights]).
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// Name to check the agents' certificates against, when it is not the
+    /// host name or IP dialled.
+    pub server_name: Option<String>,
+}
+
+struct Transport {
+    tls: Option<(
+        tonic::transport::Certificate,
+        tonic::transport::Identity,
+        Option<String>,
+    )>,
+    insecure: bool,
+}
+
+static TRANSPORT: std::sync::OnceLock<Transport> = std::sync::OnceLock::new();
+
+impl TlsSettings {
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// Sets how agents are reached, once: the first call wins (flags are
+/// applied before the project file is read).
+pub fn configure_transport(settings: &TlsSettings, insecure: bool) -> anyhow::Result<()> {
+    if TRANSPORT.get().is_some() {
+        return Ok(());
+    }
+    let tls = if settings.is_set() {
+        let read = |path: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
+            let path = path.as_ref().ok_or_else(|| {
+                anyhow!("TLS needs --tls-ca, --tls-cert and --tls-key together; {what} is missing")
+            })?;
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
+        };
+        let ca = tonic::transport::Certificate::from_pem(read(&settings.ca, "CA")?);
+        let identity = tonic::transport::Identity::from_pem(
+            read(&settings.cert, "certificate")?,
+            read(&settings.key, "key")?,
+        );
+        Some((ca, identity, settings.server_name.clone()))
+    } else {
+        None
+    };
+    let _ = TRANSPORT.set(Transport { tls, insecure });
+    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The endpoint of an agent: mutual TLS when configured; plaintext only to
+/// loopback addresses or with an explicit --insecure.
+pub fn endpoint(host: &str) -> anyhow::Result<Endpoint> {
     let host = normalize_host(host)?;
-    let endpoint = Endpoint::from_shared(format!("http://{host}"))
+    let transport = TRANSPORT.get_or_init(|| Transport {
+        tls: None,
+        insecure: false,
+    });
+    let scheme = if transport.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}"))
         .with_context(|| format!("{host:?} is not a valid agent address"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -50,8 +128,37 @@ pub async fn connect(host: &str) -> anyhow::Result<Channel> {
         .initial_stream_window_size(8 * 1024 * 1024)
         .initial_connection_window_size(8 * 1024 * 1024)
         .max_frame_size(1024 * 1024);
+    match &transport.tls {
+        Some((ca, identity, server_name)) => {
+            let name = server_name.clone().unwrap_or_else(|| {
+                let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host);
+                name.trim_start_matches('[').trim_end_matches(']').to_string()
+            });
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(identity.clone())
+                .domain_name(name);
+            endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        }
+        None if transport.insecure || is_loopback(&host) => {}
+        None => bail!(
+            "agent {host} is not on loopback and no TLS is configured: pass --tls-ca, --tls-cert and --tls-key (or [tls] in reloadctl.toml; `reloadctl certs` makes a development set), or --insecure for a plaintext agent"
+        ),
+    }
+    Ok(endpoint)
+}
+
+pub async fn connect(host: &str) -> anyhow::Result<Channel> {
+    let endpoint = endpoint(host)?;
+    let host = normalize_host(host)?;
     endpoint.connect().await.map_err(|err| {
-        anyhow!("cannot reach the agent at {host}: {err}; is reload-agent running there, and is the address in its [agent] listen?")
+        let mut detail = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(inner) = source {
+            detail.push_str(&format!(": {inner}"));
+            source = inner.source();
+        }
+        anyhow!("cannot reach the agent at {host}: {detail}; is reload-agent running there, is the address in its [agent] listen, and do TLS settings match on both sides?")
     })
 }
 

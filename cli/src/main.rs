@@ -7,6 +7,7 @@
 //! for the same trusted keys. Network code lives in [`client`].
 #![forbid(unsafe_code)]
 
+mod certs;
 mod client;
 mod reload;
 mod rollout;
@@ -71,6 +72,20 @@ struct RolloutFlags {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CA that signed the agents' certificates (mutual TLS).
+    #[arg(long, global = true, env = "RELOADCTL_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate: its identity for the agents' [rights].
+    #[arg(long, global = true, env = "RELOADCTL_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "RELOADCTL_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Name the agents' certificates carry, when not the dialled host.
+    #[arg(long, global = true, env = "RELOADCTL_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// Talk plaintext to non-loopback agents (agents with `insecure = true`).
+    #[arg(long, global = true)]
+    insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +223,23 @@ enum Command {
         #[arg(long)]
         force_takeover: bool,
     },
+    /// Make a development CA, an agent certificate and client certificates
+    /// for mutual TLS.
+    #[command(
+        after_help = "Example:\n  reloadctl certs --out certs --agent-name 127.0.0.1 --agent-name localhost --client deployer --client monitor"
+    )]
+    Certs {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// DNS name or IP address the agent certificate is valid for; repeat.
+        #[arg(long = "agent-name", required = true)]
+        agent_names: Vec<String>,
+        /// Client identity (the certificate's name); repeat.
+        #[arg(long = "client", required = true)]
+        clients: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
     /// List the artifacts an agent holds, newest first.
     #[command(after_help = "Example:\n  reloadctl artifacts --host 127.0.0.1:7700 --service web")]
     Artifacts {
@@ -238,6 +270,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    let tls = client::TlsSettings {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+        server_name: cli.tls_server_name,
+    };
+    // Flags and environment first; push and resume fall back to the
+    // project file's [tls].
+    if tls.is_set() || cli.insecure {
+        client::configure_transport(&tls, cli.insecure)?;
+    }
     match cli.command {
         Command::Push {
             version,
@@ -282,6 +325,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 fn run_simple(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Push { .. } | Command::Resume { .. } => unreachable!("handled in run"),
+        Command::Certs {
+            out,
+            agent_names,
+            clients,
+            force,
+        } => certs::make_certs(&out, &agent_names, &clients, force),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Sign {
             key,
@@ -341,7 +390,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Writes `bytes` to `path` through a temp file and a rename, so a reader
 /// never sees half a file. `mode` applies from creation on.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> anyhow::Result<()> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    replace: bool,
+) -> anyhow::Result<()> {
     if !replace && path.exists() {
         bail!(
             "{} already exists; pass --force to replace it",

@@ -130,7 +130,7 @@ impl Agent {
     ) -> Agent {
         std::fs::write(dir.join("trusted.pub"), key.public().to_pem()).unwrap();
         let config = format!(
-            "[agent]\nlisten = [\"{ip}:0\"]\nhealth_listen = \"{ip}:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
+            "[agent]\ninsecure = true\nlisten = [\"{ip}:0\"]\nhealth_listen = \"{ip}:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{extra_toml}"
         );
         std::fs::write(dir.join("agent.toml"), config).unwrap();
         Agent::start_with_config(dir, key)

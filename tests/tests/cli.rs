@@ -160,7 +160,7 @@ async fn openssl_ed25519_key_signs_and_the_agent_accepts_it() {
     std::fs::copy(d.join("ossl.pub"), agent_dir.join("ossl.pub")).unwrap();
     std::fs::write(
         agent_dir.join("agent.toml"),
-        "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"ossl.pub\"]\n",
+        "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"ossl.pub\"]\n",
     )
     .unwrap();
     let key = Arc::new(SigningKey::load(&d.join("ossl.key")).unwrap());
@@ -278,7 +278,7 @@ async fn activate_rollback_and_status_from_the_command_line() {
     std::fs::write(
         d.join("agent.toml"),
         format!(
-            "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"release.pub\"]\n\
+            "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"release.pub\"]\n\
              [[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
              [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
         ),

@@ -34,10 +34,10 @@ use reload_artifact::verify::{check_content, hash_file};
 use reload_artifact::version::parse_version;
 use reload_artifact::{envelope_path_for, PublicKey, TrustedKeys};
 use reload_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::client::{normalize_host, upload};
+use crate::client::upload;
 use journal::{Cause, HostState, Journal, Outcome, Record, Settings};
 
 /// How long a lease lasts without renewal; renewed every third of it.
@@ -201,13 +201,7 @@ fn cause_of(status: &Status) -> Cause {
 }
 
 fn channel(host: &str) -> anyhow::Result<Channel> {
-    let host = normalize_host(host)?;
-    Ok(Endpoint::from_shared(format!("http://{host}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(8 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .connect_lazy())
+    Ok(crate::client::endpoint(host)?.connect_lazy())
 }
 
 fn random_id() -> String {
@@ -306,6 +300,7 @@ impl std::error::Error for UsageError {}
 pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(e));
     let project = project::Project::load(&args.config).map_err(usage)?;
+    project.configure_transport()?;
     let hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
     let settings = settings_from(&project.rollout, &args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
@@ -432,6 +427,7 @@ pub async fn resume(
     force_takeover: bool,
 ) -> anyhow::Result<u8> {
     let project = project::Project::load(config).map_err(|e| anyhow::Error::new(UsageError(e)))?;
+    project.configure_transport()?;
     let path = find_journal(&project.base, id)?;
     let (journal, lines) = Journal::reopen(&path, json)?;
     let rollout = lines[0].rollout.clone();

@@ -23,8 +23,19 @@ pub struct Project {
     pub trusted_keys: Vec<PathBuf>,
     #[serde(default)]
     pub rollout: RolloutDefaults,
+    /// Mutual TLS to the agents; paths relative to this file.
+    pub tls: Option<TlsSection>,
     #[serde(skip)]
     pub base: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +111,22 @@ impl Project {
                 candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             )
         })
+    }
+
+    /// Applies the file's [tls] unless flags set the transport already.
+    pub fn configure_transport(&self) -> anyhow::Result<()> {
+        if let Some(tls) = &self.tls {
+            crate::client::configure_transport(
+                &crate::client::TlsSettings {
+                    ca: Some(self.base.join(&tls.ca)),
+                    cert: Some(self.base.join(&tls.cert)),
+                    key: Some(self.base.join(&tls.key)),
+                    server_name: tls.server_name.clone(),
+                },
+                false,
+            )?;
+        }
+        Ok(())
     }
 
     pub fn trusted_key_paths(&self) -> Vec<PathBuf> {

@@ -1,0 +1,258 @@
+//! End-to-end: mutual TLS, rights by client identity, and the audit log.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use reload_artifact::SigningKey;
+use reload_tests::*;
+
+struct TlsAgent {
+    agent: Agent,
+    dir: tempfile::TempDir,
+}
+
+/// An agent with mutual TLS from `reloadctl certs`: `deployer` may deploy,
+/// `monitor` may only read; one service `web`.
+fn tls_agent() -> TlsAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reloadctl_ok(
+        d,
+        &[
+            "certs",
+            "--out",
+            "certs",
+            "--agent-name",
+            "127.0.0.1",
+            "--client",
+            "deployer",
+            "--client",
+            "monitor",
+            "--client",
+            "stranger",
+        ],
+    );
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "[agent]\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"release.pub\"]\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n\
+             [rights]\ndeploy = [\"deployer\"]\nread = [\"monitor\"]\n\
+             [[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+             [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("web"), Agent::demo_server_bytes("1.0.0")).unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "1.0.0",
+            "web",
+        ],
+    );
+    let key = Arc::new(SigningKey::load(&d.join("release.key")).unwrap());
+    let agent = Agent::start_with_config(d, key);
+    TlsAgent { agent, dir }
+}
+
+fn as_client(dir: &Path, client: &str, args: &[&str]) -> std::process::Output {
+    let cert = format!("certs/{client}.pem");
+    let key = format!("certs/{client}.key");
+    let mut all = vec![
+        "--tls-ca",
+        "certs/ca.pem",
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+    ];
+    all.extend_from_slice(args);
+    reloadctl(dir, &all)
+}
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn mutual_tls_and_rights_decide_who_may_deploy_and_every_call_is_audited() {
+    let t = tls_agent();
+    let d = t.dir.path();
+    let host = t.agent.host();
+
+    // The deploy identity uploads and activates over mutual TLS.
+    let out = as_client(
+        d,
+        "deployer",
+        &[
+            "activate",
+            "--host",
+            &host,
+            "--service",
+            "web",
+            "--version",
+            "1.0.0",
+            "--artifact",
+            "web",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A read identity reads, and is refused a deploy call, by name.
+    let out = as_client(d, "monitor", &["status", "--host", &host]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1.0.0"), "{}", text(&out));
+    let out = as_client(
+        d,
+        "monitor",
+        &["rollback", "--host", &host, "--service", "web"],
+    );
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("PermissionDenied")
+            && said.contains("\"monitor\"")
+            && said.contains("deploy right"),
+        "{said}"
+    );
+
+    // A certificate from the CA but named in no right can do nothing.
+    let out = as_client(d, "stranger", &["status", "--host", &host]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("lacks the read right"),
+        "{}",
+        text(&out)
+    );
+
+    // No client certificate, or plaintext: refused before any handler runs.
+    let out = reloadctl(d, &["--tls-ca", "certs/ca.pem", "status", "--host", &host]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = reloadctl(d, &["status", "--host", &host]);
+    assert!(
+        !out.status.success(),
+        "plaintext must not reach a TLS agent: {}",
+        text(&out)
+    );
+
+    // A client certificate from another CA is refused at the handshake.
+    let other = d.join("other");
+    std::fs::create_dir(&other).unwrap();
+    reloadctl_ok(
+        &other,
+        &[
+            "certs",
+            "--out",
+            ".",
+            "--agent-name",
+            "127.0.0.1",
+            "--client",
+            "deployer",
+        ],
+    );
+    let out = reloadctl(
+        d,
+        &[
+            "--tls-ca",
+            "certs/ca.pem",
+            "--tls-cert",
+            "other/deployer.pem",
+            "--tls-key",
+            "other/deployer.key",
+            "status",
+            "--host",
+            &host,
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a foreign CA's client must be refused: {}",
+        text(&out)
+    );
+
+    // The audit log has the accepted and the refused mutating calls, with
+    // who made them.
+    let audit = std::fs::read_to_string(d.join("state/audit.log")).unwrap();
+    let entries: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |identity: &str, call: &str| {
+        entries
+            .iter()
+            .find(|e| e["identity"] == identity && e["call"] == call)
+    };
+    let upload = find("deployer", "UploadArtifact").expect("upload audited");
+    assert_eq!(
+        (
+            upload["service"].as_str(),
+            upload["version"].as_str(),
+            upload["result"].as_str()
+        ),
+        (Some("web"), Some("1.0.0"), Some("ok"))
+    );
+    assert_eq!(find("deployer", "Activate").unwrap()["result"], "ok");
+    let refused = find("monitor", "Rollback").expect("refused rollback audited");
+    assert!(
+        refused["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("PermissionDenied"),
+        "{refused}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("state/audit.log"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the audit log is private");
+}
+
+#[test]
+fn an_agent_without_tls_or_explicit_insecure_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    std::fs::write(
+        d.join("agent.toml"),
+        "[agent]\ntrusted_keys = [\"release.pub\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(bin_path("reload-agent"))
+        .args(["--config", "agent.toml", "--check"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no [tls] section"));
+    std::fs::write(
+        d.join("agent.toml"),
+        "[agent]\ninsecure = true\nlisten = [\"0.0.0.0:7799\"]\ntrusted_keys = [\"release.pub\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(bin_path("reload-agent"))
+        .args(["--config", "agent.toml", "--check"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("loopback only"));
+}
