@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick-start demo: three agents on loopback (127.0.0.2-4, as if they
-# were three hosts), a fresh signing key, signed releases of the demo
+# were three hosts) with mutual TLS, a fresh signing key, signed releases of the demo
 # server, a first deploy with `reloadctl push`, a rollout to 1.5 while
 # clients that never retry keep every host busy (0 failed requests), a
 # never-healthy 1.6 whose canary halts and reverts the rollout, a fleet
@@ -31,6 +31,13 @@ cd "$work"
 step "reloadctl keygen --out release"
 "$reloadctl" keygen --out release
 
+step "reloadctl certs: a development CA, one agent certificate, client identity \"demo\" (mutual TLS)"
+"$reloadctl" certs --out certs --agent-name 127.0.0.2 --agent-name 127.0.0.3 --agent-name 127.0.0.4 --client demo
+# Every reloadctl command below talks mutual TLS to the agents.
+export RELOADCTL_TLS_CA="$work/certs/ca.pem"
+export RELOADCTL_TLS_CERT="$work/certs/demo.pem"
+export RELOADCTL_TLS_KEY="$work/certs/demo.key"
+
 step "two releases of the demo server, signed: reloadctl sign --key release.key --service demo --version 1.4 releases/demo-1.4"
 mkdir releases
 # Same program, a different trailer: two artifacts with their own sha256.
@@ -47,6 +54,10 @@ cat > reloadctl.toml <<TOML
 service = "demo"
 artifact = "releases/demo-{version}"
 trusted_keys = ["release.pub"]
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/demo.pem"
+key = "certs/demo.key"
 [rollout]
 canary = 1
 waves = "1,50%,100%"
@@ -68,6 +79,14 @@ for host in "${hosts[@]}"; do
 listen = ["$host"]
 health_listen = "$ip:$((port + 1))"
 trusted_keys = ["release.pub"]
+
+[tls]
+ca = "../certs/ca.pem"
+cert = "../certs/agent.pem"
+key = "../certs/agent.key"
+
+[rights]
+deploy = ["demo"]
 
 [[service]]
 name = "demo"
@@ -163,5 +182,8 @@ grep -q DataLoss err.txt
 step "reloadctl status hosts.txt"
 "$reloadctl" status hosts.txt
 [ "$("$reloadctl" status hosts.txt --output json | grep -c '"version":"1.4.0"')" = 3 ]
+
+step "every mutating call is in each agent's audit log"
+tail -n 3 agent-127.0.0.3/state/audit.log
 
 step "demo passed"
