@@ -221,6 +221,7 @@ pub fn artifact_info(artifact: &StoredArtifact) -> pb::ArtifactInfo {
             arch: m.arch.clone(),
             created: timestamp(&m.created),
             expires: timestamp(&m.expires),
+            allow_downgrade: m.allow_downgrade,
         }),
         key_ids: artifact.key_ids.clone(),
         stored_at: Some(artifact.stored_at.into()),
@@ -239,6 +240,7 @@ fn verified_info(verified: &VerifiedManifest) -> pb::ArtifactInfo {
             arch: m.arch.clone(),
             created: timestamp(&m.created),
             expires: timestamp(&m.expires),
+            allow_downgrade: m.allow_downgrade,
         }),
         key_ids: verified.key_ids.clone(),
         stored_at: None,
@@ -593,7 +595,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             allowed?;
             self.leases.check_mutation(request.lease.as_ref())?;
             self.supervisor
-                .activate(&request.service, &request.sha256)
+                .activate(&request.service, &request.sha256, request.allow_downgrade)
                 .await
         }
         .await;
@@ -622,7 +624,9 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         let result = async {
             allowed?;
             self.leases.check_mutation(request.lease.as_ref())?;
-            self.supervisor.rollback(&request.service).await
+            self.supervisor
+                .rollback(&request.service, request.allow_downgrade)
+                .await
         }
         .await;
         let (version, outcome) = reload_audit(&result);

@@ -111,7 +111,10 @@ mod tests {
         }
         // The newest entry is in the current file, the one before the
         // rotation in `.1`.
-        assert!(current.lines().last().unwrap().contains("\"sha256\":\"5\""), "{current}");
+        assert!(
+            current.lines().last().unwrap().contains("\"sha256\":\"5\""),
+            "{current}"
+        );
         assert!(rotated.lines().count() >= 1);
     }
 }

@@ -30,7 +30,17 @@ pub struct ServiceVersions {
     pub current: Option<ArtifactRef>,
     #[serde(default)]
     pub history: Vec<ArtifactRef>,
+    /// The downgrade floor: the highest version ever activated.
+    #[serde(default)]
+    pub highest_version: Option<String>,
+    /// sha256 of every artifact activated here (the last few hundred): a
+    /// downgrade may only return to one of these, unless signed for it.
+    #[serde(default)]
+    pub activated: Vec<String>,
 }
+
+/// Activated artifacts remembered for the downgrade check.
+const ACTIVATED_LEN: usize = 256;
 
 /// Versions remembered for rollback.
 pub const HISTORY_LEN: usize = 8;
@@ -55,9 +65,26 @@ impl ServiceVersions {
         }
         let excess = history.len().saturating_sub(HISTORY_LEN);
         history.drain(..excess);
+        let next_semver = reload_artifact::version::parse_version(&next.version).ok();
+        let highest = self
+            .highest_version
+            .as_deref()
+            .and_then(|v| reload_artifact::version::parse_version(v).ok());
+        let highest_version = match (highest, next_semver) {
+            (Some(h), Some(n)) if h >= n => Some(h.to_string()),
+            (_, Some(n)) => Some(n.to_string()),
+            (h, None) => h.map(|h| h.to_string()),
+        };
+        let mut activated = self.activated.clone();
+        activated.retain(|sha| *sha != next.sha256);
+        activated.push(next.sha256.clone());
+        let excess = activated.len().saturating_sub(ACTIVATED_LEN);
+        activated.drain(..excess);
         ServiceVersions {
             current: Some(next.clone()),
             history,
+            highest_version,
+            activated,
         }
     }
 }
@@ -143,6 +170,20 @@ mod tests {
     }
 
     #[test]
+    fn the_floor_only_rises() {
+        let v = |sha: &str, version: &str| ArtifactRef {
+            sha256: sha.repeat(64),
+            version: version.into(),
+        };
+        let versions = ServiceVersions::default()
+            .after(&v("a", "1.0.0"), false)
+            .after(&v("b", "2.0.0"), false)
+            .after(&v("a", "1.0.0"), true);
+        assert_eq!(versions.highest_version.as_deref(), Some("2.0.0"));
+        assert_eq!(versions.activated, vec!["b".repeat(64), "a".repeat(64)]);
+    }
+
+    #[test]
     fn versions_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateFile::open(dir.path()).unwrap();
@@ -154,6 +195,8 @@ mod tests {
         let versions = ServiceVersions {
             current: Some(v("a")),
             history: vec![v("b")],
+            highest_version: Some("2.0.0".into()),
+            activated: vec!["b".repeat(64), "a".repeat(64)],
         };
         state.set("web", versions.clone()).unwrap();
         let again = StateFile::open(dir.path()).unwrap();

@@ -693,8 +693,9 @@ impl Supervisor {
         &self,
         name: &str,
         sha256: &str,
+        allow_downgrade: bool,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
-        self.activate_as(name, sha256, false).await
+        self.activate_as(name, sha256, false, allow_downgrade).await
     }
 
     /// `rollback`: this activation goes back to the top of the history.
@@ -703,6 +704,7 @@ impl Supervisor {
         name: &str,
         sha256: &str,
         rollback: bool,
+        allow_downgrade: bool,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
         let service = self.service(name)?.clone();
         let sha = sha256.to_string();
@@ -722,6 +724,11 @@ impl Supervisor {
                 artifact.manifest.service, artifact.manifest.version
             )));
         }
+        check_downgrade_floor(
+            &service.observe(|o| o.versions.clone()),
+            &artifact,
+            allow_downgrade,
+        )?;
         if service.reloading.swap(true, Ordering::SeqCst) {
             return Err(Status::aborted(format!(
                 "a reload of {name:?} is already running; wait for it to finish (reloadctl status)"
@@ -747,6 +754,7 @@ impl Supervisor {
     pub async fn rollback(
         &self,
         name: &str,
+        allow_downgrade: bool,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), Status> {
         let service = self.service(name)?;
         let previous = service
@@ -756,7 +764,8 @@ impl Supervisor {
                     "service {name:?} has no previous version to roll back to"
                 ))
             })?;
-        self.activate_as(name, &previous.sha256, true).await
+        self.activate_as(name, &previous.sha256, true, allow_downgrade)
+            .await
     }
 
     async fn replace(
@@ -950,6 +959,45 @@ impl Supervisor {
             drain.await;
         }
     }
+}
+
+/// The downgrade floor: a version below the highest ever activated needs an
+/// explicit allow-downgrade on the call, and then must be a build this agent
+/// ran before or one signed with downgrade permission. A signed but older
+/// build (with a known hole) cannot be slipped back in.
+fn check_downgrade_floor(
+    versions: &ServiceVersions,
+    artifact: &StoredArtifact,
+    allow_downgrade: bool,
+) -> Result<(), Status> {
+    let Some(highest) = versions
+        .highest_version
+        .as_deref()
+        .and_then(|v| reload_artifact::version::parse_version(v).ok())
+    else {
+        return Ok(());
+    };
+    let target = artifact.manifest.semver();
+    if target >= highest {
+        return Ok(());
+    }
+    let what = format!(
+        "{} {} is below {highest}, the highest version this agent activated",
+        artifact.manifest.service, artifact.manifest.version
+    );
+    if !allow_downgrade {
+        return Err(Status::failed_precondition(format!(
+            "{what}; a downgrade must be asked for explicitly (allow_downgrade; reloadctl activate --allow-downgrade, reloadctl rollback)"
+        )));
+    }
+    let ran_here = versions.activated.contains(&artifact.manifest.sha256);
+    if !ran_here && !artifact.manifest.allow_downgrade {
+        return Err(Status::failed_precondition(format!(
+            "{what}, was never activated here, and is not signed with downgrade permission; sign it with `reloadctl sign --allow-downgrade` if it is meant to go below the floor"
+        )));
+    }
+    tracing::warn!(service = %artifact.manifest.service, version = %artifact.manifest.version, %highest, "downgrade allowed below the floor");
+    Ok(())
 }
 
 fn pinned_shas(versions: &ServiceVersions) -> Vec<String> {

@@ -28,6 +28,10 @@ pub struct Manifest {
     /// RFC 3339, UTC. The agent refuses the manifest after this instant, so a
     /// leaked old signed build cannot be replayed forever.
     pub expires: String,
+    /// The signer allows activating this build below an agent's downgrade
+    /// floor (highest version ever activated). Absent means no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,6 +122,7 @@ impl Manifest {
             arch: std::env::consts::ARCH.to_string(),
             created: format_time(now),
             expires: format_time(now + valid_for),
+            allow_downgrade: false,
         };
         manifest.validate()?;
         Ok(manifest)

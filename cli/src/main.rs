@@ -124,6 +124,10 @@ enum Command {
         /// Target CPU architecture (default: this machine's; `any` for scripts).
         #[arg(long, default_value = std::env::consts::ARCH)]
         arch: String,
+        /// Permit agents to activate this build below their downgrade floor
+        /// (when the call also asks for it).
+        #[arg(long)]
+        allow_downgrade: bool,
         file: PathBuf,
     },
     /// Check FILE against FILE.dsse.json and the given public keys.
@@ -164,6 +168,10 @@ enum Command {
         /// agent does not hold VERSION yet.
         #[arg(long, value_name = "FILE")]
         artifact: Option<PathBuf>,
+        /// Allow VERSION below the highest version the agent activated; it
+        /// must then be one it ran before or one signed --allow-downgrade.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Activate the version a service ran before the current one.
     #[command(after_help = "Example:\n  reloadctl rollback --host 127.0.0.1:7700 --service web")]
@@ -339,8 +347,18 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             expires_in,
             os,
             arch,
+            allow_downgrade,
             file,
-        } => sign(&key, &service, &version, expires_in, &os, &arch, &file),
+        } => sign(
+            &key,
+            &service,
+            &version,
+            expires_in,
+            &os,
+            &arch,
+            allow_downgrade,
+            &file,
+        ),
         Command::Verify {
             pubkeys,
             envelope,
@@ -361,11 +379,13 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             service,
             version,
             artifact,
+            allow_downgrade,
         } => runtime()?.block_on(reload::activate(
             &host,
             &service,
             &version,
             artifact.as_deref(),
+            allow_downgrade,
         )),
         Command::Rollback {
             host,
@@ -459,6 +479,7 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sign(
     key: &Path,
     service: &str,
@@ -466,6 +487,7 @@ fn sign(
     expires_in: Duration,
     os: &str,
     arch: &str,
+    allow_downgrade: bool,
     file: &Path,
 ) -> anyhow::Result<()> {
     let key = SigningKey::load(key)?;
@@ -481,6 +503,7 @@ fn sign(
     )?;
     manifest.os = os.to_string();
     manifest.arch = arch.to_string();
+    manifest.allow_downgrade = allow_downgrade;
     manifest.validate()?;
     let envelope = Envelope::sign_manifest(&manifest, &[&key]);
     let out = envelope_path_for(file);

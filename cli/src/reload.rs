@@ -100,6 +100,7 @@ pub async fn activate(
     service: &str,
     version: &str,
     artifact: Option<&Path>,
+    allow_downgrade: bool,
 ) -> anyhow::Result<()> {
     let version = parse_version(version).map_err(|e| anyhow!(e))?.to_string();
     let channel = connect(host).await?;
@@ -128,6 +129,7 @@ pub async fn activate(
         .activate(pb::ActivateRequest {
             service: service.to_string(),
             sha256,
+            allow_downgrade,
             ..Default::default()
         })
         .await;
@@ -148,9 +150,11 @@ pub async fn rollback(host: &str, service: &str) -> anyhow::Result<()> {
     let channel = connect(host).await?;
     let watcher = print_events(channel.clone(), service.to_string()).await;
     let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    eprintln!("rolling back {service} on {host} to its previous version (allow_downgrade: it is a version this agent ran before)");
     let response = control
         .rollback(pb::RollbackRequest {
             service: service.to_string(),
+            allow_downgrade: true,
             ..Default::default()
         })
         .await;
@@ -202,6 +206,7 @@ pub async fn rollback_fleet(
                 let response = control
                     .rollback(pb::RollbackRequest {
                         service: service.clone(),
+                        allow_downgrade: true,
                         ..Default::default()
                     })
                     .await

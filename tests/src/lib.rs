@@ -239,6 +239,12 @@ impl Agent {
         let mut manifest = manifest_for(service, version, bytes);
         manifest.os = "any".into();
         manifest.arch = "any".into();
+        self.stage_manifest(manifest, bytes).await
+    }
+
+    /// Signs `manifest` (for `bytes`) and uploads. Returns the sha256.
+    pub async fn stage_manifest(&self, manifest: Manifest, bytes: &[u8]) -> String {
+        let (service, version) = (manifest.service.clone(), manifest.version.clone());
         let envelope = Envelope::sign_manifest(&manifest, &[&self.key]).to_json();
         let mut client = self.artifacts().await;
         upload(&mut client, upload_messages(envelope, bytes, 256 * 1024))

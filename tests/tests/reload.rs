@@ -98,6 +98,9 @@ impl Fixture {
             .activate(pb::ActivateRequest {
                 service: "web".into(),
                 sha256: sha256.into(),
+                // These tests go back and forth between versions the agent
+                // ran: the downgrade floor is tested in security.rs.
+                allow_downgrade: true,
                 ..Default::default()
             })
             .await
@@ -465,6 +468,7 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
     let result = control
         .rollback(pb::RollbackRequest {
             service: "web".into(),
+            allow_downgrade: true,
             ..Default::default()
         })
         .await

@@ -256,3 +256,100 @@ fn an_agent_without_tls_or_explicit_insecure_does_not_start() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("loopback only"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_downgrade_floor_holds_across_restarts() {
+    use reload_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // keep_versions above the 4 uploads: pruning is not under test here.
+    let config = format!(
+        "keep_versions = 10\n[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    );
+    let key = Arc::new(SigningKey::generate());
+    let mut agent = Agent::start(dir.path(), key.clone(), &config);
+    let v1 = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let v2 = agent
+        .stage("web", "2.0.0", &Agent::demo_server_bytes("2.0.0"))
+        .await;
+    let v15 = agent
+        .stage("web", "1.5.0", &Agent::demo_server_bytes("1.5.0"))
+        .await;
+    let bytes16 = Agent::demo_server_bytes("1.6.0");
+    let mut signed_for_downgrade = manifest_for("web", "1.6.0", &bytes16);
+    signed_for_downgrade.allow_downgrade = true;
+    let v16 = agent.stage_manifest(signed_for_downgrade, &bytes16).await;
+
+    async fn activate(
+        agent: &Agent,
+        sha: &str,
+        allow_downgrade: bool,
+    ) -> Result<String, tonic::Status> {
+        let mut control =
+            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+        let response = control
+            .activate(pb::ActivateRequest {
+                service: "web".into(),
+                sha256: sha.into(),
+                allow_downgrade,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let result = response.result.unwrap();
+        assert_eq!(
+            result.outcome,
+            pb::ReloadOutcome::Succeeded as i32,
+            "{}",
+            result.reason
+        );
+        Ok(result.to_version)
+    }
+    let refused = |result: Result<String, tonic::Status>, needle: &str| {
+        let status = result.expect_err("must be refused");
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains(needle), "{}", status.message());
+    };
+
+    activate(&agent, &v1, false).await.unwrap();
+    activate(&agent, &v2, false).await.unwrap();
+    refused(
+        activate(&agent, &v15, false).await,
+        "must be asked for explicitly",
+    );
+    refused(activate(&agent, &v15, true).await, "never activated here");
+    // A version this agent ran before may come back when asked for.
+    assert_eq!(activate(&agent, &v1, true).await.unwrap(), "1.0.0");
+    // So may a build whose signer allowed it.
+    assert_eq!(activate(&agent, &v16, true).await.unwrap(), "1.6.0");
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    let err = control
+        .rollback(pb::RollbackRequest {
+            service: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+
+    // The floor is persisted: a restarted agent still refuses.
+    agent.kill();
+    let agent = Agent::start_with_config(dir.path(), key);
+    refused(activate(&agent, &v15, true).await, "below 2.0.0");
+}

@@ -861,9 +861,12 @@ async fn revert(
         );
         reverts.spawn(async move {
             let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+            // Back to what it ran before this rollout: below the floor the
+            // new version set, and known to the agent.
             let request = pb::RollbackRequest {
                 service: plan.service.clone(),
                 lease: Some(lease),
+                allow_downgrade: true,
             };
             let (state, message) =
                 match tokio::time::timeout(Duration::from_secs(300), control.rollback(request))

@@ -169,6 +169,8 @@ async fn activate(
         .activate(pb::ActivateRequest {
             service: "bench".into(),
             sha256: sha256.into(),
+            // Back and forth between two versions the agent ran.
+            allow_downgrade: true,
             ..Default::default()
         })
         .await
