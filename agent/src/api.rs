@@ -43,6 +43,8 @@ pub struct AgentState {
     supervisor: Arc<Supervisor>,
     leases: crate::lease::Leases,
     audit: AuditLog,
+    /// Per client identity: tokens left and when they were counted.
+    rate: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
 impl AgentApi {
@@ -62,6 +64,7 @@ impl AgentApi {
             supervisor,
             leases,
             audit,
+            rate: Default::default(),
         }))
     }
 }
@@ -77,6 +80,24 @@ impl AgentState {
             .await
             .map_err(|err| Status::internal(format!("store task failed: {err}")))?
             .map_err(store_status)
+    }
+
+    /// Refuses an upload that would leave less than `min_free_space` on the
+    /// store's disk: a full disk breaks the agent's state, not just uploads.
+    fn check_free_space(&self, size: u64) -> Result<(), Status> {
+        let stats = nix::sys::statvfs::statvfs(self.store.temp_dir()).map_err(|err| {
+            Status::internal(format!(
+                "cannot read the free space of the store's disk: {err}"
+            ))
+        })?;
+        let free = stats.blocks_available() as u64 * stats.fragment_size() as u64;
+        let margin = self.config.limits.min_free_bytes;
+        if free < size.saturating_add(margin) {
+            return Err(Status::resource_exhausted(format!(
+                "the store's disk has {free} bytes free; this artifact needs {size} and {margin} must stay free ([limits] min_free_space): free space or prune old artifacts"
+            )));
+        }
+        Ok(())
     }
 
     /// Every check an envelope must pass on this agent before any byte of
@@ -138,6 +159,7 @@ impl AgentState {
             });
         }
 
+        self.check_free_space(verified.manifest.size)?;
         let mut upload = self
             .store
             .begin_upload(verified, envelope)
@@ -256,7 +278,9 @@ fn verify_code(err: &VerifyError) -> Code {
         | VerifyError::InvalidManifest(_) => Code::InvalidArgument,
         VerifyError::NoSignature
         | VerifyError::UntrustedKey { .. }
-        | VerifyError::BadSignature { .. } => Code::PermissionDenied,
+        | VerifyError::BadSignature { .. }
+        | VerifyError::RevokedKey { .. }
+        | VerifyError::BelowThreshold { .. } => Code::PermissionDenied,
         VerifyError::Expired { .. } | VerifyError::WrongPlatform { .. } => Code::FailedPrecondition,
         VerifyError::ContentMismatch(_) => Code::DataLoss,
     }
@@ -347,6 +371,29 @@ impl AgentState {
         (shown, names)
     }
 
+    /// A token bucket per identity: `requests_per_second`, bursts of twice
+    /// that. A runaway script cannot starve the agent or other callers.
+    fn take_token(&self, identity: &str) -> Result<(), Status> {
+        let rate = self.config.limits.requests_per_second as f64;
+        let now = std::time::Instant::now();
+        let mut buckets = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, (_, seen)| now.duration_since(*seen) < Duration::from_secs(60));
+        }
+        let (tokens, seen) = buckets
+            .entry(identity.to_string())
+            .or_insert((2.0 * rate, now));
+        *tokens = (*tokens + now.duration_since(*seen).as_secs_f64() * rate).min(2.0 * rate);
+        *seen = now;
+        if *tokens < 1.0 {
+            return Err(Status::resource_exhausted(format!(
+                "{identity:?} is over {rate} calls per second ([limits] requests_per_second); slow down and retry"
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+
     /// Checks `right` for the caller; returns who it is either way.
     fn authorize<T>(
         &self,
@@ -355,6 +402,9 @@ impl AgentState {
         call: &str,
     ) -> (String, Result<(), Status>) {
         let (shown, names) = self.caller(request);
+        if let Err(status) = self.take_token(&shown) {
+            return (shown, Err(status));
+        }
         if self.config.tls.is_none() {
             // Plaintext is loopback-only by config: whoever is on this
             // machine may act, as the start-up warning says.
@@ -459,7 +509,16 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
                     "{} uploads are already running on this agent (max_concurrent_uploads); retry when one finishes",
                     self.config.limits.max_concurrent_uploads
                 ))),
-                Ok(_slot) => self.upload(request.into_inner()).await,
+                Ok(_slot) => {
+                    let max = self.config.limits.upload_max_duration;
+                    match tokio::time::timeout(max, self.upload(request.into_inner())).await {
+                        Ok(result) => result,
+                        Err(_) => Err(Status::deadline_exceeded(format!(
+                            "the upload took longer than {} in all and was cut off ([limits] upload_max_duration)",
+                            humantime::format_duration(max)
+                        ))),
+                    }
+                }
             },
         };
         let manifest = result

@@ -79,6 +79,10 @@ struct AgentSection {
     /// SPKI PEM files of the keys whose signatures are accepted.
     trusted_keys: Vec<PathBuf>,
     keep_versions: usize,
+    /// Key ids (see `reloadctl keygen`) whose signatures never count.
+    revoked_keys: Vec<String>,
+    /// Per service, how many distinct trusted keys must sign (default 1).
+    signature_thresholds: std::collections::BTreeMap<String, usize>,
     /// How far a signer's clock may be ahead before a manifest counts as
     /// expired here.
     #[serde(with = "humantime_serde")]
@@ -102,6 +106,8 @@ impl Default for AgentSection {
             insecure: false,
             trusted_keys: Vec::new(),
             keep_versions: 3,
+            revoked_keys: Vec::new(),
+            signature_thresholds: Default::default(),
             clock_skew: Duration::from_secs(300),
         }
     }
@@ -116,6 +122,14 @@ struct LimitsSection {
     /// An upload that sends nothing for this long is cut off.
     #[serde(with = "humantime_serde")]
     upload_idle_timeout: Duration,
+    /// An upload that takes longer than this in all is cut off.
+    #[serde(with = "humantime_serde")]
+    upload_max_duration: Duration,
+    /// An upload is refused unless this much stays free on the store's disk
+    /// after it.
+    min_free_space: ByteSize,
+    /// Calls per second per client identity (a token bucket of twice this).
+    requests_per_second: u32,
 }
 
 impl Default for LimitsSection {
@@ -125,6 +139,9 @@ impl Default for LimitsSection {
             max_chunk_size: ByteSize::mib(1),
             max_concurrent_uploads: 4,
             upload_idle_timeout: Duration::from_secs(30),
+            upload_max_duration: Duration::from_secs(30 * 60),
+            min_free_space: ByteSize::mib(64),
+            requests_per_second: 100,
         }
     }
 }
@@ -547,6 +564,9 @@ pub struct Limits {
     pub max_chunk_bytes: u64,
     pub max_concurrent_uploads: usize,
     pub upload_idle_timeout: Duration,
+    pub upload_max_duration: Duration,
+    pub min_free_bytes: u64,
+    pub requests_per_second: u32,
 }
 
 impl AgentConfig {
@@ -585,6 +605,25 @@ impl AgentConfig {
                 .with_context(|| format!("[agent] trusted_keys entry {}", path.display()))?;
             keys.push(key);
         }
+        for id in &agent.revoked_keys {
+            if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("[agent] revoked_keys: {id:?} is not a key id (64 hex digits, as `reloadctl keygen` prints)");
+            }
+        }
+        let usable = keys
+            .iter()
+            .filter(|k| !agent.revoked_keys.iter().any(|r| r == k.id()))
+            .count();
+        for (service, need) in &agent.signature_thresholds {
+            if *need == 0 || *need > usable {
+                bail!("[agent] signature_thresholds: {service} = {need} cannot be met by the {usable} trusted, unrevoked key(s)");
+            }
+        }
+        let mut trusted_keys =
+            TrustedKeys::new(keys, agent.clock_skew).with_revoked(agent.revoked_keys.clone());
+        for (service, need) in &agent.signature_thresholds {
+            trusted_keys = trusted_keys.with_threshold(service, *need);
+        }
         let max_chunk_bytes = limits.max_chunk_size.as_u64();
         if !(1024..=16 * 1024 * 1024).contains(&max_chunk_bytes) {
             bail!(
@@ -595,8 +634,11 @@ impl AgentConfig {
         if limits.max_concurrent_uploads == 0 {
             bail!("[limits] max_concurrent_uploads must be at least 1");
         }
-        if limits.upload_idle_timeout.is_zero() {
-            bail!("[limits] upload_idle_timeout must be above zero");
+        if limits.upload_idle_timeout.is_zero() || limits.upload_max_duration.is_zero() {
+            bail!("[limits] upload_idle_timeout and upload_max_duration must be above zero");
+        }
+        if limits.requests_per_second == 0 {
+            bail!("[limits] requests_per_second must be at least 1");
         }
         let mut services = Vec::new();
         for section in file.services {
@@ -656,13 +698,16 @@ impl AgentConfig {
             state_dir,
             health_listen: agent.health_listen,
             services,
-            trusted_keys: TrustedKeys::new(keys, agent.clock_skew),
+            trusted_keys,
             keep_versions: agent.keep_versions,
             limits: Limits {
                 max_artifact_bytes: limits.max_artifact_size.as_u64(),
                 max_chunk_bytes,
                 max_concurrent_uploads: limits.max_concurrent_uploads,
                 upload_idle_timeout: limits.upload_idle_timeout,
+                upload_max_duration: limits.upload_max_duration,
+                min_free_bytes: limits.min_free_space.as_u64(),
+                requests_per_second: limits.requests_per_second,
             },
         })
     }

@@ -57,6 +57,23 @@ const UPLOAD_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// Larger HTTP/2 frames: fewer frame headers and wake-ups per chunk.
 const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
+/// A folder others may write to could have its artifacts or state swapped
+/// under the agent: refuse to start on one.
+fn refuse_world_writable(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = meta.permissions().mode();
+        if mode & 0o002 != 0 {
+            anyhow::bail!(
+                "{} is writable by everyone (mode {:o}); run chmod 700 on it",
+                dir.display(),
+                mode & 0o777
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Binds every configured gRPC address. Kept apart from [`serve`] so the
 /// caller can report bind errors before anything else starts.
 pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
@@ -77,6 +94,9 @@ pub async fn serve(
     listeners: Vec<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    for dir in [&config.store_dir, &config.state_dir] {
+        refuse_world_writable(dir)?;
+    }
     let store_dir = config.store_dir.clone();
     let keep_versions = config.keep_versions;
     let store = tokio::task::spawn_blocking(move || ArtifactStore::open(&store_dir, keep_versions))

@@ -33,6 +33,17 @@ pub enum VerifyError {
     },
     #[error("signature by trusted key {key_id} does not match the payload: the envelope was altered after signing or signed over other content")]
     BadSignature { key_id: String },
+    #[error(
+        "envelope is signed only by revoked key(s) {key_ids:?}: sign it again with a current key"
+    )]
+    RevokedKey { key_ids: Vec<String> },
+    #[error("{service} needs signatures by {need} distinct trusted keys, found {have} ({key_ids:?}): add signatures (reloadctl sign --key A --key B)")]
+    BelowThreshold {
+        service: String,
+        need: usize,
+        have: usize,
+        key_ids: Vec<String>,
+    },
     #[error("payload is not a manifest: {0}")]
     PayloadNotManifest(String),
     #[error("manifest is invalid: {0}")]
@@ -69,6 +80,10 @@ pub struct TrustedKeys {
     keys: BTreeMap<String, PublicKey>,
     /// Tolerated clock difference between signer and verifier for expiry.
     clock_skew: Duration,
+    /// Key ids whose signatures never count, trusted or not.
+    revoked: std::collections::BTreeSet<String>,
+    /// Per service, how many distinct trusted keys must have signed.
+    thresholds: BTreeMap<String, usize>,
 }
 
 impl TrustedKeys {
@@ -76,7 +91,21 @@ impl TrustedKeys {
         TrustedKeys {
             keys: keys.into_iter().map(|k| (k.id().to_string(), k)).collect(),
             clock_skew,
+            revoked: Default::default(),
+            thresholds: Default::default(),
         }
+    }
+
+    /// Signatures by these key ids never count (a leaked key).
+    pub fn with_revoked(mut self, key_ids: impl IntoIterator<Item = String>) -> TrustedKeys {
+        self.revoked = key_ids.into_iter().collect();
+        self
+    }
+
+    /// `service` needs signatures by `count` distinct trusted keys.
+    pub fn with_threshold(mut self, service: &str, count: usize) -> TrustedKeys {
+        self.thresholds.insert(service.to_string(), count);
+        self
     }
 
     pub fn ids(&self) -> Vec<String> {
@@ -117,8 +146,13 @@ impl TrustedKeys {
         let message = pae(&envelope.payload_type, &payload);
         let mut verified = Vec::new();
         let mut untrusted = Vec::new();
+        let mut revoked = Vec::new();
         let mut bad = None;
         for signature in &envelope.signatures {
+            if self.revoked.contains(&signature.keyid) {
+                revoked.push(signature.keyid.clone());
+                continue;
+            }
             let Some(key) = self.keys.get(&signature.keyid) else {
                 untrusted.push(signature.keyid.clone());
                 continue;
@@ -135,6 +169,9 @@ impl TrustedKeys {
         if verified.is_empty() {
             return Err(match bad {
                 Some(key_id) => VerifyError::BadSignature { key_id },
+                None if !revoked.is_empty() && untrusted.is_empty() => {
+                    VerifyError::RevokedKey { key_ids: revoked }
+                }
                 None => VerifyError::UntrustedKey {
                     key_ids: untrusted,
                     trusted: self.ids(),
@@ -144,6 +181,15 @@ impl TrustedKeys {
         let manifest: Manifest = serde_json::from_slice(&payload)
             .map_err(|err| VerifyError::PayloadNotManifest(err.to_string()))?;
         manifest.validate()?;
+        let need = self.thresholds.get(&manifest.service).copied().unwrap_or(1);
+        if verified.len() < need {
+            return Err(VerifyError::BelowThreshold {
+                service: manifest.service,
+                need,
+                have: verified.len(),
+                key_ids: verified,
+            });
+        }
         let expires = manifest.expires_at()?;
         if now > expires + self.clock_skew {
             let ago = now.duration_since(expires).unwrap_or_default();
@@ -283,6 +329,45 @@ mod tests {
         // Within the allowed skew it still passes.
         let lenient = TrustedKeys::new([key.public()], Duration::from_secs(3601));
         lenient.verify_envelope(&good, later).unwrap();
+    }
+
+    #[test]
+    fn revoked_keys_never_count_and_thresholds_need_distinct_keys() {
+        let now = SystemTime::now();
+        let (a, b) = (SigningKey::generate(), SigningKey::generate());
+        let trusted = TrustedKeys::new([a.public(), b.public()], Duration::ZERO);
+        let by_a = Envelope::sign_manifest(&manifest(now), &[&a]).to_json();
+        let by_both = Envelope::sign_manifest(&manifest(now), &[&a, &b]).to_json();
+        trusted.clone().verify_envelope(&by_a, now).unwrap();
+        let revoked = trusted.clone().with_revoked([a.id().to_string()]);
+        assert!(matches!(
+            revoked.verify_envelope(&by_a, now),
+            Err(VerifyError::RevokedKey { .. })
+        ));
+        assert_eq!(
+            revoked.verify_envelope(&by_both, now).unwrap().key_ids,
+            vec![b.id().to_string()]
+        );
+        let two = trusted.with_threshold("web", 2);
+        let err = two.verify_envelope(&by_a, now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::BelowThreshold {
+                    need: 2,
+                    have: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(two.verify_envelope(&by_both, now).unwrap().key_ids.len(), 2);
+        // The same key twice is one key.
+        let twice = Envelope::sign_manifest(&manifest(now), &[&a, &a]).to_json();
+        assert!(matches!(
+            two.verify_envelope(&twice, now),
+            Err(VerifyError::BelowThreshold { have: 1, .. })
+        ));
     }
 
     #[test]

@@ -107,9 +107,11 @@ enum Command {
         after_help = "Example:\n  reloadctl sign --key release.key --service web --version 1.4 ./web\n  # writes ./web.dsse.json"
     )]
     Sign {
-        /// Private key (PKCS#8 PEM, from `reloadctl keygen` or `openssl genpkey -algorithm ed25519`).
-        #[arg(long, value_name = "KEY")]
-        key: PathBuf,
+        /// Private key (PKCS#8 PEM, from `reloadctl keygen` or `openssl
+        /// genpkey -algorithm ed25519`); repeat to sign with several (key
+        /// rotation, k-of-n thresholds).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
         #[arg(long)]
         service: String,
         /// Semantic version; `1.4` means `1.4.0`.
@@ -341,7 +343,7 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
         } => certs::make_certs(&out, &agent_names, &clients, force),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Sign {
-            key,
+            keys,
             service,
             version,
             expires_in,
@@ -350,7 +352,7 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             allow_downgrade,
             file,
         } => sign(
-            &key,
+            &keys,
             &service,
             &version,
             expires_in,
@@ -481,7 +483,7 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn sign(
-    key: &Path,
+    keys: &[PathBuf],
     service: &str,
     version: &str,
     expires_in: Duration,
@@ -490,7 +492,10 @@ fn sign(
     allow_downgrade: bool,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let key = SigningKey::load(key)?;
+    let keys = keys
+        .iter()
+        .map(|k| SigningKey::load(k))
+        .collect::<Result<Vec<_>, _>>()?;
     let (sha256, size) =
         hash_file(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut manifest = Manifest::new(
@@ -505,16 +510,16 @@ fn sign(
     manifest.arch = arch.to_string();
     manifest.allow_downgrade = allow_downgrade;
     manifest.validate()?;
-    let envelope = Envelope::sign_manifest(&manifest, &[&key]);
+    let envelope = Envelope::sign_manifest(&manifest, &keys.iter().collect::<Vec<_>>());
     let out = envelope_path_for(file);
     write_atomically(&out, &envelope.to_json(), 0o644, true)?;
     println!(
-        "signed {} {} ({} bytes, sha256 {}) with key {}",
+        "signed {} {} ({} bytes, sha256 {}) with key(s) {}",
         manifest.service,
         manifest.version,
         size,
         sha256,
-        key.id()
+        keys.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
     );
     println!("envelope: {} (expires {})", out.display(), manifest.expires);
     Ok(())

@@ -353,3 +353,235 @@ async fn the_downgrade_floor_holds_across_restarts() {
     let agent = Agent::start_with_config(dir.path(), key);
     refused(activate(&agent, &v15, true).await, "below 2.0.0");
 }
+
+mod limits_and_keys {
+    use super::*;
+    use reload_artifact::Envelope;
+    use reload_proto::v1 as pb;
+    use tonic::Code;
+
+    /// An insecure (loopback) agent trusting keys `a` and `b`, with `extra`
+    /// appended to [agent] and a [limits] table.
+    fn agent_with(
+        dir: &Path,
+        a: &Arc<SigningKey>,
+        b: &SigningKey,
+        agent_extra: &str,
+        limits: &str,
+    ) -> Agent {
+        std::fs::write(dir.join("a.pub"), a.public().to_pem()).unwrap();
+        std::fs::write(dir.join("b.pub"), b.public().to_pem()).unwrap();
+        std::fs::write(
+            dir.join("agent.toml"),
+            format!(
+                "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\n\
+                 trusted_keys = [\"a.pub\", \"b.pub\"]\n{agent_extra}\n[limits]\n{limits}\n"
+            ),
+        )
+        .unwrap();
+        Agent::start_with_config(dir, a.clone())
+    }
+
+    async fn send(
+        agent: &Agent,
+        envelope: Vec<u8>,
+        bytes: &[u8],
+    ) -> Result<pb::UploadArtifactResponse, tonic::Status> {
+        let mut client = agent.artifacts().await;
+        upload(&mut client, upload_messages(envelope, bytes, 64 * 1024)).await
+    }
+
+    #[tokio::test]
+    async fn revoked_keys_and_signature_thresholds_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Arc::new(SigningKey::generate()), SigningKey::generate());
+        // `a` revoked; `web` needs two signatures (b plus another trusted key).
+        let c = SigningKey::generate();
+        std::fs::write(dir.path().join("c.pub"), c.public().to_pem()).unwrap();
+        let agent = {
+            std::fs::write(dir.path().join("a.pub"), a.public().to_pem()).unwrap();
+            std::fs::write(dir.path().join("b.pub"), b.public().to_pem()).unwrap();
+            std::fs::write(
+                dir.path().join("agent.toml"),
+                format!(
+                    "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\n\
+                     trusted_keys = [\"a.pub\", \"b.pub\", \"c.pub\"]\nrevoked_keys = [\"{}\"]\n\
+                     [agent.signature_thresholds]\nweb = 2\n",
+                    a.id()
+                ),
+            )
+            .unwrap();
+            Agent::start_with_config(dir.path(), a.clone())
+        };
+        let bytes = pseudo_random_bytes(10_000, 1);
+        let manifest = manifest_for("web", "1.0", &bytes);
+        let before = snapshot(&agent.store());
+        let err = send(
+            &agent,
+            Envelope::sign_manifest(&manifest, &[&a]).to_json(),
+            &bytes,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("revoked"), "{}", err.message());
+        let err = send(
+            &agent,
+            Envelope::sign_manifest(&manifest, &[&a, &b]).to_json(),
+            &bytes,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("needs signatures by 2 distinct trusted keys, found 1"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(snapshot(&agent.store()), before);
+        // Rotation: signed with the new keys, accepted.
+        send(
+            &agent,
+            Envelope::sign_manifest(&manifest, &[&b, &c]).to_json(),
+            &bytes,
+        )
+        .await
+        .unwrap();
+        // Another service keeps the default of one signature.
+        let api = manifest_for("api", "1.0", &bytes);
+        send(
+            &agent,
+            Envelope::sign_manifest(&api, &[&c]).to_json(),
+            &bytes,
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_would_fill_the_disk_is_refused_before_any_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Arc::new(SigningKey::generate()), SigningKey::generate());
+        let agent = agent_with(dir.path(), &a, &b, "", "min_free_space = \"1 PiB\"");
+        let bytes = pseudo_random_bytes(10_000, 2);
+        let before = snapshot(&agent.store());
+        let err = send(&agent, agent.sign("web", "1.0", &bytes), &bytes)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(
+            err.message().contains("must stay free"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(snapshot(&agent.store()), before);
+    }
+
+    #[tokio::test]
+    async fn a_slow_upload_is_cut_off_at_its_total_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Arc::new(SigningKey::generate()), SigningKey::generate());
+        let agent = agent_with(
+            dir.path(),
+            &a,
+            &b,
+            "",
+            "upload_max_duration = \"1s\"\nupload_idle_timeout = \"10s\"",
+        );
+        let bytes = pseudo_random_bytes(64 * 1024, 3);
+        let before = snapshot(&agent.store());
+        let envelope = agent.sign("web", "1.0", &bytes);
+        // One small chunk every 300 ms: never idle, always too slow.
+        let stream = async_stream_of(envelope, bytes);
+        let mut client = agent.artifacts().await;
+        let err = client.upload_artifact(stream).await.unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+        assert!(
+            err.message().contains("upload_max_duration"),
+            "{}",
+            err.message()
+        );
+        wait_for(
+            "the temp file to go",
+            std::time::Duration::from_secs(10),
+            || {
+                std::fs::read_dir(agent.store().join("tmp"))
+                    .unwrap()
+                    .count()
+                    == 0
+            },
+        )
+        .await;
+        assert_eq!(snapshot(&agent.store()), before);
+    }
+
+    fn async_stream_of(
+        envelope: Vec<u8>,
+        bytes: Vec<u8>,
+    ) -> tokio_stream::wrappers::ReceiverStream<pb::UploadArtifactRequest> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for message in upload_messages(envelope, &bytes, 1024) {
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(receiver)
+    }
+
+    #[tokio::test]
+    async fn a_caller_over_its_request_rate_is_slowed_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Arc::new(SigningKey::generate()), SigningKey::generate());
+        let agent = agent_with(dir.path(), &a, &b, "", "requests_per_second = 2");
+        let mut client = agent.artifacts().await;
+        let mut refused = 0;
+        for _ in 0..20 {
+            match client
+                .list_artifacts(pb::ListArtifactsRequest::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted);
+                    assert!(status.message().contains("requests_per_second"));
+                    refused += 1;
+                }
+            }
+        }
+        // A burst of twice the rate passes; the rest of 20 quick calls not.
+        assert!(refused >= 10, "only {refused} of 20 calls were refused");
+    }
+
+    #[test]
+    fn a_world_writable_store_is_refused_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate();
+        std::fs::write(dir.path().join("a.pub"), key.public().to_pem()).unwrap();
+        std::fs::create_dir(dir.path().join("store")).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("store"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("agent.toml"),
+            "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"a.pub\"]\n",
+        )
+        .unwrap();
+        let output = Command::new(bin_path("reload-agent"))
+            .args(["--config", "agent.toml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("writable by everyone"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
