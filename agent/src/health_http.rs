@@ -1,8 +1,9 @@
 //! The agent's plain HTTP endpoint: `/healthz` (JSON: every service's
 //! version, pid, state, health and consecutive healthy checks) and
 //! `/healthz/<service>` (200 only when that service is healthy, 503
-//! otherwise, 404 for an unknown name), for load balancers and the CLI's
-//! health gate.
+//! otherwise, 404 for an unknown name), for load balancers and monitoring.
+//! With [tls] configured it speaks HTTPS and requires a client certificate
+//! from the agent's CA, like the gRPC API.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -74,22 +75,78 @@ fn route(supervisor: &Supervisor, path: &str) -> Response<Full<Bytes>> {
     )
 }
 
-pub async fn serve(listener: TcpListener, supervisor: Arc<Supervisor>) {
+/// Mutual TLS for the health endpoint, with the agent's [tls] files: any
+/// client certificate from the CA may read health (load balancers get one
+/// from the same CA; rights are not checked for this read-only endpoint).
+pub fn tls_acceptor(tls: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_slice_iter(&tls.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .context("[tls] cert is not PEM certificates")?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&tls.key).context("[tls] key is not a PEM private key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&tls.ca) {
+        roots.add(ca.context("[tls] ca is not PEM certificates")?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("[tls] ca cannot verify client certificates")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("[tls] cert and key do not match")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    supervisor: Arc<Supervisor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let supervisor = supervisor.clone();
+        let (supervisor, tls) = (supervisor.clone(), tls.clone());
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let response = route(&supervisor, request.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "health endpoint: TLS handshake refused")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "health endpoint: TLS handshake timed out")
+                        }
+                    }
+                }
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                }
+            }
         });
     }
 }

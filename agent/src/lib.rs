@@ -141,7 +141,8 @@ pub async fn serve(
     supervisor.start_monitors();
     probe::start_probes(&supervisor, health_reporter.clone());
     if let Some(listener) = health_listener {
-        tokio::spawn(health_http::serve(listener, supervisor.clone()));
+        let acceptor = tls.as_ref().map(health_http::tls_acceptor).transpose()?;
+        tokio::spawn(health_http::serve(listener, supervisor.clone(), acceptor));
     }
     health_reporter
         .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()

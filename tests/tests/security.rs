@@ -188,6 +188,35 @@ fn mutual_tls_and_rights_decide_who_may_deploy_and_every_call_is_audited() {
         text(&out)
     );
 
+    // The health endpoint speaks mutual TLS too.
+    let health = t.agent.health_addr.expect("health endpoint").to_string();
+    let probe = |with_cert: bool| {
+        let script = r#"
+import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile="certs/ca.pem")
+if sys.argv[2] == "cert":
+    ctx.load_cert_chain("certs/monitor.pem", "certs/monitor.key")
+try:
+    with urllib.request.urlopen(f"https://{sys.argv[1]}/healthz", context=ctx, timeout=10) as r:
+        print(r.status, json.load(r)["services"][0]["service"])
+except Exception as e:
+    print("refused", type(e).__name__)
+"#;
+        let output = Command::new("python3")
+            .args([
+                "-c",
+                script,
+                &health,
+                if with_cert { "cert" } else { "none" },
+            ])
+            .current_dir(d)
+            .output()
+            .expect("python3 is part of the test toolchain");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    assert_eq!(probe(true), "200 web");
+    assert!(probe(false).starts_with("refused"), "{}", probe(false));
+
     // The audit log has the accepted and the refused mutating calls, with
     // who made them.
     let audit = std::fs::read_to_string(d.join("state/audit.log")).unwrap();
