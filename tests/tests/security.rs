@@ -377,6 +377,21 @@ async fn the_downgrade_floor_holds_across_restarts() {
         err.message()
     );
 
+    // The audit log has the refused and the allowed downgrades.
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).unwrap();
+    let activations: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["call"] == "Activate")
+        .collect();
+    let result_of = |sha: &str| -> Vec<String> {
+        activations.iter().filter(|e| e["sha256"] == sha).map(|e| e["result"].as_str().unwrap().to_string()).collect()
+    };
+    let v15_results = result_of(&v15);
+    assert_eq!(v15_results.len(), 2);
+    assert!(v15_results.iter().all(|r| r.starts_with("FailedPrecondition")), "{v15_results:?}");
+    assert_eq!(result_of(&v16), vec!["ok".to_string()]);
+
     // The floor is persisted: a restarted agent still refuses.
     agent.kill();
     let agent = Agent::start_with_config(dir.path(), key);
@@ -558,6 +573,40 @@ mod limits_and_keys {
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(receiver)
+    }
+
+    #[tokio::test]
+    async fn a_client_trickling_bytes_is_cut_off_by_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Arc::new(SigningKey::generate()), SigningKey::generate());
+        let agent = agent_with(dir.path(), &a, &b, "", "upload_idle_timeout = \"1s\"");
+        let bytes = pseudo_random_bytes(100, 4);
+        let before = snapshot(&agent.store());
+        let envelope = agent.sign("web", "1.0", &bytes);
+        // The envelope, then one byte every 1.5 s: slower than the idle
+        // timeout allows.
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let trickle = tokio::spawn(async move {
+            for message in upload_messages(envelope, &bytes, 1) {
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            }
+        });
+        let mut client = agent.artifacts().await;
+        let err = client
+            .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap_err();
+        trickle.abort();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+        assert!(err.message().contains("upload_idle_timeout"), "{}", err.message());
+        wait_for("the temp file to go", std::time::Duration::from_secs(10), || {
+            std::fs::read_dir(agent.store().join("tmp")).unwrap().count() == 0
+        })
+        .await;
+        assert_eq!(snapshot(&agent.store()), before);
     }
 
     #[tokio::test]
