@@ -450,6 +450,13 @@ impl AgentState {
     }
 }
 
+/// A lease reference as the audit log shows it.
+fn describe_lease_ref(lease: Option<&pb::LeaseRef>) -> String {
+    lease
+        .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
+        .unwrap_or_default()
+}
+
 /// How a call ended, for the audit log.
 fn audit_result<T>(result: &Result<T, Status>) -> Result<(), String> {
     match result {
@@ -769,11 +776,7 @@ impl pb::lease_service_server::LeaseService for AgentApi {
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "AcquireLease");
         let request = request.into_inner();
-        let rollout = request
-            .r#ref
-            .as_ref()
-            .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
-            .unwrap_or_default();
+        let rollout = describe_lease_ref(request.r#ref.as_ref());
         let result = allowed.and_then(|()| self.leases.acquire(request));
         self.audit(
             &identity,
@@ -801,11 +804,7 @@ impl pb::lease_service_server::LeaseService for AgentApi {
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "ReleaseLease");
         let request = request.into_inner();
-        let rollout = request
-            .r#ref
-            .as_ref()
-            .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
-            .unwrap_or_default();
+        let rollout = describe_lease_ref(request.r#ref.as_ref());
         let result = allowed.and_then(|()| self.leases.release(request));
         self.audit(
             &identity,

@@ -724,11 +724,6 @@ impl Supervisor {
                 artifact.manifest.service, artifact.manifest.version
             )));
         }
-        check_downgrade_floor(
-            &service.observe(|o| o.versions.clone()),
-            &artifact,
-            allow_downgrade,
-        )?;
         if service.reloading.swap(true, Ordering::SeqCst) {
             return Err(Status::aborted(format!(
                 "a reload of {name:?} is already running; wait for it to finish (reloadctl status)"
@@ -746,6 +741,13 @@ impl Supervisor {
                     humantime::format_duration(bound)
                 ))
             })?;
+        // Under the lock: a reload that finished meanwhile may have raised
+        // the floor.
+        check_downgrade_floor(
+            &service.observe(|o| o.versions.clone()),
+            &artifact,
+            allow_downgrade,
+        )?;
         let result = self.replace(&service, artifact, guard, rollback).await;
         Ok((result, service.status()))
     }

@@ -385,11 +385,20 @@ async fn the_downgrade_floor_holds_across_restarts() {
         .filter(|e| e["call"] == "Activate")
         .collect();
     let result_of = |sha: &str| -> Vec<String> {
-        activations.iter().filter(|e| e["sha256"] == sha).map(|e| e["result"].as_str().unwrap().to_string()).collect()
+        activations
+            .iter()
+            .filter(|e| e["sha256"] == sha)
+            .map(|e| e["result"].as_str().unwrap().to_string())
+            .collect()
     };
     let v15_results = result_of(&v15);
     assert_eq!(v15_results.len(), 2);
-    assert!(v15_results.iter().all(|r| r.starts_with("FailedPrecondition")), "{v15_results:?}");
+    assert!(
+        v15_results
+            .iter()
+            .all(|r| r.starts_with("FailedPrecondition")),
+        "{v15_results:?}"
+    );
     assert_eq!(result_of(&v16), vec!["ok".to_string()]);
 
     // The floor is persisted: a restarted agent still refuses.
@@ -601,10 +610,21 @@ mod limits_and_keys {
             .unwrap_err();
         trickle.abort();
         assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
-        assert!(err.message().contains("upload_idle_timeout"), "{}", err.message());
-        wait_for("the temp file to go", std::time::Duration::from_secs(10), || {
-            std::fs::read_dir(agent.store().join("tmp")).unwrap().count() == 0
-        })
+        assert!(
+            err.message().contains("upload_idle_timeout"),
+            "{}",
+            err.message()
+        );
+        wait_for(
+            "the temp file to go",
+            std::time::Duration::from_secs(10),
+            || {
+                std::fs::read_dir(agent.store().join("tmp"))
+                    .unwrap()
+                    .count()
+                    == 0
+            },
+        )
         .await;
         assert_eq!(snapshot(&agent.store()), before);
     }

@@ -388,6 +388,13 @@ fn print_plan(plan: &Plan) {
     println!("dry run: nothing was changed");
 }
 
+/// A rollout is over once it finished with anything but a pause.
+fn finished(lines: &[journal::Line]) -> bool {
+    lines.iter().any(
+        |l| matches!(l.record, Record::Finished { outcome, .. } if outcome != Outcome::Aborted),
+    )
+}
+
 /// Finds the journal to resume: the one named, or the newest unfinished.
 fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
     let folder = Journal::folder(base);
@@ -404,9 +411,7 @@ fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
     {
         let path = entry?.path();
         let lines = journal::read_lines(&path)?;
-        if !lines.iter().any(
-            |l| matches!(l.record, Record::Finished { outcome, .. } if outcome != Outcome::Aborted),
-        ) {
+        if !finished(&lines) {
             let modified = std::fs::metadata(&path)?.modified()?;
             unfinished.push((modified, path));
         }
@@ -444,9 +449,7 @@ pub async fn resume(
     else {
         bail!("journal {} does not start with a plan", path.display());
     };
-    if lines.iter().any(
-        |l| matches!(l.record, Record::Finished { outcome, .. } if outcome != Outcome::Aborted),
-    ) {
+    if finished(&lines) {
         bail!("rollout {rollout} has finished already");
     }
     let generation = lines
