@@ -9,8 +9,8 @@
 //! - [`api`]: the `reload.v1` gRPC handlers and the mapping of errors to
 //!   status codes.
 //! - [`supervisor`]: services: start, socket-preserving reload, drain,
-//!   restart with backoff; `listeners` binds their sockets once, `spawn`
-//!   (the only module with `unsafe`) starts a process with them, [`state`]
+//!   restart with backoff; `listeners` binds their sockets once,
+//!   `reload_server::spawn` starts a process with them, [`state`]
 //!   persists current/previous versions, [`probe`] and `health_http` report
 //!   health, [`events`] fans out every state change.
 //! - [`serve`]: binds nothing itself; it takes already-bound listeners so the
@@ -18,7 +18,7 @@
 //!
 //! Verification rules live in the `reload-artifact` crate, shared with
 //! `reloadctl verify`. The wire types live in `reload-proto`.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
@@ -28,7 +28,6 @@ mod health_http;
 pub mod lease;
 mod listeners;
 pub mod probe;
-mod spawn;
 pub mod state;
 pub mod store;
 pub mod supervisor;

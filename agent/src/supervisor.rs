@@ -37,7 +37,7 @@ use tonic::Status;
 use crate::config::{Readiness, ServiceConfig};
 use crate::events::{EventBus, EventFields};
 use crate::listeners::{bind_all, BoundListener};
-use crate::spawn::{spawn, SpawnSpec};
+use reload_server::spawn::{spawn, SpawnSpec};
 use crate::state::{ArtifactRef, ServiceVersions, StateFile};
 use crate::store::{ArtifactStore, StoredArtifact};
 
@@ -598,6 +598,8 @@ impl Supervisor {
                 .iter()
                 .map(|l| (l.name.clone(), std::os::fd::AsFd::as_fd(&l.fd)))
                 .collect(),
+            die_with_parent: true,
+            own_process_group: true,
         })
         .map_err(|err| {
             StartFailure::new(

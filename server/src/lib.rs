@@ -50,18 +50,27 @@
 //! - [`notify`]: sd_notify readiness messages.
 //! - [`http`]: HTTP/1.1 serving on hyper with the drain semantics above, and
 //!   the signal helper that starts the drain.
+//! - [`spawn`]: starting a process with sockets by the same protocol (the
+//!   agent's handoff and the standalone self-upgrade both use it).
+//! - [`upgrade`]: standalone self-upgrade for programs that run without an
+//!   agent: on SIGHUP, start the binary now at our path with our sockets,
+//!   wait for its READY, then drain.
 //!
 //! The demo binary `reload-demo-server` (in `src/bin`) is the program the
 //! end-to-end tests roll out, and a short example of using all three.
 
-// Unsafe code is denied everywhere and allowed only on the one module that has
-// to take ownership of raw file descriptors.
+// Unsafe code is denied everywhere and allowed only in the two modules that
+// must touch raw file descriptors: taking inherited ones (listeners) and
+// handing them to a new process between fork and exec (spawn).
 #![deny(unsafe_code)]
 
 pub mod http;
 #[allow(unsafe_code)]
 pub mod listeners;
 pub mod notify;
+#[allow(unsafe_code)]
+pub mod spawn;
+pub mod upgrade;
 
 pub use http::{serve_http, shutdown_signal, DrainConfig};
 pub use listeners::{ListenError, Listeners};

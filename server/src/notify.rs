@@ -146,6 +146,20 @@ fn from_env() -> Option<&'static Result<Notifier, (OsString, String)>> {
         .as_ref()
 }
 
+/// The `NOTIFY_SOCKET` value this process was started with (read once, like
+/// every function here): a self-upgrade passes it on so the next process
+/// can tell the supervisor (systemd) its new main pid.
+pub fn socket_value() -> Option<OsString> {
+    static VALUE: OnceLock<Option<OsString>> = OnceLock::new();
+    VALUE
+        .get_or_init(|| {
+            let value = std::env::var_os(VAR_NOTIFY_SOCKET);
+            from_env();
+            value
+        })
+        .clone()
+}
+
 /// Whether a supervisor listens (`NOTIFY_SOCKET` was set, even to an
 /// unusable value). The first call reads and removes the variable, so calling
 /// this first thing in `main` keeps that edit away from other threads.

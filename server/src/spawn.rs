@@ -1,5 +1,6 @@
-//! Starting a service process with the agent's listening sockets: the only
-//! module of the agent with `unsafe` code.
+//! Starting a process with listening sockets by the socket-activation
+//! protocol: the agent's handoff, and the standalone self-upgrade of
+//! [`crate::upgrade`]. One of the two modules of this crate with `unsafe`.
 //!
 //! The new process receives its sockets through systemd's socket-activation
 //! protocol: fds 3, 4, ... in the declared order, `LISTEN_FDS=n`,
@@ -16,7 +17,6 @@
 //! std (through tokio) has already made the process group, stdio and the
 //! signal mask by the time our `pre_exec` hook runs; if our execve fails, the
 //! error travels back to the parent's `spawn()` as usual.
-#![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::{CString, OsStr};
@@ -39,6 +39,12 @@ pub struct SpawnSpec<'a> {
     pub working_dir: &'a Path,
     /// Listening sockets, in LISTEN_FDS order, with their names.
     pub sockets: Vec<(String, BorrowedFd<'a>)>,
+    /// SIGTERM the child when its parent dies (a supervised service). Not
+    /// for a self-upgrade, whose child outlives the parent by design.
+    pub die_with_parent: bool,
+    /// Run the child in a process group of its own (a supervised service,
+    /// so its whole group can be signalled).
+    pub own_process_group: bool,
 }
 
 /// Everything `execve` needs, in memory the child can use without
@@ -56,6 +62,7 @@ struct ExecImage {
     socket_fds: Vec<RawFd>,
     /// The agent's pid: the child exits if it was already orphaned.
     agent_pid: libc::pid_t,
+    die_with_parent: bool,
 }
 
 // SAFETY: the raw pointers only point into buffers owned by the same struct;
@@ -116,6 +123,7 @@ impl ExecImage {
             socket_fds: spec.sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
             // SAFETY: getpid has no preconditions.
             agent_pid: unsafe { libc::getpid() },
+            die_with_parent: spec.die_with_parent,
         })
     }
 
@@ -147,14 +155,16 @@ impl ExecImage {
             let pid = unsafe { libc::getpid() } as u32;
             write_decimal(&mut self.envp[slot][b"LISTEN_PID=".len()..], pid);
         }
-        // If the agent dies, the service is told to drain (SIGTERM), so a
-        // restarted agent can bind its sockets again. Set it, then check the
-        // agent did not die before it took effect.
-        // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
-            if libc::getppid() != self.agent_pid {
-                libc::_exit(1);
+        if self.die_with_parent {
+            // If the agent dies, the service is told to drain (SIGTERM), so
+            // a restarted agent can bind its sockets again. Set it, then
+            // check the agent did not die before it took effect.
+            // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                if libc::getppid() != self.agent_pid {
+                    libc::_exit(1);
+                }
             }
         }
         // SAFETY: program, argv and envp are NUL-terminated strings owned by
@@ -190,18 +200,20 @@ fn write_decimal(slot: &mut [u8], mut value: u32) {
     slot[len] = 0;
 }
 
-/// Starts the process described by `spec` in its own process group, with
-/// stdout and stderr piped to the agent (which logs them).
+/// Starts the process described by `spec`. With `own_process_group` it also
+/// gets a null stdin and piped stdout/stderr (the agent logs them);
+/// otherwise it inherits our stdio and process group.
 pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
     let mut image = ExecImage::new(&spec)?;
     let mut command = tokio::process::Command::new(spec.program);
-    command
-        .current_dir(spec.working_dir)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(false);
+    command.current_dir(spec.working_dir).kill_on_drop(false);
+    if spec.own_process_group {
+        command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
     // SAFETY: the hook runs in the forked child before exec; it only makes
     // async-signal-safe system calls on data prepared before the fork (see
     // ExecImage::exec_in_child), and never returns on success.
