@@ -76,6 +76,16 @@ fn refuse_world_writable(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Binds every configured gRPC address. Kept apart from [`serve`] so the
 /// caller can report bind errors before anything else starts.
 pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
+    // Under systemd socket activation (reload-agent.socket), the gRPC port
+    // arrives as a listener named "grpc" and replaces [agent] listen.
+    let mut inherited = reload_server::Listeners::from_env().context("reading LISTEN_FDS")?;
+    if inherited.names().iter().any(|n| n == "grpc") {
+        let listener = inherited
+            .tcp("grpc", config.listen[0])
+            .context("taking the systemd socket named grpc")?;
+        tracing::info!("using the gRPC socket passed by systemd");
+        return Ok(vec![listener]);
+    }
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let listener = TcpListener::bind(addr)
@@ -187,6 +197,9 @@ pub async fn serve(
         });
     }
     drop(connections);
+    // systemd Type=notify: serving from here on (no-op without NOTIFY_SOCKET).
+    let _ = reload_server::notify::ready();
+    let _ = reload_server::notify::status("serving");
 
     let mut server = tonic::transport::Server::builder();
     match tls {
@@ -224,6 +237,7 @@ pub async fn serve(
         .await
         .context("gRPC server failed")?;
     tracing::info!("stopping every service");
+    let _ = reload_server::notify::stopping();
     supervisor.stop_all().await;
     Ok(())
 }

@@ -37,9 +37,9 @@ use tonic::Status;
 use crate::config::{Readiness, ServiceConfig};
 use crate::events::{EventBus, EventFields};
 use crate::listeners::{bind_all, BoundListener};
-use reload_server::spawn::{spawn, SpawnSpec};
 use crate::state::{ArtifactRef, ServiceVersions, StateFile};
 use crate::store::{ArtifactStore, StoredArtifact};
+use reload_server::spawn::{spawn, SpawnSpec};
 
 /// Lines of a process's stderr kept for failure reasons.
 const STDERR_TAIL_LINES: usize = 12;

@@ -134,7 +134,9 @@ fn from_env() -> Option<&'static Result<Notifier, (OsString, String)>> {
     static NOTIFIER: OnceLock<Option<Result<Notifier, (OsString, String)>>> = OnceLock::new();
     NOTIFIER
         .get_or_init(|| {
-            let value = std::env::var_os(VAR_NOTIFY_SOCKET)?;
+            let value = std::env::var_os(VAR_NOTIFY_SOCKET);
+            let _ = RAW_VALUE.set(value.clone());
+            let value = value?;
             // Our children must not inherit it: a grandchild could otherwise
             // report READY for a process that is not ready.
             std::env::remove_var(VAR_NOTIFY_SOCKET);
@@ -150,15 +152,12 @@ fn from_env() -> Option<&'static Result<Notifier, (OsString, String)>> {
 /// every function here): a self-upgrade passes it on so the next process
 /// can tell the supervisor (systemd) its new main pid.
 pub fn socket_value() -> Option<OsString> {
-    static VALUE: OnceLock<Option<OsString>> = OnceLock::new();
-    VALUE
-        .get_or_init(|| {
-            let value = std::env::var_os(VAR_NOTIFY_SOCKET);
-            from_env();
-            value
-        })
-        .clone()
+    from_env();
+    RAW_VALUE.get().cloned().flatten()
 }
+
+/// `NOTIFY_SOCKET` as read by [`from_env`], before it was removed.
+static RAW_VALUE: OnceLock<Option<OsString>> = OnceLock::new();
 
 /// Whether a supervisor listens (`NOTIFY_SOCKET` was set, even to an
 /// unusable value). The first call reads and removes the variable, so calling
@@ -167,12 +166,31 @@ pub fn enabled() -> bool {
     from_env().is_some()
 }
 
+/// Where messages go after [`redirect`]: `Some(None)` means nowhere.
+static REDIRECT: std::sync::Mutex<Option<Option<Notifier>>> = std::sync::Mutex::new(None);
+
+/// Sends later messages to `target` instead of `NOTIFY_SOCKET` (or nowhere
+/// with `None`). A process started by a self-upgrade reports READY to its
+/// parent's private socket; after that, its supervisor is the one to hear
+/// from it.
+pub fn redirect(target: Option<&std::ffi::OsStr>) -> Result<(), NotifyError> {
+    let notifier = target.map(Notifier::new).transpose()?;
+    *REDIRECT.lock().unwrap_or_else(|p| p.into_inner()) = Some(notifier);
+    Ok(())
+}
+
 /// Send a raw message to `NOTIFY_SOCKET`. `Ok(false)` when there is none.
 ///
 /// The first call of any function here reads and removes `NOTIFY_SOCKET`
 /// from the environment; make it early in `main` if the program spawns
 /// threads or children (environment edits are not thread-safe in libc).
 pub fn notify(message: &str) -> Result<bool, NotifyError> {
+    if let Some(redirected) = REDIRECT.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return match redirected {
+            Some(notifier) => notifier.notify(message).map(|()| true),
+            None => Ok(false),
+        };
+    }
     match from_env() {
         None => Ok(false),
         Some(Ok(notifier)) => notifier.notify(message).map(|()| true),

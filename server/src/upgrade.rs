@@ -62,7 +62,10 @@ impl Default for UpgradeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
     #[error("cannot start {path}: {source}")]
-    Spawn { path: String, source: std::io::Error },
+    Spawn {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the new process (pid {pid}) exited before it was ready ({status})")]
     ExitedBeforeReady { pid: u32, status: String },
     #[error("the new process (pid {pid}) was not ready within {timeout:?}; it was killed")]
@@ -82,13 +85,19 @@ pub struct SelfUpgrade {
     running: tokio::sync::Mutex<()>,
     counter: AtomicU64,
     parent: u32,
+    /// Started by a self-upgrade (READY goes to the parent, later messages
+    /// to the supervisor).
+    upgraded_child: bool,
 }
 
 impl SelfUpgrade {
     /// Enables self-upgrade: call at start, inside the runtime, with the
     /// listening sockets to hand on (name, socket), after they were taken
     /// (inherited or bound). Installs the signal handler at once.
-    pub fn enable(sockets: &[(&str, &dyn AsFd)], config: UpgradeConfig) -> std::io::Result<SelfUpgrade> {
+    pub fn enable(
+        sockets: &[(&str, &dyn AsFd)],
+        config: UpgradeConfig,
+    ) -> std::io::Result<SelfUpgrade> {
         let exe = std::env::current_exe()?;
         let upstream = match std::env::var_os(VAR_UPSTREAM_NOTIFY) {
             Some(value) => {
@@ -102,7 +111,7 @@ impl SelfUpgrade {
             .map(|(name, socket)| Ok((name.to_string(), socket.as_fd().try_clone_to_owned()?)))
             .collect::<std::io::Result<Vec<_>>>()?;
         let signal = signal(config.signal)?;
-        let upgrade = SelfUpgrade {
+        let upgrade: SelfUpgrade = SelfUpgrade {
             exe,
             args: std::env::args_os().skip(1).collect(),
             sockets: owned,
@@ -112,17 +121,37 @@ impl SelfUpgrade {
             running: tokio::sync::Mutex::new(()),
             counter: AtomicU64::new(0),
             parent: std::os::unix::process::parent_id(),
+            upgraded_child: std::env::var_os("RELOAD_UPGRADE_CHILD").is_some(),
         };
-        upgrade.write_pid_file(std::process::id())?;
         Ok(upgrade)
+    }
+
+    /// Call once this process is ready (after `notify::ready()`): writes our
+    /// pid to the pid file, and in a process started by an upgrade, points
+    /// later notifications (STATUS, STOPPING) at the supervisor instead of
+    /// the parent's private socket.
+    pub fn announce_ready(&self) -> std::io::Result<()> {
+        if self.upgraded_child {
+            if let Err(err) = crate::notify::redirect(self.upstream.as_deref()) {
+                tracing::warn!(error = %err, "the supervisor's notify socket is unusable");
+            }
+        }
+        self.write_pid_file(std::process::id())
     }
 
     fn write_pid_file(&self, pid: u32) -> std::io::Result<()> {
         let Some(path) = &self.config.pid_file else {
             return Ok(());
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let temp = dir.join(format!(".{}.{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let temp = dir.join(format!(
+            ".{}.{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
         std::fs::write(&temp, format!("{pid}\n"))?;
         std::fs::File::open(&temp)?.sync_all()?;
         std::fs::rename(&temp, path)
@@ -132,8 +161,10 @@ impl SelfUpgrade {
     /// be gone (our parent pid changes when it exits).
     async fn wait_for_parent(&self) {
         let deadline = tokio::time::Instant::now() + self.config.drain_timeout;
-        while std::os::unix::process::parent_id() == self.parent && tokio::time::Instant::now() < deadline {
-            if std::env::var_os("RELOAD_UPGRADE_CHILD").is_none() {
+        while std::os::unix::process::parent_id() == self.parent
+            && tokio::time::Instant::now() < deadline
+        {
+            if !self.upgraded_child {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -148,7 +179,9 @@ impl SelfUpgrade {
             self.signal.lock().await.recv().await;
             match self.upgrade_now().await {
                 Ok(pid) => return pid,
-                Err(err) => tracing::error!(error = %err, "self-upgrade failed; this process keeps serving"),
+                Err(err) => {
+                    tracing::error!(error = %err, "self-upgrade failed; this process keeps serving")
+                }
             }
         }
     }
@@ -159,32 +192,57 @@ impl SelfUpgrade {
         let _one_at_a_time = self.running.lock().await;
         self.wait_for_parent().await;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let notify_path = std::env::temp_dir().join(format!("reload-upgrade-{}-{n}.sock", std::process::id()));
+        let notify_path =
+            std::env::temp_dir().join(format!("reload-upgrade-{}-{n}.sock", std::process::id()));
         let _ = std::fs::remove_file(&notify_path);
         let notify = tokio::net::UnixDatagram::bind(&notify_path)?;
         let _cleanup = RemoveOnDrop(notify_path.clone());
 
         let mut env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| !matches!(k.as_str(), "LISTEN_FDS" | "LISTEN_PID" | "LISTEN_FDNAMES" | "NOTIFY_SOCKET" | VAR_UPSTREAM_NOTIFY | "RELOAD_UPGRADE_CHILD"))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "LISTEN_FDS"
+                        | "LISTEN_PID"
+                        | "LISTEN_FDNAMES"
+                        | "NOTIFY_SOCKET"
+                        | VAR_UPSTREAM_NOTIFY
+                        | "RELOAD_UPGRADE_CHILD"
+                )
+            })
             .collect();
         env.push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
         env.push(("RELOAD_UPGRADE_CHILD".into(), "1".into()));
         if let Some(upstream) = &self.upstream {
-            env.push((VAR_UPSTREAM_NOTIFY.into(), upstream.to_string_lossy().into_owned()));
+            env.push((
+                VAR_UPSTREAM_NOTIFY.into(),
+                upstream.to_string_lossy().into_owned(),
+            ));
         }
-        let args: Vec<String> = self.args.iter().map(|a| String::from_utf8_lossy(&a.clone().into_vec()).into_owned()).collect();
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(&a.clone().into_vec()).into_owned())
+            .collect();
         let cwd = std::env::current_dir()?;
         let mut child = spawn(SpawnSpec {
             program: &self.exe,
             args: &args,
             env,
             working_dir: &cwd,
-            sockets: self.sockets.iter().map(|(name, fd)| (name.clone(), fd.as_fd())).collect(),
+            sockets: self
+                .sockets
+                .iter()
+                .map(|(name, fd)| (name.clone(), fd.as_fd()))
+                .collect(),
             die_with_parent: false,
             own_process_group: false,
         })
-        .map_err(|source| UpgradeError::Spawn { path: self.exe.display().to_string(), source })?;
+        .map_err(|source| UpgradeError::Spawn {
+            path: self.exe.display().to_string(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, path = %self.exe.display(), "self-upgrade: started the new process, waiting for READY=1");
 
@@ -192,7 +250,10 @@ impl SelfUpgrade {
             let mut buffer = [0u8; 4096];
             loop {
                 let n = notify.recv(&mut buffer).await?;
-                if String::from_utf8_lossy(&buffer[..n]).lines().any(|l| l.trim() == "READY=1") {
+                if String::from_utf8_lossy(&buffer[..n])
+                    .lines()
+                    .any(|l| l.trim() == "READY=1")
+                {
                     return Ok::<(), std::io::Error>(());
                 }
             }
@@ -213,7 +274,10 @@ impl SelfUpgrade {
             Ok(Err(status)) => return Err(UpgradeError::ExitedBeforeReady { pid, status }),
             Err(_) => {
                 let _ = child.kill().await;
-                return Err(UpgradeError::ReadyTimeout { pid, timeout: self.config.ready_timeout });
+                return Err(UpgradeError::ReadyTimeout {
+                    pid,
+                    timeout: self.config.ready_timeout,
+                });
             }
         }
         // The child now serves; it is reaped by whoever inherits it once we
@@ -226,13 +290,18 @@ impl SelfUpgrade {
                         tracing::warn!(error = %err, "could not tell the supervisor the new main pid");
                     }
                 }
-                Err(err) => tracing::warn!(error = %err, "the supervisor's notify socket is unusable"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "the supervisor's notify socket is unusable")
+                }
             }
         }
         // Detach: the child must outlive us (no kill on drop; tokio's Child
         // does not kill unless asked).
         drop(child);
-        tracing::info!(pid, "self-upgrade: the new process is ready; draining this one");
+        tracing::info!(
+            pid,
+            "self-upgrade: the new process is ready; draining this one"
+        );
         Ok(pid)
     }
 }

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use reload_server::http::{serve_http, shutdown_signal, DrainConfig};
+use reload_server::upgrade::{SelfUpgrade, UpgradeConfig};
 use reload_server::{notify, Listeners};
 
 #[derive(Debug, Parser)]
@@ -69,6 +70,13 @@ struct Args {
     /// Serve, but answer `/healthz` with 503: ready, never healthy.
     #[arg(long)]
     unhealthy: bool,
+    /// Standalone self-upgrade: on SIGHUP, start the binary now at our path
+    /// with our socket, wait for its READY, then drain and exit.
+    #[arg(long)]
+    self_upgrade: bool,
+    /// With --self-upgrade: the serving pid, rewritten atomically when ready.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<std::path::PathBuf>,
     /// Wait this long before answering every request.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
     request_delay: Duration,
@@ -150,6 +158,20 @@ async fn run(
 
     // Handlers first: the agent may send the drain signal right after READY=1.
     let mut shutdown = Box::pin(shutdown_signal().context("installing signal handlers")?);
+    let upgrade = if args.self_upgrade {
+        let config = UpgradeConfig {
+            drain_timeout: args.drain_timeout,
+            pid_file: args.pid_file.clone(),
+            ..UpgradeConfig::default()
+        };
+        let socket: &dyn std::os::fd::AsFd = &listener;
+        Some(
+            SelfUpgrade::enable(&[(args.listen_name.as_str(), socket)], config)
+                .context("enabling self-upgrade")?,
+        )
+    } else {
+        None
+    };
 
     // Not accepting yet: connections wait in the listening socket's queue,
     // which the old process (sharing it) keeps serving meanwhile.
@@ -178,6 +200,9 @@ async fn run(
             "no NOTIFY_SOCKET"
         }
     };
+    if let Some(upgrade) = &upgrade {
+        upgrade.announce_ready().context("writing the pid file")?;
+    }
     let source = if inherited { "inherited" } else { "bound" };
     tracing::info!(
         "reload-demo-server {version} pid {pid} serving on {addr} ({source} listener {:?}); {readiness}",
@@ -189,7 +214,15 @@ async fn run(
         async move { Ok::<_, Infallible>(demo.respond(request).await) }
     });
     let shutdown = async move {
-        shutdown.await;
+        match &upgrade {
+            Some(upgrade) => {
+                tokio::select! {
+                    () = shutdown => {}
+                    pid = upgrade.wait_for_successor() => tracing::info!(successor = pid, "upgraded; draining"),
+                }
+            }
+            None => shutdown.await,
+        }
         if let Err(e) = notify::stopping() {
             tracing::warn!(error = %e, "could not send STOPPING=1");
         }
