@@ -612,3 +612,89 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_unix_and_udp_listeners_are_all_handed_over_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let udp_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unix_path = dir.path().join("admin.sock");
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+         [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n\
+         [[service.listener]]\nname = \"admin\"\nunix = \"{}\"\n\
+         [[service.listener]]\nname = \"metrics\"\nudp = \"127.0.0.1:{udp_port}\"\n",
+        unix_path.display()
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    let v1 = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    let result = control
+        .activate(pb::ActivateRequest {
+            service: "web".into(),
+            sha256: v1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}",
+        result.reason
+    );
+    let pid = result.new_pid;
+    // The environment the service got, and what its fds 3-5 are.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|e| String::from_utf8_lossy(e).into_owned())
+        .collect();
+    assert!(environ.contains(&"LISTEN_FDS=3".to_string()), "{environ:?}");
+    assert!(
+        environ.contains(&"LISTEN_FDNAMES=http:admin:metrics".to_string()),
+        "{environ:?}"
+    );
+    assert!(
+        environ.contains(&format!("LISTEN_PID={pid}")),
+        "{environ:?}"
+    );
+    let inode = |fd: u32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    for fd in [3, 4, 5] {
+        assert!(inode(fd).starts_with("socket:"), "fd {fd} is {}", inode(fd));
+    }
+    // The same sockets as the agent's: the inodes match the agent's fds.
+    let agent_sockets: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    for fd in [3, 4, 5] {
+        assert!(
+            agent_sockets.contains(&inode(fd)),
+            "fd {fd} is not one of the agent's sockets"
+        );
+    }
+    // The Unix socket path exists and accepts (the kernel queues it).
+    assert!(std::os::unix::net::UnixStream::connect(&unix_path).is_ok());
+    // The serving socket works through the handed-over TCP listener.
+    let (code, served_by) = get_once(SocketAddr::new([127, 0, 0, 1].into(), port))
+        .await
+        .unwrap();
+    assert_eq!((code, served_by), (200, pid));
+}
