@@ -231,39 +231,31 @@ fn timestamp(text: &str) -> Option<prost_types::Timestamp> {
     humantime::parse_rfc3339(text).ok().map(Into::into)
 }
 
+fn manifest_pb(m: &reload_artifact::Manifest) -> pb::ArtifactManifest {
+    pb::ArtifactManifest {
+        service: m.service.clone(),
+        version: m.version.clone(),
+        sha256: m.sha256.clone(),
+        size: m.size,
+        os: m.os.clone(),
+        arch: m.arch.clone(),
+        created: timestamp(&m.created),
+        expires: timestamp(&m.expires),
+        allow_downgrade: m.allow_downgrade,
+    }
+}
+
 pub fn artifact_info(artifact: &StoredArtifact) -> pb::ArtifactInfo {
-    let m = &artifact.manifest;
     pb::ArtifactInfo {
-        manifest: Some(pb::ArtifactManifest {
-            service: m.service.clone(),
-            version: m.version.clone(),
-            sha256: m.sha256.clone(),
-            size: m.size,
-            os: m.os.clone(),
-            arch: m.arch.clone(),
-            created: timestamp(&m.created),
-            expires: timestamp(&m.expires),
-            allow_downgrade: m.allow_downgrade,
-        }),
+        manifest: Some(manifest_pb(&artifact.manifest)),
         key_ids: artifact.key_ids.clone(),
         stored_at: Some(artifact.stored_at.into()),
     }
 }
 
 fn verified_info(verified: &VerifiedManifest) -> pb::ArtifactInfo {
-    let m = &verified.manifest;
     pb::ArtifactInfo {
-        manifest: Some(pb::ArtifactManifest {
-            service: m.service.clone(),
-            version: m.version.clone(),
-            sha256: m.sha256.clone(),
-            size: m.size,
-            os: m.os.clone(),
-            arch: m.arch.clone(),
-            created: timestamp(&m.created),
-            expires: timestamp(&m.expires),
-            allow_downgrade: m.allow_downgrade,
-        }),
+        manifest: Some(manifest_pb(&verified.manifest)),
         key_ids: verified.key_ids.clone(),
         stored_at: None,
     }
