@@ -360,12 +360,13 @@ async fn the_budget_absorbs_one_host_failure_and_halts_at_the_second() {
 }
 
 /// Runs `reloadctl push ... --output json hosts.txt` in `dir` as a child
-/// and hands each event to `on_event` as it arrives, until the summary or
-/// the end of its output. Returns the child (to wait on) and the events.
+/// and hands each event (with the events before it and the CLI's pid) to
+/// `on_event` as it arrives, until the end of its output. Returns the child
+/// (to wait on) and the events.
 fn push_watching(
     dir: &Path,
     args: &[&str],
-    mut on_event: impl FnMut(&serde_json::Value),
+    mut on_event: impl FnMut(&serde_json::Value, &[serde_json::Value], u32),
 ) -> (std::process::Child, Vec<serde_json::Value>) {
     use std::io::BufRead;
     let mut all = vec!["push"];
@@ -384,7 +385,7 @@ fn push_watching(
         let Ok(line) = line else { break };
         let event: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        on_event(&event);
+        on_event(&event, &events, child.id());
         events.push(event);
     }
     (child, events)
@@ -423,7 +424,7 @@ async fn an_agent_killed_mid_rollout_is_unreachable_and_counts_against_the_budge
             "--pause-between-waves",
             "1s",
         ],
-        |event| {
+        |event, _, _| {
             if event["event"] == "host" && event["state"] == "healthy" {
                 sigkill(victim_pid);
             }
@@ -460,49 +461,34 @@ async fn a_cli_killed_mid_wave_is_resumed_without_activating_any_host_twice() {
     let dir: PathBuf = f.dir().to_path_buf();
     // A long health gate, so the CLI dies while the second wave is gating.
     let mut killed = false;
-    let (child, events) = {
-        use std::io::BufRead;
-        let mut child = Command::new(bin_path("reloadctl"))
-            .args([
-                "push",
-                "--version",
-                "2.0.0",
-                "--canary",
-                "1",
-                "--waves",
-                "100%",
-                "--max-parallel",
-                "2",
-                "--min-healthy-time",
-                "1500ms",
-                "--output",
-                "json",
-                "hosts.txt",
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut events = Vec::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let in_second_wave = event["event"] == "host"
+    let (mut child, events) = push_watching(
+        &dir,
+        &[
+            "--version",
+            "2.0.0",
+            "--canary",
+            "1",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "2",
+            "--min-healthy-time",
+            "1500ms",
+        ],
+        |event, before, cli| {
+            let in_second_wave = before
+                .iter()
+                .any(|e| e["event"] == "wave" && e["index"] == 2);
+            if !killed
+                && in_second_wave
+                && event["event"] == "host"
                 && event["state"] == "activated"
-                && events
-                    .iter()
-                    .any(|e: &serde_json::Value| e["event"] == "wave" && e["index"] == 2);
-            events.push(event);
-            if in_second_wave && !killed {
-                sigkill(child.id());
+            {
+                sigkill(cli);
                 killed = true;
             }
-        }
-        (child, events)
-    };
-    let mut child = child;
+        },
+    );
     let status = child.wait().unwrap();
     assert!(
         killed,
@@ -601,47 +587,31 @@ async fn ctrl_c_pauses_after_the_hosts_in_flight_and_resume_finishes() {
     f.release("2.0.0", "");
     f.push_ok("1.0.0");
     let dir: PathBuf = f.dir().to_path_buf();
-    let (mut child, events) = {
-        use std::io::BufRead;
-        let mut child = Command::new(bin_path("reloadctl"))
-            .args([
-                "push",
-                "--version",
-                "2.0.0",
-                "--canary",
-                "1",
-                "--waves",
-                "100%",
-                "--max-parallel",
-                "1",
-                "--output",
-                "json",
-                "hosts.txt",
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let cli_pid = child.id();
-        let stdout = child.stdout.take().unwrap();
-        let mut events = Vec::new();
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+    let mut sent = false;
+    let (mut child, events) = push_watching(
+        &dir,
+        &[
+            "--version",
+            "2.0.0",
+            "--canary",
+            "1",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "1",
+        ],
+        |event, _, cli| {
             // Ctrl-C while the canary is being gated.
             if !sent && event["event"] == "host" && event["state"] == "activated" {
                 nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(cli_pid as i32),
+                    nix::unistd::Pid::from_raw(cli as i32),
                     nix::sys::signal::Signal::SIGINT,
                 )
                 .unwrap();
                 sent = true;
             }
-            events.push(event);
-        }
-        (child, events)
-    };
+        },
+    );
     assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
     // The host in flight finished its step; nothing after it started.
     assert!(events.iter().any(|e| e["event"] == "paused"));
