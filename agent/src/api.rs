@@ -41,7 +41,7 @@ pub struct AgentState {
     upload_slots: Arc<Semaphore>,
     started: SystemTime,
     supervisor: Arc<Supervisor>,
-    leases: crate::lease::Leases,
+    leases: Arc<crate::lease::Leases>,
     audit: AuditLog,
     /// Per client identity: tokens left and when they were counted.
     rate: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
@@ -52,7 +52,7 @@ impl AgentApi {
         config: AgentConfig,
         store: Arc<ArtifactStore>,
         supervisor: Arc<Supervisor>,
-        leases: crate::lease::Leases,
+        leases: Arc<crate::lease::Leases>,
         audit: AuditLog,
     ) -> AgentApi {
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
@@ -103,12 +103,22 @@ impl AgentState {
     /// Every check an envelope must pass on this agent before any byte of
     /// its file is accepted.
     fn verify_envelope(&self, envelope: &[u8]) -> Result<VerifiedManifest, Status> {
+        let counted = |err: VerifyError| {
+            self.supervisor
+                .metrics
+                .verification_failures
+                .get_or_create(&crate::metrics::Reason {
+                    reason: verify_reason(&err).into(),
+                })
+                .inc();
+            verify_status(err)
+        };
         let verified = self
             .config
             .trusted_keys
             .verify_envelope(envelope, SystemTime::now())
-            .map_err(verify_status)?;
-        check_platform(&verified.manifest).map_err(verify_status)?;
+            .map_err(counted)?;
+        check_platform(&verified.manifest).map_err(counted)?;
         let limit = self.config.limits.max_artifact_bytes;
         if verified.manifest.size > limit {
             return Err(Status::resource_exhausted(format!(
@@ -275,6 +285,24 @@ fn verify_code(err: &VerifyError) -> Code {
         | VerifyError::BelowThreshold { .. } => Code::PermissionDenied,
         VerifyError::Expired { .. } | VerifyError::WrongPlatform { .. } => Code::FailedPrecondition,
         VerifyError::ContentMismatch(_) => Code::DataLoss,
+    }
+}
+
+/// A verification failure as a metric label.
+fn verify_reason(err: &VerifyError) -> &'static str {
+    match err {
+        VerifyError::Malformed(_) => "malformed",
+        VerifyError::WrongPayloadType { .. } => "wrong_payload_type",
+        VerifyError::NoSignature => "no_signature",
+        VerifyError::UntrustedKey { .. } => "untrusted_key",
+        VerifyError::BadSignature { .. } => "bad_signature",
+        VerifyError::RevokedKey { .. } => "revoked_key",
+        VerifyError::BelowThreshold { .. } => "below_threshold",
+        VerifyError::PayloadNotManifest(_) => "payload_not_manifest",
+        VerifyError::InvalidManifest(_) => "invalid_manifest",
+        VerifyError::Expired { .. } => "expired",
+        VerifyError::WrongPlatform { .. } => "wrong_platform",
+        VerifyError::ContentMismatch(_) => "content_mismatch",
     }
 }
 
@@ -526,6 +554,20 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
             .and_then(|r| r.artifact.as_ref())
             .and_then(|a| a.manifest.clone())
             .unwrap_or_default();
+        let (label, bytes) = match &result {
+            Ok(r) if r.already_present => ("already_present", 0),
+            Ok(r) => ("stored", r.bytes_received),
+            Err(_) => ("refused", 0),
+        };
+        let label = crate::metrics::Result_ {
+            result: label.into(),
+        };
+        self.supervisor.metrics.uploads.get_or_create(&label).inc();
+        self.supervisor
+            .metrics
+            .upload_bytes
+            .get_or_create(&label)
+            .inc_by(bytes);
         self.audit(
             &identity,
             "UploadArtifact",

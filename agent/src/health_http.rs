@@ -1,4 +1,4 @@
-//! The agent's plain HTTP endpoint: `/healthz` (JSON: every service's
+//! The agent's plain HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (JSON: every service's
 //! version, pid, state, health and consecutive healthy checks) and
 //! `/healthz/<service>` (200 only when that service is healthy, 503
 //! otherwise, 404 for an unknown name), for load balancers and monitoring.
@@ -43,7 +43,25 @@ fn respond(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>>
         .expect("static response parts")
 }
 
-fn route(supervisor: &Supervisor, path: &str) -> Response<Full<Bytes>> {
+fn route(
+    supervisor: &Supervisor,
+    leases: &crate::lease::Leases,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    if path == "/metrics" {
+        let statuses: Vec<_> = supervisor.services().map(|s| s.status()).collect();
+        let text = supervisor
+            .metrics
+            .render(&statuses, leases.get().lease.as_ref());
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(text)))
+            .expect("static response parts");
+    }
     if path == "/healthz" {
         let services: Vec<_> = supervisor
             .services()
@@ -109,6 +127,7 @@ pub fn tls_acceptor(tls: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustl
 pub async fn serve(
     listener: TcpListener,
     supervisor: Arc<Supervisor>,
+    leases: Arc<crate::lease::Leases>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
@@ -116,11 +135,11 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (supervisor, tls) = (supervisor.clone(), tls.clone());
+        let (supervisor, leases, tls) = (supervisor.clone(), leases.clone(), tls.clone());
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(&supervisor, request.uri().path());
+                    let response = route(&supervisor, &leases, request.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
             let http = hyper::server::conn::http1::Builder::new();

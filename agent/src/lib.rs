@@ -27,6 +27,7 @@ pub mod events;
 mod health_http;
 pub mod lease;
 mod listeners;
+pub mod metrics;
 pub mod probe;
 pub mod state;
 pub mod store;
@@ -123,12 +124,14 @@ pub async fn serve(
             config.state_dir.display()
         )
     })?;
+    let metrics = Arc::new(metrics::Metrics::default());
     let supervisor = Arc::new(supervisor::Supervisor::new(
         &config.services,
         &config.state_dir,
         store.clone(),
         config.trusted_keys.clone(),
         Arc::new(events::EventBus::default()),
+        metrics.clone(),
     )?);
     let health_listener = match config.health_listen {
         Some(addr) => {
@@ -141,17 +144,22 @@ pub async fn serve(
         None => None,
     };
     let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
-    let leases = lease::Leases::open(&config.state_dir)?;
+    let leases = Arc::new(lease::Leases::open(&config.state_dir)?);
     let audit = audit::AuditLog::open(&config.audit_path, config.audit_max_bytes)?;
     let tls = config.tls.clone();
-    let api = AgentApi::new(config, store, supervisor.clone(), leases, audit);
+    let api = AgentApi::new(config, store, supervisor.clone(), leases.clone(), audit);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     supervisor.start_monitors();
     probe::start_probes(&supervisor, health_reporter.clone());
     if let Some(listener) = health_listener {
         let acceptor = tls.as_ref().map(health_http::tls_acceptor).transpose()?;
-        tokio::spawn(health_http::serve(listener, supervisor.clone(), acceptor));
+        tokio::spawn(health_http::serve(
+            listener,
+            supervisor.clone(),
+            leases,
+            acceptor,
+        ));
     }
     health_reporter
         .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()

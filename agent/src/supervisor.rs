@@ -241,6 +241,7 @@ pub struct Supervisor {
     /// Set once the agent is stopping: monitors stop restarting.
     stopping: AtomicBool,
     pub events: Arc<EventBus>,
+    pub metrics: crate::metrics::SharedMetrics,
 }
 
 impl Supervisor {
@@ -252,6 +253,7 @@ impl Supervisor {
         store: Arc<ArtifactStore>,
         trusted: TrustedKeys,
         events: Arc<EventBus>,
+        metrics: crate::metrics::SharedMetrics,
     ) -> anyhow::Result<Supervisor> {
         let run_dir = state_dir.join("run");
         std::fs::create_dir_all(&run_dir)
@@ -298,6 +300,7 @@ impl Supervisor {
             spawn_counter: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             events,
+            metrics,
         })
     }
 
@@ -608,6 +611,7 @@ impl Supervisor {
             )
         })?;
         let process = self.track(&config.name, child);
+        let spawned = Instant::now();
         let ready = tokio::time::timeout(config.ready_timeout, async {
             tokio::select! {
                 status = process.wait() => Err(status),
@@ -617,6 +621,13 @@ impl Supervisor {
         .await;
         let failure = match ready {
             Ok(Ok(())) => {
+                self.metrics
+                    .handoff_seconds
+                    .get_or_create(&crate::metrics::ServicePhase {
+                        service: config.name.clone(),
+                        phase: "start_to_ready".into(),
+                    })
+                    .observe(spawned.elapsed().as_secs_f64());
                 if let Some((socket, path)) = notify {
                     process.listen_for_notifications(&config.name, socket, path);
                 }
@@ -837,6 +848,7 @@ impl Supervisor {
                     pb::ServiceState::Failed
                 };
                 service.observe(|o| o.last_reload = Some(result.clone()));
+                self.count_reload(&config.name, result.outcome);
                 service.set_state(state_after);
                 self.events.emit(
                     pb::EventKind::Failed,
@@ -887,6 +899,7 @@ impl Supervisor {
         result.outcome = pb::ReloadOutcome::Succeeded as i32;
         result.finished = Some(SystemTime::now().into());
         service.observe(|o| o.last_reload = Some(result.clone()));
+        self.count_reload(&config.name, result.outcome);
 
         match old_process {
             Some(old) => {
@@ -903,6 +916,7 @@ impl Supervisor {
                     ),
                 );
                 let events = self.events.clone();
+                let metrics = self.metrics.clone();
                 let (signal, timeout) = (config.drain_signal, config.drain_timeout);
                 let (name, version, sha) = (
                     config.name.clone(),
@@ -912,7 +926,15 @@ impl Supervisor {
                 // The guard moves into the drain: the next reload of this
                 // service waits for it (bounded by the drain timeout).
                 tokio::spawn(async move {
+                    let draining = Instant::now();
                     let outcome = drain(&old, signal, timeout).await;
+                    metrics
+                        .handoff_seconds
+                        .get_or_create(&crate::metrics::ServicePhase {
+                            service: name.clone(),
+                            phase: "drain".into(),
+                        })
+                        .observe(draining.elapsed().as_secs_f64());
                     events.emit(
                         pb::EventKind::Done,
                         EventFields {
@@ -940,6 +962,16 @@ impl Supervisor {
             }
         }
         result
+    }
+
+    fn count_reload(&self, service: &str, outcome: i32) {
+        self.metrics
+            .reloads
+            .get_or_create(&crate::metrics::ServiceResult {
+                service: service.to_string(),
+                result: crate::metrics::outcome_label(outcome),
+            })
+            .inc();
     }
 
     /// Stops every service process (agent shutdown): drain signal, then

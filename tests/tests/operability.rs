@@ -1,0 +1,226 @@
+//! End-to-end: what operators and pipelines read off an agent: Prometheus
+//! metrics, and gRPC reflection without the `.proto` files.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use reload_artifact::{Envelope, SigningKey};
+use reload_proto::v1 as pb;
+use reload_tests::*;
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of the sample `name` whose labels include every `labels` pair.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
+    match &sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{name} is not a single value: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_reloads_uploads_and_refusals_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    let good = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let script = format!(
+        "#!/bin/sh\nexec '{}' --exit-before-ready 3 \"$@\"\n",
+        bin_path("reload-demo-server").display()
+    );
+    let bad = agent.stage("web", "2.0.0", script.as_bytes()).await;
+    // One refused upload (untrusted key) and one already present.
+    let bytes = pseudo_random_bytes(1000, 9);
+    let stranger = Envelope::sign_manifest(
+        &manifest_for("web", "3.0", &bytes),
+        &[&SigningKey::generate()],
+    )
+    .to_json();
+    let mut client = agent.artifacts().await;
+    upload(&mut client, upload_messages(stranger, &bytes, 1024))
+        .await
+        .unwrap_err();
+    agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    for sha in [&good, &bad] {
+        control
+            .activate(pb::ActivateRequest {
+                service: "web".into(),
+                sha256: sha.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    let text = http_get(agent.health_addr.unwrap(), "/metrics").await;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the text format parses");
+    let web = ("service", "web");
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_reloads_total",
+            &[web, ("result", "succeeded")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_reloads_total",
+            &[web, ("result", "exited_before_ready")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "reload_uploads_total", &[("result", "stored")]),
+        2.0
+    );
+    assert_eq!(
+        value(&scrape, "reload_uploads_total", &[("result", "refused")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_uploads_total",
+            &[("result", "already_present")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &scrape,
+            "reload_upload_bytes_total",
+            &[("result", "stored")]
+        ) > 1_000_000.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_verification_failures_total",
+            &[("reason", "untrusted_key")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&scrape, "reload_service_up", &[web]), 1.0);
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_service_build_info",
+            &[web, ("version", "1.0.0")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "reload_agent_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    // One process became ready (the second never did).
+    let ready_count = text
+        .lines()
+        .find(|l| {
+            l.starts_with("reload_handoff_duration_seconds_count")
+                && l.contains("phase=\"start_to_ready\"")
+        })
+        .unwrap_or_else(|| panic!("no start_to_ready histogram\n{text}"));
+    assert!(ready_count.ends_with(" 1"), "{ready_count}");
+}
+
+#[tokio::test]
+async fn reflection_describes_reload_v1_without_the_proto_files() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), "");
+    let mut reflection = ServerReflectionClient::new(agent.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "reload.v1.ServiceControl".into(),
+        )),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("unexpected answer {response:?}");
+    };
+    use prost::Message;
+    let descriptors: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .collect();
+    let file = descriptors
+        .iter()
+        .find(|f| f.name() == "reload/v1/services.proto")
+        .expect("services.proto");
+    let service = file
+        .service
+        .iter()
+        .find(|s| s.name() == "ServiceControl")
+        .unwrap();
+    let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+    assert_eq!(
+        methods,
+        vec!["Activate", "Rollback", "GetStatus", "WatchEvents"]
+    );
+    let activate = file
+        .message_type
+        .iter()
+        .find(|m| m.name() == "ActivateRequest")
+        .unwrap();
+    let fields: Vec<&str> = activate.field.iter().map(|f| f.name()).collect();
+    assert_eq!(
+        fields,
+        vec!["service", "sha256", "lease", "allow_downgrade"]
+    );
+}
