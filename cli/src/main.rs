@@ -9,6 +9,7 @@
 
 mod certs;
 mod client;
+mod init;
 mod reload;
 mod rollout;
 
@@ -86,6 +87,10 @@ struct Cli {
     /// Talk plaintext to non-loopback agents (agents with `insecure = true`).
     #[arg(long, global = true)]
     insecure: bool,
+    /// Diagnostic log lines on stderr (filter with RUST_LOG, default warn);
+    /// they never mix with --output json on stdout.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -233,6 +238,24 @@ enum Command {
         #[arg(long)]
         force_takeover: bool,
     },
+    /// Write a commented reloadctl.toml and a hosts.txt to start from.
+    #[command(
+        after_help = "Example:\n  reloadctl init --service web\n  reloadctl init --dir deploy/web --service web --force"
+    )]
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = "demo")]
+        service: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  reloadctl completions bash > /etc/bash_completion.d/reloadctl\n  reloadctl completions zsh > ~/.zfunc/_reloadctl"
+    )]
+    Completions { shell: clap_complete::Shell },
     /// Make a development CA, an agent certificate and client certificates
     /// for mutual TLS.
     #[command(
@@ -279,7 +302,22 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    init_logging(&cli.log_format);
     let tls = client::TlsSettings {
         ca: cli.tls_ca,
         cert: cli.tls_cert,
@@ -335,6 +373,21 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 fn run_simple(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Push { .. } | Command::Resume { .. } => unreachable!("handled in run"),
+        Command::Init {
+            dir,
+            service,
+            force,
+        } => init::init(&dir, &service, force),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "reloadctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Certs {
             out,
             agent_names,

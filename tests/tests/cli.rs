@@ -372,3 +372,64 @@ async fn activate_rollback_and_status_from_the_command_line() {
     assert!(row.starts_with(&host) && row.contains(" web "), "{table}");
     assert!(table.contains("1.4.0"), "{table}");
 }
+
+#[test]
+fn every_subcommand_help_has_an_example_and_init_and_completions_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let subcommands = [
+        "keygen",
+        "sign",
+        "verify",
+        "upload",
+        "activate",
+        "rollback",
+        "status",
+        "push",
+        "resume",
+        "artifacts",
+        "certs",
+        "init",
+        "completions",
+    ];
+    for sub in subcommands {
+        let help = reloadctl_ok(d, &[sub, "--help"]);
+        assert!(
+            help.contains("Example:"),
+            "`reloadctl {sub} --help` has no example:\n{help}"
+        );
+    }
+    reloadctl_ok(d, &["init", "--service", "web"]);
+    let project = std::fs::read_to_string(d.join("reloadctl.toml")).unwrap();
+    assert!(
+        project.contains("service = \"web\"") && project.contains("# "),
+        "{project}"
+    );
+    assert!(d.join("hosts.txt").exists() && d.join("releases").is_dir());
+    // The written files are what push reads: a dry run plans over them once
+    // a release is signed.
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    std::fs::write(d.join("releases/web-1.0"), b"#!/bin/sh\n").unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "1.0",
+            "releases/web-1.0",
+        ],
+    );
+    let plan = reloadctl_ok(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
+    assert!(plan.contains("to 3 hosts"), "{plan}");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = reloadctl_ok(d, &["completions", shell]);
+        assert!(
+            script.contains("reloadctl") && script.contains("push"),
+            "{shell}"
+        );
+    }
+}

@@ -224,3 +224,72 @@ async fn reflection_describes_reload_v1_without_the_proto_files() {
         vec!["service", "sha256", "lease", "allow_downgrade"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_deploys_through_the_grpc_api() {
+    // grpcio and grpcio-tools are part of the test toolchain (.ci/run
+    // installs them with pip); missing ones fail this test, loudly.
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .expect("python3 is needed");
+    assert!(
+        check.status.success(),
+        "the Python example needs grpcio and grpcio-tools: pip install grpcio grpcio-tools (.ci/run does)\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n\
+         [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n"
+    );
+    let key = Arc::new(SigningKey::generate());
+    let agent = Agent::start(dir.path(), key.clone(), &config);
+    let artifact = dir.path().join("web");
+    std::fs::write(&artifact, Agent::demo_server_bytes("4.2.0")).unwrap();
+    std::fs::write(dir.path().join("release.key"), key.to_pem()).unwrap();
+    reloadctl_ok(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "4.2",
+            "web",
+        ],
+    );
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/deploy.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(&example)
+        .args(["--host", &agent.host(), "--service", "web", "--artifact"])
+        .arg(&artifact)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("is healthy, version 4.2.0"), "{stdout}");
+    // It really is serving: the service answers as 4.2.0.
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    let status = control
+        .get_status(pb::GetStatusRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.services[0].current_version, "4.2.0");
+}

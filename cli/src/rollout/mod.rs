@@ -92,6 +92,7 @@ struct HostRecord {
 }
 
 struct Shared {
+    rollout: String,
     journal: Mutex<Journal>,
     hosts: Mutex<Vec<HostRecord>>,
     human: bool,
@@ -116,6 +117,7 @@ impl Shared {
         message: impl Into<String>,
     ) -> anyhow::Result<()> {
         let message = message.into();
+        tracing::info!(rollout = %self.rollout, service = %plan.service, version = %plan.version, host = %plan.hosts[index], state = ?state, cause = ?cause, "{message}");
         self.record(Record::Host {
             host: plan.hosts[index].clone(),
             state,
@@ -919,6 +921,7 @@ async fn run(
 ) -> anyhow::Result<u8> {
     let plan = Arc::new(plan);
     let shared = Arc::new(Shared {
+        rollout: rollout.clone(),
         journal: Mutex::new(journal),
         hosts: Mutex::new(records),
         human,
