@@ -14,8 +14,12 @@ test: build
 demo:
 	bash scripts/demo.sh
 
-# Release build, then every benchmark; prints the table BENCHMARKS.md quotes.
+# Release build, then every benchmark; prints the tables BENCHMARKS.md quotes.
+# nginx and gunicorn (Debian's packages) are the comparison.
 bench:
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || (apt-get update && apt-get install -y --no-install-recommends nginx)
+	command -v gunicorn >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends gunicorn)
+	command -v openssl >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends openssl)
 	$(CARGO) build --release --workspace --bins
 	./target/release/reload-bench
 

@@ -11,14 +11,17 @@
 //! 3. Failed requests and p99 latency during 20 reloads under 50 clients
 //!    that never retry, keep-alive and a connection per request, beside a
 //!    stop-then-start restart of the same server under the same load.
-//! 4. A 20-host rollout (agents on 127.0.60.x): wall time against its lower
+//! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
 //!    the artifact already staged.
+//! 5. Footprint: the agent's RSS and CPU over 60 s idle with 3 services,
+//!    and its start-up time to serving gRPC, beside a fork+exec+wait of
+//!    `/bin/true`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -316,6 +319,105 @@ fn row(name: &str, mode: ConnectionMode, steady: &LoadReport, during: &LoadRepor
     );
 }
 
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn send(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// Gone, or a zombie waiting for its reaper.
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                == Some("Z")
+        })
+        .unwrap_or(true)
+}
+
+/// Polls without blocking the runtime the load client runs on.
+async fn wait_async(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// nginx (from Debian's package) answering 200 on `addr`, daemonized;
+/// returns its pid file.
+async fn start_nginx(dir: &Path, addr: SocketAddr) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let pid_file = dir.join("nginx.pid");
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\npid {pid};\nerror_log {dir}/error.log;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 65;\n\
+             client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fastcgi;\n\
+             uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
+             server {{ listen {addr}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            pid = pid_file.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("/usr/sbin/nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .status()
+        .expect("nginx is needed for the comparison: apt-get install nginx (make bench does)");
+    assert!(
+        status.success(),
+        "nginx did not start; see {}/error.log",
+        dir.display()
+    );
+    wait_async("nginx to serve", || {
+        read_pid(&pid_file).is_some() && std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    pid_file
+}
+
+/// gunicorn (Debian's package) with 2 sync workers serving 200, daemonized.
+async fn start_gunicorn(dir: &Path, addr: SocketAddr) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("app.py"),
+        "def app(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', '3')])\n    return [b'ok\\n']\n",
+    )
+    .unwrap();
+    let pid_file = dir.join("gunicorn.pid");
+    let status = Command::new("gunicorn")
+        .args(["-w", "2", "-b", &addr.to_string(), "-D", "--pid"])
+        .arg(&pid_file)
+        .arg("--chdir")
+        .arg(dir)
+        .arg("app:app")
+        .status()
+        .expect(
+            "gunicorn is needed for the comparison: apt-get install gunicorn (make bench does)",
+        );
+    assert!(status.success(), "gunicorn did not start");
+    wait_async("gunicorn to serve", || {
+        read_pid(&pid_file).is_some() && std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    pid_file
+}
+
 async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("## 3. Failed requests during {RELOADS_UNDER_LOAD} reloads, {CONNECTIONS} clients that never retry\n");
     println!("| method | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio |\n|---|---|---:|---:|---:|---:|---:|---:|");
@@ -338,6 +440,105 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         .await;
         row("reload-agent handoff", mode, &steady, &during);
         drop(agent);
+
+        // reload-server's standalone self-upgrade: SIGHUP to the demo server.
+        let sdir = dir.join(format!("standalone-{mode:?}"));
+        std::fs::create_dir_all(&sdir).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pid_file = sdir.join("pid");
+        let mut first = Command::new(bin_path("reload-demo-server"))
+            .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
+            .arg(&pid_file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_async("the demo server's pid file", || {
+            read_pid(&pid_file).is_some()
+        })
+        .await;
+        let (steady, during) = measure(addr, mode, |_| {
+            let pid_file = pid_file.clone();
+            async move {
+                let old = read_pid(&pid_file).unwrap();
+                send(old, nix::sys::signal::Signal::SIGHUP);
+                wait_async("the self-upgrade", || {
+                    read_pid(&pid_file) != Some(old) && gone(old)
+                })
+                .await;
+            }
+        })
+        .await;
+        row(
+            "reload-server self-upgrade (SIGHUP)",
+            mode,
+            &steady,
+            &during,
+        );
+        if let Some(pid) = read_pid(&pid_file) {
+            send(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = first.kill();
+        let _ = first.wait();
+
+        // nginx, both ways it reloads while keeping its listening socket.
+        for upgrade in [true, false] {
+            let ndir = dir.join(format!("nginx-{mode:?}-{upgrade}"));
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let pid_file = start_nginx(&ndir, addr).await;
+            let (steady, during) = measure(addr, mode, |_| {
+                let pid_file = pid_file.clone();
+                async move {
+                    let master = read_pid(&pid_file).unwrap();
+                    if upgrade {
+                        // USR2: a new master with the same sockets; WINCH:
+                        // the old workers finish gracefully; QUIT: the old
+                        // master goes.
+                        let oldbin = pid_file.with_extension("pid.oldbin");
+                        send(master, nix::sys::signal::Signal::SIGUSR2);
+                        wait_async("nginx's new master", || {
+                            oldbin.exists() && read_pid(&pid_file).is_some_and(|p| p != master)
+                        })
+                        .await;
+                        send(master, nix::sys::signal::Signal::SIGWINCH);
+                        send(master, nix::sys::signal::Signal::SIGQUIT);
+                        wait_async("nginx's old master to exit", || {
+                            !oldbin.exists() && gone(master)
+                        })
+                        .await;
+                    } else {
+                        send(master, nix::sys::signal::Signal::SIGHUP);
+                    }
+                }
+            })
+            .await;
+            let name = if upgrade {
+                "nginx binary upgrade (USR2, WINCH, QUIT)"
+            } else {
+                "nginx -s reload (HUP)"
+            };
+            row(name, mode, &steady, &during);
+            if let Some(master) = read_pid(&pid_file) {
+                send(master, nix::sys::signal::Signal::SIGTERM);
+                wait_async("nginx to stop", || gone(master)).await;
+            }
+        }
+
+        // gunicorn's graceful worker restart.
+        let gdir = dir.join(format!("gunicorn-{mode:?}"));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pid_file = start_gunicorn(&gdir, addr).await;
+        let (steady, during) = measure(addr, mode, |_| {
+            let master = read_pid(&pid_file).unwrap();
+            async move {
+                send(master, nix::sys::signal::Signal::SIGHUP);
+            }
+        })
+        .await;
+        row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
+        if let Some(master) = read_pid(&pid_file) {
+            send(master, nix::sys::signal::Signal::SIGTERM);
+            wait_async("gunicorn to stop", || gone(master)).await;
+        }
 
         // The same server restarted the way `systemctl restart` does it:
         // stop (drain), then start a new process that binds the port again.
@@ -378,7 +579,7 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!();
 }
 
-const ROLLOUT_HOSTS: usize = 20;
+const ROLLOUT_HOSTS: usize = 50;
 const ROLLOUT_MIN_HEALTHY: Duration = Duration::from_secs(2);
 
 /// Runs `reloadctl push ... --output json` and returns its events.
@@ -391,9 +592,9 @@ fn push_json(dir: &Path, version: &str) -> Vec<serde_json::Value> {
             "--canary",
             "0",
             "--waves",
-            "1,25%,100%",
+            "1,10%,50%,100%",
             "--max-parallel",
-            "20",
+            "50",
             "--healthy-checks",
             "3",
         ])
@@ -520,7 +721,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
     let staged = push_json(&project, "2.0.0");
     let staged_wall = start.elapsed();
     let staged_sent = staged.last().unwrap()["bytes_sent"].as_u64().unwrap();
-    println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,25%,100%, max-parallel 20, 3 checks over a min-healthy-time of {})\n", humantime::format_duration(ROLLOUT_MIN_HEALTHY));
+    println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,10%,50%,100%, max-parallel 50, 3 checks over a min-healthy-time of {})\n", humantime::format_duration(ROLLOUT_MIN_HEALTHY));
     println!("| measure | value |\n|---|---:|");
     println!(
         "| wall time of `reloadctl push` | {:.2} s |",
@@ -548,6 +749,104 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("| bytes sent with the artifact already staged | {staged_sent} |");
     println!();
     drop(agents);
+}
+
+const IDLE: Duration = Duration::from_secs(60);
+
+fn proc_stat_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // utime and stime, fields 14 and 15 of stat (12 and 13 after the name).
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn footprint_bench(dir: &Path, key: &Arc<SigningKey>) {
+    let agent_dir = dir.join("footprint-agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let mut config = String::new();
+    for name in ["alpha", "beta", "gamma"] {
+        config.push_str(&format!(
+            "[[service]]\nname = \"{name}\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{}\"\n\
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"1s\"\n",
+            free_port()
+        ));
+    }
+    let start = Instant::now();
+    let agent = Agent::start(&agent_dir, key.clone(), &config);
+    let startup = start.elapsed();
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    for name in ["alpha", "beta", "gamma"] {
+        let sha = agent
+            .stage(name, "1.0.0", &Agent::demo_server_bytes(name))
+            .await;
+        let result = control
+            .activate(pb::ActivateRequest {
+                service: name.into(),
+                sha256: sha,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        assert_eq!(
+            result.outcome,
+            pb::ReloadOutcome::Succeeded as i32,
+            "{}",
+            result.reason
+        );
+    }
+    drop(control);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = agent.pid();
+    let (cpu_before, rss_before) = (proc_stat_cpu_seconds(pid), rss_kib(pid));
+    tokio::time::sleep(IDLE).await;
+    let (cpu_after, rss_after) = (proc_stat_cpu_seconds(pid), rss_kib(pid));
+    let mut floor = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        floor.push(t.elapsed());
+    }
+    println!("## 5. Footprint (agent with 3 services, health probes every 1 s)\n");
+    println!("| measure | value |\n|---|---:|");
+    println!(
+        "| agent start-up to serving gRPC (process spawn to its \"serving gRPC\" log line) | {} |",
+        ms(startup)
+    );
+    println!(
+        "| fork+exec+wait of /bin/true, same run (median of 20) | {} |",
+        ms(quantile(&floor, 0.5))
+    );
+    println!(
+        "| agent RSS idle, after {} s | {} KiB (was {} KiB) |",
+        IDLE.as_secs(),
+        rss_after,
+        rss_before
+    );
+    println!(
+        "| agent CPU over {} s idle | {:.2} s = {:.2}% of one core |",
+        IDLE.as_secs(),
+        cpu_after - cpu_before,
+        100.0 * (cpu_after - cpu_before) / IDLE.as_secs_f64()
+    );
+    println!();
 }
 
 fn main() {
@@ -579,5 +878,8 @@ fn main() {
     }
     if wants("rollout") {
         runtime.block_on(rollout_bench(dir, &key));
+    }
+    if wants("footprint") {
+        runtime.block_on(footprint_bench(dir, &key));
     }
 }
