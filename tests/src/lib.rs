@@ -347,3 +347,76 @@ pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A free TCP port on `ip`, for a listener the test's process is about to
+/// configure (the agent binds it right after).
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    free_port_on([127, 0, 0, 1].into())
+}
+
+/// The process has exited: gone, or a zombie waiting for its reaper.
+pub fn process_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        // The state follows the parenthesised command name, which may hold
+        // spaces.
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                == Some("Z")
+        })
+        .unwrap_or(true)
+}
+
+/// Sends `signal` to `pid`; a process already gone is not an error.
+pub fn send_signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// One HTTP/1.1 answer: status code, the `x-pid` header (0 if none), body.
+pub struct HttpReply {
+    pub code: u16,
+    pub pid: u32,
+    pub body: String,
+}
+
+/// One GET on a fresh connection with `Connection: close`; no retry.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let pid = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-pid:")
+                .map(|p| p.trim().to_string())
+        })
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Ok(HttpReply {
+        code,
+        pid,
+        body: body.to_string(),
+    })
+}

@@ -270,11 +270,7 @@ async fn activate_rollback_and_status_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     reloadctl_ok(d, &["keygen", "--out", "release"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         d.join("agent.toml"),
         format!(

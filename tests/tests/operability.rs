@@ -1,31 +1,11 @@
 //! End-to-end: what operators and pipelines read off an agent: Prometheus
 //! metrics, and gRPC reflection without the `.proto` files.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reload_artifact::{Envelope, SigningKey};
 use reload_proto::v1 as pb;
 use reload_tests::*;
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string()
-}
 
 /// The value of the sample `name` whose labels include every `labels` pair.
 fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -45,11 +25,7 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_reloads_uploads_and_refusals_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = format!(
         "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
     );
@@ -89,7 +65,11 @@ async fn metrics_count_reloads_uploads_and_refusals_exactly() {
             .unwrap();
     }
 
-    let text = http_get(agent.health_addr.unwrap(), "/metrics").await;
+    let reply = http_get(agent.health_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(reply.code, 200);
+    let text = reply.body;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the text format parses");
     let web = ("service", "web");
@@ -239,11 +219,7 @@ async fn the_python_example_deploys_through_the_grpc_api() {
         String::from_utf8_lossy(&check.stderr)
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = format!(
         "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n\
          [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n"

@@ -18,16 +18,6 @@ use reload_tests::*;
 const RELOADS: usize = 20;
 const CONNECTIONS: usize = 50;
 
-/// A free TCP port on loopback for a service listener. The agent binds it
-/// right after; nothing else on this machine picks ports from this range.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Fixture {
     agent: Agent,
     service_addr: SocketAddr,
@@ -278,15 +268,9 @@ async fn failed_reload_keeps_the_old_process(
     if result.new_pid != 0 {
         assert!(
             !Path::new(&format!("/proc/{}", result.new_pid)).exists()
-                || is_zombie_or_gone(result.new_pid)
+                || process_gone(result.new_pid)
         );
     }
-}
-
-fn is_zombie_or_gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.split_whitespace().nth(2) == Some("Z"))
-        .unwrap_or(true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,31 +339,6 @@ async fn a_python_service_takes_over_the_same_socket() {
     }
 }
 
-/// One request on a fresh connection; the status code and x-pid.
-async fn get_once(addr: SocketAddr) -> std::io::Result<(u16, u32)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let pid = text
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-pid: ")
-                .map(|p| p.trim().to_string())
-        })
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    Ok((code, pid))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_service_is_restarted_and_clients_wait_instead_of_being_refused() {
     // A slow start makes the gap measurable: clients that connect during it
@@ -395,16 +354,16 @@ async fn a_killed_service_is_restarted_and_clients_wait_instead_of_being_refused
     .unwrap();
     // Connect while nothing serves: the agent's socket queues the clients.
     let clients: Vec<_> = (0..10)
-        .map(|_| tokio::spawn(get_once(f.service_addr)))
+        .map(|_| tokio::spawn(http_get(f.service_addr, "/")))
         .collect();
     let mut served_by = std::collections::BTreeSet::new();
     for client in clients {
-        let (code, pid) = client
+        let reply = client
             .await
             .unwrap()
             .expect("a client connecting during the restart must be served");
-        assert_eq!(code, 200);
-        served_by.insert(pid);
+        assert_eq!(reply.code, 200);
+        served_by.insert(reply.pid);
     }
     let after = f.status().await;
     assert_ne!(after.pid, before.pid);
@@ -426,7 +385,7 @@ async fn a_restarted_agent_runs_the_version_it_had_activated() {
     wait_for(
         "the old service process to exit",
         Duration::from_secs(20),
-        || is_zombie_or_gone(old_pid),
+        || process_gone(old_pid),
     )
     .await;
     let key = f.agent.key.clone();
@@ -437,7 +396,8 @@ async fn a_restarted_agent_runs_the_version_it_had_activated() {
         if status.state == pb::ServiceState::Running as i32 {
             assert_eq!(status.current_version, "2.0.0");
             assert_eq!(status.previous_version, "1.0.0");
-            let (code, pid) = get_once(f.service_addr).await.unwrap();
+            let reply = http_get(f.service_addr, "/").await.unwrap();
+            let (code, pid) = (reply.code, reply.pid);
             assert_eq!((code, pid), (200, status.pid));
             break;
         }
@@ -499,40 +459,19 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
     // /healthz/web turns 200 once the probe has seen the service healthy.
     let health = f.agent.health_addr.expect("health endpoint");
     wait_for_health(health, "/healthz/web", 200).await;
-    let (code, body) = http_get(health, "/healthz").await;
+    let reply = http_get(health, "/healthz").await.unwrap();
+    let (code, body) = (reply.code, reply.body);
     assert_eq!(code, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["services"][0]["version"], "1.0.0");
     assert_eq!(json["services"][0]["pid"], status.pid);
-    let (code, _) = http_get(health, "/healthz/nope").await;
-    assert_eq!(code, 404);
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (code, body)
+    assert_eq!(http_get(health, "/healthz/nope").await.unwrap().code, 404);
 }
 
 async fn wait_for_health(addr: SocketAddr, path: &str, code: u16) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if http_get(addr, path).await.0 == code {
+        if http_get(addr, path).await.is_ok_and(|r| r.code == code) {
             return;
         }
         assert!(
@@ -693,8 +632,8 @@ async fn tcp_unix_and_udp_listeners_are_all_handed_over_in_order() {
     // The Unix socket path exists and accepts (the kernel queues it).
     assert!(std::os::unix::net::UnixStream::connect(&unix_path).is_ok());
     // The serving socket works through the handed-over TCP listener.
-    let (code, served_by) = get_once(SocketAddr::new([127, 0, 0, 1].into(), port))
+    let reply = http_get(SocketAddr::new([127, 0, 0, 1].into(), port), "/")
         .await
         .unwrap();
-    assert_eq!((code, served_by), (200, pid));
+    assert_eq!((reply.code, reply.pid), (200, pid));
 }

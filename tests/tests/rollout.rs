@@ -43,11 +43,7 @@ fn fleet(net: u8, count: usize, extra_env: impl Fn(usize) -> String) -> Fleet {
     let mut hosts_file = String::from("# test fleet\n");
     for i in 0..count {
         let ip: IpAddr = format!("127.0.{net}.{}", i + 1).parse().unwrap();
-        let port = std::net::TcpListener::bind((ip, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port_on(ip);
         let service_addr = SocketAddr::new(ip, port);
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
@@ -392,11 +388,7 @@ fn push_watching(
 }
 
 fn sigkill(pid: u32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    send_signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,11 +34,7 @@ fn tls_agent() -> TlsAgent {
         ],
     );
     reloadctl_ok(d, &["keygen", "--out", "release"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         d.join("agent.toml"),
         format!(
@@ -290,11 +286,7 @@ fn an_agent_without_tls_or_explicit_insecure_does_not_start() {
 async fn the_downgrade_floor_holds_across_restarts() {
     use reload_proto::v1 as pb;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // keep_versions above the 4 uploads: pruning is not under test here.
     let config = format!(
         "keep_versions = 10\n[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"

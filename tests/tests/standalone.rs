@@ -35,16 +35,7 @@ fn start(upstream_notify: Option<&Path>) -> Standalone {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("demo");
     std::fs::copy(bin_path("reload-demo-server"), &exe).unwrap();
-    let addr: SocketAddr = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    )
-    .parse()
-    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new(&exe);
     command
         .args([
@@ -100,7 +91,7 @@ impl Standalone {
         })
         .await;
         wait_for("the old process to exit", Duration::from_secs(20), || {
-            gone(old)
+            process_gone(old)
         })
         .await;
         self.pid().unwrap()
@@ -132,20 +123,6 @@ fn sighup(pid: u32) {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-}
-
-/// Gone or a zombie waiting for its reaper.
-fn gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next()
-                == Some("Z")
-        })
-        .unwrap_or(true)
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
@@ -315,7 +292,7 @@ async fn a_sighup_storm_upgrades_one_at_a_time_without_leaking() {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| !gone(*pid))
+        .filter(|pid| !process_gone(*pid))
         .filter(|pid| {
             std::fs::read_link(format!("/proc/{pid}/exe"))
                 .map(|p| p == s.exe)
@@ -355,11 +332,7 @@ fn the_demo_server_runs_under_systemd_socket_activate() {
         // Loud, not silent: install the Debian package `systemd` to run it.
         panic!("systemd-socket-activate is missing: .ci/run installs the Debian package systemd for this test");
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(activate)
         .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=http"])
         .arg(bin_path("reload-demo-server"))
@@ -414,11 +387,7 @@ fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("systemd-socket-activate is missing: .ci/run installs the Debian package systemd for this test");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // [agent] listen is port 1 (unusable): serving at all proves the agent
     // took the socket it was given.
     let mut agent = Command::new(activate)

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant, SystemTime};
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
 use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
-use reload_tests::{bin_path, pseudo_random_bytes, reloadctl_ok, Agent};
+use reload_tests::{
+    bin_path, free_port, process_gone, pseudo_random_bytes, reloadctl_ok, send_signal, Agent,
+};
 use tokio_stream::StreamExt;
 
 const ARTIFACT_MIB: usize = 256;
@@ -128,14 +130,6 @@ fn upload_bench(dir: &Path, key: &Arc<SigningKey>) {
         "\nupload-and-verify speed / openssl sha256 speed = {ratio:.2} (goal >= 0.70: {})\n",
         if ratio >= 0.7 { "met" } else { "MISSED" }
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// An agent supervising the demo server as `bench`, with v1 and v2 staged.
@@ -323,24 +317,6 @@ fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn send(pid: u32, signal: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
-}
-
-/// Gone, or a zombie waiting for its reaper.
-fn gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next()
-                == Some("Z")
-        })
-        .unwrap_or(true)
-}
-
 /// Polls without blocking the runtime the load client runs on.
 async fn wait_async(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -460,9 +436,9 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
             let pid_file = pid_file.clone();
             async move {
                 let old = read_pid(&pid_file).unwrap();
-                send(old, nix::sys::signal::Signal::SIGHUP);
+                send_signal(old, nix::sys::signal::Signal::SIGHUP);
                 wait_async("the self-upgrade", || {
-                    read_pid(&pid_file) != Some(old) && gone(old)
+                    read_pid(&pid_file) != Some(old) && process_gone(old)
                 })
                 .await;
             }
@@ -475,7 +451,7 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
             &during,
         );
         if let Some(pid) = read_pid(&pid_file) {
-            send(pid, nix::sys::signal::Signal::SIGKILL);
+            send_signal(pid, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = first.kill();
         let _ = first.wait();
@@ -494,19 +470,19 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
                         // the old workers finish gracefully; QUIT: the old
                         // master goes.
                         let oldbin = pid_file.with_extension("pid.oldbin");
-                        send(master, nix::sys::signal::Signal::SIGUSR2);
+                        send_signal(master, nix::sys::signal::Signal::SIGUSR2);
                         wait_async("nginx's new master", || {
                             oldbin.exists() && read_pid(&pid_file).is_some_and(|p| p != master)
                         })
                         .await;
-                        send(master, nix::sys::signal::Signal::SIGWINCH);
-                        send(master, nix::sys::signal::Signal::SIGQUIT);
+                        send_signal(master, nix::sys::signal::Signal::SIGWINCH);
+                        send_signal(master, nix::sys::signal::Signal::SIGQUIT);
                         wait_async("nginx's old master to exit", || {
-                            !oldbin.exists() && gone(master)
+                            !oldbin.exists() && process_gone(master)
                         })
                         .await;
                     } else {
-                        send(master, nix::sys::signal::Signal::SIGHUP);
+                        send_signal(master, nix::sys::signal::Signal::SIGHUP);
                     }
                 }
             })
@@ -518,8 +494,8 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
             };
             row(name, mode, &steady, &during);
             if let Some(master) = read_pid(&pid_file) {
-                send(master, nix::sys::signal::Signal::SIGTERM);
-                wait_async("nginx to stop", || gone(master)).await;
+                send_signal(master, nix::sys::signal::Signal::SIGTERM);
+                wait_async("nginx to stop", || process_gone(master)).await;
             }
         }
 
@@ -530,14 +506,14 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         let (steady, during) = measure(addr, mode, |_| {
             let master = read_pid(&pid_file).unwrap();
             async move {
-                send(master, nix::sys::signal::Signal::SIGHUP);
+                send_signal(master, nix::sys::signal::Signal::SIGHUP);
             }
         })
         .await;
         row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
         if let Some(master) = read_pid(&pid_file) {
-            send(master, nix::sys::signal::Signal::SIGTERM);
-            wait_async("gunicorn to stop", || gone(master)).await;
+            send_signal(master, nix::sys::signal::Signal::SIGTERM);
+            wait_async("gunicorn to stop", || process_gone(master)).await;
         }
 
         // The same server restarted the way `systemctl restart` does it:
@@ -657,11 +633,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
     let mut hosts = String::new();
     for i in 0..ROLLOUT_HOSTS {
         let ip: std::net::IpAddr = format!("127.0.60.{}", i + 1).parse().unwrap();
-        let port = std::net::TcpListener::bind((ip, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = reload_tests::free_port_on(ip);
         let agent_dir = dir.join(format!("rollout-agent-{i}"));
         std::fs::create_dir_all(&agent_dir).unwrap();
         let config = format!(
