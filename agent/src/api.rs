@@ -1,10 +1,12 @@
 //! The gRPC surface of the agent: `reload.v1` handlers plus the one place
 //! where internal errors become `tonic::Status` codes.
 //!
-//! Artifact calls and `GetAgentInfo` are implemented here. Service control,
-//! leases and agent upgrade answer UNIMPLEMENTED, naming the work that will
-//! bring them, so pipelines written against the full API fail clearly today.
+//! Every call checks the caller's right (read or deploy), and every call
+//! that changes something is audited. The work itself lives elsewhere:
+//! the store, the supervisor, the leases, and [`crate::upgrade`] for
+//! `UpgradeAgent`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +45,7 @@ pub struct AgentState {
     supervisor: Arc<Supervisor>,
     leases: Arc<crate::lease::Leases>,
     audit: AuditLog,
+    upgrades: crate::upgrade::Upgrades,
     /// Per client identity: tokens left and when they were counted.
     rate: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
@@ -54,6 +57,7 @@ impl AgentApi {
         supervisor: Arc<Supervisor>,
         leases: Arc<crate::lease::Leases>,
         audit: AuditLog,
+        upgrades: crate::upgrade::Upgrades,
     ) -> AgentApi {
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
         AgentApi(Arc::new(AgentState {
@@ -64,6 +68,7 @@ impl AgentApi {
             supervisor,
             leases,
             audit,
+            upgrades,
             rate: Default::default(),
         }))
     }
@@ -502,11 +507,192 @@ fn reload_audit<T>(result: &Result<(pb::ReloadResult, T), Status>) -> (String, R
     }
 }
 
-fn unimplemented(call: &str, work: &str) -> Status {
-    Status::unimplemented(format!(
-        "{call} is not implemented by this agent version ({}); it arrives with the {work} work",
-        env!("CARGO_PKG_VERSION")
-    ))
+impl AgentState {
+    /// The version of the agent artifact this process runs, if it runs one.
+    fn running_artifact_version(&self) -> String {
+        self.supervisor
+            .agent_versions()
+            .current
+            .filter(|c| c.sha256 == self.upgrades.image.executable_sha256)
+            .map(|c| c.version)
+            .unwrap_or_default()
+    }
+
+    /// UpgradeAgent after the caller's right and lease: see crate::upgrade
+    /// for the order of the checks.
+    async fn upgrade_agent_checked(
+        &self,
+        request: pb::UpgradeAgentRequest,
+    ) -> Result<pb::UpgradeAgentResponse, Status> {
+        use crate::handover::{UpgradeRecord, AGENT_SERVICE};
+        use crate::upgrade::{Accepted, Target};
+        let busy = self.upgrades.begin()?;
+        let running_sha = self.upgrades.image.executable_sha256.clone();
+        let running_version = match self.running_artifact_version() {
+            v if v.is_empty() => format!("{} (installed)", env!("CARGO_PKG_VERSION")),
+            v => v,
+        };
+        let versions = self.supervisor.agent_versions();
+        let mut record = UpgradeRecord {
+            from_version: running_version.clone(),
+            from_sha256: running_sha.clone(),
+            rollback: request.rollback,
+            ..Default::default()
+        };
+        // What to run: a stored artifact, or (rollback past the first
+        // upgraded image) the installed binary.
+        let (target, preflight_path) = if request.rollback {
+            if !request.sha256.is_empty() {
+                return Err(Status::invalid_argument(
+                    "UpgradeAgent takes either `sha256` or `rollback`, not both",
+                ));
+            }
+            match versions.previous() {
+                Some(previous) => {
+                    let artifact = self.verified_agent_artifact(&previous.sha256).await?;
+                    record.to_version = artifact.manifest.version.clone();
+                    record.to_sha256 = artifact.manifest.sha256.clone();
+                    (Target::Artifact(artifact.path.clone()), artifact.path)
+                }
+                None if versions.current.as_ref().is_some_and(|c| c.sha256 == running_sha) => {
+                    let fd = self.upgrades.image.installed_exe.try_clone().map_err(|e| {
+                        Status::internal(format!("cannot duplicate the installed image's fd: {e}"))
+                    })?;
+                    let path = PathBuf::from(format!(
+                        "/proc/{}/fd/{}",
+                        std::process::id(),
+                        std::os::fd::AsRawFd::as_raw_fd(&self.upgrades.image.installed_exe)
+                    ));
+                    let sha = hash_path(&path).await?;
+                    record.to_version = "installed".into();
+                    record.to_sha256 = sha;
+                    record.to_installed = true;
+                    (Target::Installed(fd), path)
+                }
+                None => {
+                    return Err(Status::failed_precondition(
+                        "this agent runs the binary it was installed with and has no earlier agent to roll back to",
+                    ))
+                }
+            }
+        } else {
+            if request.sha256.is_empty() {
+                return Err(Status::invalid_argument(
+                    "UpgradeAgent needs `sha256`: a stored artifact signed for service \"reload-agent\" (reloadctl upload it first)",
+                ));
+            }
+            let artifact = self.verified_agent_artifact(&request.sha256).await?;
+            crate::supervisor::check_downgrade_floor(
+                &versions,
+                &artifact,
+                request.allow_downgrade,
+            )?;
+            record.to_version = artifact.manifest.version.clone();
+            record.to_sha256 = artifact.manifest.sha256.clone();
+            (Target::Artifact(artifact.path.clone()), artifact.path)
+        };
+        if record.to_sha256 == running_sha {
+            return Err(Status::already_exists(format!(
+                "this agent already runs {} (sha256 {running_sha})",
+                record.to_version
+            )));
+        }
+        self.supervisor.events.emit(
+            pb::EventKind::Preflight,
+            EventFields {
+                service: AGENT_SERVICE,
+                version: &record.to_version,
+                sha256: &record.to_sha256,
+                pid: std::process::id(),
+                message: format!("preflight of agent {}: --check", record.to_version),
+            },
+        );
+        crate::upgrade::preflight(&preflight_path, &self.config.config_path).await?;
+        // No reload, restart or drain may be half-way at the exec.
+        let bound = self
+            .config
+            .services
+            .iter()
+            .map(|s| s.drain_timeout)
+            .max()
+            .unwrap_or_default()
+            + Duration::from_secs(5);
+        let guards = self.supervisor.quiesce(bound).await?;
+        let response = pb::UpgradeAgentResponse {
+            previous_version: running_version,
+            new_version: record.to_version.clone(),
+            pid: std::process::id(),
+            new_sha256: record.to_sha256.clone(),
+        };
+        self.supervisor.events.emit(
+            pb::EventKind::AgentUpgrading,
+            EventFields {
+                service: AGENT_SERVICE,
+                version: &record.to_version,
+                sha256: &record.to_sha256,
+                pid: std::process::id(),
+                message: format!(
+                    "re-executing in place: {} -> {}",
+                    response.previous_version, response.new_version
+                ),
+            },
+        );
+        self.upgrades.commit(
+            busy,
+            Accepted {
+                target,
+                record,
+                guards,
+            },
+        )?;
+        Ok(response)
+    }
+
+    /// A stored agent artifact, verified now as at upload: bytes, signature,
+    /// expiry, platform, and signed for service `reload-agent`.
+    async fn verified_agent_artifact(&self, sha256: &str) -> Result<StoredArtifact, Status> {
+        let lookup = sha256.to_string();
+        let (stored, envelope) = self
+            .with_store(move |store| {
+                let Some(stored) = store.stat(&lookup)? else {
+                    return Ok(None);
+                };
+                store.check_stored_content(&stored)?;
+                let envelope = store.envelope_bytes(&lookup)?;
+                Ok(Some((stored, envelope)))
+            })
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "this agent holds no artifact with sha256 {sha256}; upload the agent artifact first (reloadctl upload)"
+                ))
+            })?;
+        let verified = self.verify_envelope(&envelope)?;
+        if verified.manifest.service != crate::handover::AGENT_SERVICE {
+            return Err(Status::failed_precondition(format!(
+                "artifact {sha256} is {} {}, not an agent artifact: sign agent builds for service \"{}\"",
+                verified.manifest.service,
+                verified.manifest.version,
+                crate::handover::AGENT_SERVICE
+            )));
+        }
+        Ok(stored)
+    }
+}
+
+/// sha256 of a file, off the async threads.
+async fn hash_path(path: &std::path::Path) -> Result<String, Status> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        let mut file = std::fs::File::open(&path)?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok::<_, std::io::Error>(hex::encode(hasher.finalize()))
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| Status::internal(format!("cannot hash the installed agent binary: {e}")))
 }
 
 #[tonic::async_trait]
@@ -661,6 +847,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .map(|s| s.name.clone())
                 .collect(),
             keep_versions: self.config.keep_versions as u32,
+            executable_sha256: self.upgrades.image.executable_sha256.clone(),
+            artifact_version: self.running_artifact_version(),
+            last_upgrade: self.upgrades.image.last_upgrade.clone(),
         }))
     }
 
@@ -669,17 +858,31 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<pb::UpgradeAgentRequest>,
     ) -> Result<Response<pb::UpgradeAgentResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "UpgradeAgent");
-        let result = allowed.and(Err(unimplemented("UpgradeAgent", "agent self-reload")));
-        let sha256 = request.into_inner().sha256;
+        let request = request.into_inner();
+        let sha256 = request.sha256.clone();
+        let result = async {
+            allowed?;
+            self.leases.check_mutation(request.lease.as_ref())?;
+            self.upgrade_agent_checked(request).await
+        }
+        .await;
+        let version = result
+            .as_ref()
+            .map(|r| r.new_version.clone())
+            .unwrap_or_default();
+        let sha256 = result
+            .as_ref()
+            .map(|r| r.new_sha256.clone())
+            .unwrap_or(sha256);
         self.audit(
             &identity,
             "UpgradeAgent",
-            "reload-agent",
-            "",
+            crate::handover::AGENT_SERVICE,
+            &version,
             &sha256,
             audit_result(&result),
         );
-        result
+        result.map(Response::new)
     }
 }
 
@@ -797,7 +1000,15 @@ impl pb::service_control_server::ServiceControl for AgentApi {
                     ended = item.is_err();
                     Some(item)
                 }
-            });
+            })
+            .map(Some)
+            // The agent re-executing itself ends the stream.
+            .merge(
+                tokio_stream::wrappers::WatchStream::new(self.supervisor.events.closing())
+                    .filter(|closing| *closing)
+                    .map(|_| None),
+            )
+            .map_while(|item| item);
         Ok(Response::new(Box::pin(events)))
     }
 }

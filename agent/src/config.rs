@@ -543,6 +543,9 @@ impl std::fmt::Debug for TlsFiles {
 /// The checked, resolved config.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The file this was read from (absolute): a new agent binary is
+    /// checked against it before an in-place upgrade.
+    pub config_path: PathBuf,
     /// None only with `insecure = true` (loopback only).
     pub tls: Option<TlsFiles>,
     pub rights: RightsSection,
@@ -581,8 +584,10 @@ impl AgentConfig {
         // (NOTIFY_SOCKET) and may change their working directory.
         let base = std::fs::canonicalize(base)
             .with_context(|| format!("cannot resolve the folder of {}", path.display()))?;
-        AgentConfig::parse(&text, &base)
-            .with_context(|| format!("agent config {} is not valid", path.display()))
+        let mut config = AgentConfig::parse(&text, &base)
+            .with_context(|| format!("agent config {} is not valid", path.display()))?;
+        config.config_path = base.join(path.file_name().unwrap_or_default());
+        Ok(config)
     }
 
     /// Parses config text; relative paths are taken from `base`.
@@ -685,6 +690,8 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         Ok(AgentConfig {
+            // Set by `load`; `parse` alone has no file.
+            config_path: base.join("agent.toml"),
             tls,
             rights: file.rights,
             audit_path: file

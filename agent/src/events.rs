@@ -14,6 +14,9 @@ const EVENT_BUFFER: usize = 1024;
 pub struct EventBus {
     sender: broadcast::Sender<pb::Event>,
     sequence: AtomicU64,
+    /// Set when the agent re-executes itself: watch streams end, so the
+    /// drain of calls in flight does not wait on streams that never end.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The parts of an event that vary; the bus adds sequence and time.
@@ -31,6 +34,7 @@ impl Default for EventBus {
         EventBus {
             sender: broadcast::channel(EVENT_BUFFER).0,
             sequence: AtomicU64::new(0),
+            closing: tokio::sync::watch::channel(false).0,
         }
     }
 }
@@ -62,5 +66,14 @@ impl EventBus {
 
     pub fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
         self.sender.subscribe()
+    }
+
+    /// Ends every watch stream (see `closing`).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 }

@@ -13,8 +13,12 @@
 //!   `reload_server::spawn` starts a process with them, [`state`]
 //!   persists current/previous versions, [`probe`] and `health_http` report
 //!   health, [`events`] fans out every state change.
-//! - [`serve`]: binds nothing itself; it takes already-bound listeners so the
-//!   tests, a systemd socket and a future in-place re-exec share one path.
+//! - [`serve`]: binds nothing itself; it takes already-bound listeners (from
+//!   [`bind`], a systemd socket, or the previous image after an in-place
+//!   upgrade) so they share one path.
+//! - [`upgrade`] and [`handover`]: `UpgradeAgent`, the in-place re-exec
+//!   that keeps the pid, the sockets and the running services;
+//!   [`main_thread`] is why forks and the exec happen on the main thread.
 //!
 //! Verification rules live in the `reload-artifact` crate, shared with
 //! `reloadctl verify`. The wire types live in `reload-proto`.
@@ -24,14 +28,17 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod events;
+pub mod handover;
 mod health_http;
 pub mod lease;
 mod listeners;
+pub mod main_thread;
 pub mod metrics;
 pub mod probe;
 pub mod state;
 pub mod store;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,7 +50,35 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::AgentApi;
 use crate::config::AgentConfig;
+use crate::handover::{FdsToPass, Handover, Inherited};
 use crate::store::ArtifactStore;
+use crate::upgrade::{AgentImage, UpgradeExec};
+
+/// Sends forks and the final exec to the main thread; see [`main_thread`].
+pub type Launcher = main_thread::MainThread<anyhow::Result<Exit>>;
+
+/// How the agent starts.
+pub enum Start {
+    /// A fresh process, with its gRPC listeners bound by [`bind`].
+    Fresh(Vec<TcpListener>),
+    /// An image after an in-place upgrade (or a fallback to the previous
+    /// image): everything comes from the handover.
+    Inherited(Box<Inherited>),
+}
+
+/// How [`serve`] ended; the main thread acts on it.
+pub enum Exit {
+    /// Shut down by a signal; every service was stopped.
+    Stopped,
+    /// An upgrade was accepted: re-execute in place.
+    Upgrade(Box<UpgradeExec>),
+    /// This image failed its start-up checks after an upgrade: re-execute
+    /// the previous image with the same handover.
+    FallBack {
+        inherited: Box<Inherited>,
+        error: anyhow::Error,
+    },
+}
 
 /// Room for the envelope and protobuf framing above the chunk limit, so an
 /// oversized chunk reaches our own check (RESOURCE_EXHAUSTED with a clear
@@ -97,13 +132,80 @@ pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
-/// Opens the store and serves the gRPC API on `listeners` until `shutdown`
-/// completes; in-flight calls then get a short grace period.
+/// Opens the store and serves the gRPC API until `shutdown` completes (then
+/// stops every service) or an upgrade is accepted (then returns what the
+/// main thread needs to re-execute, services untouched).
+///
+/// After an upgrade, any failure before the server runs is a failed
+/// start-up check: the result is [`Exit::FallBack`], unless this image is
+/// already the fallback.
 pub async fn serve(
     config: AgentConfig,
-    listeners: Vec<TcpListener>,
+    start: Start,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+    launcher: Launcher,
+) -> anyhow::Result<Exit> {
+    let (listeners, inherited) = match start {
+        Start::Fresh(listeners) => (Some(listeners), None),
+        Start::Inherited(inherited) => (None, Some(*inherited)),
+    };
+    let prepared = prepare(config, listeners, inherited.as_ref(), launcher).await;
+    let prepared = match (prepared, inherited) {
+        (Ok(prepared), _) => prepared,
+        (Err(error), Some(inherited))
+            if inherited.description.upgrade.fallback_reason.is_none() =>
+        {
+            return Ok(Exit::FallBack {
+                inherited: Box::new(inherited),
+                error,
+            })
+        }
+        (Err(error), _) => return Err(error),
+    };
+    // The inherited originals close here; everything runs on duplicates.
+    prepared.run(shutdown).await
+}
+
+/// Everything set up and checked, not yet serving.
+struct Prepared {
+    api: AgentApi,
+    supervisor: Arc<supervisor::Supervisor>,
+    grpc: Vec<TcpListener>,
+    health: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    leases: Arc<lease::Leases>,
+    tls: Option<config::TlsFiles>,
+    max_message: usize,
+    accepted: tokio::sync::oneshot::Receiver<upgrade::Accepted>,
+    installed_exe: std::os::fd::OwnedFd,
+    /// The arguments the agent was first started with.
+    agent_args: Vec<String>,
+}
+
+fn inherited_tcp(inherited: &Inherited, fd: std::os::fd::RawFd) -> anyhow::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(inherited.dup(fd)?);
+    listener.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(listener)?)
+}
+
+async fn prepare(
+    config: AgentConfig,
+    listeners: Option<Vec<TcpListener>>,
+    inherited: Option<&Inherited>,
+    launcher: Launcher,
+) -> anyhow::Result<Prepared> {
+    // Who this image is. After an upgrade, the first start-up check: the
+    // image that started must be the one that was verified (an artifact
+    // that wraps or fetches another binary is refused this way).
+    let executable_sha256 = tokio::task::spawn_blocking(AgentImage::hash_own_executable).await??;
+    if let Some(inherited) = inherited {
+        let expected = &inherited.description.upgrade.to_sha256;
+        if inherited.description.upgrade.fallback_reason.is_none() && *expected != executable_sha256
+        {
+            anyhow::bail!(
+                "the image that started has sha256 {executable_sha256}, not the verified {expected}: an agent artifact must be the agent executable itself"
+            );
+        }
+    }
     for dir in [&config.store_dir, &config.state_dir] {
         refuse_world_writable(dir)?;
     }
@@ -124,6 +226,17 @@ pub async fn serve(
             config.state_dir.display()
         )
     })?;
+    let grpc = match (listeners, inherited) {
+        (Some(listeners), _) => listeners,
+        (None, Some(inherited)) => inherited
+            .description
+            .grpc_fds
+            .iter()
+            .map(|fd| inherited_tcp(inherited, *fd))
+            .collect::<anyhow::Result<_>>()
+            .context("taking the gRPC listeners from the previous image")?,
+        (None, None) => anyhow::bail!("no gRPC listeners"),
+    };
     let metrics = Arc::new(metrics::Metrics::default());
     let supervisor = Arc::new(supervisor::Supervisor::new(
         &config.services,
@@ -132,14 +245,31 @@ pub async fn serve(
         config.trusted_keys.clone(),
         Arc::new(events::EventBus::default()),
         metrics.clone(),
+        launcher,
+        inherited,
     )?);
-    let health_listener = match config.health_listen {
-        Some(addr) => {
+    let health_listener = match (
+        inherited.and_then(|h| Some((h, h.description.health_fd?))),
+        config.health_listen,
+    ) {
+        (Some((inherited, fd)), Some(_)) => Some(inherited_tcp(inherited, fd)?),
+        (_, Some(addr)) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} ([agent] health_listen)"))?;
-            tracing::info!(addr = %listener.local_addr()?, "serving HTTP /healthz");
             Some(listener)
+        }
+        (_, None) => None,
+    };
+    let health = match health_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "serving HTTP /healthz");
+            let acceptor = config
+                .tls
+                .as_ref()
+                .map(health_http::tls_acceptor)
+                .transpose()?;
+            Some((listener, acceptor))
         }
         None => None,
     };
@@ -147,105 +277,312 @@ pub async fn serve(
     let leases = Arc::new(lease::Leases::open(&config.state_dir)?);
     let audit = audit::AuditLog::open(&config.audit_path, config.audit_max_bytes)?;
     let tls = config.tls.clone();
-    let api = AgentApi::new(config, store, supervisor.clone(), leases.clone(), audit);
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    supervisor.start_monitors();
-    probe::start_probes(&supervisor, health_reporter.clone());
-    if let Some(listener) = health_listener {
-        let acceptor = tls.as_ref().map(health_http::tls_acceptor).transpose()?;
-        tokio::spawn(health_http::serve(
-            listener,
-            supervisor.clone(),
+    let installed_exe = match inherited {
+        Some(inherited) => inherited.dup(inherited.description.installed_exe_fd)?,
+        None => handover::open_own_exe()
+            .context("cannot open /proc/self/exe")?
+            .into(),
+    };
+    let last_upgrade = match inherited {
+        Some(inherited) => Some(upgrade_result(&supervisor, &inherited.description)?),
+        None => {
+            // A fresh start runs the installed binary: the agent artifacts
+            // of an earlier process are history only for the floor.
+            supervisor.forget_agent_image()?;
+            None
+        }
+    };
+    supervisor.pin_agent_versions();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
+    let image = AgentImage {
+        executable_sha256,
+        installed_exe: installed_exe.try_clone()?,
+        last_upgrade,
+    };
+    let api = AgentApi::new(
+        config,
+        store,
+        supervisor.clone(),
+        leases.clone(),
+        audit,
+        upgrade::Upgrades::new(image, accepted_tx),
+    );
+    Ok(Prepared {
+        api,
+        supervisor,
+        grpc,
+        health,
+        leases,
+        tls,
+        max_message,
+        accepted,
+        installed_exe,
+        agent_args: match inherited {
+            Some(inherited) => inherited.description.args.clone(),
+            None => std::env::args().skip(1).collect(),
+        },
+    })
+}
+
+/// What the image that starts after an upgrade reports (and records) about it.
+fn upgrade_result(
+    supervisor: &supervisor::Supervisor,
+    description: &Handover,
+) -> anyhow::Result<pb::AgentUpgradeResult> {
+    let record = &description.upgrade;
+    let (outcome, reason) = match &record.fallback_reason {
+        Some(reason) => (pb::AgentUpgradeOutcome::FellBack, reason.clone()),
+        None => {
+            if record.to_installed {
+                supervisor.forget_agent_image()?;
+            } else {
+                supervisor.record_agent_version(
+                    &state::ArtifactRef {
+                        sha256: record.to_sha256.clone(),
+                        version: record.to_version.clone(),
+                    },
+                    record.rollback,
+                )?;
+            }
+            (pb::AgentUpgradeOutcome::Succeeded, String::new())
+        }
+    };
+    let result = pb::AgentUpgradeResult {
+        outcome: outcome as i32,
+        reason: reason.clone(),
+        from_version: record.from_version.clone(),
+        from_sha256: record.from_sha256.clone(),
+        to_version: record.to_version.clone(),
+        to_sha256: record.to_sha256.clone(),
+        finished: Some(std::time::SystemTime::now().into()),
+    };
+    let message = match outcome {
+        pb::AgentUpgradeOutcome::Succeeded => format!(
+            "agent upgraded in place from {} to {} (pid {})",
+            record.from_version,
+            record.to_version,
+            std::process::id()
+        ),
+        _ => format!(
+            "agent upgrade to {} failed, the previous image {} runs again: {reason}",
+            record.to_version, record.from_version
+        ),
+    };
+    supervisor.events.emit(
+        pb::EventKind::AgentUpgraded,
+        events::EventFields {
+            service: handover::AGENT_SERVICE,
+            version: &record.to_version,
+            sha256: &record.to_sha256,
+            pid: std::process::id(),
+            message,
+        },
+    );
+    Ok(result)
+}
+
+impl Prepared {
+    async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Exit> {
+        let Prepared {
+            api,
+            supervisor,
+            grpc,
+            health,
             leases,
-            acceptor,
-        ));
-    }
-    health_reporter
-        .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::agent_service_server::AgentServiceServer<AgentApi>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::service_control_server::ServiceControlServer<AgentApi>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::lease_service_server::LeaseServiceServer<AgentApi>>()
-        .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+            tls,
+            max_message,
+            accepted,
+            installed_exe,
+            agent_args,
+        } = self;
+        // Duplicates of the listeners, kept for a handover: the accept
+        // loops own (and on an upgrade, drop) the originals.
+        let grpc_fds = grpc
+            .iter()
+            .map(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let health_fd = health
+            .as_ref()
+            .map(|(l, _)| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
+            .transpose()?;
 
-    // Several listeners feed one server through a channel of accepted
-    // connections.
-    let (connections, incoming) = tokio::sync::mpsc::channel(64);
-    for listener in listeners {
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, "serving gRPC");
-        let connections = connections.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = listener.accept().await.map(|(stream, _)| stream);
-                if let Err(err) = &accepted {
-                    tracing::warn!(%addr, error = %err, "accept failed");
-                    // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        supervisor.start_monitors();
+        probe::start_probes(&supervisor, health_reporter.clone());
+        // Stops accepting (gRPC and /healthz) when an upgrade is accepted:
+        // new connections wait in the backlog for the next image.
+        let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+        let mut background = tokio::task::JoinSet::new();
+        if let Some((listener, acceptor)) = health {
+            let mut accepting = accepting.clone();
+            let serving = health_http::serve(listener, supervisor.clone(), leases, acceptor);
+            background.spawn(async move {
+                tokio::select! {
+                    _ = serving => {}
+                    _ = accepting.wait_for(|stop| *stop) => {}
                 }
-                if connections.send(accepted).await.is_err() {
-                    break;
+            });
+        }
+        health_reporter
+            .set_serving::<pb::artifact_service_server::ArtifactServiceServer<AgentApi>>()
+            .await;
+        health_reporter
+            .set_serving::<pb::agent_service_server::AgentServiceServer<AgentApi>>()
+            .await;
+        health_reporter
+            .set_serving::<pb::service_control_server::ServiceControlServer<AgentApi>>()
+            .await;
+        health_reporter
+            .set_serving::<pb::lease_service_server::LeaseServiceServer<AgentApi>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        // Several listeners feed one server through a channel of accepted
+        // connections.
+        let (connections, incoming) = tokio::sync::mpsc::channel(64);
+        for listener in grpc {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "serving gRPC");
+            let connections = connections.clone();
+            let mut accepting = accepting.clone();
+            background.spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        accepted = listener.accept() => accepted.map(|(stream, _)| stream),
+                        _ = accepting.wait_for(|stop| *stop) => return,
+                    };
+                    if let Err(err) = &accepted {
+                        tracing::warn!(%addr, error = %err, "accept failed");
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    if connections.send(accepted).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(connections);
+
+        let mut server = tonic::transport::Server::builder();
+        match tls {
+            Some(tls) => {
+                let config = tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key))
+                    // Mutual TLS: a client without a certificate from this CA
+                    // does not get past the handshake.
+                    .client_ca_root(tonic::transport::Certificate::from_pem(tls.ca));
+                server = server.tls_config(config).context("the [tls] certificate or key is not valid PEM")?;
+            }
+            None => tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development"),
+        }
+        // systemd Type=notify: serving from here on (no-op without
+        // NOTIFY_SOCKET). After an upgrade this tells systemd the same pid
+        // is ready again.
+        let _ = reload_server::notify::ready();
+        let _ = reload_server::notify::status("serving");
+
+        // The server stops on the shutdown signal or on an accepted upgrade.
+        let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel::<upgrade::Accepted>();
+        let stop = {
+            let events = supervisor.events.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    accepted = accepted => {
+                        if let Ok(accepted) = accepted {
+                            let _ = stop_accepting.send(true);
+                            // Watch streams never end by themselves.
+                            events.close();
+                            let _ = upgrade_tx.send(accepted);
+                        }
+                    }
                 }
             }
-        });
+        };
+        let serving = server
+            // HTTP/2's default 64 KiB windows cap an upload at a few dozen MiB/s
+            // even on loopback; artifacts are large, so let the window grow.
+            .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))
+            .initial_connection_window_size(Some(UPLOAD_WINDOW_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                pb::artifact_service_server::ArtifactServiceServer::new(api.clone())
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                api.clone(),
+            ))
+            .add_service(pb::service_control_server::ServiceControlServer::new(
+                api.clone(),
+            ))
+            .add_service(pb::lease_service_server::LeaseServiceServer::new(api))
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stop);
+        tokio::pin!(serving);
+        let mut upgrade_rx = upgrade_rx;
+        let accepted = tokio::select! {
+            served = &mut serving => {
+                served.context("gRPC server failed")?;
+                upgrade_rx.try_recv().ok()
+            }
+            accepted = &mut upgrade_rx => {
+                // Calls in flight (the UpgradeAgent answer among them) get
+                // a bounded time to finish; the exec cuts the rest.
+                let accepted = accepted.ok();
+                if tokio::time::timeout(upgrade::DRAIN_CALLS_TIMEOUT, &mut serving).await.is_err() {
+                    tracing::warn!("calls still in flight after {}; the exec ends them", humantime::format_duration(upgrade::DRAIN_CALLS_TIMEOUT));
+                }
+                accepted
+            }
+        };
+        background.abort_all();
+        let Some(accepted) = accepted else {
+            tracing::info!("stopping every service");
+            let _ = reload_server::notify::stopping();
+            supervisor.stop_all().await;
+            return Ok(Exit::Stopped);
+        };
+        let mut fds = FdsToPass::default();
+        let previous_exe: std::os::fd::OwnedFd = handover::open_own_exe()
+            .context("cannot open /proc/self/exe")?
+            .into();
+        let description = Handover {
+            protocol: handover::PROTOCOL,
+            args: agent_args,
+            previous_exe_fd: fds.pass(std::os::fd::AsFd::as_fd(&previous_exe))?,
+            installed_exe_fd: fds.pass(std::os::fd::AsFd::as_fd(&installed_exe))?,
+            grpc_fds: grpc_fds
+                .iter()
+                .map(|fd| fds.pass(std::os::fd::AsFd::as_fd(fd)))
+                .collect::<std::io::Result<_>>()?,
+            health_fd: health_fd
+                .as_ref()
+                .map(|fd| fds.pass(std::os::fd::AsFd::as_fd(fd)))
+                .transpose()?,
+            services: supervisor.handover(&mut fds)?,
+            upgrade: accepted.record,
+        };
+        Ok(Exit::Upgrade(Box::new(UpgradeExec {
+            target: accepted.target,
+            previous_exe,
+            description,
+            fds,
+            guards: accepted.guards,
+        })))
     }
-    drop(connections);
-    // systemd Type=notify: serving from here on (no-op without NOTIFY_SOCKET).
-    let _ = reload_server::notify::ready();
-    let _ = reload_server::notify::status("serving");
-
-    let mut server = tonic::transport::Server::builder();
-    match tls {
-        Some(tls) => {
-            let config = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key))
-                // Mutual TLS: a client without a certificate from this CA
-                // does not get past the handshake.
-                .client_ca_root(tonic::transport::Certificate::from_pem(tls.ca));
-            server = server.tls_config(config).context("the [tls] certificate or key is not valid PEM")?;
-        }
-        None => tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development"),
-    }
-    server
-        // HTTP/2's default 64 KiB windows cap an upload at a few dozen MiB/s
-        // even on loopback; artifacts are large, so let the window grow.
-        .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))
-        .initial_connection_window_size(Some(UPLOAD_WINDOW_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            pb::artifact_service_server::ArtifactServiceServer::new(api.clone())
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(pb::agent_service_server::AgentServiceServer::new(
-            api.clone(),
-        ))
-        .add_service(pb::service_control_server::ServiceControlServer::new(
-            api.clone(),
-        ))
-        .add_service(pb::lease_service_server::LeaseServiceServer::new(api))
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
-        .await
-        .context("gRPC server failed")?;
-    tracing::info!("stopping every service");
-    let _ = reload_server::notify::stopping();
-    supervisor.stop_all().await;
-    Ok(())
 }

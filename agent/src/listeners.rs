@@ -42,7 +42,7 @@ pub fn bind_all(service: &str, listeners: &[ListenerConfig]) -> anyhow::Result<V
         .collect()
 }
 
-fn bind_one(config: &ListenerConfig) -> anyhow::Result<OwnedFd> {
+pub fn bind_one(config: &ListenerConfig) -> anyhow::Result<OwnedFd> {
     let flags = SockFlag::SOCK_CLOEXEC;
     match config.kind() {
         ListenerKind::Tcp(addr) => {

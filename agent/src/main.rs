@@ -7,8 +7,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use reload_agent::config::AgentConfig;
+use reload_agent::handover::{self, Inherited};
+use reload_agent::main_thread::{run_jobs, MainThread};
+use reload_agent::{Exit, Start};
 
 #[derive(Parser)]
 #[command(
@@ -60,8 +64,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = AgentConfig::load(&args.config)?;
     if args.check {
+        let config = AgentConfig::load(&args.config)?;
         println!(
             "{}: ok ({} trusted key(s), store {}, listen {})",
             args.config.display(),
@@ -74,18 +78,64 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // What an agent about to upgrade into this binary looks for.
+        println!("reload-agent {}", env!("CARGO_PKG_VERSION"));
+        println!("handover protocol {}", handover::PROTOCOL);
         return Ok(());
     }
-    for addr in &config.listen {
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening beyond loopback without TLS: anyone who reaches this address can upload signed artifacts and read the store");
+    // After an in-place upgrade, the previous image left its sockets,
+    // services and state here. Taken before any thread starts.
+    let inherited = Inherited::from_env().context("taking over from the previous agent image")?;
+    let config = match (AgentConfig::load(&args.config), inherited) {
+        (Ok(config), inherited) => (config, inherited),
+        // The config changed since the preflight: a failed start-up check.
+        (Err(err), Some(inherited)) if inherited.description.upgrade.fallback_reason.is_none() => {
+            let reason = format!("{err:#}");
+            tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
+            return Err(inherited.fall_back(&reason));
+        }
+        (Err(err), _) => return Err(err),
+    };
+    let (config, inherited) = config;
+    if inherited.is_none() {
+        for addr in &config.listen {
+            if !addr.ip().is_loopback() && config.tls.is_none() {
+                tracing::warn!(%addr, "listening beyond loopback without TLS: anyone who reaches this address can upload signed artifacts and read the store");
+            }
         }
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let listeners = reload_agent::bind(&config).await?;
-        reload_agent::serve(config, listeners, shutdown_signal()).await
-    })
+    // The main thread only forks services and execs (see
+    // reload_agent::main_thread); the agent itself runs on the runtime.
+    let (launcher, jobs) = MainThread::new();
+    let finisher = launcher.clone();
+    runtime.spawn(async move {
+        let start = match inherited {
+            Some(inherited) => Ok(Start::Inherited(Box::new(inherited))),
+            None => reload_agent::bind(&config).await.map(Start::Fresh),
+        };
+        let exit = match start {
+            Ok(start) => reload_agent::serve(config, start, shutdown_signal(), launcher).await,
+            Err(err) => Err(err),
+        };
+        finisher.finish(exit);
+    });
+    let exit = run_jobs(jobs).context("the agent's runtime ended without a result")??;
+    match exit {
+        Exit::Stopped => Ok(()),
+        Exit::Upgrade(upgrade) => {
+            tracing::info!(
+                to = %upgrade.description.upgrade.to_version,
+                "re-executing in place"
+            );
+            Err(upgrade.exec())
+        }
+        Exit::FallBack { inherited, error } => {
+            let reason = format!("{error:#}");
+            tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
+            Err(inherited.fall_back(&reason))
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -17,7 +17,8 @@
 //! the old process's drain, and by each restart attempt, so a reload that
 //! arrives while the previous one drains waits at most the drain timeout.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,10 +37,12 @@ use tonic::Status;
 
 use crate::config::{Readiness, ServiceConfig};
 use crate::events::{EventBus, EventFields};
-use crate::listeners::{bind_all, BoundListener};
+use crate::handover::{FdsToPass, Inherited, ProcessHandover, ServiceHandover};
+use crate::listeners::{bind_all, bind_one, BoundListener};
 use crate::state::{ArtifactRef, ServiceVersions, StateFile};
 use crate::store::{ArtifactStore, StoredArtifact};
-use reload_server::spawn::{spawn, SpawnSpec};
+use crate::Launcher;
+use reload_server::spawn::{spawn_service, ServiceChild, SpawnSpec};
 
 /// Lines of a process's stderr kept for failure reasons.
 const STDERR_TAIL_LINES: usize = 12;
@@ -54,6 +57,16 @@ pub struct Process {
     /// `Some(status)` once the process has exited and been reaped.
     exited: watch::Receiver<Option<ExitStatus>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Duplicates of the fds the agent holds for this process, for a
+    /// handover to the next agent image.
+    fds: Arc<ProcessFds>,
+}
+
+struct ProcessFds {
+    pidfd: OwnedFd,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    notify: Mutex<Option<(OwnedFd, PathBuf)>>,
 }
 
 impl Process {
@@ -67,6 +80,10 @@ impl Process {
         path: NotifyPath,
     ) {
         let (service, pid, process) = (service.to_string(), self.pid, self.clone());
+        if let Ok(dup) = socket.as_fd().try_clone_to_owned() {
+            *self.fds.notify.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((dup, path.0.clone()));
+        }
         tokio::spawn(async move {
             let _path = path;
             let mut buffer = vec![0u8; 4096];
@@ -238,15 +255,25 @@ pub struct Supervisor {
     state: StateFile,
     run_dir: PathBuf,
     spawn_counter: AtomicU64,
+    /// Names this agent image's notify sockets apart from those of the
+    /// image before an in-place upgrade (still in use by adopted processes).
+    image_started_ms: u128,
     /// Set once the agent is stopping: monitors stop restarting.
     stopping: AtomicBool,
     pub events: Arc<EventBus>,
     pub metrics: crate::metrics::SharedMetrics,
+    launcher: Launcher,
 }
 
 impl Supervisor {
     /// Binds every service's sockets and reads the persisted versions. Binds
     /// before anything starts, so a port in use stops the agent at once.
+    ///
+    /// After an in-place upgrade (`inherited`), the sockets and the serving
+    /// processes of the previous agent image are taken over instead: nothing
+    /// is bound again or restarted. A listener the config added since is
+    /// bound; a service it removed is drained.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         services: &[ServiceConfig],
         state_dir: &Path,
@@ -254,42 +281,95 @@ impl Supervisor {
         trusted: TrustedKeys,
         events: Arc<EventBus>,
         metrics: crate::metrics::SharedMetrics,
+        launcher: Launcher,
+        inherited: Option<&Inherited>,
     ) -> anyhow::Result<Supervisor> {
         let run_dir = state_dir.join("run");
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        // Notify sockets of processes from an earlier run are stale.
+        // Notify sockets of processes from an earlier run are stale, except
+        // those of processes adopted from the previous image.
+        let adopted_notify: BTreeSet<PathBuf> = inherited
+            .iter()
+            .flat_map(|h| &h.description.services)
+            .filter_map(|s| s.process.as_ref()?.notify_path.clone())
+            .collect();
         for entry in std::fs::read_dir(&run_dir)? {
-            let _ = std::fs::remove_file(entry?.path());
+            let path = entry?.path();
+            if !adopted_notify.contains(&path) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         let state = StateFile::open(state_dir)?;
         let mut by_name = BTreeMap::new();
+        let mut adopted = Vec::new();
         for config in services {
             let versions = state.get(&config.name);
             store.pin(&config.name, pinned_shas(&versions));
+            let handed_over = inherited.and_then(|h| Some((h, h.service(&config.name)?)));
+            let (sockets, process, restarts) = match handed_over {
+                Some((inherited, handed)) => {
+                    let sockets = take_over_sockets(config, handed, inherited)?;
+                    let process = handed
+                        .process
+                        .as_ref()
+                        .map(|p| adopt_process(&config.name, p, inherited))
+                        .transpose()?;
+                    (sockets, process, handed.restarts)
+                }
+                None => (bind_all(&config.name, &config.listeners)?, None, 0),
+            };
+            let state = match (&process, &versions.current) {
+                (Some(_), _) => pb::ServiceState::Running,
+                // A persisted current version is started by the monitor.
+                (None, Some(_)) => pb::ServiceState::Starting,
+                (None, None) => pb::ServiceState::Stopped,
+            };
+            if let Some((process, _)) = &process {
+                adopted.push((config.name.clone(), process.pid));
+            }
             let service = Service {
-                sockets: bind_all(&config.name, &config.listeners)?,
+                sockets,
                 config: config.clone(),
                 reloading: AtomicBool::new(false),
                 reload: Arc::new(tokio::sync::Mutex::new(())),
                 observed: Mutex::new(Observed {
-                    // A persisted current version is started by the monitor.
-                    state: if versions.current.is_some() {
-                        pb::ServiceState::Starting
-                    } else {
-                        pb::ServiceState::Stopped
-                    },
+                    state,
                     state_since: SystemTime::now(),
                     health: pb::HealthState::Unknown,
                     consecutive_healthy: 0,
                     versions,
                     process: None,
-                    restarts: 0,
+                    restarts,
                     last_reload: None,
                 }),
                 changed: watch::channel(0).0,
             };
+            if let Some((process, notify)) = process {
+                if let Some((socket, path)) = notify {
+                    process.listen_for_notifications(&config.name, socket, NotifyPath(path));
+                }
+                service.observe(|o| o.process = Some(process));
+            }
             by_name.insert(config.name.clone(), Arc::new(service));
+        }
+        for (name, pid) in &adopted {
+            tracing::info!(service = %name, pid, "adopted the serving process from the previous agent image");
+        }
+        if let Some(inherited) = inherited {
+            for handed in &inherited.description.services {
+                if by_name.contains_key(&handed.name) {
+                    continue;
+                }
+                let Some(p) = &handed.process else { continue };
+                // The config no longer declares this service: drain it
+                // rather than leave a process nobody supervises.
+                let (process, _) = adopt_process(&handed.name, p, inherited)?;
+                tracing::warn!(service = %handed.name, pid = process.pid, "the config no longer declares this service; draining its process");
+                tokio::spawn(async move {
+                    drain(&process, Signal::SIGTERM, Duration::from_secs(30)).await;
+                });
+            }
         }
         Ok(Supervisor {
             services: by_name,
@@ -298,9 +378,14 @@ impl Supervisor {
             state,
             run_dir,
             spawn_counter: AtomicU64::new(0),
+            image_started_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
             stopping: AtomicBool::new(false),
             events,
             metrics,
+            launcher,
         })
     }
 
@@ -446,10 +531,18 @@ impl Supervisor {
         service: &Service,
         sha256: &str,
     ) -> Result<StoredArtifact, StartFailure> {
+        self.verify_stored(&service.config.name, sha256)
+            .await
+            .map_err(|reason| StartFailure::new(pb::ReloadOutcome::VerificationFailed, reason))
+    }
+
+    /// Re-reads and re-verifies stored artifact `sha256` as one of service
+    /// `name` (also the agent's own artifacts, as service `reload-agent`).
+    pub async fn verify_stored(&self, name: &str, sha256: &str) -> Result<StoredArtifact, String> {
         let store = self.store.clone();
         let trusted = self.trusted.clone();
         let sha = sha256.to_string();
-        let name = service.config.name.clone();
+        let name = name.to_string();
         let checked = tokio::task::spawn_blocking(move || -> Result<StoredArtifact, String> {
             let artifact = store
                 .stat(&sha)
@@ -476,7 +569,7 @@ impl Supervisor {
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r);
-        checked.map_err(|reason| StartFailure::new(pb::ReloadOutcome::VerificationFailed, reason))
+        checked
     }
 
     fn child_env(&self, service: &Service, artifact: &StoredArtifact) -> Vec<(String, String)> {
@@ -569,7 +662,10 @@ impl Supervisor {
         let n = self.spawn_counter.fetch_add(1, Ordering::Relaxed);
         let mut env = self.child_env(service, artifact);
         let notify = if config.readiness == Readiness::Notify {
-            let path = self.run_dir.join(format!("{}-{n}.notify", config.name));
+            let path = self.run_dir.join(format!(
+                "{}-{}-{n}.notify",
+                config.name, self.image_started_ms
+            ));
             let socket = tokio::net::UnixDatagram::bind(&path).map_err(|err| {
                 StartFailure::new(
                     pb::ReloadOutcome::SpawnFailed,
@@ -591,26 +687,47 @@ impl Supervisor {
                 message: format!("spawning {}", artifact.manifest.version),
             },
         );
-        let child = spawn(SpawnSpec {
-            program: &artifact.path,
-            args: &config.args,
-            env,
-            working_dir: &config.working_dir,
-            sockets: service
-                .sockets
-                .iter()
-                .map(|l| (l.name.clone(), std::os::fd::AsFd::as_fd(&l.fd)))
-                .collect(),
-            die_with_parent: true,
-            own_process_group: true,
-        })
-        .map_err(|err| {
-            StartFailure::new(
-                pb::ReloadOutcome::SpawnFailed,
-                format!("spawn failed: {err}"),
-            )
-        })?;
-        let process = self.track(&config.name, child);
+        let spawn_failed =
+            |reason: String| StartFailure::new(pb::ReloadOutcome::SpawnFailed, reason);
+        let sockets = service
+            .sockets
+            .iter()
+            .map(|l| Ok((l.name.clone(), l.fd.try_clone()?)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|err| spawn_failed(format!("cannot duplicate a listening socket: {err}")))?;
+        let (program, args, working_dir) = (
+            artifact.path.clone(),
+            config.args.clone(),
+            config.working_dir.clone(),
+        );
+        // Forked on the main thread: see crate::main_thread.
+        let child = self
+            .launcher
+            .run(move || {
+                spawn_service(SpawnSpec {
+                    program: &program,
+                    args: &args,
+                    env,
+                    working_dir: &working_dir,
+                    sockets: sockets
+                        .iter()
+                        .map(|(name, fd)| (name.clone(), fd.as_fd()))
+                        .collect(),
+                    die_with_parent: true,
+                    own_process_group: true,
+                })
+            })
+            .await
+            .ok_or_else(|| spawn_failed("the agent is stopping".into()))?
+            .map_err(|err| spawn_failed(format!("spawn failed: {err}")))?;
+        let ServiceChild {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        } = child;
+        let process = watch_process(&config.name, pid, pidfd, stdout, stderr, Instant::now())
+            .map_err(|err| spawn_failed(format!("cannot watch pid {pid}: {err}")))?;
         let spawned = Instant::now();
         let ready = tokio::time::timeout(config.ready_timeout, async {
             tokio::select! {
@@ -655,50 +772,6 @@ impl Supervisor {
         };
         process.kill().await;
         Err(failure)
-    }
-
-    /// Reaps the child in a task of its own and forwards its output to the
-    /// log, keeping the tail of stderr for failure reasons.
-    fn track(&self, service: &str, mut child: tokio::process::Child) -> Process {
-        let pid = child.id().unwrap_or(0);
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stdout) = child.stdout.take() {
-            let service = service.to_string();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(service, pid, stream = "stdout", "{line}");
-                }
-            });
-        }
-        if let Some(stderr) = child.stderr.take() {
-            let (service, tail) = (service.to_string(), stderr_tail.clone());
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(service, pid, stream = "stderr", "{line}");
-                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                    if tail.len() == STDERR_TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            });
-        }
-        tokio::spawn(async move {
-            let status = child.wait().await.unwrap_or_else(|err| {
-                tracing::error!(pid, error = %err, "waiting for a child failed");
-                std::os::unix::process::ExitStatusExt::from_raw(-1)
-            });
-            let _ = exit_tx.send(Some(status));
-        });
-        Process {
-            pid,
-            started: Instant::now(),
-            exited: exit_rx,
-            stderr_tail,
-        }
     }
 
     /// Activates a stored artifact; see the module docs.
@@ -997,11 +1070,250 @@ impl Supervisor {
     }
 }
 
+/// The listening sockets of a service handed over by the previous agent
+/// image, in the config's order; a listener the config added since is bound.
+fn take_over_sockets(
+    config: &ServiceConfig,
+    handed: &ServiceHandover,
+    inherited: &Inherited,
+) -> anyhow::Result<Vec<BoundListener>> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let fd = match handed
+                .listeners
+                .iter()
+                .find(|(name, _)| *name == listener.name)
+            {
+                Some((_, fd)) => inherited.dup(*fd)?,
+                None => bind_one(listener).with_context(|| {
+                    format!(
+                        "service {:?}: cannot bind the new listener {:?}",
+                        config.name, listener.name
+                    )
+                })?,
+            };
+            Ok(BoundListener {
+                name: listener.name.clone(),
+                fd,
+            })
+        })
+        .collect()
+}
+
+/// A process of the previous agent image, watched by this one, with its
+/// notify socket if it had one.
+#[allow(clippy::type_complexity)]
+fn adopt_process(
+    service: &str,
+    handed: &ProcessHandover,
+    inherited: &Inherited,
+) -> anyhow::Result<(Process, Option<(tokio::net::UnixDatagram, PathBuf)>)> {
+    let pidfd = inherited.dup(handed.pidfd)?;
+    let stdout = handed.stdout_fd.map(|fd| inherited.dup(fd)).transpose()?;
+    let stderr = handed.stderr_fd.map(|fd| inherited.dup(fd)).transpose()?;
+    let started = Instant::now()
+        .checked_sub(Duration::from_millis(handed.running_ms))
+        .unwrap_or_else(Instant::now);
+    let process = watch_process(service, handed.pid, pidfd, stdout, stderr, started)
+        .with_context(|| format!("service {service:?}: cannot adopt pid {}", handed.pid))?;
+    let notify = match (handed.notify_fd, &handed.notify_path) {
+        (Some(fd), Some(path)) => {
+            let socket = std::os::unix::net::UnixDatagram::from(inherited.dup(fd)?);
+            socket.set_nonblocking(true)?;
+            Some((tokio::net::UnixDatagram::from_std(socket)?, path.clone()))
+        }
+        _ => None,
+    };
+    Ok((process, notify))
+}
+
+/// Watches a child (one this image spawned, or one adopted from the
+/// previous agent image): reaps it by pidfd in a task of its own, and
+/// forwards its output to the log, keeping the tail of stderr for failure
+/// reasons.
+fn watch_process(
+    service: &str,
+    pid: u32,
+    pidfd: OwnedFd,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    started: Instant,
+) -> std::io::Result<Process> {
+    let fds = Arc::new(ProcessFds {
+        pidfd: pidfd.try_clone()?,
+        stdout: stdout.as_ref().map(|fd| fd.try_clone()).transpose()?,
+        stderr: stderr.as_ref().map(|fd| fd.try_clone()).transpose()?,
+        notify: Mutex::new(None),
+    });
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(stdout) = stdout {
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout)?;
+        let service = service.to_string();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(service, pid, stream = "stdout", "{line}");
+            }
+        });
+    }
+    if let Some(stderr) = stderr {
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)?;
+        let (service, tail) = (service.to_string(), stderr_tail.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(service, pid, stream = "stderr", "{line}");
+                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let status = reload_server::spawn::reap(pidfd)
+            .await
+            .unwrap_or_else(|err| {
+                // ECHILD: the previous agent image reaped it between taking the
+                // handover snapshot and execve. It is gone; how it ended is not
+                // known.
+                tracing::warn!(pid, error = %err, "cannot reap the process; treating it as exited");
+                std::os::unix::process::ExitStatusExt::from_raw(0)
+            });
+        let _ = exit_tx.send(Some(status));
+    });
+    Ok(Process {
+        pid,
+        started,
+        exited: exit_rx,
+        stderr_tail,
+        fds,
+    })
+}
+
+impl Supervisor {
+    /// Before the agent re-executes itself: waits for every reload in
+    /// progress (and its drain) to end, then keeps reloads, restarts and
+    /// monitors from starting anything for as long as the guards live (to
+    /// execve).
+    pub async fn quiesce(
+        &self,
+        bound: Duration,
+    ) -> Result<Vec<tokio::sync::OwnedMutexGuard<()>>, Status> {
+        let mut guards = Vec::new();
+        for service in self.services.values() {
+            let guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
+                .await
+                .map_err(|_| {
+                    Status::aborted(format!(
+                        "service {:?} is still reloading or draining after {}; upgrade the agent when it is done",
+                        service.config.name,
+                        humantime::format_duration(bound)
+                    ))
+                })?;
+            guards.push(guard);
+        }
+        Ok(guards)
+    }
+
+    /// Every service's sockets and serving process, for the next image.
+    pub fn handover(&self, fds: &mut FdsToPass) -> std::io::Result<Vec<ServiceHandover>> {
+        self.services
+            .values()
+            .map(|service| {
+                let listeners = service
+                    .sockets
+                    .iter()
+                    .map(|l| Ok((l.name.clone(), fds.pass(l.fd.as_fd())?)))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                let (process, restarts) = service.observe(|o| (o.process.clone(), o.restarts));
+                let process = match process {
+                    None => None,
+                    Some(p) => {
+                        let notify = p.fds.notify.lock().unwrap_or_else(|e| e.into_inner());
+                        let (notify_fd, notify_path) = match notify.as_ref() {
+                            Some((fd, path)) => (Some(fds.pass(fd.as_fd())?), Some(path.clone())),
+                            None => (None, None),
+                        };
+                        Some(ProcessHandover {
+                            pid: p.pid,
+                            pidfd: fds.pass(p.fds.pidfd.as_fd())?,
+                            stdout_fd: p
+                                .fds
+                                .stdout
+                                .as_ref()
+                                .map(|fd| fds.pass(fd.as_fd()))
+                                .transpose()?,
+                            stderr_fd: p
+                                .fds
+                                .stderr
+                                .as_ref()
+                                .map(|fd| fds.pass(fd.as_fd()))
+                                .transpose()?,
+                            notify_fd,
+                            notify_path,
+                            running_ms: p.started.elapsed().as_millis() as u64,
+                        })
+                    }
+                };
+                Ok(ServiceHandover {
+                    name: service.config.name.clone(),
+                    listeners,
+                    process,
+                    restarts,
+                })
+            })
+            .collect()
+    }
+
+    /// The agent's own versions (current, history, downgrade floor), kept
+    /// in the state file under the agent artifacts' service name.
+    pub fn agent_versions(&self) -> ServiceVersions {
+        self.state.get(crate::handover::AGENT_SERVICE)
+    }
+
+    /// Records that the agent now runs `next`, and keeps it and its
+    /// predecessors from being pruned.
+    pub fn record_agent_version(&self, next: &ArtifactRef, rollback: bool) -> anyhow::Result<()> {
+        let versions = self.agent_versions().after(next, rollback);
+        self.store
+            .pin(crate::handover::AGENT_SERVICE, pinned_shas(&versions));
+        self.state.set(crate::handover::AGENT_SERVICE, versions)
+    }
+
+    /// The agent runs the binary it was installed with (a fresh start, or
+    /// a rollback to it): no agent artifact is current, and the artifacts
+    /// of an earlier image are no rollback target. The floor stays.
+    pub fn forget_agent_image(&self) -> anyhow::Result<()> {
+        let mut versions = self.agent_versions();
+        if versions.current.is_none() && versions.history.is_empty() {
+            return Ok(());
+        }
+        versions.current = None;
+        versions.history.clear();
+        self.store.pin(crate::handover::AGENT_SERVICE, Vec::new());
+        self.state.set(crate::handover::AGENT_SERVICE, versions)
+    }
+
+    /// Keeps the agent's own artifacts (current and history) from being
+    /// pruned; called at start.
+    pub fn pin_agent_versions(&self) {
+        self.store.pin(
+            crate::handover::AGENT_SERVICE,
+            pinned_shas(&self.agent_versions()),
+        );
+    }
+}
+
 /// The downgrade floor: a version below the highest ever activated needs an
 /// explicit allow-downgrade on the call, and then must be a build this agent
 /// ran before or one signed with downgrade permission. A signed but older
 /// build (with a known hole) cannot be slipped back in.
-fn check_downgrade_floor(
+pub fn check_downgrade_floor(
     versions: &ServiceVersions,
     artifact: &StoredArtifact,
     allow_downgrade: bool,

@@ -51,7 +51,10 @@
 //! - [`http`]: HTTP/1.1 serving on hyper with the drain semantics above, and
 //!   the signal helper that starts the drain.
 //! - [`spawn`]: starting a process with sockets by the same protocol (the
-//!   agent's handoff and the standalone self-upgrade both use it).
+//!   agent's handoff and the standalone self-upgrade both use it), and
+//!   pidfds for children that must survive their parent's re-exec.
+//! - [`inherit`]: taking fds an earlier image of this process passed across
+//!   execve (the agent's in-place self-upgrade).
 //! - [`upgrade`]: standalone self-upgrade for programs that run without an
 //!   agent: on SIGHUP, start the binary now at our path with our sockets,
 //!   wait for its READY, then drain.
@@ -59,12 +62,14 @@
 //! The demo binary `reload-demo-server` (in `src/bin`) is the program the
 //! end-to-end tests roll out, and a short example of using all three.
 
-// Unsafe code is denied everywhere and allowed only in the two modules that
-// must touch raw file descriptors: taking inherited ones (listeners) and
-// handing them to a new process between fork and exec (spawn).
+// Unsafe code is denied everywhere and allowed only in the modules that
+// must touch raw file descriptors: taking inherited ones (listeners,
+// inherit) and handing them to a new process between fork and exec (spawn).
 #![deny(unsafe_code)]
 
 pub mod http;
+#[allow(unsafe_code)]
+pub mod inherit;
 #[allow(unsafe_code)]
 pub mod listeners;
 pub mod notify;

@@ -21,7 +21,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -200,14 +200,13 @@ fn write_decimal(slot: &mut [u8], mut value: u32) {
     slot[len] = 0;
 }
 
-/// Starts the process described by `spec`. With `own_process_group` it also
-/// gets a null stdin and piped stdout/stderr (the agent logs them);
-/// otherwise it inherits our stdio and process group.
-pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
+/// The command for `spec`, with the pre-exec hook that places the sockets.
+fn command(spec: SpawnSpec<'_>) -> io::Result<std::process::Command> {
     let mut image = ExecImage::new(&spec)?;
-    let mut command = tokio::process::Command::new(spec.program);
-    command.current_dir(spec.working_dir).kill_on_drop(false);
+    let mut command = std::process::Command::new(spec.program);
+    command.current_dir(spec.working_dir);
     if spec.own_process_group {
+        use std::os::unix::process::CommandExt;
         command
             .process_group(0)
             .stdin(Stdio::null())
@@ -218,9 +217,103 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
     // async-signal-safe system calls on data prepared before the fork (see
     // ExecImage::exec_in_child), and never returns on success.
     unsafe {
-        command.pre_exec(move || image.exec_in_child());
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || image.exec_in_child());
     }
+    Ok(command)
+}
+
+/// Starts the process described by `spec` as a tokio child (the standalone
+/// self-upgrade, which reaps it with tokio). With `own_process_group` it also
+/// gets a null stdin and piped stdout/stderr; otherwise it inherits our stdio
+/// and process group.
+pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<tokio::process::Child> {
+    let mut command = tokio::process::Command::from(command(spec)?);
+    command.kill_on_drop(false);
     command.spawn()
+}
+
+/// A started process known by a pidfd rather than by a tokio `Child`: a
+/// pidfd can be passed across an exec of the parent, so a re-executed agent
+/// adopts its children (and reaps them) without any risk of pid reuse.
+pub struct ServiceChild {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Starts the process described by `spec` and opens a pidfd for it. The
+/// caller reaps it (waitid on the pidfd); nothing else does.
+///
+/// `die_with_parent` ties the child to the *thread* that forks it (that is
+/// how PR_SET_PDEATHSIG works), so a caller that later re-executes itself
+/// must fork from the thread that will call execve: every other thread ends
+/// at exec, and the children it forked would be signalled.
+pub fn spawn_service(spec: SpawnSpec<'_>) -> io::Result<ServiceChild> {
+    let mut child = command(spec)?.spawn()?;
+    let pid = child.id();
+    // Not yet reaped by anyone (std's Child does not reap on drop), so the
+    // pid still names our child, even if it has already exited.
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(err) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err);
+        }
+    };
+    Ok(ServiceChild {
+        pid,
+        pidfd,
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+    })
+}
+
+/// pidfd_open(2): an fd that refers to process `pid` for as long as the fd
+/// is open, readable once the process exits. Linux 5.3 or later.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    // pidfds are created close-on-exec.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits for the process behind `pidfd` (our child) to exit and reaps it.
+/// Must run inside a tokio runtime.
+pub async fn reap(pidfd: OwnedFd) -> io::Result<std::process::ExitStatus> {
+    use nix::errno::Errno;
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    use std::os::fd::AsFd;
+    use std::os::unix::process::ExitStatusExt;
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the AsyncFd owns the pidfd, so the fd stays open, and is not
+    // reused for anything else, for as long as it is registered.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|err| err.into_parts().1)?;
+    loop {
+        let mut ready = pidfd.readable().await?;
+        match waitid(
+            Id::PIDFd(pidfd.get_ref().as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(std::process::ExitStatus::from_raw((code & 0xff) << 8))
+            }
+            Ok(WaitStatus::Signaled(_, signal, core)) => {
+                return Ok(std::process::ExitStatus::from_raw(
+                    signal as i32 | if core { 0x80 } else { 0 },
+                ))
+            }
+            // Still running (a spurious wake-up), or interrupted.
+            Ok(_) | Err(Errno::EINTR) => ready.clear_ready(),
+            Err(errno) => return Err(errno.into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,527 @@
+//! End-to-end: the agent upgrades itself in place (`UpgradeAgent`) while
+//! its service serves under load.
+//!
+//! What is asserted is what an operator would check: no request fails, the
+//! agent keeps its pid (and /proc/<pid>/exe now names the new artifact),
+//! the service keeps its pid, the new image answers gRPC with the new
+//! version and still supervises (reloads, reaps, restarts) the service it
+//! adopted; a broken agent artifact leaves the old agent running.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reload_artifact::SigningKey;
+use reload_proto::v1 as pb;
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
+use reload_tests::*;
+use tonic::transport::Channel;
+
+struct Fixture {
+    agent: Agent,
+    service_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let service_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        r#"
+[[service]]
+name = "web"
+args = ["--listen-name", "http", "--drain-timeout", "5s"]
+[[service.listener]]
+name = "http"
+tcp = "{service_addr}"
+[service.health]
+kind = "http"
+path = "/healthz"
+interval = "200ms"
+[service.drain]
+timeout = "8s"
+"#
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    Fixture {
+        agent,
+        service_addr,
+        _dir: dir,
+    }
+}
+
+/// The agent binary with a trailer naming `version`: the same program,
+/// distinct bytes (and sha256), as a release build of another version would
+/// be.
+fn agent_bytes(version: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(bin_path("reload-agent")).unwrap();
+    bytes.extend_from_slice(format!("\nreload-test-agent {version}\n").as_bytes());
+    bytes
+}
+
+/// A fresh connection each time: an upgrade ends the old ones.
+async fn channel(agent: &Agent) -> Option<Channel> {
+    Channel::from_shared(format!("http://{}", agent.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()
+}
+
+async fn agent_info(agent: &Agent) -> Option<pb::GetAgentInfoResponse> {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel(agent).await?);
+    client
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn upgrade(
+    agent: &Agent,
+    request: pb::UpgradeAgentRequest,
+) -> Result<pb::UpgradeAgentResponse, tonic::Status> {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(
+        channel(agent).await.expect("agent reachable"),
+    );
+    client.upgrade_agent(request).await.map(|r| r.into_inner())
+}
+
+/// Polls GetAgentInfo until `last_upgrade` reports the upgrade to
+/// `to_sha256`; returns that answer.
+async fn wait_for_upgrade(agent: &Agent, to_sha256: &str) -> pb::GetAgentInfoResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(info) = agent_info(agent).await {
+            if info
+                .last_upgrade
+                .as_ref()
+                .is_some_and(|u| u.to_sha256 == to_sha256)
+            {
+                return info;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not report the upgrade to {to_sha256} within 30s\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn service_status(agent: &Agent) -> pb::ServiceStatus {
+    let mut control = pb::service_control_client::ServiceControlClient::new(
+        channel(agent).await.expect("agent reachable"),
+    );
+    control
+        .get_status(pb::GetStatusRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .services
+        .remove(0)
+}
+
+async fn activate_ok(agent: &Agent, sha256: &str) -> pb::ReloadResult {
+    let mut control = pb::service_control_client::ServiceControlClient::new(
+        channel(agent).await.expect("agent reachable"),
+    );
+    let result = control
+        .activate(pb::ActivateRequest {
+            service: "web".into(),
+            sha256: sha256.into(),
+            allow_downgrade: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", agent.log_text()))
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}\n{}",
+        result.reason,
+        agent.log_text()
+    );
+    result
+}
+
+fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
+    LoadRun::start(LoadConfig {
+        addr,
+        path: "/".into(),
+        connections: 25,
+        mode,
+        request_timeout: Duration::from_secs(10),
+    })
+}
+
+async fn wait_for_requests(run: &LoadRun, n: u64) {
+    let start = run.snapshot().requests;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while run.snapshot().requests < start + n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "load made no progress: {}",
+            run.snapshot().summary()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn assert_no_failures(report: &LoadReport) {
+    assert_eq!(
+        report.failures,
+        0,
+        "{}\nfirst failures: {:#?}",
+        report.summary(),
+        report.failure_samples
+    );
+    assert_eq!(report.non_200, 0, "{}", report.summary());
+    assert!(report.requests > 0, "{}", report.summary());
+}
+
+/// The agent's open fds once connections from earlier calls are closed:
+/// with `expected`, waits until the count is back to it.
+async fn settled_fd_count(pid: u32, expected: Option<usize>) -> usize {
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let mut last = count();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = count();
+        match expected {
+            Some(expected) if now == expected => return now,
+            None if now == last => return now,
+            _ => last = now,
+        }
+    }
+    let listing: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| Some(format!("{:?}", std::fs::read_link(e.ok()?.path()).ok()?)))
+        .collect();
+    panic!("the agent's fd count did not settle at {expected:?}: {last}: {listing:?}");
+}
+
+fn exe_of(pid: u32) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service() {
+    let f = fixture();
+    let agent_pid = f.agent.pid();
+    let installed_sha = sha256_hex(&std::fs::read(bin_path("reload-agent")).unwrap());
+    let web_v1 = f
+        .agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let web_v2 = f
+        .agent
+        .stage("web", "2.0.0", &Agent::demo_server_bytes("2.0.0"))
+        .await;
+    activate_ok(&f.agent, &web_v1).await;
+    let service_pid = service_status(&f.agent).await.pid;
+    let before = agent_info(&f.agent).await.unwrap();
+    assert_eq!(before.executable_sha256, installed_sha);
+    assert_eq!(before.artifact_version, "");
+    assert!(before.last_upgrade.is_none());
+
+    let fds_before = settled_fd_count(agent_pid, None).await;
+    let agent_v2 = f
+        .agent
+        .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
+        .await;
+    let agent_v3 = f
+        .agent
+        .stage("reload-agent", "3.0.0", &agent_bytes("3.0.0"))
+        .await;
+
+    let keep_alive = load(f.service_addr, ConnectionMode::KeepAlive);
+    let per_request = load(f.service_addr, ConnectionMode::NewConnectionPerRequest);
+    wait_for_requests(&keep_alive, 200).await;
+    wait_for_requests(&per_request, 100).await;
+
+    // 1. Installed binary -> agent 2.0.0, under load.
+    let answer = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: agent_v2.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
+    assert_eq!(answer.pid, agent_pid);
+    assert_eq!(answer.new_version, "2.0.0");
+    let info = wait_for_upgrade(&f.agent, &agent_v2).await;
+    let last = info.last_upgrade.clone().unwrap();
+    assert_eq!(
+        last.outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32,
+        "{}\n{}",
+        last.reason,
+        f.agent.log_text()
+    );
+    assert_eq!(info.pid, agent_pid, "the agent kept its pid");
+    assert_eq!(info.executable_sha256, agent_v2, "the new image runs");
+    assert_eq!(info.artifact_version, "2.0.0");
+    assert!(
+        exe_of(agent_pid).starts_with(f.agent.store()),
+        "/proc/{agent_pid}/exe is {:?}, not the stored artifact",
+        exe_of(agent_pid)
+    );
+    let status = service_status(&f.agent).await;
+    assert_eq!(status.pid, service_pid, "the service was not restarted");
+    assert_eq!(status.state, pb::ServiceState::Running as i32);
+    wait_for_requests(&keep_alive, 200).await;
+    wait_for_requests(&per_request, 100).await;
+
+    // 2. The new image supervises what it adopted: a reload drains and
+    // reaps the adopted process, and the process it starts survives the
+    // next upgrade too (it was forked on the thread that execs).
+    let reload = activate_ok(&f.agent, &web_v2).await;
+    assert_eq!(reload.old_pid, service_pid);
+    wait_for(
+        "the adopted process to be reaped",
+        Duration::from_secs(15),
+        || process_gone(service_pid),
+    )
+    .await;
+    let second_service_pid = reload.new_pid;
+    wait_for_requests(&keep_alive, 200).await;
+
+    upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: agent_v3.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let info = wait_for_upgrade(&f.agent, &agent_v3).await;
+    assert_eq!(
+        info.last_upgrade.unwrap().outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32
+    );
+    assert_eq!(
+        (info.pid, info.artifact_version.as_str()),
+        (agent_pid, "3.0.0")
+    );
+    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
+    wait_for_requests(&keep_alive, 200).await;
+
+    // 3. Rollback: to 2.0.0 (the history), then to the installed binary.
+    upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let info = wait_for_upgrade(&f.agent, &agent_v2).await;
+    assert_eq!(
+        (info.pid, info.artifact_version.as_str()),
+        (agent_pid, "2.0.0")
+    );
+    upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let info = wait_for_upgrade(&f.agent, &installed_sha).await;
+    assert_eq!(info.pid, agent_pid);
+    assert_eq!(info.executable_sha256, installed_sha);
+    assert_eq!(info.artifact_version, "", "back on the installed binary");
+    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
+    wait_for_requests(&keep_alive, 200).await;
+    wait_for_requests(&per_request, 100).await;
+
+    let keep_alive_report = keep_alive.stop().await;
+    let per_request_report = per_request.stop().await;
+    // Nothing leaked across four execs: no listener, pipe, pidfd or
+    // executable fd left behind by an image.
+    settled_fd_count(agent_pid, Some(fds_before)).await;
+    println!(
+        "keep-alive, 4 agent upgrades: {}",
+        keep_alive_report.summary()
+    );
+    println!(
+        "connection per request, 4 agent upgrades: {}",
+        per_request_report.summary()
+    );
+    assert_no_failures(&keep_alive_report);
+    assert_no_failures(&per_request_report);
+    let expected: std::collections::BTreeSet<u32> = [service_pid, second_service_pid].into();
+    assert!(
+        keep_alive_report.pids.is_subset(&expected) && per_request_report.pids.is_subset(&expected),
+        "only the two service processes answered: {:?} {:?}",
+        keep_alive_report.pids,
+        per_request_report.pids
+    );
+    // A crash is still noticed and restarted by the image that adopted it
+    // (after the load: a SIGKILL resets the connections it held).
+    send_signal(second_service_pid, nix::sys::signal::Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = service_status(&f.agent).await;
+        if status.pid != 0
+            && status.pid != second_service_pid
+            && status.state == pb::ServiceState::Running as i32
+        {
+            assert_eq!(status.restarts, 1, "{status:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not restarted: {status:?}\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
+    let f = fixture();
+    let agent_pid = f.agent.pid();
+    let web = f
+        .agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    activate_ok(&f.agent, &web).await;
+    let service_pid = service_status(&f.agent).await.pid;
+    let run = load(f.service_addr, ConnectionMode::KeepAlive);
+    wait_for_requests(&run, 200).await;
+
+    // Exits at start: the preflight (`--check`) catches it; nothing stops.
+    let exits = f
+        .agent
+        .stage(
+            "reload-agent",
+            "9.0.0",
+            b"#!/bin/sh\necho 'cannot start' >&2\nexit 3\n",
+        )
+        .await;
+    let refused = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: exits,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("preflight") && refused.message().contains("cannot start"),
+        "{refused:?}"
+    );
+
+    // Passes the preflight, then the image that starts is not the verified
+    // one (a wrapper): the start-up check fails and the previous image
+    // comes back with the same services and sockets.
+    let wrapper = format!(
+        "#!/bin/sh\nexec '{}' \"$@\"\n",
+        bin_path("reload-agent").display()
+    );
+    let wrapped = f
+        .agent
+        .stage("reload-agent", "9.1.0", wrapper.as_bytes())
+        .await;
+    upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: wrapped.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
+    let info = wait_for_upgrade(&f.agent, &wrapped).await;
+    let last = info.last_upgrade.unwrap();
+    assert_eq!(
+        last.outcome,
+        pb::AgentUpgradeOutcome::FellBack as i32,
+        "{last:?}"
+    );
+    assert!(last.reason.contains("not the verified"), "{last:?}");
+    assert_eq!(info.pid, agent_pid);
+    assert_eq!(
+        info.executable_sha256,
+        sha256_hex(&std::fs::read(bin_path("reload-agent")).unwrap()),
+        "the previous image runs again"
+    );
+    assert_eq!(info.artifact_version, "");
+
+    // A non-agent artifact and a missing one get their own codes.
+    let not_found = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: "0".repeat(64),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(not_found.code(), tonic::Code::NotFound, "{not_found:?}");
+    let wrong_service = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: web.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(wrong_service.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        wrong_service.message().contains("not an agent artifact"),
+        "{wrong_service:?}"
+    );
+    let nothing_to_roll_back = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(nothing_to_roll_back.code(), tonic::Code::FailedPrecondition);
+
+    wait_for_requests(&run, 200).await;
+    let report = run.stop().await;
+    println!(
+        "keep-alive, a refused and a fallen-back agent upgrade: {}",
+        report.summary()
+    );
+    assert_no_failures(&report);
+    assert_eq!(
+        report.pids,
+        [service_pid].into(),
+        "the service was never restarted"
+    );
+    assert_eq!(service_status(&f.agent).await.pid, service_pid);
+}
