@@ -209,7 +209,7 @@ enum Command {
     /// Roll VERSION out to every host of HOSTS_FILE: staged, fenced, in
     /// waves, health-gated, halted and reverted on failure, resumable.
     #[command(
-        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted and reverted; 4 halted, not (fully) reverted; 5\npaused by Ctrl-C (continue with `reloadctl resume`)."
+        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted and reverted; 4 halted, not (fully) reverted; 5\npaused by Ctrl-C (continue with `reloadctl resume`)."
     )]
     Push {
         /// Version to roll out; `1.4` means `1.4.0`.
@@ -222,6 +222,11 @@ enum Command {
         /// Print the plan (waves, gate, budget) and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Upgrade the agents themselves (in place: same pid, services
+        /// untouched) to the agent release VERSION (`agent_artifact` in
+        /// reloadctl.toml), gated on every service staying healthy.
+        #[arg(long)]
+        agent: bool,
     },
     /// Continue a rollout that was paused (Ctrl-C) or whose CLI died.
     #[command(
@@ -335,7 +340,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             hosts_file,
             rollout: flags,
             dry_run,
+            agent,
         } => runtime()?.block_on(rollout::push(rollout::PushArgs {
+            agent,
             config: flags.config,
             version,
             hosts_file,

@@ -34,7 +34,7 @@ fn fleet(net: u8, count: usize, extra_env: impl Fn(usize) -> String) -> Fleet {
     std::fs::write(p.join("release.pub"), key.public().to_pem()).unwrap();
     std::fs::write(
         p.join("reloadctl.toml"),
-        "service = \"demo\"\nartifact = \"releases/demo-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
+        "service = \"demo\"\nartifact = \"releases/demo-{version}\"\nagent_artifact = \"releases/reload-agent-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
          [rollout]\nhealthy_checks = 2\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"5s\"\nprogress_deadline = \"5m\"\n",
     )
     .unwrap();
@@ -105,6 +105,40 @@ impl Fleet {
                 &name,
             ],
         );
+    }
+
+    /// An agent release: `bytes` signed as reload-agent `version`.
+    fn agent_release(&self, version: &str, bytes: &[u8]) -> String {
+        let name = format!("releases/reload-agent-{version}");
+        std::fs::write(self.dir().join(&name), bytes).unwrap();
+        reloadctl_ok(
+            self.dir(),
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "reload-agent",
+                "--version",
+                version,
+                "--os",
+                "any",
+                "--arch",
+                "any",
+                &name,
+            ],
+        );
+        sha256_hex(bytes)
+    }
+
+    async fn agent_info(&self, i: usize) -> pb::GetAgentInfoResponse {
+        let mut agent =
+            pb::agent_service_client::AgentServiceClient::new(self.hosts[i].agent.channel().await);
+        agent
+            .get_agent_info(pb::GetAgentInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     fn push(&self, args: &[&str]) -> std::process::Output {
@@ -614,5 +648,134 @@ async fn ctrl_c_pauses_after_the_hosts_in_flight_and_resume_finishes() {
     assert_eq!(f.versions().await, vec!["2.0.0"; 3]);
     for i in 0..3 {
         assert_eq!(f.activations(i, "2.0.0"), 1);
+    }
+}
+
+/// The agent binary with a trailer: distinct bytes, the same program.
+fn agent_bytes(version: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(bin_path("reload-agent")).unwrap();
+    bytes.extend_from_slice(format!("\nreload-test-agent {version}\n").as_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_stopped_and_reverted()
+{
+    let f = fleet(47, 3, |_| String::new());
+    f.release("1.0.0", "");
+    f.push_ok("1.0.0");
+    let mut agent_pids = Vec::new();
+    let mut service_pids = Vec::new();
+    for i in 0..3 {
+        agent_pids.push(f.hosts[i].agent.pid());
+        service_pids.push(f.status(i).await.pid);
+    }
+    let good = f.agent_release("2.0.0", &agent_bytes("2.0.0"));
+    let loads: Vec<LoadRun> = f
+        .hosts
+        .iter()
+        .map(|h| {
+            LoadRun::start(LoadConfig {
+                addr: h.service_addr,
+                path: "/".into(),
+                connections: 6,
+                mode: ConnectionMode::KeepAlive,
+                request_timeout: Duration::from_secs(10),
+            })
+        })
+        .collect();
+    let output = f.push(&[
+        "--agent",
+        "--version",
+        "2.0",
+        "--canary",
+        "1",
+        "--waves",
+        "1,100%",
+    ]);
+    assert_ok(&output);
+    for load in loads {
+        let report = load.stop().await;
+        println!("agent rollout: {}", report.summary());
+        assert_eq!(
+            report.failures,
+            0,
+            "{}\n{:#?}",
+            report.summary(),
+            report.failure_samples
+        );
+        assert_eq!(report.non_200, 0);
+        assert!(report.requests > 0);
+    }
+    for i in 0..3 {
+        let info = f.agent_info(i).await;
+        assert_eq!(
+            (
+                info.pid,
+                info.executable_sha256.as_str(),
+                info.artifact_version.as_str()
+            ),
+            (agent_pids[i], good.as_str(), "2.0.0"),
+            "host {i}"
+        );
+        assert_eq!(
+            f.status(i).await.pid,
+            service_pids[i],
+            "host {i}: the service was restarted"
+        );
+    }
+    // Again: every host already runs it, nothing is sent.
+    let again = f.push(&["--agent", "--version", "2.0.0", "--output", "json"]);
+    assert_ok(&again);
+    let last = json_events(&again).pop().unwrap();
+    assert_eq!(
+        (last["skipped"].as_u64(), last["bytes_sent"].as_u64()),
+        (Some(3), Some(0))
+    );
+
+    // A release whose image is not the agent it claims (a wrapper): the
+    // canary's agent falls back by itself, the rollout stops there.
+    let wrapper = format!(
+        "#!/bin/sh\nexec '{}' \"$@\"\n",
+        bin_path("reload-agent").display()
+    );
+    f.agent_release("3.0.0", wrapper.as_bytes());
+    let output = f.push(&["--agent", "--version", "3.0.0", "--canary", "1"]);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(stderr.contains("previous one runs again"), "{stderr}");
+
+    // A release that starts fine but whose host is not healthy after it:
+    // the gate fails and the canary's agent is rolled back to 2.0.0.
+    let unwell_pid = service_pids[0];
+    f.agent_release("4.0.0", &agent_bytes("4.0.0"));
+    send_signal(unwell_pid, nix::sys::signal::Signal::SIGSTOP);
+    let output = f.push(&[
+        "--agent",
+        "--version",
+        "4.0.0",
+        "--canary",
+        "1",
+        "--healthy-deadline",
+        "2s",
+    ]);
+    send_signal(unwell_pid, nix::sys::signal::Signal::SIGCONT);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(stdout.contains("halted and reverted"), "{stdout}");
+    for i in 0..3 {
+        let info = f.agent_info(i).await;
+        assert_eq!(
+            (info.pid, info.executable_sha256.as_str()),
+            (agent_pids[i], good.as_str()),
+            "host {i} is not back on agent 2.0.0"
+        );
+        assert_eq!(
+            f.status(i).await.pid,
+            service_pids[i],
+            "host {i}: the service was restarted"
+        );
     }
 }

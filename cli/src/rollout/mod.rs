@@ -59,6 +59,8 @@ pub struct Overrides {
 }
 
 pub struct PushArgs {
+    /// Upgrade the agents themselves (`push --agent`).
+    pub agent: bool,
     pub config: PathBuf,
     pub version: String,
     pub hosts_file: PathBuf,
@@ -80,6 +82,14 @@ struct Plan {
     waves: Vec<Vec<usize>>,
     settings: Settings,
     budget: usize,
+}
+
+impl Plan {
+    /// An agent rollout: each host's agent upgrades itself in place
+    /// (UpgradeAgent) instead of activating a service.
+    fn agent(&self) -> bool {
+        self.service == project::AGENT_SERVICE
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -228,10 +238,11 @@ fn holder_name(plan: &Plan, rollout: &str) -> String {
 /// the service and version, and the file's bytes.
 fn resolve_release(
     project: &project::Project,
+    service: &str,
     version: &str,
 ) -> anyhow::Result<(PathBuf, reload_artifact::Manifest)> {
     let normalized = parse_version(version).map_err(|e| anyhow!(e))?.to_string();
-    let artifact = project.artifact_path(version, &normalized)?;
+    let artifact = project.artifact_path(service, version, &normalized)?;
     let keys = project.trusted_key_paths();
     if keys.is_empty() {
         bail!("the project file lists no trusted_keys: add the public key(s) releases are signed with, so a release is checked before any agent is contacted");
@@ -251,13 +262,12 @@ fn resolve_release(
         .verify_envelope(&envelope, SystemTime::now())
         .with_context(|| format!("{} failed verification", envelope_path.display()))?;
     let manifest = verified.manifest;
-    if manifest.service != project.service || manifest.version != normalized {
+    if manifest.service != service || manifest.version != normalized {
         bail!(
-            "{} is signed as {} {}, not {} {normalized}",
+            "{} is signed as {} {}, not {service} {normalized}",
             artifact.display(),
             manifest.service,
             manifest.version,
-            project.service
         );
     }
     let (sha256, size) =
@@ -307,9 +317,14 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let settings = settings_from(&project.rollout, &args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
     let budget = plan::failure_budget(&settings.max_failures, hosts.len()).map_err(usage)?;
-    let (artifact, manifest) = resolve_release(&project, &args.version)?;
+    let service = if args.agent {
+        project::AGENT_SERVICE.to_string()
+    } else {
+        project.service.clone()
+    };
+    let (artifact, manifest) = resolve_release(&project, &service, &args.version)?;
     let plan = Plan {
-        service: project.service.clone(),
+        service,
         version: manifest.version.clone(),
         sha256: manifest.sha256.clone(),
         size: manifest.size,
@@ -607,6 +622,12 @@ async fn stage(
     host: &str,
     bytes_sent: &Mutex<u64>,
 ) -> Result<bool, (Cause, String)> {
+    if plan.agent() {
+        if agent_info(channel.clone()).await?.executable_sha256 == plan.sha256 {
+            return Ok(true);
+        }
+        return upload_release(plan, channel, host, bytes_sent).await;
+    }
     let mut control = pb::service_control_client::ServiceControlClient::new(channel.clone());
     let status = tokio::time::timeout(
         Duration::from_secs(10),
@@ -624,6 +645,16 @@ async fn stage(
     if running_target {
         return Ok(true);
     }
+    upload_release(plan, channel, host, bytes_sent).await
+}
+
+/// Uploads the release unless the host has it; Ok(false): staged.
+async fn upload_release(
+    plan: &Plan,
+    channel: Channel,
+    host: &str,
+    bytes_sent: &Mutex<u64>,
+) -> Result<bool, (Cause, String)> {
     let envelope = std::fs::read(envelope_path_for(&plan.artifact))
         .map_err(|e| (Cause::Rejected, e.to_string()))?;
     let outcome = upload(host, channel, &plan.artifact, envelope, &plan.sha256, false)
@@ -641,12 +672,132 @@ async fn stage(
     Ok(false)
 }
 
-/// Polls the agent until the service on `pid` passes the gate: N
-/// consecutive healthy results spanning min-healthy-time, a failure
+/// One health-gate poll.
+enum Probe {
+    Healthy,
+    /// Not (yet) healthy: what was seen.
+    NotYet(String),
+    /// Over: the process the gate is about is gone, or the agent refused.
+    Fatal(Cause, String),
+    NoAnswer,
+}
+
+/// A service rollout's poll: the new process `pid` is current, running
+/// and healthy.
+async fn probe_service(plan: &Plan, channel: Channel, pid: u32) -> Probe {
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        control.get_status(pb::GetStatusRequest {
+            service: plan.service.clone(),
+        }),
+    )
+    .await;
+    match answer {
+        Ok(Ok(response)) => {
+            let status = response
+                .into_inner()
+                .services
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let health = pb::HealthState::try_from(status.health).unwrap_or_default();
+            let state = pb::ServiceState::try_from(status.state).unwrap_or_default();
+            if status.pid != pid {
+                return Probe::Fatal(
+                    Cause::Unhealthy,
+                    format!(
+                        "the new process (pid {pid}) is gone: now pid {} in state {}",
+                        status.pid,
+                        state.as_str_name()
+                    ),
+                );
+            }
+            if state == pb::ServiceState::Running && health == pb::HealthState::Healthy {
+                Probe::Healthy
+            } else {
+                Probe::NotYet(format!("{} {}", state.as_str_name(), health.as_str_name()))
+            }
+        }
+        Ok(Err(s)) if cause_of(&s) == Cause::Rejected => {
+            Probe::Fatal(Cause::Rejected, s.message().to_string())
+        }
+        _ => Probe::NoAnswer,
+    }
+}
+
+/// An agent rollout's poll: the agent (still pid `pid`) runs the release,
+/// and every service it runs is running and healthy.
+async fn probe_agent(plan: &Plan, channel: Channel, pid: u32) -> Probe {
+    let info = match agent_info(channel.clone()).await {
+        Ok(info) => info,
+        Err((Cause::Rejected, message)) => return Probe::Fatal(Cause::Rejected, message),
+        Err(_) => return Probe::NoAnswer,
+    };
+    if info.pid != pid {
+        return Probe::Fatal(
+            Cause::Unhealthy,
+            format!("the agent restarted (pid {pid} is now {})", info.pid),
+        );
+    }
+    if info.executable_sha256 != plan.sha256 {
+        return Probe::Fatal(
+            Cause::Unhealthy,
+            format!(
+                "the agent no longer runs {} (its executable is {})",
+                plan.version, info.executable_sha256
+            ),
+        );
+    }
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    let status = match tokio::time::timeout(
+        Duration::from_secs(5),
+        control.get_status(pb::GetStatusRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(s)) if cause_of(&s) == Cause::Rejected => {
+            return Probe::Fatal(Cause::Rejected, s.message().to_string())
+        }
+        _ => return Probe::NoAnswer,
+    };
+    let unwell: Vec<String> = status
+        .services
+        .iter()
+        .filter(|s| !s.current_version.is_empty())
+        .filter(|s| {
+            s.state != pb::ServiceState::Running as i32
+                || s.health != pb::HealthState::Healthy as i32
+        })
+        .map(|s| {
+            format!(
+                "{} {} {}",
+                s.name,
+                pb::ServiceState::try_from(s.state)
+                    .unwrap_or_default()
+                    .as_str_name(),
+                pb::HealthState::try_from(s.health)
+                    .unwrap_or_default()
+                    .as_str_name()
+            )
+        })
+        .collect();
+    if unwell.is_empty() {
+        Probe::Healthy
+    } else {
+        Probe::NotYet(unwell.join(", "))
+    }
+}
+
+/// Polls the agent until the host passes the gate (the new service process
+/// `pid`, or for an agent rollout the agent on `pid` and all its services):
+/// N consecutive healthy results spanning min-healthy-time, a failure
 /// resetting both, within the healthy deadline.
 async fn gate(plan: &Plan, channel: Channel, pid: u32) -> Result<(), (Cause, String)> {
     let s = &plan.settings;
-    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
     let poll = (s.min_healthy_time / s.healthy_checks)
         .clamp(Duration::from_millis(100), Duration::from_secs(2));
     let deadline = Instant::now() + s.healthy_deadline;
@@ -654,41 +805,23 @@ async fn gate(plan: &Plan, channel: Channel, pid: u32) -> Result<(), (Cause, Str
     let mut last = String::from("no answer yet");
     let mut unreachable = 0;
     loop {
-        let answer = tokio::time::timeout(
-            Duration::from_secs(5),
-            control.get_status(pb::GetStatusRequest {
-                service: plan.service.clone(),
-            }),
-        )
-        .await;
-        let healthy = match answer {
-            Ok(Ok(response)) => {
+        let probe = if plan.agent() {
+            probe_agent(plan, channel.clone(), pid).await
+        } else {
+            probe_service(plan, channel.clone(), pid).await
+        };
+        let healthy = match probe {
+            Probe::Healthy => {
                 unreachable = 0;
-                let status = response
-                    .into_inner()
-                    .services
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default();
-                let health = pb::HealthState::try_from(status.health).unwrap_or_default();
-                let state = pb::ServiceState::try_from(status.state).unwrap_or_default();
-                if status.pid != pid {
-                    return Err((
-                        Cause::Unhealthy,
-                        format!(
-                            "the new process (pid {pid}) is gone: now pid {} in state {}",
-                            status.pid,
-                            state.as_str_name()
-                        ),
-                    ));
-                }
-                last = format!("{} {}", state.as_str_name(), health.as_str_name());
-                state == pb::ServiceState::Running && health == pb::HealthState::Healthy
+                true
             }
-            Ok(Err(s)) if cause_of(&s) == Cause::Rejected => {
-                return Err((Cause::Rejected, s.message().to_string()))
+            Probe::NotYet(seen) => {
+                unreachable = 0;
+                last = seen;
+                false
             }
-            _ => {
+            Probe::Fatal(cause, message) => return Err((cause, message)),
+            Probe::NoAnswer => {
                 unreachable += 1;
                 if unreachable >= 3 {
                     return Err((
@@ -728,10 +861,105 @@ async fn gate(plan: &Plan, channel: Channel, pid: u32) -> Result<(), (Cause, Str
     }
 }
 
+/// GetAgentInfo, bounded.
+async fn agent_info(channel: Channel) -> Result<pb::GetAgentInfoResponse, (Cause, String)> {
+    let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.get_agent_info(pb::GetAgentInfoRequest {}),
+    )
+    .await
+    .map_err(|_| (Cause::Unreachable, "no answer within 10s".to_string()))?
+    .map(|r| r.into_inner())
+    .map_err(|s| (cause_of(&s), format!("agent info: {}", s.message())))
+}
+
+/// Asks the agent to upgrade itself in place (to `sha256`, or with `None`
+/// back to the agent it ran before), then waits for the new image to
+/// answer and say how it went. Returns the agent's pid and what it runs.
+async fn upgrade_agent(
+    channel: Channel,
+    sha256: Option<&str>,
+    lease: pb::LeaseRef,
+) -> Result<(u32, String), (Cause, String)> {
+    // The image that answers next has another start time: that tells a
+    // fresh report from one of an earlier upgrade to the same release.
+    let before = agent_info(channel.clone()).await?;
+    let mut agent = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+    let request = pb::UpgradeAgentRequest {
+        sha256: sha256.unwrap_or_default().to_string(),
+        lease: Some(lease),
+        allow_downgrade: false,
+        rollback: sha256.is_none(),
+    };
+    let accepted =
+        match tokio::time::timeout(Duration::from_secs(120), agent.upgrade_agent(request)).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                let cause = match status.code() {
+                    Code::FailedPrecondition | Code::Aborted => Cause::ReloadFailed,
+                    _ => cause_of(&status),
+                };
+                return Err((cause, status.message().to_string()));
+            }
+            Err(_) => {
+                return Err((
+                    Cause::Unreachable,
+                    "UpgradeAgent did not answer within 120s".into(),
+                ))
+            }
+        };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(info) = agent_info(channel.clone()).await {
+            if info.pid != accepted.pid {
+                return Err((
+                    Cause::ReloadFailed,
+                    format!(
+                        "the agent restarted during its upgrade (pid {} is now {})",
+                        accepted.pid, info.pid
+                    ),
+                ));
+            }
+            let fresh = info.started != before.started;
+            if let Some(upgrade) = info
+                .last_upgrade
+                .filter(|u| fresh && u.to_sha256 == accepted.new_sha256)
+            {
+                if upgrade.outcome == pb::AgentUpgradeOutcome::Succeeded as i32 {
+                    return Ok((info.pid, accepted.new_version));
+                }
+                return Err((
+                    Cause::ReloadFailed,
+                    format!(
+                        "the new agent image did not start, the previous one runs again: {}",
+                        upgrade.reason
+                    ),
+                ));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err((
+                Cause::Unreachable,
+                format!(
+                    "the agent did not come back from its upgrade to {} within 120s",
+                    accepted.new_version
+                ),
+            ));
+        }
+    }
+}
+
 /// Waits while the agent is still busy with a reload it was given before
 /// this CLI died, then tells whether the target version is current, and on
 /// which pid.
 async fn settle(plan: &Plan, channel: Channel) -> Result<Option<u32>, (Cause, String)> {
+    if plan.agent() {
+        // An upgrade answers GetAgentInfo only once the new image serves.
+        let info = agent_info(channel).await?;
+        return Ok((info.executable_sha256 == plan.sha256).then_some(info.pid));
+    }
     let mut control = pb::service_control_client::ServiceControlClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -792,6 +1020,22 @@ async fn roll_host(
     }
     let pid = match pid {
         Some(pid) => pid,
+        None if plan.agent() => {
+            shared.host(&plan, index, HostState::Activating, None, "")?;
+            match upgrade_agent(channel.clone(), Some(&plan.sha256), lease).await {
+                Ok((pid, version)) => {
+                    shared.host(
+                        &plan,
+                        index,
+                        HostState::Activated,
+                        None,
+                        format!("agent pid {pid} re-executed into {version}"),
+                    )?;
+                    pid
+                }
+                Err((cause, message)) => return fail(cause, message),
+            }
+        }
         None => {
             shared.host(&plan, index, HostState::Activating, None, "")?;
             let mut control =
@@ -865,6 +1109,14 @@ async fn revert(
             lease.clone(),
         );
         reverts.spawn(async move {
+            if plan.agent() {
+                let (state, message) = match upgrade_agent(channel, None, lease).await {
+                    Ok((_, version)) => (HostState::Reverted, format!("agent back on {version}")),
+                    Err((_, message)) => (HostState::RevertFailed, message),
+                };
+                let cause = shared.snapshot()[i].cause;
+                return shared.host(&plan, i, state, cause, message);
+            }
             let mut control = pb::service_control_client::ServiceControlClient::new(channel);
             // Back to what it ran before this rollout: below the floor the
             // new version set, and known to the agent.

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 pub const DEFAULT_FILE: &str = "reloadctl.toml";
 
+/// The service name agent releases are signed for.
+pub const AGENT_SERVICE: &str = "reload-agent";
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Project {
@@ -17,6 +20,10 @@ pub struct Project {
     /// Path of a release, `{version}` replaced by the version as typed, or
     /// else as normalized (`1.4` then `1.4.0`). Relative to this file.
     pub artifact: String,
+    /// Where agent releases are, for `push --agent`, in the same form (e.g.
+    /// "releases/reload-agent-{version}").
+    #[serde(default)]
+    pub agent_artifact: Option<String>,
     /// Public keys a release must be signed by, checked before any agent
     /// is contacted. Relative to this file.
     #[serde(default)]
@@ -88,26 +95,53 @@ impl Project {
             .unwrap_or_else(|| PathBuf::from("."));
         reload_artifact::manifest::validate_service_name(&project.service)
             .with_context(|| format!("{}: service", path.display()))?;
-        if !project.artifact.contains("{version}") {
+        if project.service == AGENT_SERVICE {
             bail!(
-                "{}: artifact = {:?} must contain {{version}}, e.g. \"releases/web-{{version}}\"",
-                path.display(),
-                project.artifact
+                "{}: service = {AGENT_SERVICE:?} is the name agent releases are signed for; name your service otherwise (agent releases go through `push --agent` and agent_artifact)",
+                path.display()
             );
+        }
+        for (key, template) in [
+            ("artifact", Some(&project.artifact)),
+            ("agent_artifact", project.agent_artifact.as_ref()),
+        ] {
+            if let Some(template) = template {
+                if !template.contains("{version}") {
+                    bail!(
+                        "{}: {key} = {template:?} must contain {{version}}, e.g. \"releases/web-{{version}}\"",
+                        path.display(),
+                    );
+                }
+            }
         }
         Ok(project)
     }
 
     /// The release file of `version` (typed form first, then normalized).
-    pub fn artifact_path(&self, typed: &str, normalized: &str) -> anyhow::Result<PathBuf> {
+    /// The release file of `service` (the project's, or the agent's) at a
+    /// version, as typed or else normalized.
+    pub fn artifact_path(
+        &self,
+        service: &str,
+        typed: &str,
+        normalized: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let template = if service == AGENT_SERVICE {
+            self.agent_artifact.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the project file has no agent_artifact: add e.g. agent_artifact = \"releases/reload-agent-{{version}}\" to say where agent releases are"
+                )
+            })?
+        } else {
+            &self.artifact
+        };
         let candidates: Vec<PathBuf> = [typed, normalized]
             .iter()
-            .map(|v| self.base.join(self.artifact.replace("{version}", v)))
+            .map(|v| self.base.join(template.replace("{version}", v)))
             .collect();
         candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
             anyhow::anyhow!(
-                "no release {normalized} of {}: none of {} exists; sign it there with `reloadctl sign`",
-                self.service,
+                "no release {normalized} of {service}: none of {} exists; sign it there with `reloadctl sign`",
                 candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             )
         })
