@@ -444,6 +444,11 @@ fn check_service(section: ServiceSection, base: &Path) -> anyhow::Result<Service
     let name = section.name;
     reload_artifact::manifest::validate_service_name(&name)
         .with_context(|| "[[service]] name".to_string())?;
+    if name == crate::handover::AGENT_SERVICE {
+        anyhow::bail!(
+            "[[service]] name {name:?} is reserved for the agent's own releases (UpgradeAgent); name the service otherwise"
+        );
+    }
     let mut seen = std::collections::BTreeSet::new();
     for listener in &section.listeners {
         let kinds = [
@@ -790,6 +795,9 @@ timeout = "5s"
         let bad = text.replace("tcp = \"127.0.0.1:8080\"", "");
         let err = AgentConfig::parse(&bad, dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("exactly one of"), "{err:#}");
+        let bad = text.replace("name = \"web\"", "name = \"reload-agent\"");
+        let err = AgentConfig::parse(&bad, dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("reserved"), "{err:#}");
     }
 
     #[test]

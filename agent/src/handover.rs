@@ -235,13 +235,20 @@ pub fn exec_in_place(
     }
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        if key == ENV_VAR {
+        if key == ENV_VAR || key == "NOTIFY_SOCKET" {
             continue;
         }
         let mut entry = key.as_bytes().to_vec();
         entry.push(b'=');
         entry.extend(value.as_bytes());
         env.push(CString::new(entry).context("an environment entry contains NUL")?);
+    }
+    // NOTIFY_SOCKET was taken out of our environment when first read (so
+    // services never see it); the next image must still reach systemd.
+    if let Some(socket) = reload_server::notify::socket_value() {
+        let mut entry = b"NOTIFY_SOCKET=".to_vec();
+        entry.extend(socket.as_bytes());
+        env.push(CString::new(entry).context("NOTIFY_SOCKET contains NUL")?);
     }
     env.push(CString::new(format!("{ENV_VAR}={text}"))?);
     let errno = match exe {

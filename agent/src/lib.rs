@@ -59,8 +59,8 @@ pub type Launcher = main_thread::MainThread<anyhow::Result<Exit>>;
 
 /// How the agent starts.
 pub enum Start {
-    /// A fresh process, with its gRPC listeners bound by [`bind`].
-    Fresh(Vec<TcpListener>),
+    /// A fresh process, with what [`bind`] bound or was given.
+    Fresh(Bound),
     /// An image after an in-place upgrade (or a fallback to the previous
     /// image): everything comes from the handover.
     Inherited(Box<Inherited>),
@@ -109,18 +109,51 @@ fn refuse_world_writable(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds every configured gRPC address. Kept apart from [`serve`] so the
-/// caller can report bind errors before anything else starts.
-pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
+/// What a fresh start binds or is given by systemd.
+pub struct Bound {
+    pub grpc: Vec<TcpListener>,
+    /// Service listeners systemd kept in its fd store for us (named
+    /// `reload-svc/<service>/<listener>`), from before an agent crash or
+    /// restart: used instead of binding again.
+    pub stored: std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+}
+
+/// The fd-store name of a service listener.
+pub fn fd_store_name(service: &str, listener: &str) -> String {
+    format!("reload-svc/{service}/{listener}")
+}
+
+/// Binds every configured gRPC address, and takes what systemd passed: the
+/// `grpc` socket of reload-agent.socket and the fd store. Kept apart from
+/// [`serve`] so the caller can report bind errors before anything else
+/// starts.
+pub async fn bind(config: &AgentConfig) -> anyhow::Result<Bound> {
+    let mut inherited = reload_server::Listeners::from_env().context("reading LISTEN_FDS")?;
+    let mut stored = std::collections::BTreeMap::new();
+    for name in inherited.names() {
+        if name.starts_with("reload-svc/") {
+            if let Some(fd) = inherited.take_fd(&name)? {
+                stored.insert(name, fd);
+            }
+        }
+    }
+    if !stored.is_empty() {
+        tracing::info!(
+            count = stored.len(),
+            "service listeners kept by systemd's fd store"
+        );
+    }
     // Under systemd socket activation (reload-agent.socket), the gRPC port
     // arrives as a listener named "grpc" and replaces [agent] listen.
-    let mut inherited = reload_server::Listeners::from_env().context("reading LISTEN_FDS")?;
     if inherited.names().iter().any(|n| n == "grpc") {
         let listener = inherited
             .tcp("grpc", config.listen[0])
             .context("taking the systemd socket named grpc")?;
         tracing::info!("using the gRPC socket passed by systemd");
-        return Ok(vec![listener]);
+        return Ok(Bound {
+            grpc: vec![listener],
+            stored,
+        });
     }
     let mut listeners = Vec::new();
     for addr in &config.listen {
@@ -129,7 +162,10 @@ pub async fn bind(config: &AgentConfig) -> anyhow::Result<Vec<TcpListener>> {
             .with_context(|| format!("cannot listen on {addr} ([agent] listen)"))?;
         listeners.push(listener);
     }
-    Ok(listeners)
+    Ok(Bound {
+        grpc: listeners,
+        stored,
+    })
 }
 
 /// Opens the store and serves the gRPC API until `shutdown` completes (then
@@ -145,11 +181,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     launcher: Launcher,
 ) -> anyhow::Result<Exit> {
-    let (listeners, inherited) = match start {
-        Start::Fresh(listeners) => (Some(listeners), None),
+    let (bound, inherited) = match start {
+        Start::Fresh(bound) => (Some(bound), None),
         Start::Inherited(inherited) => (None, Some(*inherited)),
     };
-    let prepared = prepare(config, listeners, inherited.as_ref(), launcher).await;
+    let prepared = prepare(config, bound, inherited.as_ref(), launcher).await;
     let prepared = match (prepared, inherited) {
         (Ok(prepared), _) => prepared,
         (Err(error), Some(inherited))
@@ -189,7 +225,7 @@ fn inherited_tcp(inherited: &Inherited, fd: std::os::fd::RawFd) -> anyhow::Resul
 
 async fn prepare(
     config: AgentConfig,
-    listeners: Option<Vec<TcpListener>>,
+    bound: Option<Bound>,
     inherited: Option<&Inherited>,
     launcher: Launcher,
 ) -> anyhow::Result<Prepared> {
@@ -226,7 +262,11 @@ async fn prepare(
             config.state_dir.display()
         )
     })?;
-    let grpc = match (listeners, inherited) {
+    let (grpc, mut stored) = match bound {
+        Some(bound) => (Some(bound.grpc), bound.stored),
+        None => (None, Default::default()),
+    };
+    let grpc = match (grpc, inherited) {
         (Some(listeners), _) => listeners,
         (None, Some(inherited)) => inherited
             .description
@@ -247,7 +287,11 @@ async fn prepare(
         metrics.clone(),
         launcher,
         inherited,
+        &mut stored,
     )?);
+    if inherited.is_none() {
+        supervisor.keep_listeners_in_fd_store(stored);
+    }
     let health_listener = match (
         inherited.and_then(|h| Some((h, h.description.health_fd?))),
         config.health_listen,

@@ -283,6 +283,7 @@ impl Supervisor {
         metrics: crate::metrics::SharedMetrics,
         launcher: Launcher,
         inherited: Option<&Inherited>,
+        stored: &mut BTreeMap<String, OwnedFd>,
     ) -> anyhow::Result<Supervisor> {
         let run_dir = state_dir.join("run");
         std::fs::create_dir_all(&run_dir)
@@ -317,7 +318,7 @@ impl Supervisor {
                         .transpose()?;
                     (sockets, process, handed.restarts)
                 }
-                None => (bind_all(&config.name, &config.listeners)?, None, 0),
+                None => (restore_or_bind(config, stored)?, None, 0),
             };
             let state = match (&process, &versions.current) {
                 (Some(_), _) => pb::ServiceState::Running,
@@ -1070,6 +1071,40 @@ impl Supervisor {
     }
 }
 
+/// A service's listeners on a fresh start: those systemd kept in its fd
+/// store (the agent crashed or restarted; the sockets never closed), else
+/// bound now.
+fn restore_or_bind(
+    config: &ServiceConfig,
+    stored: &mut BTreeMap<String, OwnedFd>,
+) -> anyhow::Result<Vec<BoundListener>> {
+    if stored.is_empty() {
+        return bind_all(&config.name, &config.listeners);
+    }
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let fd = match stored.remove(&crate::fd_store_name(&config.name, &listener.name)) {
+                Some(fd) => {
+                    tracing::info!(service = %config.name, listener = %listener.name, "listener restored from systemd's fd store");
+                    fd
+                }
+                None => bind_one(listener).with_context(|| {
+                    format!(
+                        "service {:?}: cannot bind listener {:?}",
+                        config.name, listener.name
+                    )
+                })?,
+            };
+            Ok(BoundListener {
+                name: listener.name.clone(),
+                fd,
+            })
+        })
+        .collect()
+}
+
 /// The listening sockets of a service handed over by the previous agent
 /// image, in the config's order; a listener the config added since is bound.
 fn take_over_sockets(
@@ -1297,6 +1332,41 @@ impl Supervisor {
         versions.history.clear();
         self.store.pin(crate::handover::AGENT_SERVICE, Vec::new());
         self.state.set(crate::handover::AGENT_SERVICE, versions)
+    }
+
+    /// Under systemd (NOTIFY_SOCKET), gives every service listener to the
+    /// service manager's fd store (FDSTORE=1; the unit needs
+    /// FileDescriptorStoreMax=), so that even a crash of the agent does not
+    /// close them: systemd passes them back on restart and clients wait in
+    /// the backlog meanwhile. Stored sockets no service uses any more are
+    /// removed. systemd skips an fd it already holds.
+    pub fn keep_listeners_in_fd_store(&self, unused: BTreeMap<String, OwnedFd>) {
+        if !reload_server::notify::enabled() {
+            return;
+        }
+        let mut kept = 0;
+        for service in self.services.values() {
+            for listener in &service.sockets {
+                let name = crate::fd_store_name(&service.config.name, &listener.name);
+                match reload_server::notify::notify_with_fds(
+                    &format!("FDSTORE=1\nFDNAME={name}"),
+                    &[listener.fd.as_fd()],
+                ) {
+                    Ok(_) => kept += 1,
+                    Err(err) => {
+                        tracing::warn!(%name, error = %err, "could not give the listener to systemd's fd store; an agent crash would close it")
+                    }
+                }
+            }
+        }
+        for name in unused.keys() {
+            let _ = reload_server::notify::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        }
+        tracing::info!(
+            kept,
+            removed = unused.len(),
+            "service listeners in systemd's fd store"
+        );
     }
 
     /// Keeps the agent's own artifacts (current and history) from being

@@ -306,6 +306,12 @@ impl Listeners {
         Listeners::default()
     }
 
+    /// The inherited fd named `name`, of whatever socket kind; `None` if
+    /// there is none (nothing is bound in its place).
+    pub fn take_fd(&mut self, name: &str) -> Result<Option<OwnedFd>, ListenError> {
+        self.take(name, "a socket", |_| true)
+    }
+
     /// Names of the inherited sockets not yet taken, in fd order.
     pub fn names(&self) -> Vec<String> {
         self.inherited

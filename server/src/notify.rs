@@ -18,6 +18,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
 use std::sync::OnceLock;
 
 const VAR_NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -83,6 +84,47 @@ impl Notifier {
         let sent = socket
             .send_to_addr(message.as_bytes(), &self.addr)
             .map_err(send_error)?;
+        if sent != message.len() {
+            return Err(send_error(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("datagram truncated to {sent} of {} bytes", message.len()),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends `message` with `fds` attached (SCM_RIGHTS): how a program
+    /// hands sockets to systemd's fd store (`FDSTORE=1`, `FDNAME=...`).
+    pub fn notify_with_fds(
+        &self,
+        message: &str,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), NotifyError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let send_error = |source| NotifyError::Send {
+            target: self.target.clone(),
+            message: message.to_owned(),
+            source,
+        };
+        let bytes = self.target.as_bytes();
+        let addr = match bytes.first() {
+            Some(b'@') => UnixAddr::new_abstract(&bytes[1..]),
+            _ => UnixAddr::new(Path::new(&self.target)),
+        }
+        .map_err(|errno| send_error(errno.into()))?;
+        let socket = UnixDatagram::unbound().map_err(send_error)?;
+        let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let control = [ControlMessage::ScmRights(&raw)];
+        let iov = [io::IoSlice::new(message.as_bytes())];
+        let sent = sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            if raw.is_empty() { &[] } else { &control },
+            MsgFlags::empty(),
+            Some(&addr),
+        )
+        .map_err(|errno| send_error(errno.into()))?;
         if sent != message.len() {
             return Err(send_error(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -194,6 +236,28 @@ pub fn notify(message: &str) -> Result<bool, NotifyError> {
     match from_env() {
         None => Ok(false),
         Some(Ok(notifier)) => notifier.notify(message).map(|()| true),
+        Some(Err((value, reason))) => Err(NotifyError::InvalidSocket {
+            value: value.clone(),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+/// [`Notifier::notify_with_fds`] to `NOTIFY_SOCKET` (or the redirect).
+/// `Ok(false)` when there is none.
+pub fn notify_with_fds(
+    message: &str,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<bool, NotifyError> {
+    if let Some(redirected) = REDIRECT.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return match redirected {
+            Some(notifier) => notifier.notify_with_fds(message, fds).map(|()| true),
+            None => Ok(false),
+        };
+    }
+    match from_env() {
+        None => Ok(false),
+        Some(Ok(notifier)) => notifier.notify_with_fds(message, fds).map(|()| true),
         Some(Err((value, reason))) => Err(NotifyError::InvalidSocket {
             value: value.clone(),
             reason: reason.clone(),

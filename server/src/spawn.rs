@@ -200,8 +200,9 @@ fn write_decimal(slot: &mut [u8], mut value: u32) {
     slot[len] = 0;
 }
 
-/// The command for `spec`, with the pre-exec hook that places the sockets.
-fn command(spec: SpawnSpec<'_>) -> io::Result<std::process::Command> {
+/// The command for `spec`, with the pre-exec hook that places the sockets;
+/// the caller may still set stdio before spawning it.
+pub fn command(spec: SpawnSpec<'_>) -> io::Result<std::process::Command> {
     let mut image = ExecImage::new(&spec)?;
     let mut command = std::process::Command::new(spec.program);
     command.current_dir(spec.working_dir);

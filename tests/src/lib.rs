@@ -138,10 +138,21 @@ impl Agent {
 
     /// Starts (or restarts) an agent on the `agent.toml` already in `dir`.
     pub fn start_with_config(dir: &Path, key: Arc<SigningKey>) -> Agent {
-        let mut child = Command::new(bin_path("reload-agent"))
-            .args(["--config", "agent.toml", "--log-format", "json"])
+        let mut command = Command::new(bin_path("reload-agent"));
+        command
+            .args(Agent::ARGS)
             .current_dir(dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Agent::start_command(dir, key, command)
+    }
+
+    /// The arguments every test agent runs with.
+    pub const ARGS: &'static [&'static str] = &["--config", "agent.toml", "--log-format", "json"];
+
+    /// Starts an agent from a prepared command (its own environment or
+    /// inherited sockets) in `dir`, and waits until it serves gRPC.
+    pub fn start_command(dir: &Path, key: Arc<SigningKey>, mut command: Command) -> Agent {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,193 @@
+//! End-to-end: under systemd, the agent gives every service listener to
+//! the service manager's fd store (`FDSTORE=1`), so an agent *crash* does
+//! not close them: a client that connects while no agent runs waits in the
+//! backlog and is answered once the restarted agent, handed the stored
+//! sockets back, has started the service again.
+//!
+//! The test plays systemd: it owns the NOTIFY_SOCKET, keeps the fds the
+//! agent sends with SCM_RIGHTS, and passes them back by socket activation
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`) to the next agent.
+
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+use reload_artifact::SigningKey;
+use reload_proto::v1 as pb;
+use reload_tests::*;
+
+/// One datagram from the agent, with any fds it carried.
+fn receive(socket: &UnixDatagram, deadline: Instant) -> Option<(String, Vec<OwnedFd>)> {
+    let left = deadline.checked_duration_since(Instant::now())?;
+    socket.set_read_timeout(Some(left)).unwrap();
+    let mut buffer = [0u8; 4096];
+    let mut iov = [IoSliceMut::new(&mut buffer)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let message = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these fds in this process
+            // for this message; nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let len = message.bytes;
+    Some((String::from_utf8_lossy(&buffer[..len]).into_owned(), fds))
+}
+
+/// Reads notifications until one stores `name`; returns its fd.
+fn stored_fd(socket: &UnixDatagram, name: &str) -> OwnedFd {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Some((message, mut fds)) = receive(socket, deadline) {
+        if message.lines().any(|l| l == "FDSTORE=1")
+            && message.lines().any(|l| l == format!("FDNAME={name}"))
+        {
+            assert_eq!(fds.len(), 1, "{message}");
+            return fds.pop().unwrap();
+        }
+        seen.push(message);
+    }
+    panic!("no FDSTORE=1 for {name} within 20s; got {seen:?}");
+}
+
+fn local_addr(fd: &OwnedFd) -> SocketAddr {
+    let addr: SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd()).unwrap();
+    let v4 = addr.as_sockaddr_in().expect("an IPv4 listener");
+    SocketAddr::from((v4.ip(), v4.port()))
+}
+
+fn agent_command(dir: &Path, notify: &Path, stored: &[(String, OwnedFd)]) -> Command {
+    let args: Vec<String> = Agent::ARGS.iter().map(|a| a.to_string()).collect();
+    let program = bin_path("reload-agent");
+    let env = vec![
+        (
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_default(),
+        ),
+        ("RUST_LOG".to_string(), "info".to_string()),
+        ("NOTIFY_SOCKET".to_string(), notify.display().to_string()),
+    ];
+    // What systemd does on a restart: the stored fds at 3.. with
+    // LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID.
+    reload_server::spawn::command(reload_server::spawn::SpawnSpec {
+        program: &program,
+        args: &args,
+        env,
+        working_dir: dir,
+        sockets: stored
+            .iter()
+            .map(|(name, fd)| (name.clone(), fd.as_fd()))
+            .collect(),
+        die_with_parent: false,
+        own_process_group: false,
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Arc::new(SigningKey::generate());
+    let service_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+         [[service.listener]]\nname = \"http\"\ntcp = \"{service_addr}\"\n"
+    );
+    // Agent::start writes agent.toml (and the key); that first agent is
+    // replaced at once by one that runs under our "systemd".
+    let mut plain = Agent::start(dir.path(), key.clone(), &config);
+    plain.kill();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+
+    let mut first = Agent::start_command(
+        dir.path(),
+        key.clone(),
+        agent_command(dir.path(), &notify_path, &[]),
+    );
+    let name = "reload-svc/web/http";
+    let stored = stored_fd(&notify, name);
+    assert_eq!(
+        local_addr(&stored),
+        service_addr,
+        "the stored fd is the service's listener"
+    );
+    let sha = first
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    let mut control = pb::service_control_client::ServiceControlClient::new(first.channel().await);
+    control
+        .activate(pb::ActivateRequest {
+            service: "web".into(),
+            sha256: sha,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let old_pid = control
+        .get_status(pb::GetStatusRequest {
+            service: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .services[0]
+        .pid;
+    assert_eq!(http_get(service_addr, "/").await.unwrap().code, 200);
+
+    // The crash: the agent is gone, and its service drains and exits with
+    // it. Only "systemd" holds the listening socket now.
+    first.kill();
+    wait_for(
+        "the service to exit with its agent",
+        Duration::from_secs(15),
+        || process_gone(old_pid),
+    )
+    .await;
+    let waiting = tokio::spawn(http_get(service_addr, "/"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the client was refused or reset instead of queued"
+    );
+
+    let second = Agent::start_command(
+        dir.path(),
+        key,
+        agent_command(dir.path(), &notify_path, &[(name.to_string(), stored)]),
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the queued client was answered")
+        .unwrap()
+        .expect("the queued client's request succeeded");
+    assert_eq!(reply.code, 200);
+    assert_ne!(reply.pid, old_pid, "a new service process answered");
+    assert!(
+        second
+            .log_text()
+            .contains("listener restored from systemd's fd store"),
+        "{}",
+        second.log_text()
+    );
+    // And it is stored again for the next crash.
+    drop(stored_fd(&notify, name));
+}
