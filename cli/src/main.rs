@@ -202,6 +202,10 @@ enum Command {
         /// Only this service.
         #[arg(long, default_value = "")]
         service: String,
+        /// The agents themselves instead of their services: pid, the
+        /// release each runs, and its last in-place upgrade.
+        #[arg(long, conflicts_with = "service")]
+        agents: bool,
         /// `table` for people, `json` (one object a line) for scripts.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
@@ -457,8 +461,16 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
         Command::Status {
             host,
             hosts_file,
+            agents: true,
+            output,
+            ..
+        } => runtime()?.block_on(reload::status_agents(host, hosts_file, &output)),
+        Command::Status {
+            host,
+            hosts_file,
             service,
             output,
+            agents: false,
         } => runtime()?.block_on(reload::status_fleet(host, hosts_file, &service, &output)),
     }
 }

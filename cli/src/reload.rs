@@ -237,6 +237,121 @@ pub async fn rollback_fleet(
 }
 
 /// Status of one host or a fleet; unreachable hosts are shown, not fatal.
+/// `status --agents`: one line per agent.
+pub async fn status_agents(
+    host: Option<String>,
+    hosts_file: Option<std::path::PathBuf>,
+    output: &str,
+) -> anyhow::Result<()> {
+    let hosts = hosts_of(host, hosts_file)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let host = host.clone();
+        tasks.spawn(async move {
+            let result = async {
+                let channel = connect(&host).await?;
+                let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
+                Ok::<_, anyhow::Error>(
+                    agent
+                        .get_agent_info(pb::GetAgentInfoRequest {})
+                        .await
+                        .map_err(|s| describe_status(&host, "report its version", &s))?
+                        .into_inner(),
+                )
+            }
+            .await;
+            (i, result)
+        });
+    }
+    let mut rows: Vec<Option<anyhow::Result<pb::GetAgentInfoResponse>>> =
+        (0..hosts.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done?;
+        rows[i] = Some(result);
+    }
+    let mut out = std::io::stdout().lock();
+    if output != "json" {
+        writeln!(
+            out,
+            "{:<22} {:>8} {:<20} {:<14} {:<20}  LAST UPGRADE",
+            "HOST", "PID", "RUNS", "EXECUTABLE", "SINCE"
+        )?;
+    }
+    let mut unreachable = 0;
+    for (host, row) in hosts.iter().zip(rows) {
+        let info = match row.expect("every host answered or failed") {
+            Ok(info) => info,
+            Err(err) => {
+                unreachable += 1;
+                if output == "json" {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "host": host, "error": format!("{err:#}") })
+                    )?;
+                } else {
+                    writeln!(out, "{host:<22} unreachable: {err:#}")?;
+                }
+                continue;
+            }
+        };
+        // What it runs: a signed agent release, or the installed build.
+        let runs = if info.artifact_version.is_empty() {
+            format!("{} (installed)", info.agent_version)
+        } else {
+            info.artifact_version.clone()
+        };
+        let since = crate::format_timestamp(info.started.as_ref());
+        let last = info.last_upgrade.as_ref().map(|u| {
+            let outcome = short(
+                pb::AgentUpgradeOutcome::try_from(u.outcome)
+                    .unwrap_or_default()
+                    .as_str_name(),
+                "AGENT_UPGRADE_OUTCOME_",
+            );
+            (
+                outcome,
+                u.from_version.clone(),
+                u.to_version.clone(),
+                u.reason.clone(),
+            )
+        });
+        if output == "json" {
+            let line = serde_json::json!({
+                "host": host, "pid": info.pid, "runs": runs,
+                "agent_version": info.agent_version, "artifact_version": info.artifact_version,
+                "executable_sha256": info.executable_sha256, "since": since,
+                "last_upgrade": last.as_ref().map(|(outcome, from, to, reason)| serde_json::json!({
+                    "outcome": outcome, "from_version": from, "to_version": to, "reason": reason,
+                })),
+            });
+            writeln!(out, "{line}")?;
+            continue;
+        }
+        let last = last
+            .map(|(outcome, from, to, reason)| {
+                if reason.is_empty() {
+                    format!("{outcome} {from} -> {to}")
+                } else {
+                    format!("{outcome} {from} -> {to}: {reason}")
+                }
+            })
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{host:<22} {:>8} {runs:<20} {:<14} {since:<20}  {last}",
+            info.pid,
+            info.executable_sha256
+                .get(..12)
+                .unwrap_or(&info.executable_sha256),
+        )?;
+    }
+    if unreachable == hosts.len() {
+        bail!("no host answered");
+    }
+    Ok(())
+}
+
 pub async fn status_fleet(
     host: Option<String>,
     hosts_file: Option<std::path::PathBuf>,

@@ -281,6 +281,22 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         "/proc/{agent_pid}/exe is {:?}, not the stored artifact",
         exe_of(agent_pid)
     );
+    // What an operator sees.
+    let shown = reloadctl_ok(
+        &f.agent.dir,
+        &[
+            "status",
+            "--agents",
+            "--host",
+            &f.agent.host(),
+            "--output",
+            "json",
+        ],
+    );
+    let shown: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(shown["runs"], "2.0.0", "{shown}");
+    assert_eq!(shown["pid"], agent_pid, "{shown}");
+    assert_eq!(shown["last_upgrade"]["outcome"], "succeeded", "{shown}");
     let status = service_status(&f.agent).await;
     assert_eq!(status.pid, service_pid, "the service was not restarted");
     assert_eq!(status.state, pb::ServiceState::Running as i32);
