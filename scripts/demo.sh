@@ -4,7 +4,8 @@
 # server, a first deploy with `reloadctl push`, a rollout to 1.5 while
 # clients that never retry keep every host busy (0 failed requests), a
 # never-healthy 1.6 whose canary halts and reverts the rollout, a fleet
-# rollback, and a tampered artifact that the agent refuses. Everything lives in a temp folder and every process is stopped on
+# rollback, the agents upgrading themselves in place under load (same pids,
+# services untouched), and a tampered artifact that the agent refuses. Everything lives in a temp folder and every process is stopped on
 # exit. Exits non-zero if any step does not behave as shown.
 set -euo pipefail
 
@@ -50,9 +51,16 @@ done
 printf '#!/bin/sh\nexec "%s" --unhealthy "$@"\n' "$bin/reload-demo-server" > releases/demo-1.6
 "$reloadctl" sign --key release.key --service demo --version 1.6 --os any --arch any releases/demo-1.6 > /dev/null
 
+# An agent release: the same agent build, another trailer (another sha256),
+# signed for the service name agent releases use.
+cp "$bin/reload-agent" releases/reload-agent-0.2.0
+printf '\nagent release 0.2.0\n' >> releases/reload-agent-0.2.0
+"$reloadctl" sign --key release.key --service reload-agent --version 0.2.0 releases/reload-agent-0.2.0 > /dev/null
+
 cat > reloadctl.toml <<TOML
 service = "demo"
 artifact = "releases/demo-{version}"
+agent_artifact = "releases/reload-agent-{version}"
 trusted_keys = ["release.pub"]
 [tls]
 ca = "certs/ca.pem"
@@ -114,8 +122,11 @@ done
 step "reloadctl push --version 1.4 hosts.txt   (first deploy)"
 "$reloadctl" push --version 1.4 hosts.txt
 
-step "reloadctl push --version 1.5 hosts.txt   (while clients that never retry keep every host busy)"
-python3 - "$port" > load.txt <<'PY' &
+# Clients that never retry, on every host, until stop_load; it fails the
+# demo if a single request failed.
+start_load() {
+    rm -f stop-load
+    python3 - "$port" > load.txt <<'PY' &
 import http.client, sys, time
 port = int(sys.argv[1]) + 80
 ok = failed = 0
@@ -142,12 +153,19 @@ while time.time() < deadline:
 print(f"{ok} requests answered, {failed} failed, versions seen: {sorted(versions)}")
 sys.exit(1 if failed else 0)
 PY
-load=$!
-sleep 0.5
+    load=$!
+    sleep 0.5
+}
+stop_load() {
+    touch stop-load
+    wait "$load" || { cat load.txt; echo "demo failed: requests failed" >&2; exit 1; }
+    cat load.txt
+}
+
+step "reloadctl push --version 1.5 hosts.txt   (while clients that never retry keep every host busy)"
+start_load
 "$reloadctl" push --version 1.5 hosts.txt
-touch stop-load
-wait "$load" || { cat load.txt; echo "demo failed: requests failed during the rollout" >&2; exit 1; }
-cat load.txt
+stop_load
 
 step "reloadctl push --version 1.6 hosts.txt   (never healthy: the canary fails, the rollout halts and reverts)"
 code=0
@@ -160,6 +178,21 @@ echo "exit code $code: halted and reverted"
 
 step "reloadctl rollback hosts.txt --service demo   (the whole fleet back to 1.4)"
 "$reloadctl" rollback hosts.txt --service demo
+
+step "reloadctl push --agent --version 0.2 hosts.txt   (the agents upgrade themselves in place, under load)"
+"$reloadctl" status hosts.txt --output json | python3 -c 'import json,sys; print(" ".join(str(json.loads(l)["pid"]) for l in sys.stdin))' > service-pids.before
+"$reloadctl" status --agents hosts.txt
+"$reloadctl" status --agents hosts.txt --output json | python3 -c 'import json,sys; print(" ".join(str(json.loads(l)["pid"]) for l in sys.stdin))' > agent-pids.before
+start_load
+"$reloadctl" push --agent --version 0.2 hosts.txt
+stop_load
+"$reloadctl" status --agents hosts.txt
+"$reloadctl" status hosts.txt --output json | python3 -c 'import json,sys; print(" ".join(str(json.loads(l)["pid"]) for l in sys.stdin))' > service-pids.after
+"$reloadctl" status --agents hosts.txt --output json | python3 -c 'import json,sys; print(" ".join(str(json.loads(l)["pid"]) for l in sys.stdin))' > agent-pids.after
+cmp -s agent-pids.before agent-pids.after || { echo "demo failed: an agent changed pid" >&2; exit 1; }
+cmp -s service-pids.before service-pids.after || { echo "demo failed: a service was restarted" >&2; exit 1; }
+[ "$("$reloadctl" status --agents hosts.txt --output json | grep -c '"runs":"0.2.0"')" = 3 ]
+echo "agent pids $(cat agent-pids.after) and service pids $(cat service-pids.after) unchanged; every agent runs 0.2.0"
 
 step "a file changed after signing is refused by the agent, and nothing is stored"
 cp releases/demo-1.5 tampered && printf "release 1.7" >> tampered

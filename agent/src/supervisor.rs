@@ -336,7 +336,14 @@ impl Supervisor {
                 reload: Arc::new(tokio::sync::Mutex::new(())),
                 observed: Mutex::new(Observed {
                     state,
-                    state_since: SystemTime::now(),
+                    // An adopted process has been running since before this
+                    // image started.
+                    state_since: handed_over
+                        .and_then(|(_, h)| h.process.as_ref())
+                        .and_then(|p| {
+                            SystemTime::now().checked_sub(Duration::from_millis(p.running_ms))
+                        })
+                        .unwrap_or_else(SystemTime::now),
                     health: pb::HealthState::Unknown,
                     consecutive_healthy: 0,
                     versions,
