@@ -338,6 +338,54 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
     wait_for_requests(&keep_alive, 200).await;
 
+    // The agent's own downgrade floor: 2.0.0 is below 3.0.0 and needs an
+    // explicit request (a rollback makes one).
+    let below = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: agent_v2.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(below.code(), tonic::Code::FailedPrecondition, "{below:?}");
+    assert!(below.message().contains("below 3.0.0"), "{below:?}");
+    // Fenced like any change: while a rollout holds the lease, a call
+    // without it is refused.
+    let mut leases =
+        pb::lease_service_client::LeaseServiceClient::new(channel(&f.agent).await.unwrap());
+    let lease = pb::LeaseRef {
+        rollout_id: "test-rollout".into(),
+        generation: 1,
+    };
+    leases
+        .acquire_lease(pb::AcquireLeaseRequest {
+            r#ref: Some(lease.clone()),
+            holder: "the test".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            force_takeover: false,
+        })
+        .await
+        .unwrap();
+    let fenced = upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(fenced.code(), tonic::Code::Aborted, "{fenced:?}");
+    leases
+        .release_lease(pb::ReleaseLeaseRequest { r#ref: Some(lease) })
+        .await
+        .unwrap();
+
     // 3. Rollback: to 2.0.0 (the history), then to the installed binary.
     upgrade(
         &f.agent,
