@@ -859,30 +859,37 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<pb::UpgradeAgentResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "UpgradeAgent");
         let request = request.into_inner();
-        let sha256 = request.sha256.clone();
-        let result = async {
-            allowed?;
-            self.leases.check_mutation(request.lease.as_ref())?;
-            self.upgrade_agent_checked(request).await
-        }
-        .await;
-        let version = result
-            .as_ref()
-            .map(|r| r.new_version.clone())
-            .unwrap_or_default();
-        let sha256 = result
-            .as_ref()
-            .map(|r| r.new_sha256.clone())
-            .unwrap_or(sha256);
-        self.audit(
-            &identity,
-            "UpgradeAgent",
-            crate::handover::AGENT_SERVICE,
-            &version,
-            &sha256,
-            audit_result(&result),
-        );
-        result.map(Response::new)
+        // To the end, and audited, even if the caller goes away (see
+        // Activate).
+        let api = self.clone();
+        tokio::spawn(async move {
+            let sha256 = request.sha256.clone();
+            let result = async {
+                allowed?;
+                api.leases.check_mutation(request.lease.as_ref())?;
+                api.upgrade_agent_checked(request).await
+            }
+            .await;
+            let version = result
+                .as_ref()
+                .map(|r| r.new_version.clone())
+                .unwrap_or_default();
+            let sha256 = result
+                .as_ref()
+                .map(|r| r.new_sha256.clone())
+                .unwrap_or(sha256);
+            api.audit(
+                &identity,
+                "UpgradeAgent",
+                crate::handover::AGENT_SERVICE,
+                &version,
+                &sha256,
+                audit_result(&result),
+            );
+            result.map(Response::new)
+        })
+        .await
+        .map_err(|err| Status::internal(format!("the upgrade task failed: {err}")))?
     }
 }
 
@@ -894,24 +901,33 @@ impl pb::service_control_server::ServiceControl for AgentApi {
     ) -> Result<Response<pb::ActivateResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "Activate");
         let request = request.into_inner();
-        let result = async {
-            allowed?;
-            self.leases.check_mutation(request.lease.as_ref())?;
-            self.supervisor
-                .activate(&request.service, &request.sha256, request.allow_downgrade)
-                .await
-        }
-        .await;
-        let (version, outcome) = reload_audit(&result);
-        self.audit(
-            &identity,
-            "Activate",
-            &request.service,
-            &version,
-            &request.sha256,
-            outcome,
-        );
-        let (result, status) = result?;
+        // The reload and its audit line run in a task of their own: a caller
+        // that disconnects (a CLI killed mid-rollout) must not cancel a
+        // reload half-way, with a new process started that nobody
+        // supervises, nor leave it unaudited.
+        let api = self.clone();
+        let (result, status) = tokio::spawn(async move {
+            let result = async {
+                allowed?;
+                api.leases.check_mutation(request.lease.as_ref())?;
+                api.supervisor
+                    .activate(&request.service, &request.sha256, request.allow_downgrade)
+                    .await
+            }
+            .await;
+            let (version, outcome) = reload_audit(&result);
+            api.audit(
+                &identity,
+                "Activate",
+                &request.service,
+                &version,
+                &request.sha256,
+                outcome,
+            );
+            result
+        })
+        .await
+        .map_err(|err| Status::internal(format!("the reload task failed: {err}")))??;
         Ok(Response::new(pb::ActivateResponse {
             result: Some(result),
             status: Some(status),
@@ -924,28 +940,34 @@ impl pb::service_control_server::ServiceControl for AgentApi {
     ) -> Result<Response<pb::RollbackResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "Rollback");
         let request = request.into_inner();
-        let result = async {
-            allowed?;
-            self.leases.check_mutation(request.lease.as_ref())?;
-            self.supervisor
-                .rollback(&request.service, request.allow_downgrade)
-                .await
-        }
-        .await;
-        let (version, outcome) = reload_audit(&result);
-        let sha256 = result
-            .as_ref()
-            .map(|(_, s)| s.current_sha256.clone())
-            .unwrap_or_default();
-        self.audit(
-            &identity,
-            "Rollback",
-            &request.service,
-            &version,
-            &sha256,
-            outcome,
-        );
-        let (result, status) = result?;
+        // Runs to the end even if the caller goes away (see Activate).
+        let api = self.clone();
+        let (result, status) = tokio::spawn(async move {
+            let result = async {
+                allowed?;
+                api.leases.check_mutation(request.lease.as_ref())?;
+                api.supervisor
+                    .rollback(&request.service, request.allow_downgrade)
+                    .await
+            }
+            .await;
+            let (version, outcome) = reload_audit(&result);
+            let sha256 = result
+                .as_ref()
+                .map(|(_, s)| s.current_sha256.clone())
+                .unwrap_or_default();
+            api.audit(
+                &identity,
+                "Rollback",
+                &request.service,
+                &version,
+                &sha256,
+                outcome,
+            );
+            result
+        })
+        .await
+        .map_err(|err| Status::internal(format!("the rollback task failed: {err}")))??;
         Ok(Response::new(pb::RollbackResponse {
             result: Some(result),
             status: Some(status),

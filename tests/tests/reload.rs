@@ -637,3 +637,47 @@ async fn tcp_unix_and_udp_listeners_are_all_handed_over_in_order() {
         .unwrap();
     assert_eq!((reply.code, reply.pid), (200, pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_mid_reload_does_not_cancel_it() {
+    let f = fixture("");
+    let v1 = f.stage_demo("1.0.0").await;
+    f.activate_ok(&v1).await;
+    let old_pid = f.status().await.pid;
+    // Ready only after 1.5 s: the caller gives up long before.
+    let slow = f.stage_script("2.0.0", "--startup-delay 1500ms").await;
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), f.activate(&slow)).await;
+    assert!(
+        gave_up.is_err(),
+        "the reload finished before the caller left"
+    );
+    // The agent finishes it: the new process serves, the old one drained,
+    // and the state is not left at RELOADING.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = f.status().await;
+        if status.state == pb::ServiceState::Running as i32 && status.current_sha256 == slow {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload did not finish: {status:?}\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(status.pid, old_pid);
+    wait_for("the old process to drain", Duration::from_secs(15), || {
+        process_gone(old_pid)
+    })
+    .await;
+    let reply = http_get(f.service_addr, "/").await.unwrap();
+    assert_eq!((reply.code, reply.pid), (200, status.pid));
+    let audit = std::fs::read_to_string(f.dir.path().join("state/audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"call\":\"Activate\"") && l.contains(&slow)),
+        "the abandoned Activate is audited: {audit}"
+    );
+}

@@ -632,7 +632,7 @@ async fn validate_checks_an_envelope_without_bytes() {
 }
 
 #[tokio::test]
-async fn health_reflection_and_unimplemented_calls_answer() {
+async fn health_reflection_and_agent_calls_answer() {
     let f = fixture("");
     let channel = f.agent.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -689,8 +689,10 @@ async fn health_reflection_and_unimplemented_calls_answer() {
         .upgrade_agent(pb::UpgradeAgentRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("UpgradeAgent"), "{}", err.message());
+    // Every call is implemented; an upgrade with no target says what it
+    // needs.
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("sha256"), "{}", err.message());
 
     let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
     let info = agent
