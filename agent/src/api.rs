@@ -524,14 +524,11 @@ impl AgentState {
         &self,
         request: pb::UpgradeAgentRequest,
     ) -> Result<pb::UpgradeAgentResponse, Status> {
-        use crate::handover::{UpgradeRecord, AGENT_SERVICE};
-        use crate::upgrade::{Accepted, Target};
+        use crate::handover::UpgradeRecord;
+        use crate::upgrade::Target;
         let busy = self.upgrades.begin()?;
         let running_sha = self.upgrades.image.executable_sha256.clone();
-        let running_version = match self.running_artifact_version() {
-            v if v.is_empty() => format!("{} (installed)", env!("CARGO_PKG_VERSION")),
-            v => v,
-        };
+        let running_version = self.running_version();
         let versions = self.supervisor.agent_versions();
         let mut record = UpgradeRecord {
             from_version: running_version.clone(),
@@ -567,7 +564,7 @@ impl AgentState {
                     record.to_version = "installed".into();
                     record.to_sha256 = sha;
                     record.to_installed = true;
-                    (Target::Installed(fd), path)
+                    (Target::Image(fd), path)
                 }
                 None => {
                     return Err(Status::failed_precondition(
@@ -593,10 +590,85 @@ impl AgentState {
         };
         if record.to_sha256 == running_sha {
             return Err(Status::already_exists(format!(
-                "this agent already runs {} (sha256 {running_sha})",
+                "this agent already runs {} (sha256 {running_sha}); to re-read its config, send it SIGHUP (systemctl reload reload-agent)",
                 record.to_version
             )));
         }
+        self.reexec(busy, target, preflight_path, record).await
+    }
+
+    /// SIGHUP: re-executes the running image in place, so the agent reads
+    /// its config again without touching its services. The new config is
+    /// checked first (`--check`); a config that does not load leaves the
+    /// agent as it is.
+    pub async fn reload_config(&self) -> Result<pb::UpgradeAgentResponse, Status> {
+        use crate::handover::UpgradeRecord;
+        use crate::upgrade::Target;
+        let busy = self.upgrades.begin()?;
+        let running_sha = self.upgrades.image.executable_sha256.clone();
+        let version = self.running_version();
+        let image: std::os::fd::OwnedFd = crate::handover::open_own_exe()
+            .map_err(|e| Status::internal(format!("cannot open /proc/self/exe: {e}")))?
+            .into();
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&image)
+        ));
+        let record = UpgradeRecord {
+            from_version: version.clone(),
+            from_sha256: running_sha.clone(),
+            to_version: version,
+            to_sha256: running_sha,
+            to_installed: self.running_artifact_version().is_empty(),
+            config_reload: true,
+            ..Default::default()
+        };
+        self.reexec(busy, Target::Image(image), path, record).await
+    }
+
+    /// SIGHUP's handler: [`AgentState::reload_config`], logged and audited.
+    pub async fn reload_config_on_signal(&self) {
+        tracing::info!("SIGHUP: re-executing in place to read the config again");
+        let result = self.reload_config().await;
+        if let Err(status) = &result {
+            tracing::error!(error = %status.message(), "the config was not reloaded; the agent runs on with the config it has");
+            let _ = reload_server::notify::status(&format!(
+                "config not reloaded: {}",
+                status.message()
+            ));
+        }
+        let version = result
+            .as_ref()
+            .map(|r| r.new_version.clone())
+            .unwrap_or_default();
+        self.audit(
+            "SIGHUP",
+            "ReloadConfig",
+            crate::handover::AGENT_SERVICE,
+            &version,
+            &self.upgrades.image.executable_sha256,
+            audit_result(&result),
+        );
+    }
+
+    fn running_version(&self) -> String {
+        match self.running_artifact_version() {
+            v if v.is_empty() => format!("{} (installed)", env!("CARGO_PKG_VERSION")),
+            v => v,
+        }
+    }
+
+    /// The part every in-place re-exec shares: preflight, quiesce, answer.
+    async fn reexec(
+        &self,
+        busy: crate::upgrade::BusyGuard<'_>,
+        target: crate::upgrade::Target,
+        preflight_path: PathBuf,
+        record: crate::handover::UpgradeRecord,
+    ) -> Result<pb::UpgradeAgentResponse, Status> {
+        use crate::handover::AGENT_SERVICE;
+        use crate::upgrade::Accepted;
         self.supervisor.events.emit(
             pb::EventKind::Preflight,
             EventFields {
@@ -619,7 +691,7 @@ impl AgentState {
             + Duration::from_secs(5);
         let guards = self.supervisor.quiesce(bound).await?;
         let response = pb::UpgradeAgentResponse {
-            previous_version: running_version,
+            previous_version: record.from_version.clone(),
             new_version: record.to_version.clone(),
             pid: std::process::id(),
             new_sha256: record.to_sha256.clone(),

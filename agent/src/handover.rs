@@ -89,6 +89,9 @@ pub struct UpgradeRecord {
     pub to_installed: bool,
     /// Asked for as a rollback (the history is popped, not pushed).
     pub rollback: bool,
+    /// The same image again, to read the config anew (SIGHUP).
+    #[serde(default)]
+    pub config_reload: bool,
     /// Set when the new image failed its start-up checks and this is the
     /// previous image running again.
     pub fallback_reason: Option<String>,

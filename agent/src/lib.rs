@@ -277,6 +277,18 @@ async fn prepare(
             .context("taking the gRPC listeners from the previous image")?,
         (None, None) => anyhow::bail!("no gRPC listeners"),
     };
+    if inherited.is_some() {
+        // Listeners pass across the exec as they are: a changed address
+        // takes a restart.
+        let serving: Vec<_> = grpc.iter().filter_map(|l| l.local_addr().ok()).collect();
+        if config
+            .listen
+            .iter()
+            .any(|a| a.port() != 0 && !serving.contains(a))
+        {
+            tracing::warn!(?serving, configured = ?config.listen, "[agent] listen changed; the agent keeps the sockets it had until it restarts");
+        }
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let supervisor = Arc::new(supervisor::Supervisor::new(
         &config.services,
@@ -402,6 +414,10 @@ fn upgrade_result(
         finished: Some(std::time::SystemTime::now().into()),
     };
     let message = match outcome {
+        pb::AgentUpgradeOutcome::Succeeded if record.config_reload => format!(
+            "agent re-executed in place with its config read again (pid {})",
+            std::process::id()
+        ),
         pb::AgentUpgradeOutcome::Succeeded => format!(
             "agent upgraded in place from {} to {} (pid {})",
             record.from_version,
@@ -468,6 +484,18 @@ impl Prepared {
                 tokio::select! {
                     _ = serving => {}
                     _ = accepting.wait_for(|stop| *stop) => {}
+                }
+            });
+        }
+        // SIGHUP (systemctl reload): read the config again by re-executing
+        // the same image in place; services are untouched.
+        {
+            let api = api.clone();
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?;
+            background.spawn(async move {
+                while hangup.recv().await.is_some() {
+                    api.reload_config_on_signal().await;
                 }
             });
         }

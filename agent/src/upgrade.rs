@@ -57,8 +57,9 @@ pub enum Target {
     /// A verified artifact in the store (content-addressed and pinned, so
     /// the path names exactly the verified bytes).
     Artifact(PathBuf),
-    /// The installed binary, by the fd held since the process started.
-    Installed(OwnedFd),
+    /// An image by an open fd: the installed binary (held since the
+    /// process started; a rollback), or the running one (a config reload).
+    Image(OwnedFd),
 }
 
 /// An accepted upgrade, on its way from the handler to the serve loop.
@@ -206,7 +207,7 @@ impl UpgradeExec {
         ));
         let failure = match &self.target {
             Target::Artifact(path) => exec_in_place(Exe::Path(path), &self.description),
-            Target::Installed(fd) => exec_in_place(Exe::Fd(fd.as_fd()), &self.description),
+            Target::Image(fd) => exec_in_place(Exe::Fd(fd.as_fd()), &self.description),
         }
         .unwrap_err();
         tracing::error!(error = %format!("{failure:#}"), "execve of the new agent image failed; re-executing the previous image");

@@ -589,3 +589,83 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
     );
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing() {
+    let f = fixture();
+    let agent_pid = f.agent.pid();
+    let web = f
+        .agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    activate_ok(&f.agent, &web).await;
+    let service_pid = service_status(&f.agent).await.pid;
+    let run = load(f.service_addr, ConnectionMode::KeepAlive);
+    wait_for_requests(&run, 200).await;
+    let config_path = f.agent.dir.join("agent.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+
+    // A service added to the config is there after SIGHUP; nothing else
+    // moved.
+    let added = format!(
+        "{config}\n[[service]]\nname = \"api\"\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{}\"\n",
+        free_port()
+    );
+    std::fs::write(&config_path, &added).unwrap();
+    send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        if let Some(info) = agent_info(&f.agent).await {
+            if info.services.contains(&"api".to_string()) {
+                break info;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the config was not re-read\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info.pid, agent_pid);
+    assert_eq!(
+        info.last_upgrade.unwrap().outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32
+    );
+    assert_eq!(service_status(&f.agent).await.pid, service_pid);
+    wait_for_requests(&run, 200).await;
+
+    // A config that does not load: refused by the preflight, the agent runs
+    // on as it was (same image, same services).
+    let before = agent_info(&f.agent).await.unwrap();
+    std::fs::write(&config_path, format!("{added}\n[[service]]\nname = 3\n")).unwrap();
+    send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
+    let audit_path = f.agent.dir.join("state/audit.log");
+    wait_for(
+        "the refused reload in the audit log",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&audit_path)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("\"call\":\"ReloadConfig\"") && l.contains("FailedPrecondition")
+                })
+        },
+    )
+    .await;
+    let after = agent_info(&f.agent).await.unwrap();
+    assert_eq!(
+        (after.pid, after.started),
+        (before.pid, before.started),
+        "the agent was not re-executed"
+    );
+    assert!(after.services.contains(&"api".to_string()));
+    std::fs::write(&config_path, &added).unwrap();
+
+    wait_for_requests(&run, 200).await;
+    let report = run.stop().await;
+    println!("keep-alive, two SIGHUPs: {}", report.summary());
+    assert_no_failures(&report);
+    assert_eq!(report.pids, [service_pid].into());
+}
