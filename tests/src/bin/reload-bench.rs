@@ -18,6 +18,10 @@
 //! 5. Footprint: the agent's RSS and CPU over 60 s idle with 3 services,
 //!    and its start-up time to serving gRPC, beside a fork+exec+wait of
 //!    `/bin/true`.
+//! 6. The agent's in-place self-upgrade (UpgradeAgent) under the load of
+//!    section 3: failed requests and p99 against the steady state, and the
+//!    time from the call to the new image answering beside the agent's
+//!    own start-up time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -854,4 +858,106 @@ fn main() {
     if wants("footprint") {
         runtime.block_on(footprint_bench(dir, &key));
     }
+    if wants("agent-upgrade") {
+        runtime.block_on(agent_upgrade_bench(dir, &key));
+    }
+}
+
+/// The agent binary with a trailer: the same program as another release.
+fn agent_release_bytes(version: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(bin_path("reload-agent")).unwrap();
+    bytes.extend_from_slice(format!("\nbench agent {version}\n").as_bytes());
+    bytes
+}
+
+async fn agent_upgrade_bench(dir: &Path, key: &Arc<SigningKey>) {
+    println!("## 6. The agent upgrading itself in place, {RELOADS_UNDER_LOAD} times under {CONNECTIONS} clients that never retry\n");
+    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during upgrades | p99 ratio |\n|---|---|---:|---:|---:|---:|---:|---:|");
+    let durations = Arc::new(std::sync::Mutex::new(Vec::new()));
+    for mode in [
+        ConnectionMode::KeepAlive,
+        ConnectionMode::NewConnectionPerRequest,
+    ] {
+        let adir = dir.join(format!("upgrade-agent-{mode:?}"));
+        let (agent, addr, v1, _) = reload_agent(&adir, key, true).await;
+        let mut control =
+            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+        activate(&mut control, &v1).await;
+        let releases = [
+            agent
+                .stage("reload-agent", "2.0.0", &agent_release_bytes("2.0.0"))
+                .await,
+            agent
+                .stage("reload-agent", "3.0.0", &agent_release_bytes("3.0.0"))
+                .await,
+        ];
+        let host = agent.addr;
+        let (steady, during) = measure(addr, mode, |i| {
+            let target = releases[i % 2].clone();
+            let durations = durations.clone();
+            async move {
+                let began = Instant::now();
+                let channel = tonic::transport::Channel::from_shared(format!("http://{host}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+                client
+                    .upgrade_agent(pb::UpgradeAgentRequest {
+                        sha256: target.clone(),
+                        // Back and forth between two releases.
+                        allow_downgrade: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("UpgradeAgent");
+                // Answered by the new image: a fresh connection each poll.
+                loop {
+                    let answered = async {
+                        let channel =
+                            tonic::transport::Channel::from_shared(format!("http://{host}"))
+                                .ok()?
+                                .connect()
+                                .await
+                                .ok()?;
+                        pb::agent_service_client::AgentServiceClient::new(channel)
+                            .get_agent_info(pb::GetAgentInfoRequest {})
+                            .await
+                            .ok()
+                    }
+                    .await;
+                    if answered.is_some_and(|r| r.into_inner().executable_sha256 == target) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                durations.lock().unwrap().push(began.elapsed());
+            }
+        })
+        .await;
+        row("reload-agent in-place self-upgrade", mode, &steady, &during);
+        drop(agent);
+    }
+    // Baseline: a fresh agent process from exec to serving gRPC.
+    let mut starts = Vec::new();
+    for i in 0..5 {
+        let sdir = dir.join(format!("upgrade-baseline-{i}"));
+        std::fs::create_dir_all(&sdir).unwrap();
+        let started = Instant::now();
+        let agent = Agent::start(&sdir, key.clone(), "");
+        starts.push(started.elapsed());
+        drop(agent);
+    }
+    starts.sort();
+    let mut durations = durations.lock().unwrap().clone();
+    durations.sort();
+    println!(
+        "\n| measure | median | p99 |\n|---|---:|---:|\n| UpgradeAgent call to the new image answering | {} | {} |\n| a fresh agent process: exec to serving gRPC (baseline, {} runs) | {} | - |",
+        ms(quantile(&durations, 0.5)),
+        ms(quantile(&durations, 0.99)),
+        starts.len(),
+        ms(quantile(&starts, 0.5)),
+    );
+    println!();
 }
