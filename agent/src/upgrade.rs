@@ -201,8 +201,12 @@ impl UpgradeExec {
         if let Err(err) = self.fds.keep_across_exec() {
             return anyhow::Error::new(err).context("cannot pass the agent's fds across exec");
         }
-        let _ = reload_server::notify::status(&format!(
-            "re-executing into {} {}",
+        // systemd shows the unit as reloading until the new image's READY=1.
+        let monotonic_usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+            .unwrap_or(0);
+        let _ = reload_server::notify::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={monotonic_usec}\nSTATUS=re-executing in place into {} {}",
             self.description.upgrade.to_version, self.description.upgrade.to_sha256
         ));
         let failure = match &self.target {

@@ -190,4 +190,40 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     );
     // And it is stored again for the next crash.
     drop(stored_fd(&notify, name));
+
+    // An in-place upgrade keeps talking to systemd from the same pid:
+    // RELOADING=1 before the exec, READY=1 from the new image.
+    let mut release = std::fs::read(bin_path("reload-agent")).unwrap();
+    release.extend_from_slice(b"\nreload-test-agent 2.0.0\n");
+    let release = second.stage("reload-agent", "2.0.0", &release).await;
+    // What the second agent said at start (READY=1, STATUS=) is old news.
+    while receive(&notify, Instant::now() + Duration::from_millis(300)).is_some() {}
+    let mut agent = pb::agent_service_client::AgentServiceClient::new(second.channel().await);
+    agent
+        .upgrade_agent(pb::UpgradeAgentRequest {
+            sha256: release.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Some((message, _)) = receive(&notify, deadline) {
+        seen.push(message.clone());
+        if message.lines().any(|l| l == "READY=1") {
+            break;
+        }
+    }
+    let reloading = seen
+        .iter()
+        .position(|m| m.lines().any(|l| l == "RELOADING=1"));
+    let ready = seen.iter().position(|m| m.lines().any(|l| l == "READY=1"));
+    assert!(
+        matches!((reloading, ready), (Some(r), Some(d)) if r < d),
+        "expected RELOADING=1 then READY=1, got {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|m| m.contains("MONOTONIC_USEC=")),
+        "{seen:?}"
+    );
 }
