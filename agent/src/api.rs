@@ -720,25 +720,33 @@ impl AgentState {
         Ok(response)
     }
 
+    /// A stored artifact whose bytes still match its hash, with its
+    /// envelope; NOT_FOUND if the store does not hold it.
+    async fn stored_with_envelope(
+        &self,
+        sha256: &str,
+    ) -> Result<(StoredArtifact, Vec<u8>), Status> {
+        let lookup = sha256.to_string();
+        self.with_store(move |store| {
+            let Some(stored) = store.stat(&lookup)? else {
+                return Ok(None);
+            };
+            store.check_stored_content(&stored)?;
+            let envelope = store.envelope_bytes(&lookup)?;
+            Ok(Some((stored, envelope)))
+        })
+        .await?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "this agent holds no artifact with sha256 {sha256}; upload it first (reloadctl upload)"
+            ))
+        })
+    }
+
     /// A stored agent artifact, verified now as at upload: bytes, signature,
     /// expiry, platform, and signed for service `reload-agent`.
     async fn verified_agent_artifact(&self, sha256: &str) -> Result<StoredArtifact, Status> {
-        let lookup = sha256.to_string();
-        let (stored, envelope) = self
-            .with_store(move |store| {
-                let Some(stored) = store.stat(&lookup)? else {
-                    return Ok(None);
-                };
-                store.check_stored_content(&stored)?;
-                let envelope = store.envelope_bytes(&lookup)?;
-                Ok(Some((stored, envelope)))
-            })
-            .await?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "this agent holds no artifact with sha256 {sha256}; upload the agent artifact first (reloadctl upload)"
-                ))
-            })?;
+        let (stored, envelope) = self.stored_with_envelope(sha256).await?;
         let verified = self.verify_envelope(&envelope)?;
         if verified.manifest.service != crate::handover::AGENT_SERVICE {
             return Err(Status::failed_precondition(format!(
@@ -860,22 +868,7 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         let info = match request.into_inner().target {
             Some(Target::Envelope(envelope)) => verified_info(&self.verify_envelope(&envelope)?),
             Some(Target::Sha256(sha256)) => {
-                let lookup = sha256.clone();
-                let (stored, envelope) = self
-                    .with_store(move |store| {
-                        let Some(stored) = store.stat(&lookup)? else {
-                            return Ok(None);
-                        };
-                        store.check_stored_content(&stored)?;
-                        let envelope = store.envelope_bytes(&lookup)?;
-                        Ok(Some((stored, envelope)))
-                    })
-                    .await?
-                    .ok_or_else(|| {
-                        Status::not_found(format!(
-                            "this agent holds no artifact with sha256 {sha256}; upload it first"
-                        ))
-                    })?;
+                let (stored, envelope) = self.stored_with_envelope(&sha256).await?;
                 let verified = self.verify_envelope(&envelope)?;
                 let mut info = verified_info(&verified);
                 info.stored_at = Some(stored.stored_at.into());

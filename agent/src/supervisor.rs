@@ -1192,29 +1192,10 @@ fn watch_process(
     let (exit_tx, exit_rx) = watch::channel(None);
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
     if let Some(stdout) = stdout {
-        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout)?;
-        let service = service.to_string();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(service, pid, stream = "stdout", "{line}");
-            }
-        });
+        log_lines(stdout, service, pid, "stdout", None)?;
     }
     if let Some(stderr) = stderr {
-        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)?;
-        let (service, tail) = (service.to_string(), stderr_tail.clone());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(service, pid, stream = "stderr", "{line}");
-                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
+        log_lines(stderr, service, pid, "stderr", Some(stderr_tail.clone()))?;
     }
     tokio::spawn(async move {
         let status = reload_server::spawn::reap(pidfd)
@@ -1235,6 +1216,33 @@ fn watch_process(
         stderr_tail,
         fds,
     })
+}
+
+/// Forwards each line a process writes on `pipe` to the log, keeping the
+/// last few in `tail` if given (failure reasons quote them).
+fn log_lines(
+    pipe: OwnedFd,
+    service: &str,
+    pid: u32,
+    stream: &'static str,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) -> std::io::Result<()> {
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
+    let service = service.to_string();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(service, pid, stream, "{line}");
+            if let Some(tail) = &tail {
+                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+    });
+    Ok(())
 }
 
 impl Supervisor {

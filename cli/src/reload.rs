@@ -237,6 +237,39 @@ pub async fn rollback_fleet(
 }
 
 /// Status of one host or a fleet; unreachable hosts are shown, not fatal.
+/// Connects to every host at once and asks each `ask`; the answers in host
+/// order (an unreachable host is an error in its place, not for all).
+async fn ask_each_host<T, F, Fut>(
+    hosts: &[String],
+    ask: F,
+) -> anyhow::Result<Vec<anyhow::Result<T>>>
+where
+    T: Send + 'static,
+    F: Fn(String, Channel) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let (host, ask) = (host.clone(), ask.clone());
+        tasks.spawn(async move {
+            let result = match connect(&host).await {
+                Ok(channel) => ask(host, channel).await,
+                Err(err) => Err(err),
+            };
+            (i, result)
+        });
+    }
+    let mut rows: Vec<Option<anyhow::Result<T>>> = (0..hosts.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done?;
+        rows[i] = Some(result);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| row.expect("every host answered or failed"))
+        .collect())
+}
+
 /// `status --agents`: one line per agent.
 pub async fn status_agents(
     host: Option<String>,
@@ -244,31 +277,15 @@ pub async fn status_agents(
     output: &str,
 ) -> anyhow::Result<()> {
     let hosts = hosts_of(host, hosts_file)?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, host) in hosts.iter().enumerate() {
-        let host = host.clone();
-        tasks.spawn(async move {
-            let result = async {
-                let channel = connect(&host).await?;
-                let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
-                Ok::<_, anyhow::Error>(
-                    agent
-                        .get_agent_info(pb::GetAgentInfoRequest {})
-                        .await
-                        .map_err(|s| describe_status(&host, "report its version", &s))?
-                        .into_inner(),
-                )
-            }
-            .await;
-            (i, result)
-        });
-    }
-    let mut rows: Vec<Option<anyhow::Result<pb::GetAgentInfoResponse>>> =
-        (0..hosts.len()).map(|_| None).collect();
-    while let Some(done) = tasks.join_next().await {
-        let (i, result) = done?;
-        rows[i] = Some(result);
-    }
+    let rows = ask_each_host(&hosts, |host, channel| async move {
+        let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
+        Ok(agent
+            .get_agent_info(pb::GetAgentInfoRequest {})
+            .await
+            .map_err(|s| describe_status(&host, "report its version", &s))?
+            .into_inner())
+    })
+    .await?;
     let mut out = std::io::stdout().lock();
     if output != "json" {
         writeln!(
@@ -279,7 +296,7 @@ pub async fn status_agents(
     }
     let mut unreachable = 0;
     for (host, row) in hosts.iter().zip(rows) {
-        let info = match row.expect("every host answered or failed") {
+        let info = match row {
             Ok(info) => info,
             Err(err) => {
                 unreachable += 1;
@@ -359,32 +376,20 @@ pub async fn status_fleet(
     output: &str,
 ) -> anyhow::Result<()> {
     let hosts = hosts_of(host, hosts_file)?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, host) in hosts.iter().enumerate() {
-        let (host, service) = (host.clone(), service.to_string());
-        tasks.spawn(async move {
-            let result = async {
-                let channel = connect(&host).await?;
-                let mut control = pb::service_control_client::ServiceControlClient::new(channel);
-                Ok::<_, anyhow::Error>(
-                    control
-                        .get_status(pb::GetStatusRequest { service })
-                        .await
-                        .map_err(|s| describe_status(&host, "report status", &s))?
-                        .into_inner()
-                        .services,
-                )
-            }
-            .await;
-            (i, result)
-        });
-    }
-    let mut rows: Vec<Option<anyhow::Result<Vec<pb::ServiceStatus>>>> =
-        (0..hosts.len()).map(|_| None).collect();
-    while let Some(done) = tasks.join_next().await {
-        let (i, result) = done?;
-        rows[i] = Some(result);
-    }
+    let service = service.to_string();
+    let rows = ask_each_host(&hosts, move |host, channel| {
+        let service = service.clone();
+        async move {
+            let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+            Ok(control
+                .get_status(pb::GetStatusRequest { service })
+                .await
+                .map_err(|s| describe_status(&host, "report status", &s))?
+                .into_inner()
+                .services)
+        }
+    })
+    .await?;
     let mut out = std::io::stdout().lock();
     if output != "json" {
         writeln!(
@@ -395,7 +400,7 @@ pub async fn status_fleet(
     }
     let mut unreachable = 0;
     for (host, row) in hosts.iter().zip(rows) {
-        let services = match row.expect("every host answered or failed") {
+        let services = match row {
             Ok(services) => services,
             Err(err) => {
                 unreachable += 1;

@@ -159,6 +159,20 @@ impl LoadReport {
         self.latencies.quantile(0.99)
     }
 
+    /// Panics unless every request was answered 200 (and there were some),
+    /// showing the first failures.
+    pub fn assert_no_failures(&self) {
+        assert_eq!(
+            self.failures,
+            0,
+            "{}\nfirst failures: {:#?}",
+            self.summary(),
+            self.failure_samples
+        );
+        assert_eq!(self.non_200, 0, "{}", self.summary());
+        assert!(self.requests > 0, "{}", self.summary());
+    }
+
     /// One line with every count, for logs and assertion messages.
     pub fn summary(&self) -> String {
         let secs = self.elapsed.as_secs_f64();
@@ -325,6 +339,21 @@ impl LoadRun {
     /// The counts so far; cheap enough to poll (one lock, a ~15 KiB copy).
     pub fn snapshot(&self) -> LoadReport {
         self.shared.report()
+    }
+
+    /// Waits until `n` more responses than now have come back (panics
+    /// after 30 s without them): traffic really reaches whatever serves.
+    pub async fn wait_for_requests(&self, n: u64) {
+        let start = self.snapshot().requests;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.snapshot().requests < start + n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "load made no progress: {}",
+                self.snapshot().summary()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops every worker after the request it is in and returns the totals.

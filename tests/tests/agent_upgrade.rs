@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
-use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadRun};
 use reload_tests::*;
 use tonic::transport::Channel;
 
@@ -47,6 +47,22 @@ timeout = "8s"
         agent,
         service_addr,
         _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// `web` 1.0.0 activated and serving keep-alive load: its sha256, its
+    /// pid and the load.
+    async fn serving_under_load(&self) -> (String, u32, LoadRun) {
+        let web = self
+            .agent
+            .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+            .await;
+        activate_ok(&self.agent, &web).await;
+        let service_pid = service_status(&self.agent).await.pid;
+        let run = load(self.service_addr, ConnectionMode::KeepAlive);
+        run.wait_for_requests(200).await;
+        (web, service_pid, run)
     }
 }
 
@@ -163,31 +179,6 @@ fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
     })
 }
 
-async fn wait_for_requests(run: &LoadRun, n: u64) {
-    let start = run.snapshot().requests;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while run.snapshot().requests < start + n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "load made no progress: {}",
-            run.snapshot().summary()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn assert_no_failures(report: &LoadReport) {
-    assert_eq!(
-        report.failures,
-        0,
-        "{}\nfirst failures: {:#?}",
-        report.summary(),
-        report.failure_samples
-    );
-    assert_eq!(report.non_200, 0, "{}", report.summary());
-    assert!(report.requests > 0, "{}", report.summary());
-}
-
 /// The agent's open fds once connections from earlier calls are closed:
 /// with `expected`, waits until the count is back to it.
 async fn settled_fd_count(pid: u32, expected: Option<usize>) -> usize {
@@ -249,8 +240,8 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
 
     let keep_alive = load(f.service_addr, ConnectionMode::KeepAlive);
     let per_request = load(f.service_addr, ConnectionMode::NewConnectionPerRequest);
-    wait_for_requests(&keep_alive, 200).await;
-    wait_for_requests(&per_request, 100).await;
+    keep_alive.wait_for_requests(200).await;
+    per_request.wait_for_requests(100).await;
 
     // 1. Installed binary -> agent 2.0.0, under load.
     let answer = upgrade(
@@ -300,8 +291,8 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     let status = service_status(&f.agent).await;
     assert_eq!(status.pid, service_pid, "the service was not restarted");
     assert_eq!(status.state, pb::ServiceState::Running as i32);
-    wait_for_requests(&keep_alive, 200).await;
-    wait_for_requests(&per_request, 100).await;
+    keep_alive.wait_for_requests(200).await;
+    per_request.wait_for_requests(100).await;
 
     // 2. The new image supervises what it adopted: a reload drains and
     // reaps the adopted process, and the process it starts survives the
@@ -315,7 +306,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     )
     .await;
     let second_service_pid = reload.new_pid;
-    wait_for_requests(&keep_alive, 200).await;
+    keep_alive.wait_for_requests(200).await;
 
     upgrade(
         &f.agent,
@@ -336,7 +327,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         (agent_pid, "3.0.0")
     );
     assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
-    wait_for_requests(&keep_alive, 200).await;
+    keep_alive.wait_for_requests(200).await;
 
     // The agent's own downgrade floor: 2.0.0 is below 3.0.0 and needs an
     // explicit request (a rollback makes one).
@@ -415,8 +406,8 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     assert_eq!(info.executable_sha256, installed_sha);
     assert_eq!(info.artifact_version, "", "back on the installed binary");
     assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
-    wait_for_requests(&keep_alive, 200).await;
-    wait_for_requests(&per_request, 100).await;
+    keep_alive.wait_for_requests(200).await;
+    per_request.wait_for_requests(100).await;
 
     let keep_alive_report = keep_alive.stop().await;
     let per_request_report = per_request.stop().await;
@@ -431,8 +422,8 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         "connection per request, 4 agent upgrades: {}",
         per_request_report.summary()
     );
-    assert_no_failures(&keep_alive_report);
-    assert_no_failures(&per_request_report);
+    keep_alive_report.assert_no_failures();
+    per_request_report.assert_no_failures();
     let expected: std::collections::BTreeSet<u32> = [service_pid, second_service_pid].into();
     assert!(
         keep_alive_report.pids.is_subset(&expected) && per_request_report.pids.is_subset(&expected),
@@ -466,14 +457,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
 async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
     let f = fixture();
     let agent_pid = f.agent.pid();
-    let web = f
-        .agent
-        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
-        .await;
-    activate_ok(&f.agent, &web).await;
-    let service_pid = service_status(&f.agent).await.pid;
-    let run = load(f.service_addr, ConnectionMode::KeepAlive);
-    wait_for_requests(&run, 200).await;
+    let (web, service_pid, run) = f.serving_under_load().await;
 
     // Exits at start: the preflight (`--check`) catches it; nothing stops.
     let exits = f
@@ -575,13 +559,13 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
     .unwrap_err();
     assert_eq!(nothing_to_roll_back.code(), tonic::Code::FailedPrecondition);
 
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
     let report = run.stop().await;
     println!(
         "keep-alive, a refused and a fallen-back agent upgrade: {}",
         report.summary()
     );
-    assert_no_failures(&report);
+    report.assert_no_failures();
     assert_eq!(
         report.pids,
         [service_pid].into(),
@@ -594,14 +578,7 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
 async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing() {
     let f = fixture();
     let agent_pid = f.agent.pid();
-    let web = f
-        .agent
-        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
-        .await;
-    activate_ok(&f.agent, &web).await;
-    let service_pid = service_status(&f.agent).await.pid;
-    let run = load(f.service_addr, ConnectionMode::KeepAlive);
-    wait_for_requests(&run, 200).await;
+    let (_, service_pid, run) = f.serving_under_load().await;
     let config_path = f.agent.dir.join("agent.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
 
@@ -633,7 +610,7 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
         pb::AgentUpgradeOutcome::Succeeded as i32
     );
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
 
     // A config that does not load: refused by the preflight, the agent runs
     // on as it was (same image, same services).
@@ -663,9 +640,9 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     assert!(after.services.contains(&"api".to_string()));
     std::fs::write(&config_path, &added).unwrap();
 
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
     let report = run.stop().await;
     println!("keep-alive, two SIGHUPs: {}", report.summary());
-    assert_no_failures(&report);
+    report.assert_no_failures();
     assert_eq!(report.pids, [service_pid].into());
 }

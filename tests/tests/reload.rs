@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
-use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadRun};
 use reload_tests::*;
 
 const RELOADS: usize = 20;
@@ -134,32 +134,6 @@ impl Fixture {
     }
 }
 
-/// Waits until the load has produced `n` more responses than `from`.
-async fn wait_for_requests(run: &LoadRun, n: u64) {
-    let start = run.snapshot().requests;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while run.snapshot().requests < start + n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "load made no progress: {}",
-            run.snapshot().summary()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn assert_no_failures(report: &LoadReport) {
-    assert_eq!(
-        report.failures,
-        0,
-        "{}\nfirst failures: {:#?}",
-        report.summary(),
-        report.failure_samples
-    );
-    assert_eq!(report.non_200, 0, "{}", report.summary());
-    assert!(report.requests > 0, "{}", report.summary());
-}
-
 async fn reload_twenty_times_under_load(mode: ConnectionMode) {
     let f = fixture("");
     let v1 = f.stage_demo("1.0.0").await;
@@ -168,7 +142,7 @@ async fn reload_twenty_times_under_load(mode: ConnectionMode) {
     let first_pid = f.status().await.pid;
 
     let run = f.load(mode);
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
     let mut pids = vec![first_pid];
     for i in 0..RELOADS {
         let target = if i % 2 == 0 { &v2 } else { &v1 };
@@ -177,11 +151,11 @@ async fn reload_twenty_times_under_load(mode: ConnectionMode) {
         pids.push(result.new_pid);
         // Keep a steady rhythm: traffic reaches each new process before the
         // next reload.
-        wait_for_requests(&run, 100).await;
+        run.wait_for_requests(100).await;
     }
     let report = run.stop().await;
     println!("{mode:?}, {RELOADS} reloads: {}", report.summary());
-    assert_no_failures(&report);
+    report.assert_no_failures();
     assert_eq!(
         report.by_version.keys().cloned().collect::<Vec<_>>(),
         vec!["1.0.0".to_string(), "2.0.0".to_string()],
@@ -241,9 +215,9 @@ async fn failed_reload_keeps_the_old_process(
     let before = f.status().await;
 
     let run = f.load(ConnectionMode::KeepAlive);
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
     let response = f.activate(&bad).await;
-    wait_for_requests(&run, 200).await;
+    run.wait_for_requests(200).await;
     let report = run.stop().await;
 
     let result = response.result.unwrap();
@@ -257,7 +231,7 @@ async fn failed_reload_keeps_the_old_process(
     assert_eq!(after.pid, before.pid, "the old process must still serve");
     assert_eq!(after.current_version, "1.0.0");
     assert_eq!(after.state, pb::ServiceState::Running as i32);
-    assert_no_failures(&report);
+    report.assert_no_failures();
     assert_eq!(
         report.pids.iter().copied().collect::<Vec<_>>(),
         vec![before.pid],
@@ -321,15 +295,15 @@ async fn a_python_service_takes_over_the_same_socket() {
     f.activate_ok(&v1).await;
 
     let run = f.load(ConnectionMode::NewConnectionPerRequest);
-    wait_for_requests(&run, 100).await;
+    run.wait_for_requests(100).await;
     // Rust to Python, then Python to Python, on the same socket.
     f.activate_ok(&py2).await;
-    wait_for_requests(&run, 100).await;
+    run.wait_for_requests(100).await;
     f.activate_ok(&py3).await;
-    wait_for_requests(&run, 100).await;
+    run.wait_for_requests(100).await;
     let report = run.stop().await;
     println!("python takeover: {}", report.summary());
-    assert_no_failures(&report);
+    report.assert_no_failures();
     for version in ["1.0.0", "2.0.0", "3.0.0"] {
         assert!(
             report.by_version.contains_key(version),
