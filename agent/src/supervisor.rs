@@ -1088,28 +1088,13 @@ fn restore_or_bind(
     if stored.is_empty() {
         return bind_all(&config.name, &config.listeners);
     }
-    config
-        .listeners
-        .iter()
-        .map(|listener| {
-            let fd = match stored.remove(&crate::fd_store_name(&config.name, &listener.name)) {
-                Some(fd) => {
-                    tracing::info!(service = %config.name, listener = %listener.name, "listener restored from systemd's fd store");
-                    fd
-                }
-                None => bind_one(listener).with_context(|| {
-                    format!(
-                        "service {:?}: cannot bind listener {:?}",
-                        config.name, listener.name
-                    )
-                })?,
-            };
-            Ok(BoundListener {
-                name: listener.name.clone(),
-                fd,
-            })
-        })
-        .collect()
+    sockets_of(config, |listener| {
+        let fd = stored.remove(&crate::fd_store_name(&config.name, listener));
+        if fd.is_some() {
+            tracing::info!(service = %config.name, listener, "listener restored from systemd's fd store");
+        }
+        Ok(fd)
+    })
 }
 
 /// The listening sockets of a service handed over by the previous agent
@@ -1119,19 +1104,31 @@ fn take_over_sockets(
     handed: &ServiceHandover,
     inherited: &Inherited,
 ) -> anyhow::Result<Vec<BoundListener>> {
+    sockets_of(config, |listener| {
+        handed
+            .listeners
+            .iter()
+            .find(|(name, _)| name == listener)
+            .map(|(_, fd)| inherited.dup(*fd))
+            .transpose()
+    })
+}
+
+/// Each listener of `config`, in order: the socket `given` has for its
+/// name, or else a fresh bind.
+fn sockets_of(
+    config: &ServiceConfig,
+    mut given: impl FnMut(&str) -> anyhow::Result<Option<OwnedFd>>,
+) -> anyhow::Result<Vec<BoundListener>> {
     config
         .listeners
         .iter()
         .map(|listener| {
-            let fd = match handed
-                .listeners
-                .iter()
-                .find(|(name, _)| *name == listener.name)
-            {
-                Some((_, fd)) => inherited.dup(*fd)?,
+            let fd = match given(&listener.name)? {
+                Some(fd) => fd,
                 None => bind_one(listener).with_context(|| {
                     format!(
-                        "service {:?}: cannot bind the new listener {:?}",
+                        "service {:?}: cannot bind listener {:?}",
                         config.name, listener.name
                     )
                 })?,

@@ -270,6 +270,24 @@ where
         .collect())
 }
 
+/// A status row for a host that did not answer.
+fn print_unreachable(
+    out: &mut impl Write,
+    host: &str,
+    err: &anyhow::Error,
+    output: &str,
+) -> std::io::Result<()> {
+    if output == "json" {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "host": host, "error": format!("{err:#}") })
+        )
+    } else {
+        writeln!(out, "{host:<22} unreachable: {err:#}")
+    }
+}
+
 /// `status --agents`: one line per agent.
 pub async fn status_agents(
     host: Option<String>,
@@ -300,15 +318,7 @@ pub async fn status_agents(
             Ok(info) => info,
             Err(err) => {
                 unreachable += 1;
-                if output == "json" {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({ "host": host, "error": format!("{err:#}") })
-                    )?;
-                } else {
-                    writeln!(out, "{host:<22} unreachable: {err:#}")?;
-                }
+                print_unreachable(&mut out, host, &err, output)?;
                 continue;
             }
         };
@@ -404,15 +414,7 @@ pub async fn status_fleet(
             Ok(services) => services,
             Err(err) => {
                 unreachable += 1;
-                if output == "json" {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({ "host": host, "error": format!("{err:#}") })
-                    )?;
-                } else {
-                    writeln!(out, "{host:<22} unreachable: {err:#}")?;
-                }
+                print_unreachable(&mut out, host, &err, output)?;
                 continue;
             }
         };
