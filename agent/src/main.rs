@@ -86,7 +86,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // After an in-place upgrade, the previous image left its sockets,
     // services and state here. Taken before any thread starts.
     let inherited = Inherited::from_env().context("taking over from the previous agent image")?;
-    let config = match (AgentConfig::load(&args.config), inherited) {
+    let (config, inherited) = match (AgentConfig::load(&args.config), inherited) {
         (Ok(config), inherited) => (config, inherited),
         // The config changed since the preflight: a failed start-up check.
         (Err(err), Some(inherited)) if inherited.description.upgrade.fallback_reason.is_none() => {
@@ -96,7 +96,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         (Err(err), _) => return Err(err),
     };
-    let (config, inherited) = config;
     if inherited.is_none() {
         for addr in &config.listen {
             if !addr.ip().is_loopback() && config.tls.is_none() {
@@ -109,15 +108,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     // reload_agent::main_thread); the agent itself runs on the runtime.
     let (launcher, jobs) = MainThread::new();
     let finisher = launcher.clone();
-    runtime.spawn(async move {
+    let serving = runtime.spawn(async move {
         let start = match inherited {
             Some(inherited) => Ok(Start::Inherited(Box::new(inherited))),
             None => reload_agent::bind(&config).await.map(Start::Fresh),
         };
-        let exit = match start {
+        match start {
             Ok(start) => reload_agent::serve(config, start, shutdown_signal(), launcher).await,
             Err(err) => Err(err),
-        };
+        }
+    });
+    // Even a panic ends the main thread's loop (the launcher's other
+    // handles would keep it waiting forever).
+    runtime.spawn(async move {
+        let exit = serving
+            .await
+            .unwrap_or_else(|err| Err(anyhow::anyhow!("the agent's main task failed: {err}")));
         finisher.finish(exit);
     });
     let exit = run_jobs(jobs).context("the agent's runtime ended without a result")??;
