@@ -350,6 +350,24 @@ async fn prepare(
         }
     };
     supervisor.pin_agent_versions();
+    metrics
+        .agent_image
+        .get_or_create(&metrics::AgentImage {
+            executable_sha256: executable_sha256.clone(),
+            artifact_version: supervisor
+                .agent_versions()
+                .current
+                .filter(|c| c.sha256 == executable_sha256)
+                .map(|c| c.version)
+                .unwrap_or_default(),
+            last_upgrade: match last_upgrade.as_ref().map(|u| u.outcome()) {
+                None => "none",
+                Some(pb::AgentUpgradeOutcome::Succeeded) => "succeeded",
+                Some(_) => "fell_back",
+            }
+            .into(),
+        })
+        .set(1);
     let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
     let image = AgentImage {
         executable_sha256,

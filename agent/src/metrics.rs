@@ -53,6 +53,16 @@ pub struct Version {
     pub version: String,
 }
 
+/// What this agent process runs, and how its last in-place upgrade went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentImage {
+    pub executable_sha256: String,
+    /// The signed agent release it runs; empty for the installed binary.
+    pub artifact_version: String,
+    /// `none`, `succeeded` or `fell_back`.
+    pub last_upgrade: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaseHolder {
     pub rollout: String,
@@ -75,6 +85,7 @@ pub struct Metrics {
     service_healthy: Family<Service, Gauge>,
     service_info: Family<ServiceVersion, Gauge>,
     lease: Family<LeaseHolder, Gauge>,
+    pub agent_image: Family<AgentImage, Gauge>,
 }
 
 impl Default for Metrics {
@@ -90,6 +101,7 @@ impl Default for Metrics {
             service_healthy: Family::default(),
             service_info: Family::default(),
             lease: Family::default(),
+            agent_image: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,6 +148,11 @@ impl Default for Metrics {
             "lease_held",
             "The rollout holding this agent's lease (value 1)",
             metrics.lease.clone(),
+        );
+        registry.register(
+            "agent_image_info",
+            "The executable this agent process runs, its release, and how its last in-place upgrade ended (value 1); alert on last_upgrade=\"fell_back\"",
+            metrics.agent_image.clone(),
         );
         let agent: Family<Version, Gauge> = Family::default();
         agent

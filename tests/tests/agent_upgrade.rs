@@ -326,6 +326,18 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         (info.pid, info.artifact_version.as_str()),
         (agent_pid, "3.0.0")
     );
+    // Monitoring sees the same.
+    let metrics = http_get(f.agent.health_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    let line = format!(
+        "reload_agent_image_info{{executable_sha256=\"{agent_v3}\",artifact_version=\"3.0.0\",last_upgrade=\"succeeded\"}} 1"
+    );
+    assert!(
+        metrics.body.contains(&line),
+        "{line} missing from\n{}",
+        metrics.body
+    );
     assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
     keep_alive.wait_for_requests(200).await;
 
