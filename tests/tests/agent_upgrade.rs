@@ -658,3 +658,89 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     report.assert_no_failures();
     assert_eq!(report.pids, [service_pid].into());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused() {
+    let f = fixture();
+    let agent_pid = f.agent.pid();
+    let (_, first_pid, run) = f.serving_under_load().await;
+    // Ready only after a second: the upgrade arrives while it starts.
+    let script = format!(
+        "#!/bin/sh\nexec '{}' --startup-delay 1s \"$@\"\n",
+        bin_path("reload-demo-server").display()
+    );
+    let slow = f.agent.stage("web", "2.0.0", script.as_bytes()).await;
+    let release = f
+        .agent
+        .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
+        .await;
+
+    let reload = {
+        let agent_host = f.agent.addr;
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            let channel = Channel::from_shared(format!("http://{agent_host}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::service_control_client::ServiceControlClient::new(channel)
+                .activate(pb::ActivateRequest {
+                    service: "web".into(),
+                    sha256: slow,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().result.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Two upgrades at once: one goes ahead (after the reload and its
+    // drain), the other is refused at once.
+    let request = || pb::UpgradeAgentRequest {
+        sha256: release.clone(),
+        ..Default::default()
+    };
+    let (a, b) = tokio::join!(upgrade(&f.agent, request()), upgrade(&f.agent, request()));
+    let (accepted, refused) = match (a, b) {
+        (Ok(accepted), Err(refused)) | (Err(refused), Ok(accepted)) => (accepted, refused),
+        other => panic!("expected one upgrade and one refusal, got {other:?}"),
+    };
+    assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    assert!(
+        refused.message().contains("already in progress"),
+        "{refused:?}"
+    );
+    assert_eq!(accepted.pid, agent_pid);
+    // The reload was not cut short: it finished before the exec.
+    let reload = reload.await.unwrap().expect("the racing Activate answered");
+    assert_eq!(
+        reload.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}",
+        reload.reason
+    );
+    let info = wait_for_upgrade(&f.agent, &release).await;
+    assert_eq!(
+        info.last_upgrade.unwrap().outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32
+    );
+    assert_eq!(info.pid, agent_pid);
+    let status = service_status(&f.agent).await;
+    assert_eq!(
+        (status.pid, status.current_sha256.as_str()),
+        (reload.new_pid, slow.as_str())
+    );
+    assert!(
+        process_gone(first_pid),
+        "the old process drained before the exec"
+    );
+    run.wait_for_requests(200).await;
+    let report = run.stop().await;
+    println!(
+        "keep-alive, an upgrade racing a reload: {}",
+        report.summary()
+    );
+    report.assert_no_failures();
+    assert_eq!(report.pids, [first_pid, reload.new_pid].into());
+}
