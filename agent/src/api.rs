@@ -679,7 +679,7 @@ impl AgentState {
                 message: format!("preflight of agent {}: --check", record.to_version),
             },
         );
-        crate::upgrade::preflight(&preflight_path, &self.config.config_path).await?;
+        crate::upgrade::preflight(&preflight_path, &self.upgrades.image.args).await?;
         // No reload, restart or drain may be half-way at the exec.
         let bound = self
             .config
@@ -915,6 +915,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             executable_sha256: self.upgrades.image.executable_sha256.clone(),
             artifact_version: self.running_artifact_version(),
             last_upgrade: self.upgrades.image.last_upgrade.clone(),
+            upgrade_in_progress: self.upgrades.in_progress(),
         }))
     }
 

@@ -548,9 +548,6 @@ impl std::fmt::Debug for TlsFiles {
 /// The checked, resolved config.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The file this was read from (absolute): a new agent binary is
-    /// checked against it before an in-place upgrade.
-    pub config_path: PathBuf,
     /// None only with `insecure = true` (loopback only).
     pub tls: Option<TlsFiles>,
     pub rights: RightsSection,
@@ -589,10 +586,8 @@ impl AgentConfig {
         // (NOTIFY_SOCKET) and may change their working directory.
         let base = std::fs::canonicalize(base)
             .with_context(|| format!("cannot resolve the folder of {}", path.display()))?;
-        let mut config = AgentConfig::parse(&text, &base)
-            .with_context(|| format!("agent config {} is not valid", path.display()))?;
-        config.config_path = base.join(path.file_name().unwrap_or_default());
-        Ok(config)
+        AgentConfig::parse(&text, &base)
+            .with_context(|| format!("agent config {} is not valid", path.display()))
     }
 
     /// Parses config text; relative paths are taken from `base`.
@@ -695,8 +690,6 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         Ok(AgentConfig {
-            // Set by `load`; `parse` alone has no file.
-            config_path: base.join("agent.toml"),
             tls,
             rights: file.rights,
             audit_path: file

@@ -55,6 +55,10 @@ pub struct Handover {
     pub health_fd: Option<RawFd>,
     pub services: Vec<ServiceHandover>,
     pub upgrade: UpgradeRecord,
+    /// SIGTERM or SIGINT came while the previous image was handing over:
+    /// the new image stops (draining its services) as soon as it runs.
+    #[serde(default)]
+    pub pending_stop: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,6 +201,9 @@ impl Inherited {
         let passing = FdsToPass {
             fds: self.originals,
         };
+        // See crate::signals: nothing may terminate the process between
+        // the exec and the handlers of the image that comes back.
+        crate::signals::block();
         let result = (|| -> anyhow::Result<std::convert::Infallible> {
             let exe = exe?;
             passing.keep_across_exec()?;

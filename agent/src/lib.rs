@@ -35,12 +35,12 @@ mod listeners;
 pub mod main_thread;
 pub mod metrics;
 pub mod probe;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod supervisor;
 pub mod upgrade;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -109,6 +109,16 @@ fn refuse_world_writable(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the `[tls]` certificate and key as the agent will at start
+/// (`--check` runs it, so an in-place upgrade or a config reload with a
+/// broken key is refused before anything changes).
+pub fn check_tls(config: &AgentConfig) -> anyhow::Result<()> {
+    if let Some(tls) = &config.tls {
+        health_http::tls_acceptor(tls).context("the [tls] certificate or key")?;
+    }
+    Ok(())
+}
+
 /// What a fresh start binds or is given by systemd.
 pub struct Bound {
     pub grpc: Vec<TcpListener>,
@@ -168,9 +178,10 @@ pub async fn bind(config: &AgentConfig) -> anyhow::Result<Bound> {
     })
 }
 
-/// Opens the store and serves the gRPC API until `shutdown` completes (then
-/// stops every service) or an upgrade is accepted (then returns what the
-/// main thread needs to re-execute, services untouched).
+/// Opens the store and serves the gRPC API until SIGTERM or SIGINT (then
+/// stops every service) or an accepted upgrade (then returns what the main
+/// thread needs to re-execute, services untouched). `signals` must have
+/// been installed before anything else (see [`signals`]).
 ///
 /// After an upgrade, any failure before the server runs is a failed
 /// start-up check: the result is [`Exit::FallBack`], unless this image is
@@ -178,7 +189,7 @@ pub async fn bind(config: &AgentConfig) -> anyhow::Result<Bound> {
 pub async fn serve(
     config: AgentConfig,
     start: Start,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    signals: signals::AgentSignals,
     launcher: Launcher,
 ) -> anyhow::Result<Exit> {
     let (bound, inherited) = match start {
@@ -199,7 +210,7 @@ pub async fn serve(
         (Err(error), _) => return Err(error),
     };
     // The inherited originals close here; everything runs on duplicates.
-    prepared.run(shutdown).await
+    prepared.run(signals).await
 }
 
 /// Everything set up and checked, not yet serving.
@@ -207,14 +218,20 @@ struct Prepared {
     api: AgentApi,
     supervisor: Arc<supervisor::Supervisor>,
     grpc: Vec<TcpListener>,
+    /// Duplicates of `grpc` and of the health listener, for a handover.
+    grpc_fds: Vec<std::os::fd::OwnedFd>,
     health: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    health_fd: Option<std::os::fd::OwnedFd>,
     leases: Arc<lease::Leases>,
-    tls: Option<config::TlsFiles>,
+    server_tls: Option<tonic::transport::ServerTlsConfig>,
     max_message: usize,
     accepted: tokio::sync::oneshot::Receiver<upgrade::Accepted>,
     installed_exe: std::os::fd::OwnedFd,
     /// The arguments the agent was first started with.
     agent_args: Vec<String>,
+    /// A stop was asked for while the previous image handed over.
+    stop_at_once: bool,
+    launcher: Launcher,
 }
 
 fn inherited_tcp(inherited: &Inherited, fd: std::os::fd::RawFd) -> anyhow::Result<TcpListener> {
@@ -297,13 +314,25 @@ async fn prepare(
         config.trusted_keys.clone(),
         Arc::new(events::EventBus::default()),
         metrics.clone(),
-        launcher,
+        launcher.clone(),
         inherited,
         &mut stored,
     )?);
-    if inherited.is_none() {
-        supervisor.keep_listeners_in_fd_store(stored);
-    }
+    // The fd store follows the listeners: after a fresh start, what
+    // systemd passed and no listener took; after an in-place start, what
+    // the previous image had and this config dropped or renamed.
+    let in_use = supervisor.fd_store_names();
+    let unused: Vec<String> = match inherited {
+        None => stored.into_keys().collect(),
+        Some(inherited) => inherited
+            .description
+            .services
+            .iter()
+            .flat_map(|s| s.listeners.iter().map(|(l, _)| fd_store_name(&s.name, l)))
+            .filter(|name| !in_use.contains(name))
+            .collect(),
+    };
+    supervisor.keep_listeners_in_fd_store(&unused);
     let health_listener = match (
         inherited.and_then(|h| Some((h, h.description.health_fd?))),
         config.health_listen,
@@ -317,6 +346,9 @@ async fn prepare(
         }
         (_, None) => None,
     };
+    // Everything that can fail is done here, before the first byte is
+    // served: after an upgrade, a failure here falls back to the previous
+    // image with nothing lost.
     let health = match health_listener {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "serving HTTP /healthz");
@@ -329,17 +361,46 @@ async fn prepare(
         }
         None => None,
     };
+    let server_tls = match &config.tls {
+        Some(tls) => {
+            // Parsed by rustls now (tonic would only at the first handshake).
+            check_tls(&config)?;
+            Some(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
+                    // Mutual TLS: a client without a certificate from this CA
+                    // does not get past the handshake.
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.ca)),
+            )
+        }
+        None => None,
+    };
+    // Duplicates of the listeners, kept for a handover: the accept loops
+    // own (and on an upgrade, drop) the originals.
+    let grpc_fds = grpc
+        .iter()
+        .map(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let health_fd = health
+        .as_ref()
+        .map(|(l, _)| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
+        .transpose()?;
     let max_message = config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES;
     let leases = Arc::new(lease::Leases::open(&config.state_dir)?);
     let audit = audit::AuditLog::open(&config.audit_path, config.audit_max_bytes)?;
-    let tls = config.tls.clone();
-
     let installed_exe = match inherited {
         Some(inherited) => inherited.dup(inherited.description.installed_exe_fd)?,
         None => handover::open_own_exe()
             .context("cannot open /proc/self/exe")?
             .into(),
     };
+    let agent_args = match inherited {
+        Some(inherited) => inherited.description.args.clone(),
+        None => std::env::args().skip(1).collect(),
+    };
+    let stop_at_once = inherited.is_some_and(|h| h.description.pending_stop);
+
+    // Committed: from here this image serves. Record how it got here.
     let last_upgrade = match inherited {
         Some(inherited) => Some(upgrade_result(&supervisor, &inherited.description)?),
         None => {
@@ -373,6 +434,7 @@ async fn prepare(
         executable_sha256,
         installed_exe: installed_exe.try_clone()?,
         last_upgrade,
+        args: agent_args.clone(),
     };
     let api = AgentApi::new(
         config,
@@ -386,16 +448,17 @@ async fn prepare(
         api,
         supervisor,
         grpc,
+        grpc_fds,
         health,
+        health_fd,
         leases,
-        tls,
+        server_tls,
         max_message,
         accepted,
         installed_exe,
-        agent_args: match inherited {
-            Some(inherited) => inherited.description.args.clone(),
-            None => std::env::args().skip(1).collect(),
-        },
+        agent_args,
+        stop_at_once,
+        launcher,
     })
 }
 
@@ -461,40 +524,38 @@ fn upgrade_result(
 }
 
 impl Prepared {
-    async fn run(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<Exit> {
+    async fn run(self, signals: signals::AgentSignals) -> anyhow::Result<Exit> {
         let Prepared {
             api,
             supervisor,
             grpc,
+            grpc_fds,
             health,
+            health_fd,
             leases,
-            tls,
+            server_tls,
             max_message,
             accepted,
             installed_exe,
             agent_args,
+            stop_at_once,
+            launcher,
         } = self;
-        // Duplicates of the listeners, kept for a handover: the accept
-        // loops own (and on an upgrade, drop) the originals.
-        let grpc_fds = grpc
-            .iter()
-            .map(|l| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let health_fd = health
-            .as_ref()
-            .map(|(l, _)| std::os::fd::AsFd::as_fd(l).try_clone_to_owned())
-            .transpose()?;
+        let signals::AgentSignals {
+            stop: stop_signals,
+            hup: mut hangup,
+        } = signals;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         supervisor.start_monitors();
-        probe::start_probes(&supervisor, health_reporter.clone());
+        // Everything that may fork on a runtime thread (exec health
+        // probes) runs in `background`, which is ended, and waited for,
+        // before an exec clears close-on-exec on the fds it passes.
+        let mut background = tokio::task::JoinSet::new();
+        probe::start_probes(&supervisor, health_reporter.clone(), &mut background);
         // Stops accepting (gRPC and /healthz) when an upgrade is accepted:
         // new connections wait in the backlog for the next image.
         let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
-        let mut background = tokio::task::JoinSet::new();
         if let Some((listener, acceptor)) = health {
             let mut accepting = accepting.clone();
             let serving = health_http::serve(listener, supervisor.clone(), leases, acceptor);
@@ -509,8 +570,6 @@ impl Prepared {
         // the same image in place; services are untouched.
         {
             let api = api.clone();
-            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .context("installing the SIGHUP handler")?;
             background.spawn(async move {
                 while hangup.recv().await.is_some() {
                     api.reload_config_on_signal().await;
@@ -567,14 +626,11 @@ impl Prepared {
         drop(connections);
 
         let mut server = tonic::transport::Server::builder();
-        match tls {
+        match server_tls {
             Some(tls) => {
-                let config = tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key))
-                    // Mutual TLS: a client without a certificate from this CA
-                    // does not get past the handshake.
-                    .client_ca_root(tonic::transport::Certificate::from_pem(tls.ca));
-                server = server.tls_config(config).context("the [tls] certificate or key is not valid PEM")?;
+                server = server
+                    .tls_config(tls)
+                    .context("the [tls] certificate or key is not valid PEM")?;
             }
             None => tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development"),
         }
@@ -584,19 +640,26 @@ impl Prepared {
         let _ = reload_server::notify::ready();
         let _ = reload_server::notify::status("serving");
 
-        // The server stops on the shutdown signal or on an accepted upgrade.
-        let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel::<upgrade::Accepted>();
+        // The server stops on SIGTERM/SIGINT or on an accepted upgrade; on
+        // an upgrade the stop signals come back to be watched to the exec.
+        let (upgrade_tx, upgrade_rx) =
+            tokio::sync::oneshot::channel::<(upgrade::Accepted, signals::StopSignals)>();
         let stop = {
             let events = supervisor.events.clone();
+            let mut stop_signals = stop_signals;
             async move {
+                if stop_at_once {
+                    tracing::info!("a stop was asked for during the in-place upgrade");
+                    return;
+                }
                 tokio::select! {
-                    _ = shutdown => {}
+                    _ = stop_signals.recv() => {}
                     accepted = accepted => {
                         if let Ok(accepted) = accepted {
                             let _ = stop_accepting.send(true);
                             // Watch streams never end by themselves.
                             events.close();
-                            let _ = upgrade_tx.send(accepted);
+                            let _ = upgrade_tx.send((accepted, stop_signals));
                         }
                     }
                 }
@@ -625,22 +688,53 @@ impl Prepared {
             .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stop);
         tokio::pin!(serving);
         let mut upgrade_rx = upgrade_rx;
+        let stop_request = signals::StopRequest::default();
         let accepted = tokio::select! {
             served = &mut serving => {
                 served.context("gRPC server failed")?;
-                upgrade_rx.try_recv().ok()
+                upgrade_rx.try_recv().ok().map(|(accepted, _)| accepted)
             }
-            accepted = &mut upgrade_rx => {
-                // Calls in flight (the UpgradeAgent answer among them) get
-                // a bounded time to finish; the exec cuts the rest.
-                let accepted = accepted.ok();
-                if tokio::time::timeout(upgrade::DRAIN_CALLS_TIMEOUT, &mut serving).await.is_err() {
-                    tracing::warn!("calls still in flight after {}; the exec ends them", humantime::format_duration(upgrade::DRAIN_CALLS_TIMEOUT));
+            accepted = &mut upgrade_rx => match accepted {
+                Ok((accepted, mut stop_signals)) => {
+                    // From now on SIGTERM, SIGINT and SIGHUP stay pending
+                    // (blocked on every thread, see crate::signals) and
+                    // reach the next image's handlers.
+                    launcher.run(signals::block).await;
+                    // Calls in flight (the UpgradeAgent answer among them)
+                    // get a bounded time to finish; the exec cuts the rest.
+                    // A stop asked for meanwhile wins over the upgrade.
+                    let stopped = tokio::select! {
+                        drained = tokio::time::timeout(upgrade::DRAIN_CALLS_TIMEOUT, &mut serving) => {
+                            if drained.is_err() {
+                                tracing::warn!("calls still in flight after {}; the exec ends them", humantime::format_duration(upgrade::DRAIN_CALLS_TIMEOUT));
+                            }
+                            false
+                        }
+                        _ = stop_signals.recv() => true,
+                    };
+                    if stopped {
+                        None
+                    } else {
+                        // From here to the exec, a stop is passed on.
+                        let stop_request = stop_request.clone();
+                        tokio::spawn(async move {
+                            stop_signals.recv().await;
+                            stop_request.set();
+                        });
+                        Some(accepted)
+                    }
                 }
-                accepted
+                Err(_) => None,
             }
         };
-        background.abort_all();
+        // Aborted and waited for: no task is half-way through a fork when
+        // close-on-exec is cleared for the exec.
+        background.shutdown().await;
+        if accepted.is_some() {
+            // A signal taken just before the block above reaches its stream
+            // through the runtime's driver: give it a moment to be counted.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let Some(accepted) = accepted else {
             tracing::info!("stopping every service");
             let _ = reload_server::notify::stopping();
@@ -666,6 +760,7 @@ impl Prepared {
                 .transpose()?,
             services: supervisor.handover(&mut fds)?,
             upgrade: accepted.record,
+            pending_stop: false,
         };
         Ok(Exit::Upgrade(Box::new(UpgradeExec {
             target: accepted.target,
@@ -673,6 +768,7 @@ impl Prepared {
             description,
             fds,
             guards: accepted.guards,
+            stop_request,
         })))
     }
 }

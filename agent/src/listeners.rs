@@ -10,8 +10,8 @@ use std::os::unix::fs::FileTypeExt;
 
 use anyhow::{bail, Context};
 use nix::sys::socket::{
-    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    SockaddrStorage, UnixAddr,
+    bind, getsockname, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    SockFlag, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
 use crate::config::{ListenerConfig, ListenerKind};
@@ -86,6 +86,40 @@ pub fn bind_one(config: &ListenerConfig) -> anyhow::Result<OwnedFd> {
                 .with_context(|| format!("bind {}", path.display()))?;
             listen(&fd, Backlog::new(BACKLOG)?)?;
             Ok(fd)
+        }
+    }
+}
+
+/// Whether `fd` is a socket of the kind and at the address `config` asks
+/// for: a socket kept across an exec or in systemd's fd store is reused
+/// only then (a listener whose address changed is bound anew; one renamed
+/// or moved to another service keeps its socket).
+pub fn bound_as(fd: &OwnedFd, config: &ListenerConfig) -> bool {
+    let Ok(addr) = getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
+        return false;
+    };
+    let Ok(kind) = getsockopt(fd, sockopt::SockType) else {
+        return false;
+    };
+    let ip_port = || {
+        if let Some(v4) = addr.as_sockaddr_in() {
+            Some(std::net::SocketAddr::from((v4.ip(), v4.port())))
+        } else {
+            addr.as_sockaddr_in6()
+                .map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
+        }
+    };
+    // Port 0 asks for any port: the one the socket got is as good.
+    let same = |want: std::net::SocketAddr, got: Option<std::net::SocketAddr>| {
+        got.is_some_and(|got| got == want || (want.port() == 0 && got.ip() == want.ip()))
+    };
+    match config.kind() {
+        ListenerKind::Tcp(want) => kind == SockType::Stream && same(want, ip_port()),
+        ListenerKind::Udp(want) => kind == SockType::Datagram && same(want, ip_port()),
+        ListenerKind::Unix => {
+            kind == SockType::Stream
+                && addr.family() == Some(AddressFamily::Unix)
+                && addr.as_unix_addr().and_then(|u| u.path()) == config.unix.as_deref()
         }
     }
 }

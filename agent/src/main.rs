@@ -12,6 +12,7 @@ use clap::{Parser, ValueEnum};
 use reload_agent::config::AgentConfig;
 use reload_agent::handover::{self, Inherited};
 use reload_agent::main_thread::{run_jobs, MainThread};
+use reload_agent::signals::AgentSignals;
 use reload_agent::{Exit, Start};
 
 #[derive(Parser)]
@@ -52,7 +53,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => return refused_arguments(err),
+    };
     init_logging(args.log_format);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,9 +67,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Arguments this build does not take. Right after an in-place upgrade
+/// that is a failed start-up check (the release renamed a flag the agent
+/// runs with): the previous image comes back. Otherwise clap's message.
+fn refused_arguments(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let upgrading = std::env::var_os(handover::ENV_VAR).is_some()
+        && !matches!(
+            err.kind(),
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+        );
+    if upgrading {
+        init_logging(LogFormat::Text);
+        if let Ok(Some(inherited)) = Inherited::from_env() {
+            if inherited.description.upgrade.fallback_reason.is_none() {
+                let reason = format!("this agent does not take its arguments: {err}");
+                tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
+                eprintln!("reload-agent: {:#}", inherited.fall_back(&reason));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    err.exit()
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     if args.check {
         let config = AgentConfig::load(&args.config)?;
+        // What the agent would fail on at start, beyond the config's own
+        // checks: the TLS certificate and key as rustls reads them.
+        reload_agent::check_tls(&config)?;
         println!(
             "{}: ok ({} trusted key(s), store {}, listen {})",
             args.config.display(),
@@ -103,18 +134,26 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    // Only the main thread takes SIGTERM, SIGINT and SIGHUP, and only once
+    // the handlers are in (see reload_agent::signals): block them before
+    // the runtime's threads exist, so they inherit the mask.
+    reload_agent::signals::block();
     let runtime = tokio::runtime::Runtime::new()?;
     // The main thread only forks services and execs (see
     // reload_agent::main_thread); the agent itself runs on the runtime.
     let (launcher, jobs) = MainThread::new();
     let finisher = launcher.clone();
     let serving = runtime.spawn(async move {
+        // Handlers first, then let the signals in on the main thread: what
+        // came meanwhile (across an in-place exec too) is delivered now.
+        let signals = AgentSignals::install().context("installing the signal handlers")?;
+        launcher.run(reload_agent::signals::unblock).await;
         let start = match inherited {
             Some(inherited) => Ok(Start::Inherited(Box::new(inherited))),
             None => reload_agent::bind(&config).await.map(Start::Fresh),
         };
         match start {
-            Ok(start) => reload_agent::serve(config, start, shutdown_signal(), launcher).await,
+            Ok(start) => reload_agent::serve(config, start, signals, launcher).await,
             Err(err) => Err(err),
         }
     });
@@ -141,15 +180,5 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
             Err(inherited.fall_back(&reason))
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 }

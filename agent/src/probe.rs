@@ -77,11 +77,15 @@ async fn probe_once(service: &Service) -> bool {
 }
 
 /// Probes every service at its interval, forever.
-pub fn start_probes(supervisor: &Arc<Supervisor>, reporter: tonic_health::server::HealthReporter) {
+pub fn start_probes(
+    supervisor: &Arc<Supervisor>,
+    reporter: tonic_health::server::HealthReporter,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
     for service in supervisor.services() {
         let (supervisor, service, reporter) =
             (supervisor.clone(), service.clone(), reporter.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut interval = tokio::time::interval(service.config.health_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -35,10 +35,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::config::{Readiness, ServiceConfig};
+use crate::config::{ListenerConfig, Readiness, ServiceConfig};
 use crate::events::{EventBus, EventFields};
 use crate::handover::{FdsToPass, Inherited, ProcessHandover, ServiceHandover};
-use crate::listeners::{bind_all, bind_one, BoundListener};
+use crate::listeners::{bind_all, bind_one, bound_as, BoundListener};
 use crate::state::{ArtifactRef, ServiceVersions, StateFile};
 use crate::store::{ArtifactStore, StoredArtifact};
 use crate::Launcher;
@@ -308,17 +308,20 @@ impl Supervisor {
             let versions = state.get(&config.name);
             store.pin(&config.name, pinned_shas(&versions));
             let handed_over = inherited.and_then(|h| Some((h, h.service(&config.name)?)));
-            let (sockets, process, restarts) = match handed_over {
-                Some((inherited, handed)) => {
-                    let sockets = take_over_sockets(config, handed, inherited)?;
-                    let process = handed
+            let sockets = match inherited {
+                Some(inherited) => take_over_sockets(config, inherited)?,
+                None => restore_or_bind(config, stored)?,
+            };
+            let (process, restarts) = match handed_over {
+                Some((inherited, handed)) => (
+                    handed
                         .process
                         .as_ref()
                         .map(|p| adopt_process(&config.name, p, inherited))
-                        .transpose()?;
-                    (sockets, process, handed.restarts)
-                }
-                None => (restore_or_bind(config, stored)?, None, 0),
+                        .transpose()?,
+                    handed.restarts,
+                ),
+                None => (None, 0),
             };
             let state = match (&process, &versions.current) {
                 (Some(_), _) => pb::ServiceState::Running,
@@ -1080,7 +1083,8 @@ impl Supervisor {
 
 /// A service's listeners on a fresh start: those systemd kept in its fd
 /// store (the agent crashed or restarted; the sockets never closed), else
-/// bound now.
+/// bound now. A stored socket is reused only at the address the config
+/// asks for: by its name first, else under any name.
 fn restore_or_bind(
     config: &ServiceConfig,
     stored: &mut BTreeMap<String, OwnedFd>,
@@ -1089,28 +1093,56 @@ fn restore_or_bind(
         return bind_all(&config.name, &config.listeners);
     }
     sockets_of(config, |listener| {
-        let fd = stored.remove(&crate::fd_store_name(&config.name, listener));
+        let own = crate::fd_store_name(&config.name, &listener.name);
+        let name = if stored.get(&own).is_some_and(|fd| bound_as(fd, listener)) {
+            Some(own)
+        } else {
+            stored
+                .iter()
+                .find(|(_, fd)| bound_as(fd, listener))
+                .map(|(name, _)| name.clone())
+        };
+        let fd = name.and_then(|name| stored.remove(&name));
         if fd.is_some() {
-            tracing::info!(service = %config.name, listener, "listener restored from systemd's fd store");
+            tracing::info!(service = %config.name, listener = %listener.name, "listener restored from systemd's fd store");
         }
         Ok(fd)
     })
 }
 
-/// The listening sockets of a service handed over by the previous agent
-/// image, in the config's order; a listener the config added since is bound.
+/// The listening sockets handed over by the previous agent image for a
+/// service, in the config's order, each at the address the config asks
+/// for: by the service's own listener of that name first, else any handed
+/// over socket at that address (renamed, or moved from another service);
+/// a listener new to the config is bound.
 fn take_over_sockets(
     config: &ServiceConfig,
-    handed: &ServiceHandover,
     inherited: &Inherited,
 ) -> anyhow::Result<Vec<BoundListener>> {
+    let handed: Vec<(&str, &str, OwnedFd)> = inherited
+        .description
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.listeners
+                .iter()
+                .map(move |(name, fd)| (s.name.as_str(), name.as_str(), *fd))
+        })
+        .map(|(service, name, fd)| Ok((service, name, inherited.dup(fd)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut handed: Vec<Option<(&str, &str, OwnedFd)>> = handed.into_iter().map(Some).collect();
     sockets_of(config, |listener| {
-        handed
-            .listeners
-            .iter()
-            .find(|(name, _)| name == listener)
-            .map(|(_, fd)| inherited.dup(*fd))
-            .transpose()
+        let fits = |h: &Option<(&str, &str, OwnedFd)>| {
+            h.as_ref().is_some_and(|(_, _, fd)| bound_as(fd, listener))
+        };
+        let own = handed.iter().position(|h| {
+            fits(h)
+                && h.as_ref().is_some_and(|(service, name, _)| {
+                    *service == config.name && *name == listener.name
+                })
+        });
+        let index = own.or_else(|| handed.iter().position(fits));
+        Ok(index.and_then(|i| handed[i].take()).map(|(_, _, fd)| fd))
     })
 }
 
@@ -1118,13 +1150,13 @@ fn take_over_sockets(
 /// name, or else a fresh bind.
 fn sockets_of(
     config: &ServiceConfig,
-    mut given: impl FnMut(&str) -> anyhow::Result<Option<OwnedFd>>,
+    mut given: impl FnMut(&ListenerConfig) -> anyhow::Result<Option<OwnedFd>>,
 ) -> anyhow::Result<Vec<BoundListener>> {
     config
         .listeners
         .iter()
         .map(|listener| {
-            let fd = match given(&listener.name)? {
+            let fd = match given(listener)? {
                 Some(fd) => fd,
                 None => bind_one(listener).with_context(|| {
                     format!(
@@ -1202,7 +1234,9 @@ fn watch_process(
                 // handover snapshot and execve. It is gone; how it ended is not
                 // known.
                 tracing::warn!(pid, error = %err, "cannot reap the process; treating it as exited");
-                std::os::unix::process::ExitStatusExt::from_raw(0)
+                // A "stopped" wait status never comes from WEXITED: it
+                // stands for "ended, status unknown" (see describe_exit).
+                std::os::unix::process::ExitStatusExt::from_raw(0x7f)
             });
         let _ = exit_tx.send(Some(status));
     });
@@ -1350,11 +1384,16 @@ impl Supervisor {
     /// service manager's fd store (FDSTORE=1; the unit needs
     /// FileDescriptorStoreMax=), so that even a crash of the agent does not
     /// close them: systemd passes them back on restart and clients wait in
-    /// the backlog meanwhile. Stored sockets no service uses any more are
-    /// removed. systemd skips an fd it already holds.
-    pub fn keep_listeners_in_fd_store(&self, unused: BTreeMap<String, OwnedFd>) {
+    /// the backlog meanwhile. `unused` names stored sockets no listener
+    /// uses any more; they are removed first (systemd skips an fd it
+    /// already holds, so a renamed listener's socket must leave under its
+    /// old name before it can come back under the new one).
+    pub fn keep_listeners_in_fd_store(&self, unused: &[String]) {
         if !reload_server::notify::enabled() {
             return;
+        }
+        for name in unused {
+            let _ = reload_server::notify::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
         }
         let mut kept = 0;
         for service in self.services.values() {
@@ -1371,14 +1410,23 @@ impl Supervisor {
                 }
             }
         }
-        for name in unused.keys() {
-            let _ = reload_server::notify::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
-        }
         tracing::info!(
             kept,
             removed = unused.len(),
             "service listeners in systemd's fd store"
         );
+    }
+
+    /// The fd-store names of the listeners this supervisor holds.
+    pub fn fd_store_names(&self) -> BTreeSet<String> {
+        self.services
+            .values()
+            .flat_map(|s| {
+                s.sockets
+                    .iter()
+                    .map(|l| crate::fd_store_name(&s.config.name, &l.name))
+            })
+            .collect()
     }
 
     /// Keeps the agent's own artifacts (current and history) from being
@@ -1510,7 +1558,7 @@ pub fn describe_exit(status: ExitStatus) -> String {
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_else(|_| format!("signal {signal}"))
         ),
-        _ => "ended".into(),
+        _ => "ended (exit status unknown)".into(),
     }
 }
 

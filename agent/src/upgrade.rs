@@ -39,6 +39,9 @@ pub struct AgentImage {
     /// [`Handover::installed_exe_fd`]).
     pub installed_exe: OwnedFd,
     pub last_upgrade: Option<pb::AgentUpgradeResult>,
+    /// The arguments the agent was first started with: every image runs
+    /// with them, so the preflight does too.
+    pub args: Vec<String>,
 }
 
 impl AgentImage {
@@ -100,6 +103,10 @@ impl Upgrades {
         }
     }
 
+    pub fn in_progress(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
     pub fn begin(&self) -> Result<BusyGuard<'_>, Status> {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(Status::aborted(
@@ -129,15 +136,15 @@ impl Upgrades {
     }
 }
 
-/// Runs `program --config <config> --check` and requires exit 0 and our
-/// handover protocol in what it prints: a binary that cannot start, cannot
-/// read this config, or cannot take over this agent's state is refused
-/// while the agent still runs.
-pub async fn preflight(program: &Path, config: &Path) -> Result<(), Status> {
+/// Runs `program <the agent's arguments> --check` and requires exit 0 and
+/// our handover protocol in what it prints: a binary that cannot start,
+/// does not take these arguments, cannot read this config (and its TLS
+/// files), or cannot take over this agent's state is refused while the
+/// agent still runs.
+pub async fn preflight(program: &Path, args: &[String]) -> Result<(), Status> {
     let mut command = tokio::process::Command::new(program);
     command
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .arg("--check")
         .env_remove(crate::handover::ENV_VAR)
         .env_remove("NOTIFY_SOCKET")
@@ -145,8 +152,8 @@ pub async fn preflight(program: &Path, config: &Path) -> Result<(), Status> {
         .kill_on_drop(true);
     let failed = |what: String| {
         Status::failed_precondition(format!(
-            "the new agent binary failed its preflight (`--config {} --check`): {what}; the running agent is unchanged",
-            config.display()
+            "the new agent binary failed its preflight (`{} --check`): {what}; the running agent is unchanged",
+            args.join(" ")
         ))
     };
     let output = tokio::time::timeout(PREFLIGHT_TIMEOUT, command.output())
@@ -192,12 +199,18 @@ pub struct UpgradeExec {
     pub fds: FdsToPass,
     /// Held to the exec: no reload starts meanwhile.
     pub guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    /// Set by SIGTERM/SIGINT after the upgrade was accepted.
+    pub stop_request: crate::signals::StopRequest,
 }
 
 impl UpgradeExec {
     /// Re-executes into the new image; if execve itself fails, into the
     /// previous image with the same handover. Returns only if both fail.
-    pub fn exec(self) -> anyhow::Error {
+    pub fn exec(mut self) -> anyhow::Error {
+        // From here the signals wait for the next image's handlers (see
+        // crate::signals); a stop already asked for travels with it.
+        crate::signals::block();
+        self.description.pending_stop = self.stop_request.is_set();
         if let Err(err) = self.fds.keep_across_exec() {
             return anyhow::Error::new(err).context("cannot pass the agent's fds across exec");
         }

@@ -244,6 +244,11 @@ impl Agent {
         self.child.id()
     }
 
+    /// How the agent process ended, if it has (reaps it).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Signs `bytes` as `service` at `version` (for any os/arch: scripts
     /// and binaries alike) and uploads them. Returns the sha256.
     pub async fn stage(&self, service: &str, version: &str, bytes: &[u8]) -> String {

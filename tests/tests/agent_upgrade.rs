@@ -179,6 +179,39 @@ fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
     })
 }
 
+/// Writes `config`, sends SIGHUP, and waits for the re-executed image
+/// (another start time than `before`) to answer.
+async fn reread(
+    f: &Fixture,
+    path: &std::path::Path,
+    config: &str,
+    before: &pb::GetAgentInfoResponse,
+) -> pb::GetAgentInfoResponse {
+    std::fs::write(path, config).unwrap();
+    send_signal(f.agent.pid(), nix::sys::signal::Signal::SIGHUP);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(info) = agent_info(&f.agent).await {
+            if info.started != before.started && !info.upgrade_in_progress {
+                let last = info.last_upgrade.clone().unwrap();
+                assert_eq!(
+                    last.outcome,
+                    pb::AgentUpgradeOutcome::Succeeded as i32,
+                    "{last:?}\n{}",
+                    f.agent.log_text()
+                );
+                return info;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the config was not re-read\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The agent's open fds once connections from earlier calls are closed:
 /// with `expected`, waits until the count is back to it.
 async fn settled_fd_count(pid: u32, expected: Option<usize>) -> usize {
@@ -596,10 +629,13 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
 
     // A service added to the config is there after SIGHUP; nothing else
     // moved.
-    let added = format!(
-        "{config}\n[[service]]\nname = \"api\"\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{}\"\n",
-        free_port()
-    );
+    let api_port = free_port();
+    let api_service = |listener: &str, port: u16| {
+        format!(
+            "\n[[service]]\nname = \"api\"\n[[service.listener]]\nname = \"{listener}\"\ntcp = \"127.0.0.1:{port}\"\n"
+        )
+    };
+    let added = format!("{config}{}", api_service("http", api_port));
     std::fs::write(&config_path, &added).unwrap();
     send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -618,11 +654,35 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     };
     assert_eq!(info.pid, agent_pid);
     assert_eq!(
-        info.last_upgrade.unwrap().outcome,
+        info.last_upgrade.as_ref().unwrap().outcome,
         pb::AgentUpgradeOutcome::Succeeded as i32
     );
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
     run.wait_for_requests(200).await;
+
+    // A listener renamed at the same address keeps its socket (binding it
+    // anew would collide with the one handed over)...
+    let api_addr: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let renamed = format!("{config}{}", api_service("public", api_port));
+    let info = reread(&f, &config_path, &renamed, &info).await;
+    assert_eq!(info.pid, agent_pid);
+    assert!(
+        std::net::TcpStream::connect(api_addr).is_ok(),
+        "the renamed listener's socket is still open"
+    );
+    // ... and one moved to another address is bound there, the old socket
+    // closed.
+    let moved_port = free_port();
+    let moved = format!("{config}{}", api_service("public", moved_port));
+    let info = reread(&f, &config_path, &moved, &info).await;
+    assert_eq!(info.pid, agent_pid);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", moved_port)).is_ok());
+    assert!(
+        std::net::TcpStream::connect(api_addr).is_err(),
+        "the old address still listens"
+    );
+    reread(&f, &config_path, &added, &info).await;
+    assert_eq!(service_status(&f.agent).await.pid, service_pid);
 
     // A config that does not load: refused by the preflight, the agent runs
     // on as it was (same image, same services).
@@ -743,4 +803,118 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
     );
     report.assert_no_failures();
     assert_eq!(report.pids, [first_pid, reload.new_pid].into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
+    let mut f = fixture();
+    let agent_pid = f.agent.pid();
+    let (_, service_pid, run) = f.serving_under_load().await;
+    let v2 = f
+        .agent
+        .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
+        .await;
+    let v3 = f
+        .agent
+        .stage("reload-agent", "3.0.0", &agent_bytes("3.0.0"))
+        .await;
+
+    // A SIGHUP storm across the exec: execve resets handlers to the
+    // default action (terminate), so one landing before the new image's
+    // handlers would kill the agent and, with it, the service.
+    upgrade(
+        &f.agent,
+        pb::UpgradeAgentRequest {
+            sha256: v2.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let storm = tokio::spawn(async move {
+        for _ in 0..40 {
+            send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    storm.await.unwrap();
+    // Every HUP either re-read the config or was refused while another
+    // re-exec ran; none killed anything. Wait for the last to finish.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        if let Some(info) = agent_info(&f.agent).await {
+            if !info.upgrade_in_progress && info.executable_sha256 == v2 {
+                break info;
+            }
+        }
+        assert!(
+            f.agent.try_wait().is_none(),
+            "the agent died during the upgrade\n{}",
+            f.agent.log_text()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not settle on 2.0.0\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info.pid, agent_pid);
+    assert_eq!(service_status(&f.agent).await.pid, service_pid);
+    run.wait_for_requests(200).await;
+    let report = run.stop().await;
+    println!(
+        "keep-alive, an upgrade in a SIGHUP storm: {}",
+        report.summary()
+    );
+    report.assert_no_failures();
+    assert_eq!(report.pids, [service_pid].into());
+
+    // SIGTERM right after an upgrade is accepted: not lost across the
+    // exec; the agent stops cleanly (exit 0) and drains its service. (A
+    // last SIGHUP of the storm may still be re-reading the config: wait.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = upgrade(
+            &f.agent,
+            pb::UpgradeAgentRequest {
+                sha256: v3.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        match answer {
+            Ok(_) => break,
+            Err(status)
+                if status.code() == tonic::Code::Aborted
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(status) => panic!("UpgradeAgent: {status:?}\n{}", f.agent.log_text()),
+        }
+    }
+    send_signal(agent_pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = f.agent.try_wait() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not stop on SIGTERM during its upgrade\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stopped cleanly, not killed: {status:?}\n{}",
+        f.agent.log_text()
+    );
+    wait_for("the service to be drained", Duration::from_secs(15), || {
+        process_gone(service_pid)
+    })
+    .await;
 }

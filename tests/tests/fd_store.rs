@@ -226,4 +226,15 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
         seen.iter().any(|m| m.contains("MONOTONIC_USEC=")),
         "{seen:?}"
     );
+    // ... and it is the new image that said READY=1, not a fallback.
+    let info = pb::agent_service_client::AgentServiceClient::new(second.channel().await)
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.executable_sha256, release);
+    assert_eq!(
+        info.last_upgrade.unwrap().outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32
+    );
 }

@@ -759,12 +759,31 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
         "1",
         "--healthy-deadline",
         "2s",
+        "--output",
+        "json",
     ]);
     send_signal(unwell_pid, nix::sys::signal::Signal::SIGCONT);
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert_eq!(output.status.code(), Some(3), "{stdout}\n{stderr}");
-    assert!(stdout.contains("halted and reverted"), "{stdout}");
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    // The canary really was upgraded, then really rolled back.
+    let canary = f.hosts[0].agent.host();
+    let states: Vec<String> = json_events(&output)
+        .iter()
+        .filter(|e| e["event"] == "host" && e["host"] == canary.as_str())
+        .map(|e| e["state"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let activated = states.iter().position(|s| s == "activated");
+    let reverted = states.iter().position(|s| s == "reverted");
+    assert!(
+        matches!((activated, reverted), (Some(a), Some(r)) if a < r),
+        "canary states: {states:?}"
+    );
+    let last = f.agent_info(0).await.last_upgrade.unwrap();
+    assert_eq!(
+        (last.from_version.as_str(), last.to_sha256.as_str()),
+        ("4.0.0", good.as_str()),
+        "the canary's last upgrade is the rollback: {last:?}"
+    );
     for i in 0..3 {
         let info = f.agent_info(i).await;
         assert_eq!(

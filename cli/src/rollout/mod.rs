@@ -40,6 +40,11 @@ use tonic::{Code, Status};
 use crate::client::upload;
 use journal::{Cause, HostState, Journal, Outcome, Record, Settings};
 
+/// How long an agent's in-place upgrade may take, from the call to the new
+/// image answering: the preflight (30 s at most), the longest drain of a
+/// reload in progress, the drain of calls in flight and the exec.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How long a lease lasts without renewal; renewed every third of it.
 const LEASE_TTL: Duration = Duration::from_secs(60);
 
@@ -877,6 +882,11 @@ async fn agent_info(channel: Channel) -> Result<pb::GetAgentInfoResponse, (Cause
 /// Asks the agent to upgrade itself in place (to `sha256`, or with `None`
 /// back to the agent it ran before), then waits for the new image to
 /// answer and say how it went. Returns the agent's pid and what it runs.
+///
+/// The agent carries an accepted upgrade through even if this call is cut
+/// (a slow preflight, a network blip, a CLI resumed after a crash finding
+/// it in progress), so an answer that is not a refusal is followed by
+/// watching GetAgentInfo, not taken as the end.
 async fn upgrade_agent(
     channel: Channel,
     sha256: Option<&str>,
@@ -892,43 +902,63 @@ async fn upgrade_agent(
         allow_downgrade: false,
         rollback: sha256.is_none(),
     };
-    let accepted =
-        match tokio::time::timeout(Duration::from_secs(120), agent.upgrade_agent(request)).await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => {
-                let cause = match status.code() {
-                    Code::FailedPrecondition | Code::Aborted => Cause::ReloadFailed,
-                    _ => cause_of(&status),
-                };
-                return Err((cause, status.message().to_string()));
+    let answer = tokio::time::timeout(UPGRADE_TIMEOUT, agent.upgrade_agent(request)).await;
+    let (expected, cut_short) = match answer {
+        Ok(Ok(response)) => {
+            let accepted = response.into_inner();
+            (Some(accepted.new_sha256), None)
+        }
+        Ok(Err(status)) => match status.code() {
+            // Ours or another call's upgrade is under way: watch it.
+            Code::Aborted if status.message().contains("already in progress") => (
+                sha256.map(str::to_string),
+                Some(status.message().to_string()),
+            ),
+            Code::Aborted | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument => {
+                return Err((Cause::Rejected, status.message().to_string()))
             }
-            Err(_) => {
-                return Err((
-                    Cause::Unreachable,
-                    "UpgradeAgent did not answer within 120s".into(),
-                ))
+            Code::FailedPrecondition | Code::AlreadyExists => {
+                return Err((Cause::ReloadFailed, status.message().to_string()))
             }
-        };
-    let deadline = Instant::now() + Duration::from_secs(120);
+            _ => (
+                sha256.map(str::to_string),
+                Some(status.message().to_string()),
+            ),
+        },
+        Err(_) => (
+            sha256.map(str::to_string),
+            Some(format!(
+                "UpgradeAgent did not answer within {}",
+                humantime::format_duration(UPGRADE_TIMEOUT)
+            )),
+        ),
+    };
+    let deadline = Instant::now() + UPGRADE_TIMEOUT;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok(info) = agent_info(channel.clone()).await {
-            if info.pid != accepted.pid {
+            if info.pid != before.pid {
                 return Err((
                     Cause::ReloadFailed,
                     format!(
                         "the agent restarted during its upgrade (pid {} is now {})",
-                        accepted.pid, info.pid
+                        before.pid, info.pid
                     ),
                 ));
             }
             let fresh = info.started != before.started;
-            if let Some(upgrade) = info
-                .last_upgrade
-                .filter(|u| fresh && u.to_sha256 == accepted.new_sha256)
-            {
+            if let Some(upgrade) = info.last_upgrade.filter(|_| fresh) {
+                if expected.as_ref().is_some_and(|e| *e != upgrade.to_sha256) {
+                    return Err((
+                        Cause::ReloadFailed,
+                        format!(
+                            "the agent was upgraded to {} ({}), not to this release",
+                            upgrade.to_version, upgrade.to_sha256
+                        ),
+                    ));
+                }
                 if upgrade.outcome == pb::AgentUpgradeOutcome::Succeeded as i32 {
-                    return Ok((info.pid, accepted.new_version));
+                    return Ok((info.pid, upgrade.to_version));
                 }
                 return Err((
                     Cause::ReloadFailed,
@@ -938,13 +968,20 @@ async fn upgrade_agent(
                     ),
                 ));
             }
+            // The call was cut and nothing is under way: it never started
+            // (or was refused after we left).
+            if let Some(reason) = &cut_short {
+                if !fresh && !info.upgrade_in_progress {
+                    return Err((Cause::Unreachable, reason.clone()));
+                }
+            }
         }
         if Instant::now() >= deadline {
             return Err((
                 Cause::Unreachable,
                 format!(
-                    "the agent did not come back from its upgrade to {} within 120s",
-                    accepted.new_version
+                    "the agent did not come back from its upgrade within {}",
+                    humantime::format_duration(UPGRADE_TIMEOUT)
                 ),
             ));
         }
@@ -956,9 +993,18 @@ async fn upgrade_agent(
 /// which pid.
 async fn settle(plan: &Plan, channel: Channel) -> Result<Option<u32>, (Cause, String)> {
     if plan.agent() {
-        // An upgrade answers GetAgentInfo only once the new image serves.
-        let info = agent_info(channel).await?;
-        return Ok((info.executable_sha256 == plan.sha256).then_some(info.pid));
+        // An upgrade this CLI asked for before it died may still be under
+        // way (preflight, drain, exec): wait for it to end.
+        let deadline = Instant::now() + UPGRADE_TIMEOUT;
+        loop {
+            match agent_info(channel.clone()).await {
+                Ok(info) if !info.upgrade_in_progress || Instant::now() >= deadline => {
+                    return Ok((info.executable_sha256 == plan.sha256).then_some(info.pid));
+                }
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
     let mut control = pb::service_control_client::ServiceControlClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(120);
