@@ -30,9 +30,12 @@ use serde::{Deserialize, Serialize};
 /// The environment variable that carries the description.
 pub const ENV_VAR: &str = "RELOAD_AGENT_HANDOVER";
 
-/// Bumped on any incompatible change of [`Handover`]. `reload-agent --check`
-/// prints the protocol it speaks; an upgrade to a binary that does not speak
-/// ours is refused before anything is stopped.
+/// Bumped on any incompatible change of [`Handover`] or of what crosses
+/// the exec with it (protocol 1 also means: SIGTERM, SIGINT and SIGHUP
+/// arrive blocked and the new image unblocks them once it serves, see
+/// crate::signals). `reload-agent --check` prints the protocol it speaks;
+/// an upgrade to a binary that does not speak ours is refused before
+/// anything is stopped.
 pub const PROTOCOL: u32 = 1;
 
 /// The service name agent artifacts are signed for.

@@ -279,9 +279,37 @@ async fn prepare(
             config.state_dir.display()
         )
     })?;
-    let (grpc, mut stored) = match bound {
+    let (grpc, stored) = match bound {
         Some(bound) => (Some(bound.grpc), bound.stored),
         None => (None, Default::default()),
+    };
+    // Service sockets not bound here: systemd's fd store on a fresh start,
+    // the previous image's after an in-place one.
+    let given: Vec<supervisor::GivenSocket> = match inherited {
+        None => stored
+            .into_iter()
+            .filter_map(|(name, fd)| {
+                let (service, listener) = name.strip_prefix("reload-svc/")?.split_once('/')?;
+                Some(supervisor::GivenSocket {
+                    service: service.to_string(),
+                    listener: listener.to_string(),
+                    fd,
+                })
+            })
+            .collect(),
+        Some(inherited) => inherited
+            .description
+            .services
+            .iter()
+            .flat_map(|s| s.listeners.iter().map(move |(l, fd)| (&s.name, l, *fd)))
+            .map(|(service, listener, fd)| {
+                Ok(supervisor::GivenSocket {
+                    service: service.clone(),
+                    listener: listener.clone(),
+                    fd: inherited.dup(fd)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     let grpc = match (grpc, inherited) {
         (Some(listeners), _) => listeners,
@@ -316,23 +344,8 @@ async fn prepare(
         metrics.clone(),
         launcher.clone(),
         inherited,
-        &mut stored,
+        given,
     )?);
-    // The fd store follows the listeners: after a fresh start, what
-    // systemd passed and no listener took; after an in-place start, what
-    // the previous image had and this config dropped or renamed.
-    let in_use = supervisor.fd_store_names();
-    let unused: Vec<String> = match inherited {
-        None => stored.into_keys().collect(),
-        Some(inherited) => inherited
-            .description
-            .services
-            .iter()
-            .flat_map(|s| s.listeners.iter().map(|(l, _)| fd_store_name(&s.name, l)))
-            .filter(|name| !in_use.contains(name))
-            .collect(),
-    };
-    supervisor.keep_listeners_in_fd_store(&unused);
     let health_listener = match (
         inherited.and_then(|h| Some((h, h.description.health_fd?))),
         config.health_listen,
@@ -400,7 +413,9 @@ async fn prepare(
     };
     let stop_at_once = inherited.is_some_and(|h| h.description.pending_stop);
 
-    // Committed: from here this image serves. Record how it got here.
+    // Committed: from here this image serves. The fd store follows its
+    // listeners; record how it got here.
+    supervisor.keep_listeners_in_fd_store();
     let last_upgrade = match inherited {
         Some(inherited) => Some(upgrade_result(&supervisor, &inherited.description)?),
         None => {
@@ -493,6 +508,7 @@ fn upgrade_result(
         to_version: record.to_version.clone(),
         to_sha256: record.to_sha256.clone(),
         finished: Some(std::time::SystemTime::now().into()),
+        config_reload: record.config_reload,
     };
     let message = match outcome {
         pb::AgentUpgradeOutcome::Succeeded if record.config_reload => format!(
@@ -545,6 +561,11 @@ impl Prepared {
             stop: stop_signals,
             hup: mut hangup,
         } = signals;
+        // Committed: let the signals in on the main thread (see
+        // crate::signals). What came while this image started up, across
+        // an exec too, is delivered now; had the start-up failed, it would
+        // have stayed pending for the image that falls back.
+        launcher.run(signals::unblock).await;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         supervisor.start_monitors();

@@ -24,24 +24,7 @@ pub struct BoundListener {
     pub fd: OwnedFd,
 }
 
-pub fn bind_all(service: &str, listeners: &[ListenerConfig]) -> anyhow::Result<Vec<BoundListener>> {
-    listeners
-        .iter()
-        .map(|config| {
-            let fd = bind_one(config).with_context(|| {
-                format!(
-                    "service {service:?}: cannot bind listener {:?}",
-                    config.name
-                )
-            })?;
-            Ok(BoundListener {
-                name: config.name.clone(),
-                fd,
-            })
-        })
-        .collect()
-}
-
+/// Binds one listener as configured (a stale Unix socket file is replaced).
 pub fn bind_one(config: &ListenerConfig) -> anyhow::Result<OwnedFd> {
     let flags = SockFlag::SOCK_CLOEXEC;
     match config.kind() {

@@ -144,10 +144,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (launcher, jobs) = MainThread::new();
     let finisher = launcher.clone();
     let serving = runtime.spawn(async move {
-        // Handlers first, then let the signals in on the main thread: what
-        // came meanwhile (across an in-place exec too) is delivered now.
+        // Handlers first; the signals are let in once this image is
+        // committed to serving (see reload_agent::signals).
         let signals = AgentSignals::install().context("installing the signal handlers")?;
-        launcher.run(reload_agent::signals::unblock).await;
         let start = match inherited {
             Some(inherited) => Ok(Start::Inherited(Box::new(inherited))),
             None => reload_agent::bind(&config).await.map(Start::Fresh),

@@ -6,7 +6,9 @@
 //! (PDEATHSIG) every service. So these signals are blocked on every thread
 //! but the main one: `main` blocks them before the runtime's threads exist
 //! (threads inherit the mask), and unblocks them on the main thread alone
-//! once the handlers are installed. The kernel then delivers them to the
+//! once the handlers are installed and the image is committed to serving
+//! (a start-up that fails and falls back leaves them pending for the
+//! previous image). The kernel then delivers them to the
 //! main thread only; when an upgrade is accepted the main thread blocks
 //! them too, and from then on whatever arrives stays pending, across the
 //! exec (the mask and pending signals survive it), until the new image has
@@ -40,7 +42,8 @@ pub fn block() {
 }
 
 /// Unblocks them on the calling thread: the main thread, once the handlers
-/// are installed. The runtime's threads keep them blocked.
+/// are installed and the agent serves. The runtime's threads keep them
+/// blocked.
 pub fn unblock() {
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
 }

@@ -35,10 +35,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::config::{ListenerConfig, Readiness, ServiceConfig};
+use crate::config::{ListenerConfig, ListenerKind, Readiness, ServiceConfig};
 use crate::events::{EventBus, EventFields};
 use crate::handover::{FdsToPass, Inherited, ProcessHandover, ServiceHandover};
-use crate::listeners::{bind_all, bind_one, bound_as, BoundListener};
+use crate::listeners::{bind_one, bound_as, BoundListener};
 use crate::state::{ArtifactRef, ServiceVersions, StateFile};
 use crate::store::{ArtifactStore, StoredArtifact};
 use crate::Launcher;
@@ -263,6 +263,9 @@ pub struct Supervisor {
     pub events: Arc<EventBus>,
     pub metrics: crate::metrics::SharedMetrics,
     launcher: Launcher,
+    /// (service, listener) of given sockets no listener took: their
+    /// fd-store entries go.
+    unused_given: Vec<(String, String)>,
 }
 
 impl Supervisor {
@@ -283,7 +286,7 @@ impl Supervisor {
         metrics: crate::metrics::SharedMetrics,
         launcher: Launcher,
         inherited: Option<&Inherited>,
-        stored: &mut BTreeMap<String, OwnedFd>,
+        given: Vec<GivenSocket>,
     ) -> anyhow::Result<Supervisor> {
         let run_dir = state_dir.join("run");
         std::fs::create_dir_all(&run_dir)
@@ -302,16 +305,34 @@ impl Supervisor {
             }
         }
         let state = StateFile::open(state_dir)?;
+        // Sockets not bound here go to their listeners first, and those no
+        // listener takes are closed, before anything is bound.
+        let (mut assigned, unused_given) = assign_given(services, given);
         let mut by_name = BTreeMap::new();
         let mut adopted = Vec::new();
         for config in services {
             let versions = state.get(&config.name);
             store.pin(&config.name, pinned_shas(&versions));
             let handed_over = inherited.and_then(|h| Some((h, h.service(&config.name)?)));
-            let sockets = match inherited {
-                Some(inherited) => take_over_sockets(config, inherited)?,
-                None => restore_or_bind(config, stored)?,
-            };
+            let sockets = config
+                .listeners
+                .iter()
+                .map(|listener| {
+                    let fd = match assigned.remove(&(config.name.clone(), listener.name.clone())) {
+                        Some(fd) => fd,
+                        None => bind_one(listener).with_context(|| {
+                            format!(
+                                "service {:?}: cannot bind listener {:?}",
+                                config.name, listener.name
+                            )
+                        })?,
+                    };
+                    Ok(BoundListener {
+                        name: listener.name.clone(),
+                        fd,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let (process, restarts) = match handed_over {
                 Some((inherited, handed)) => (
                     handed
@@ -397,6 +418,7 @@ impl Supervisor {
             events,
             metrics,
             launcher,
+            unused_given,
         })
     }
 
@@ -1081,96 +1103,64 @@ impl Supervisor {
     }
 }
 
-/// A service's listeners on a fresh start: those systemd kept in its fd
-/// store (the agent crashed or restarted; the sockets never closed), else
-/// bound now. A stored socket is reused only at the address the config
-/// asks for: by its name first, else under any name.
-fn restore_or_bind(
-    config: &ServiceConfig,
-    stored: &mut BTreeMap<String, OwnedFd>,
-) -> anyhow::Result<Vec<BoundListener>> {
-    if stored.is_empty() {
-        return bind_all(&config.name, &config.listeners);
-    }
-    sockets_of(config, |listener| {
-        let own = crate::fd_store_name(&config.name, &listener.name);
-        let name = if stored.get(&own).is_some_and(|fd| bound_as(fd, listener)) {
-            Some(own)
-        } else {
-            stored
-                .iter()
-                .find(|(_, fd)| bound_as(fd, listener))
-                .map(|(name, _)| name.clone())
-        };
-        let fd = name.and_then(|name| stored.remove(&name));
-        if fd.is_some() {
-            tracing::info!(service = %config.name, listener = %listener.name, "listener restored from systemd's fd store");
-        }
-        Ok(fd)
-    })
+/// A listening socket the agent did not bind itself: kept for it in
+/// systemd's fd store, or handed over by the previous agent image; named by
+/// the service and listener it belonged to.
+pub struct GivenSocket {
+    pub service: String,
+    pub listener: String,
+    pub fd: OwnedFd,
 }
 
-/// The listening sockets handed over by the previous agent image for a
-/// service, in the config's order, each at the address the config asks
-/// for: by the service's own listener of that name first, else any handed
-/// over socket at that address (renamed, or moved from another service);
-/// a listener new to the config is bound.
-fn take_over_sockets(
-    config: &ServiceConfig,
-    inherited: &Inherited,
-) -> anyhow::Result<Vec<BoundListener>> {
-    let handed: Vec<(&str, &str, OwnedFd)> = inherited
-        .description
-        .services
+/// Which given socket each configured listener takes: one of the kind and
+/// at the address the config asks for, its own (same service and name)
+/// first, else (a listener renamed or moved to another service) any other
+/// at that exact address; never one socket for two listeners, and a
+/// listener on port 0 only its own. The rest are closed here, before
+/// anything is bound (an old socket left open would collide with the new
+/// bind); their (service, listener) names are returned.
+#[allow(clippy::type_complexity)]
+fn assign_given(
+    services: &[ServiceConfig],
+    given: Vec<GivenSocket>,
+) -> (BTreeMap<(String, String), OwnedFd>, Vec<(String, String)>) {
+    let mut pool: Vec<Option<GivenSocket>> = given.into_iter().map(Some).collect();
+    let mut assigned = BTreeMap::new();
+    let wanted: Vec<(&ServiceConfig, &ListenerConfig)> = services
         .iter()
-        .flat_map(|s| {
-            s.listeners
-                .iter()
-                .map(move |(name, fd)| (s.name.as_str(), name.as_str(), *fd))
-        })
-        .map(|(service, name, fd)| Ok((service, name, inherited.dup(fd)?)))
-        .collect::<anyhow::Result<_>>()?;
-    let mut handed: Vec<Option<(&str, &str, OwnedFd)>> = handed.into_iter().map(Some).collect();
-    sockets_of(config, |listener| {
-        let fits = |h: &Option<(&str, &str, OwnedFd)>| {
-            h.as_ref().is_some_and(|(_, _, fd)| bound_as(fd, listener))
-        };
-        let own = handed.iter().position(|h| {
-            fits(h)
-                && h.as_ref().is_some_and(|(service, name, _)| {
-                    *service == config.name && *name == listener.name
-                })
-        });
-        let index = own.or_else(|| handed.iter().position(fits));
-        Ok(index.and_then(|i| handed[i].take()).map(|(_, _, fd)| fd))
-    })
-}
-
-/// Each listener of `config`, in order: the socket `given` has for its
-/// name, or else a fresh bind.
-fn sockets_of(
-    config: &ServiceConfig,
-    mut given: impl FnMut(&ListenerConfig) -> anyhow::Result<Option<OwnedFd>>,
-) -> anyhow::Result<Vec<BoundListener>> {
-    config
-        .listeners
-        .iter()
-        .map(|listener| {
-            let fd = match given(listener)? {
-                Some(fd) => fd,
-                None => bind_one(listener).with_context(|| {
-                    format!(
-                        "service {:?}: cannot bind listener {:?}",
-                        config.name, listener.name
-                    )
-                })?,
+        .flat_map(|s| s.listeners.iter().map(move |l| (s, l)))
+        .collect();
+    for own_only in [true, false] {
+        for (service, listener) in &wanted {
+            let key = (service.name.clone(), listener.name.clone());
+            if assigned.contains_key(&key) {
+                continue;
+            }
+            let fixed_address = match listener.kind() {
+                ListenerKind::Tcp(addr) | ListenerKind::Udp(addr) => addr.port() != 0,
+                ListenerKind::Unix => true,
             };
-            Ok(BoundListener {
-                name: listener.name.clone(),
-                fd,
-            })
-        })
-        .collect()
+            if !own_only && !fixed_address {
+                continue;
+            }
+            let found = pool.iter().position(|g| {
+                g.as_ref().is_some_and(|g| {
+                    (!own_only || (g.service == service.name && g.listener == listener.name))
+                        && bound_as(&g.fd, listener)
+                })
+            });
+            if let Some(socket) = found.and_then(|i| pool[i].take()) {
+                tracing::info!(service = %service.name, listener = %listener.name, from = %format!("{}/{}", socket.service, socket.listener), "listener keeps the socket it was given");
+                assigned.insert(key, socket.fd);
+            }
+        }
+    }
+    let unused = pool
+        .into_iter()
+        .flatten()
+        .map(|g| (g.service, g.listener))
+        .collect();
+    (assigned, unused)
 }
 
 /// A process of the previous agent image, watched by this one, with its
@@ -1384,15 +1374,17 @@ impl Supervisor {
     /// service manager's fd store (FDSTORE=1; the unit needs
     /// FileDescriptorStoreMax=), so that even a crash of the agent does not
     /// close them: systemd passes them back on restart and clients wait in
-    /// the backlog meanwhile. `unused` names stored sockets no listener
-    /// uses any more; they are removed first (systemd skips an fd it
-    /// already holds, so a renamed listener's socket must leave under its
-    /// old name before it can come back under the new one).
-    pub fn keep_listeners_in_fd_store(&self, unused: &[String]) {
+    /// the backlog meanwhile. Given sockets no listener took are removed
+    /// first (systemd skips an fd it already holds, so a renamed
+    /// listener's socket must leave under its old name before it can come
+    /// back under the new one; a re-addressed one must not stay beside its
+    /// replacement). Called once this image is committed to serving.
+    pub fn keep_listeners_in_fd_store(&self) {
         if !reload_server::notify::enabled() {
             return;
         }
-        for name in unused {
+        for (service, listener) in &self.unused_given {
+            let name = crate::fd_store_name(service, listener);
             let _ = reload_server::notify::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
         }
         let mut kept = 0;
@@ -1412,21 +1404,9 @@ impl Supervisor {
         }
         tracing::info!(
             kept,
-            removed = unused.len(),
+            removed = self.unused_given.len(),
             "service listeners in systemd's fd store"
         );
-    }
-
-    /// The fd-store names of the listeners this supervisor holds.
-    pub fn fd_store_names(&self) -> BTreeSet<String> {
-        self.services
-            .values()
-            .flat_map(|s| {
-                s.sockets
-                    .iter()
-                    .map(|l| crate::fd_store_name(&s.config.name, &l.name))
-            })
-            .collect()
     }
 
     /// Keeps the agent's own artifacts (current and history) from being
@@ -1584,5 +1564,91 @@ struct ResetOnDrop<'a>(&'a AtomicBool);
 impl Drop for ResetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(toml: &str) -> Vec<ServiceConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let key = reload_artifact::SigningKey::generate();
+        std::fs::write(dir.path().join("release.pub"), key.public().to_pem()).unwrap();
+        let text = format!("[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n{toml}");
+        crate::config::AgentConfig::parse(&text, dir.path())
+            .unwrap()
+            .services
+    }
+
+    fn listening() -> (OwnedFd, u16) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (listener.into(), port)
+    }
+
+    fn given(service: &str, listener: &str, fd: OwnedFd) -> GivenSocket {
+        GivenSocket {
+            service: service.into(),
+            listener: listener.into(),
+            fd,
+        }
+    }
+
+    #[test]
+    fn given_sockets_go_by_address_never_twice_and_the_rest_are_closed() {
+        let (a, a_port) = listening();
+        let (b, b_port) = listening();
+        let (c, _) = listening();
+        let (ephemeral, _) = listening();
+        let config = services(&format!(
+            r#"
+[[service]]
+name = "web"
+[[service.listener]]
+name = "public"
+tcp = "127.0.0.1:{a_port}"
+[[service]]
+name = "api"
+[[service.listener]]
+name = "http"
+tcp = "127.0.0.1:{b_port}"
+[[service.listener]]
+name = "admin"
+tcp = "127.0.0.1:0"
+"#
+        ));
+        let (assigned, unused) = assign_given(
+            &config,
+            vec![
+                // web's listener was called "http": renamed, same address.
+                given("web", "http", a),
+                // b moved from service "old" to api.
+                given("old", "http", b),
+                // c's address is no longer configured.
+                given("web", "metrics", c),
+                // A port-0 socket of another listener is not taken by
+                // api's port-0 listener.
+                given("web", "debug", ephemeral),
+            ],
+        );
+        let port_of = |key: (&str, &str)| {
+            let fd = &assigned[&(key.0.to_string(), key.1.to_string())];
+            std::net::TcpListener::from(fd.try_clone().unwrap())
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        assert_eq!(port_of(("web", "public")), a_port);
+        assert_eq!(port_of(("api", "http")), b_port);
+        assert!(!assigned.contains_key(&("api".to_string(), "admin".to_string())));
+        assert_eq!(assigned.len(), 2);
+        assert_eq!(
+            unused,
+            vec![
+                ("web".to_string(), "metrics".to_string()),
+                ("web".to_string(), "debug".to_string())
+            ]
+        );
     }
 }

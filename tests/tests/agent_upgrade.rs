@@ -212,29 +212,79 @@ async fn reread(
     }
 }
 
-/// The agent's open fds once connections from earlier calls are closed:
-/// with `expected`, waits until the count is back to it.
-async fn settled_fd_count(pid: u32, expected: Option<usize>) -> usize {
-    let count = || {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .count()
-    };
-    let mut last = count();
+/// What the agent holds open, by kind: listening TCP sockets, Unix and
+/// UDP sockets, pidfds, pipes, other anonymous inodes and files by path.
+/// TCP connections (calls, probes) come and go and are left out.
+fn fd_inventory(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    // Socket inodes by what they are, from the agent's network namespace.
+    let mut sockets = std::collections::BTreeMap::new();
+    for (table, listen_state) in [
+        ("tcp", Some("0A")),
+        ("tcp6", Some("0A")),
+        ("udp", None),
+        ("udp6", None),
+        ("unix", None),
+    ] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (inode, kind) = match table {
+                "unix" if fields.len() >= 7 => (fields[6], "unix socket"),
+                "tcp" | "tcp6" if fields.len() >= 10 => {
+                    if Some(fields[3]) != listen_state {
+                        continue;
+                    }
+                    (fields[9], "listening tcp socket")
+                }
+                "udp" | "udp6" if fields.len() >= 10 => (fields[9], "udp socket"),
+                _ => continue,
+            };
+            sockets.insert(format!("socket:[{inode}]"), kind);
+        }
+    }
+    let mut inventory = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.display().to_string();
+        let kind = if target.starts_with("socket:") {
+            match sockets.get(&target) {
+                Some(kind) => kind.to_string(),
+                None => continue,
+            }
+        } else if target.starts_with("pipe:") {
+            "pipe".to_string()
+        } else if target.starts_with("anon_inode:") {
+            target
+        } else {
+            format!("file {target}")
+        };
+        *inventory.entry(kind).or_insert(0) += 1;
+    }
+    inventory
+}
+
+/// The agent's open fds (see [`fd_inventory`]) once they stop changing;
+/// with `expected`, waits until they are back to it.
+async fn settled_fds(
+    pid: u32,
+    expected: Option<&std::collections::BTreeMap<String, usize>>,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut last = fd_inventory(pid);
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = count();
+        let now = fd_inventory(pid);
         match expected {
-            Some(expected) if now == expected => return now,
+            Some(expected) if now == *expected => return now,
             None if now == last => return now,
             _ => last = now,
         }
     }
-    let listing: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| Some(format!("{:?}", std::fs::read_link(e.ok()?.path()).ok()?)))
-        .collect();
-    panic!("the agent's fd count did not settle at {expected:?}: {last}: {listing:?}");
+    panic!("the agent's open fds did not settle at {expected:?}: {last:?}");
 }
 
 fn exe_of(pid: u32) -> std::path::PathBuf {
@@ -261,7 +311,8 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     assert_eq!(before.artifact_version, "");
     assert!(before.last_upgrade.is_none());
 
-    let fds_before = settled_fd_count(agent_pid, None).await;
+    let fds_before = settled_fds(agent_pid, None).await;
+    println!("agent's open fds before the upgrades: {fds_before:?}");
     let agent_v2 = f
         .agent
         .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
@@ -458,7 +509,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     let per_request_report = per_request.stop().await;
     // Nothing leaked across four execs: no listener, pipe, pidfd or
     // executable fd left behind by an image.
-    settled_fd_count(agent_pid, Some(fds_before)).await;
+    settled_fds(agent_pid, Some(&fds_before)).await;
     println!(
         "keep-alive, 4 agent upgrades: {}",
         keep_alive_report.summary()

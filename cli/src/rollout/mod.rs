@@ -884,56 +884,105 @@ async fn agent_info(channel: Channel) -> Result<pb::GetAgentInfoResponse, (Cause
 /// answer and say how it went. Returns the agent's pid and what it runs.
 ///
 /// The agent carries an accepted upgrade through even if this call is cut
-/// (a slow preflight, a network blip, a CLI resumed after a crash finding
-/// it in progress), so an answer that is not a refusal is followed by
-/// watching GetAgentInfo, not taken as the end.
+/// (a slow preflight, a network blip), and may be busy with another
+/// re-exec (a SIGHUP config reload, or this CLI's own call from before it
+/// was resumed). So: a refusal ends it; "already in progress" and a cut
+/// call wait for the agent to be idle, then look at what it runs and ask
+/// again only if the change did not happen.
 async fn upgrade_agent(
     channel: Channel,
     sha256: Option<&str>,
     lease: pb::LeaseRef,
 ) -> Result<(u32, String), (Cause, String)> {
-    // The image that answers next has another start time: that tells a
-    // fresh report from one of an earlier upgrade to the same release.
-    let before = agent_info(channel.clone()).await?;
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(channel.clone());
-    let request = pb::UpgradeAgentRequest {
-        sha256: sha256.unwrap_or_default().to_string(),
-        lease: Some(lease),
-        allow_downgrade: false,
-        rollback: sha256.is_none(),
-    };
-    let answer = tokio::time::timeout(UPGRADE_TIMEOUT, agent.upgrade_agent(request)).await;
-    let (expected, cut_short) = match answer {
-        Ok(Ok(response)) => {
-            let accepted = response.into_inner();
-            (Some(accepted.new_sha256), None)
-        }
-        Ok(Err(status)) => match status.code() {
-            // Ours or another call's upgrade is under way: watch it.
-            Code::Aborted if status.message().contains("already in progress") => (
-                sha256.map(str::to_string),
-                Some(status.message().to_string()),
-            ),
-            Code::Aborted | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument => {
-                return Err((Cause::Rejected, status.message().to_string()))
-            }
-            Code::FailedPrecondition | Code::AlreadyExists => {
-                return Err((Cause::ReloadFailed, status.message().to_string()))
-            }
-            _ => (
-                sha256.map(str::to_string),
-                Some(status.message().to_string()),
-            ),
-        },
-        Err(_) => (
-            sha256.map(str::to_string),
-            Some(format!(
-                "UpgradeAgent did not answer within {}",
-                humantime::format_duration(UPGRADE_TIMEOUT)
-            )),
-        ),
-    };
     let deadline = Instant::now() + UPGRADE_TIMEOUT;
+    let before = agent_info(channel.clone()).await?;
+    let done = |info: &pb::GetAgentInfoResponse| match sha256 {
+        Some(sha) => info.executable_sha256 == sha,
+        None => info.executable_sha256 != before.executable_sha256,
+    };
+    if sha256.is_some() && done(&before) {
+        return Ok((before.pid, running(&before)));
+    }
+    loop {
+        let mut agent = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+        let request = pb::UpgradeAgentRequest {
+            sha256: sha256.unwrap_or_default().to_string(),
+            lease: Some(lease.clone()),
+            allow_downgrade: false,
+            rollback: sha256.is_none(),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = tokio::time::timeout(left, agent.upgrade_agent(request)).await;
+        let refusal = match answer {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) => match status.code() {
+                Code::Aborted if status.message().contains("already in progress") => None,
+                Code::AlreadyExists => None,
+                Code::Aborted | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument => {
+                    Some((Cause::Rejected, status.message().to_string()))
+                }
+                Code::FailedPrecondition => {
+                    Some((Cause::ReloadFailed, status.message().to_string()))
+                }
+                // Transport trouble: the call may or may not have landed.
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        // Accepted, busy, or unknown: wait until no re-exec is under way,
+        // then see what runs.
+        let info = wait_until_idle(&channel, &before, deadline).await?;
+        if done(&info) {
+            return Ok((info.pid, running(&info)));
+        }
+        let fresh = info.started != before.started;
+        if let Some(last) = info.last_upgrade.as_ref().filter(|_| fresh) {
+            let ours = !last.config_reload
+                && last.from_sha256 == before.executable_sha256
+                && sha256.is_none_or(|sha| last.to_sha256 == sha);
+            if ours && last.outcome == pb::AgentUpgradeOutcome::FellBack as i32 {
+                return Err((
+                    Cause::ReloadFailed,
+                    format!(
+                        "the new agent image did not start, the previous one runs again: {}",
+                        last.reason
+                    ),
+                ));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err((
+                Cause::Unreachable,
+                format!(
+                    "the agent did not complete its upgrade within {}",
+                    humantime::format_duration(UPGRADE_TIMEOUT)
+                ),
+            ));
+        }
+        // Not done and not failed (the call never landed, or another
+        // re-exec was in the way): ask again.
+    }
+}
+
+/// What an agent runs, for people: its release, or the installed build.
+fn running(info: &pb::GetAgentInfoResponse) -> String {
+    if info.artifact_version.is_empty() {
+        format!("{} (installed)", info.agent_version)
+    } else {
+        info.artifact_version.clone()
+    }
+}
+
+/// Polls GetAgentInfo until the agent answers with no re-exec under way
+/// (the old image answers until it execs, the new one once it serves).
+async fn wait_until_idle(
+    channel: &Channel,
+    before: &pb::GetAgentInfoResponse,
+    deadline: Instant,
+) -> Result<pb::GetAgentInfoResponse, (Cause, String)> {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok(info) = agent_info(channel.clone()).await {
@@ -946,34 +995,8 @@ async fn upgrade_agent(
                     ),
                 ));
             }
-            let fresh = info.started != before.started;
-            if let Some(upgrade) = info.last_upgrade.filter(|_| fresh) {
-                if expected.as_ref().is_some_and(|e| *e != upgrade.to_sha256) {
-                    return Err((
-                        Cause::ReloadFailed,
-                        format!(
-                            "the agent was upgraded to {} ({}), not to this release",
-                            upgrade.to_version, upgrade.to_sha256
-                        ),
-                    ));
-                }
-                if upgrade.outcome == pb::AgentUpgradeOutcome::Succeeded as i32 {
-                    return Ok((info.pid, upgrade.to_version));
-                }
-                return Err((
-                    Cause::ReloadFailed,
-                    format!(
-                        "the new agent image did not start, the previous one runs again: {}",
-                        upgrade.reason
-                    ),
-                ));
-            }
-            // The call was cut and nothing is under way: it never started
-            // (or was refused after we left).
-            if let Some(reason) = &cut_short {
-                if !fresh && !info.upgrade_in_progress {
-                    return Err((Cause::Unreachable, reason.clone()));
-                }
+            if !info.upgrade_in_progress {
+                return Ok(info);
             }
         }
         if Instant::now() >= deadline {
