@@ -184,7 +184,7 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     assert!(
         second
             .log_text()
-            .contains("listener restored from systemd's fd store"),
+            .contains("listener keeps the socket it was given"),
         "{}",
         second.log_text()
     );
