@@ -105,6 +105,33 @@ async fn upgrade(
     client.upgrade_agent(request).await.map(|r| r.into_inner())
 }
 
+/// UpgradeAgent to a stored agent artifact.
+async fn upgrade_to(
+    agent: &Agent,
+    sha256: impl Into<String>,
+) -> Result<pb::UpgradeAgentResponse, tonic::Status> {
+    upgrade(
+        agent,
+        pb::UpgradeAgentRequest {
+            sha256: sha256.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// UpgradeAgent back to the agent that ran before.
+async fn roll_back(agent: &Agent) -> Result<pb::UpgradeAgentResponse, tonic::Status> {
+    upgrade(
+        agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Polls GetAgentInfo until `last_upgrade` reports the upgrade to
 /// `to_sha256`; returns that answer.
 async fn wait_for_upgrade(agent: &Agent, to_sha256: &str) -> pb::GetAgentInfoResponse {
@@ -328,15 +355,9 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     per_request.wait_for_requests(100).await;
 
     // 1. Installed binary -> agent 2.0.0, under load.
-    let answer = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: agent_v2.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
+    let answer = upgrade_to(&f.agent, agent_v2.clone())
+        .await
+        .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
     assert_eq!(answer.pid, agent_pid);
     assert_eq!(answer.new_version, "2.0.0");
     let info = wait_for_upgrade(&f.agent, &agent_v2).await;
@@ -392,15 +413,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     let second_service_pid = reload.new_pid;
     keep_alive.wait_for_requests(200).await;
 
-    upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: agent_v3.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    upgrade_to(&f.agent, agent_v3.clone()).await.unwrap();
     let info = wait_for_upgrade(&f.agent, &agent_v3).await;
     assert_eq!(
         info.last_upgrade.unwrap().outcome,
@@ -427,15 +440,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
 
     // The agent's own downgrade floor: 2.0.0 is below 3.0.0 and needs an
     // explicit request (a rollback makes one).
-    let below = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: agent_v2.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let below = upgrade_to(&f.agent, agent_v2.clone()).await.unwrap_err();
     assert_eq!(below.code(), tonic::Code::FailedPrecondition, "{below:?}");
     assert!(below.message().contains("below 3.0.0"), "{below:?}");
     // Fenced like any change: while a rollout holds the lease, a call
@@ -458,15 +463,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         })
         .await
         .unwrap();
-    let fenced = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            rollback: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let fenced = roll_back(&f.agent).await.unwrap_err();
     assert_eq!(fenced.code(), tonic::Code::Aborted, "{fenced:?}");
     leases
         .release_lease(pb::ReleaseLeaseRequest { r#ref: Some(lease) })
@@ -474,29 +471,13 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         .unwrap();
 
     // 3. Rollback: to 2.0.0 (the history), then to the installed binary.
-    upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            rollback: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    roll_back(&f.agent).await.unwrap();
     let info = wait_for_upgrade(&f.agent, &agent_v2).await;
     assert_eq!(
         (info.pid, info.artifact_version.as_str()),
         (agent_pid, "2.0.0")
     );
-    upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            rollback: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    roll_back(&f.agent).await.unwrap();
     let info = wait_for_upgrade(&f.agent, &installed_sha).await;
     assert_eq!(info.pid, agent_pid);
     assert_eq!(info.executable_sha256, installed_sha);
@@ -564,15 +545,7 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
             b"#!/bin/sh\necho 'cannot start' >&2\nexit 3\n",
         )
         .await;
-    let refused = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: exits,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let refused = upgrade_to(&f.agent, exits).await.unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,
@@ -594,15 +567,9 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
         .agent
         .stage("reload-agent", "9.1.0", wrapper.as_bytes())
         .await;
-    upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: wrapped.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
+    upgrade_to(&f.agent, wrapped.clone())
+        .await
+        .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
     let info = wait_for_upgrade(&f.agent, &wrapped).await;
     let last = info.last_upgrade.unwrap();
     assert_eq!(
@@ -620,39 +587,15 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
     assert_eq!(info.artifact_version, "");
 
     // A non-agent artifact and a missing one get their own codes.
-    let not_found = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: "0".repeat(64),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let not_found = upgrade_to(&f.agent, "0".repeat(64)).await.unwrap_err();
     assert_eq!(not_found.code(), tonic::Code::NotFound, "{not_found:?}");
-    let wrong_service = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: web.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let wrong_service = upgrade_to(&f.agent, web.clone()).await.unwrap_err();
     assert_eq!(wrong_service.code(), tonic::Code::FailedPrecondition);
     assert!(
         wrong_service.message().contains("not an agent artifact"),
         "{wrong_service:?}"
     );
-    let nothing_to_roll_back = upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            rollback: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let nothing_to_roll_back = roll_back(&f.agent).await.unwrap_err();
     assert_eq!(nothing_to_roll_back.code(), tonic::Code::FailedPrecondition);
 
     run.wait_for_requests(200).await;
@@ -873,15 +816,7 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     // A SIGHUP storm across the exec: execve resets handlers to the
     // default action (terminate), so one landing before the new image's
     // handlers would kill the agent and, with it, the service.
-    upgrade(
-        &f.agent,
-        pb::UpgradeAgentRequest {
-            sha256: v2.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    upgrade_to(&f.agent, v2.clone()).await.unwrap();
     let storm = tokio::spawn(async move {
         for _ in 0..40 {
             send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
@@ -926,14 +861,7 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     // last SIGHUP of the storm may still be re-reading the config: wait.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = upgrade(
-            &f.agent,
-            pb::UpgradeAgentRequest {
-                sha256: v3.clone(),
-                ..Default::default()
-            },
-        )
-        .await;
+        let answer = upgrade_to(&f.agent, v3.clone()).await;
         match answer {
             Ok(_) => break,
             Err(status)
