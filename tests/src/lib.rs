@@ -102,6 +102,28 @@ pub fn manifest_for(service: &str, version: &str, bytes: &[u8]) -> Manifest {
     .expect("valid manifest")
 }
 
+/// The agent config of the tests' usual service: `web`, the demo server on
+/// a listener named `http` at `service_addr`, notify readiness, an HTTP
+/// health probe on /healthz every 200 ms, an 8 s drain.
+pub fn web_service_toml(service_addr: SocketAddr) -> String {
+    format!(
+        r#"
+[[service]]
+name = "web"
+args = ["--listen-name", "http", "--drain-timeout", "5s"]
+[[service.listener]]
+name = "http"
+tcp = "{service_addr}"
+[service.health]
+kind = "http"
+path = "/healthz"
+interval = "200ms"
+[service.drain]
+timeout = "8s"
+"#
+    )
+}
+
 /// A running `reload-agent` with its own folder, key and store.
 pub struct Agent {
     pub dir: PathBuf,

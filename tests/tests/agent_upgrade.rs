@@ -26,22 +26,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let service_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = format!(
-        r#"
-[[service]]
-name = "web"
-args = ["--listen-name", "http", "--drain-timeout", "5s"]
-[[service.listener]]
-name = "http"
-tcp = "{service_addr}"
-[service.health]
-kind = "http"
-path = "/healthz"
-interval = "200ms"
-[service.drain]
-timeout = "8s"
-"#
-    );
+    let config = web_service_toml(service_addr);
     let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
     Fixture {
         agent,

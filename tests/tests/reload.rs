@@ -30,23 +30,7 @@ fn fixture(extra_service_toml: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let service_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = format!(
-        r#"
-[[service]]
-name = "web"
-args = ["--listen-name", "http", "--drain-timeout", "5s"]
-[[service.listener]]
-name = "http"
-tcp = "{service_addr}"
-[service.health]
-kind = "http"
-path = "/healthz"
-interval = "200ms"
-[service.drain]
-timeout = "8s"
-{extra_service_toml}
-"#
-    );
+    let config = format!("{}{extra_service_toml}\n", web_service_toml(service_addr));
     let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
     Fixture {
         agent,
