@@ -198,26 +198,40 @@ impl Inherited {
     /// The new image failed before serving: re-execute the previous image
     /// with the same handover and the reason. Returns only if that fails.
     pub fn fall_back(self, reason: &str) -> anyhow::Error {
-        let mut description = self.description.clone();
-        description.upgrade.fallback_reason = Some(reason.to_string());
-        let exe = self.dup(description.previous_exe_fd);
+        let exe = match self.dup(self.description.previous_exe_fd) {
+            Ok(exe) => exe,
+            Err(err) => return err.context("re-executing the previous agent image failed too"),
+        };
         let passing = FdsToPass {
             fds: self.originals,
         };
-        // See crate::signals: nothing may terminate the process between
-        // the exec and the handlers of the image that comes back.
-        crate::signals::block();
-        let result = (|| -> anyhow::Result<std::convert::Infallible> {
-            let exe = exe?;
-            passing.keep_across_exec()?;
-            // By fd: the image to fall back to may have been replaced on
-            // disk (a package upgrade) since it started.
-            exec_in_place(Exe::Fd(exe.as_fd()), &description)
-        })();
-        match result {
-            Ok(never) => match never {},
-            Err(err) => err.context("re-executing the previous agent image failed too"),
-        }
+        exec_previous(exe.as_fd(), &self.description, &passing, reason)
+    }
+}
+
+/// The one way back: re-executes the previous image (by fd: it may have
+/// been replaced on disk, by a package upgrade, since it started) with the
+/// same handover and `reason` as its `fallback_reason`, so it adopts the
+/// same services and reports the failed upgrade. Returns only if that
+/// fails too.
+pub fn exec_previous(
+    previous_exe: BorrowedFd<'_>,
+    description: &Handover,
+    passing: &FdsToPass,
+    reason: &str,
+) -> anyhow::Error {
+    let mut description = description.clone();
+    description.upgrade.fallback_reason = Some(reason.to_string());
+    // See crate::signals: nothing may terminate the process between the
+    // exec and the handlers of the image that comes back.
+    crate::signals::block();
+    let result = passing
+        .keep_across_exec()
+        .map_err(anyhow::Error::new)
+        .and_then(|()| exec_in_place(Exe::Fd(previous_exe), &description));
+    match result {
+        Ok(never) => match never {},
+        Err(err) => err.context("re-executing the previous agent image failed too"),
     }
 }
 

@@ -15,7 +15,17 @@ use hyper_util::rt::TokioIo;
 use reload_proto::v1 as pb;
 use tokio::net::TcpListener;
 
-use crate::supervisor::Supervisor;
+use crate::lease::Leases;
+use crate::metrics::Metrics;
+use crate::services::Services;
+
+/// What the endpoint reads.
+#[derive(Clone)]
+pub struct HealthSources {
+    pub services: Arc<Services>,
+    pub leases: Arc<Leases>,
+    pub metrics: Arc<Metrics>,
+}
 
 fn status_json(status: &pb::ServiceStatus) -> serde_json::Value {
     let state = pb::ServiceState::try_from(status.state).unwrap_or_default();
@@ -43,16 +53,13 @@ fn respond(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>>
         .expect("static response parts")
 }
 
-fn route(
-    supervisor: &Supervisor,
-    leases: &crate::lease::Leases,
-    path: &str,
-) -> Response<Full<Bytes>> {
+fn route(sources: &HealthSources, path: &str) -> Response<Full<Bytes>> {
+    let services = &sources.services;
     if path == "/metrics" {
-        let statuses: Vec<_> = supervisor.services().map(|s| s.status()).collect();
-        let text = supervisor
+        let statuses: Vec<_> = services.services().map(|s| s.status()).collect();
+        let text = sources
             .metrics
-            .render(&statuses, leases.get().lease.as_ref());
+            .render(&statuses, sources.leases.get().lease.as_ref());
         return Response::builder()
             .status(StatusCode::OK)
             .header(
@@ -63,14 +70,14 @@ fn route(
             .expect("static response parts");
     }
     if path == "/healthz" {
-        let services: Vec<_> = supervisor
+        let services: Vec<_> = services
             .services()
             .map(|s| status_json(&s.status()))
             .collect();
         return respond(StatusCode::OK, serde_json::json!({ "services": services }));
     }
     if let Some(name) = path.strip_prefix("/healthz/") {
-        return match supervisor.service(name) {
+        return match services.service(name) {
             Ok(service) => {
                 let status = service.status();
                 let healthy = status.health == pb::HealthState::Healthy as i32;
@@ -83,7 +90,7 @@ fn route(
             }
             Err(err) => respond(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": err.message() }),
+                serde_json::json!({ "error": err.to_string() }),
             ),
         };
     }
@@ -126,8 +133,7 @@ pub fn tls_acceptor(tls: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustl
 
 pub async fn serve(
     listener: TcpListener,
-    supervisor: Arc<Supervisor>,
-    leases: Arc<crate::lease::Leases>,
+    sources: HealthSources,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
@@ -135,11 +141,11 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (supervisor, leases, tls) = (supervisor.clone(), leases.clone(), tls.clone());
+        let (sources, tls) = (sources.clone(), tls.clone());
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(&supervisor, &leases, request.uri().path());
+                    let response = route(&sources, request.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
             let http = hyper::server::conn::http1::Builder::new();

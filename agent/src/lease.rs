@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 use reload_proto::prost_types;
 use reload_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
 /// A lease lasts at most this long without renewal.
 const MAX_TTL: Duration = Duration::from_secs(600);
@@ -42,6 +41,20 @@ struct LeaseFile {
     lease: Option<HeldLease>,
     /// Highest generation seen per rollout id, with when it was seen.
     generations: BTreeMap<String, (u64, SystemTime)>,
+}
+
+/// Why a lease call or a fenced mutation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Another rollout, a newer generation or no lease at all: the caller
+    /// is fenced out and must stop.
+    #[error("{0}")]
+    Fenced(String),
+    #[error("cannot persist the lease: {0}")]
+    Persist(std::io::Error),
 }
 
 pub struct Leases {
@@ -99,7 +112,7 @@ impl Leases {
         })
     }
 
-    fn save(&self, state: &LeaseFile) -> Result<(), Status> {
+    fn save(&self, state: &LeaseFile) -> Result<(), LeaseError> {
         let bytes = serde_json::to_vec_pretty(state).expect("lease state serializes");
         let dir = self.path.parent().expect("lease file has a folder");
         let temp = dir.join(format!(".lease.json.{}", std::process::id()));
@@ -110,7 +123,7 @@ impl Leases {
             std::fs::rename(&temp, &self.path)?;
             std::fs::File::open(dir)?.sync_all()
         };
-        write().map_err(|err| Status::internal(format!("cannot persist the lease: {err}")))
+        write().map_err(LeaseError::Persist)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LeaseFile> {
@@ -125,10 +138,10 @@ impl Leases {
             .filter(|l| l.expires > SystemTime::now())
     }
 
-    fn check_generation(state: &LeaseFile, lease: &pb::LeaseRef) -> Result<(), Status> {
+    fn check_generation(state: &LeaseFile, lease: &pb::LeaseRef) -> Result<(), LeaseError> {
         if let Some((highest, _)) = state.generations.get(&lease.rollout_id) {
             if lease.generation < *highest {
-                return Err(Status::aborted(format!(
+                return Err(LeaseError::Fenced(format!(
                     "rollout {} generation {} is stale: generation {highest} has taken over; this rollout must stop",
                     lease.rollout_id, lease.generation
                 )));
@@ -140,12 +153,12 @@ impl Leases {
     pub fn acquire(
         &self,
         request: pb::AcquireLeaseRequest,
-    ) -> Result<pb::AcquireLeaseResponse, Status> {
-        let lease = request.r#ref.ok_or_else(|| {
-            Status::invalid_argument("AcquireLease needs `ref` (rollout_id and generation)")
-        })?;
+    ) -> Result<pb::AcquireLeaseResponse, LeaseError> {
+        let lease = request.r#ref.ok_or(LeaseError::BadRequest(
+            "AcquireLease needs `ref` (rollout_id and generation)",
+        ))?;
         if lease.rollout_id.is_empty() || lease.rollout_id.len() > 128 {
-            return Err(Status::invalid_argument(
+            return Err(LeaseError::BadRequest(
                 "rollout_id must be 1-128 characters",
             ));
         }
@@ -155,7 +168,7 @@ impl Leases {
         if let Some(held) = Self::current(&state) {
             let same_rollout = held.rollout_id == lease.rollout_id;
             if !same_rollout && !request.force_takeover {
-                return Err(Status::aborted(format!(
+                return Err(LeaseError::Fenced(format!(
                     "this agent is leased to another rollout: {}; wait for it, or take over with --force-takeover",
                     describe(held)
                 )));
@@ -197,10 +210,10 @@ impl Leases {
     fn held_by<'a>(
         state: &'a mut LeaseFile,
         lease: Option<&pb::LeaseRef>,
-    ) -> Result<&'a mut HeldLease, Status> {
-        let lease = lease.ok_or_else(|| {
-            Status::invalid_argument("this call needs `ref` (rollout_id and generation)")
-        })?;
+    ) -> Result<&'a mut HeldLease, LeaseError> {
+        let lease = lease.ok_or(LeaseError::BadRequest(
+            "this call needs `ref` (rollout_id and generation)",
+        ))?;
         Self::check_generation(state, lease)?;
         match state.lease.as_mut() {
             Some(held)
@@ -210,20 +223,23 @@ impl Leases {
             {
                 Ok(held)
             }
-            Some(held) if held.expires > SystemTime::now() => Err(Status::aborted(format!(
+            Some(held) if held.expires > SystemTime::now() => Err(LeaseError::Fenced(format!(
                 "rollout {} generation {} does not hold this agent's lease: {}",
                 lease.rollout_id,
                 lease.generation,
                 describe(held)
             ))),
-            _ => Err(Status::aborted(format!(
+            _ => Err(LeaseError::Fenced(format!(
                 "rollout {} holds no lease on this agent (it expired or was released); acquire it again",
                 lease.rollout_id
             ))),
         }
     }
 
-    pub fn renew(&self, request: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, Status> {
+    pub fn renew(
+        &self,
+        request: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, LeaseError> {
         let mut state = self.lock();
         let held = Self::held_by(&mut state, request.r#ref.as_ref())?;
         held.expires = SystemTime::now() + ttl_of(request.ttl);
@@ -234,7 +250,7 @@ impl Leases {
         })
     }
 
-    pub fn release(&self, request: pb::ReleaseLeaseRequest) -> Result<(), Status> {
+    pub fn release(&self, request: pb::ReleaseLeaseRequest) -> Result<(), LeaseError> {
         let mut state = self.lock();
         Self::held_by(&mut state, request.r#ref.as_ref())?;
         state.lease = None;
@@ -251,7 +267,7 @@ impl Leases {
     /// Fencing for mutating calls: while a lease is held, only its holder
     /// (same rollout, current generation) may act. Without a lease held,
     /// calls without a ref (an operator's manual activate) are allowed.
-    pub fn check_mutation(&self, lease: Option<&pb::LeaseRef>) -> Result<(), Status> {
+    pub fn check_mutation(&self, lease: Option<&pb::LeaseRef>) -> Result<(), LeaseError> {
         let mut state = self.lock();
         if let Some(lease) = lease {
             Self::check_generation(&state, lease)?;
@@ -263,7 +279,7 @@ impl Leases {
             Some(_) => Self::held_by(&mut state, lease).map(|_| ()),
             None => {
                 let held = Self::current(&state).expect("checked above");
-                Err(Status::aborted(format!(
+                Err(LeaseError::Fenced(format!(
                     "a rollout holds this agent's lease ({}); act through that rollout, or wait until it ends",
                     describe(held)
                 )))
@@ -301,15 +317,15 @@ mod tests {
         let leases = Leases::open(dir.path()).unwrap();
         leases.acquire(acquire("a", 1, false)).unwrap();
         let err = leases.acquire(acquire("b", 1, false)).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Aborted);
-        assert!(err.message().contains("a-holder"), "{}", err.message());
+        assert!(matches!(err, LeaseError::Fenced(_)), "{err}");
+        assert!(err.to_string().contains("a-holder"), "{err}");
         leases.check_mutation(Some(&lref("a", 1))).unwrap();
         assert!(leases.check_mutation(None).is_err());
         assert!(leases.check_mutation(Some(&lref("b", 1))).is_err());
         // The same rollout resumed: a higher generation takes over itself.
         leases.acquire(acquire("a", 2, false)).unwrap();
         let err = leases.check_mutation(Some(&lref("a", 1))).unwrap_err();
-        assert!(err.message().contains("stale"), "{}", err.message());
+        assert!(err.to_string().contains("stale"), "{err}");
         // Forced takeover by another rollout, remembered across a reopen.
         let taken = leases.acquire(acquire("b", 1, true)).unwrap();
         assert_eq!(taken.displaced.unwrap().holder, "a-holder");

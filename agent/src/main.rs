@@ -1,6 +1,10 @@
 //! `reload-agent --config agent.toml`: the per-host daemon. See the library
-//! docs (`lib.rs`) for the layout; this file only parses flags, sets up
-//! logging and waits for a termination signal.
+//! docs (`lib.rs`) for the layout. This file parses flags, sets up logging,
+//! reads *all* of the environment (arguments, `NOTIFY_SOCKET`, `LISTEN_FDS`,
+//! the handover of a previous image) before any thread starts, since
+//! reading some of it also edits it and libc's environment is not
+//! thread-safe, then runs the main thread's loop (see
+//! `reload_agent::main_thread`) until the agent stops or re-executes.
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -9,11 +13,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use reload_agent::boot::{Exit, Start, SystemdSockets};
 use reload_agent::config::AgentConfig;
 use reload_agent::handover::{self, Inherited};
-use reload_agent::main_thread::{run_jobs, MainThread};
+use reload_agent::main_thread::{run_jobs, Launcher};
+use reload_agent::selfupgrade::fall_back_or;
 use reload_agent::signals::AgentSignals;
-use reload_agent::{Exit, Start};
 
 #[derive(Parser)]
 #[command(
@@ -80,12 +85,9 @@ fn refused_arguments(err: clap::Error) -> ExitCode {
     if upgrading {
         init_logging(LogFormat::Text);
         if let Ok(Some(inherited)) = Inherited::from_env() {
-            if inherited.description.upgrade.fallback_reason.is_none() {
-                let reason = format!("this agent does not take its arguments: {err}");
-                tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
-                eprintln!("reload-agent: {:#}", inherited.fall_back(&reason));
-                return ExitCode::FAILURE;
-            }
+            let error = anyhow::anyhow!("this agent does not take its arguments: {err}");
+            eprintln!("reload-agent: {:#}", fall_back_or(Some(inherited), error));
+            return ExitCode::FAILURE;
         }
     }
     err.exit()
@@ -96,7 +98,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let config = AgentConfig::load(&args.config)?;
         // What the agent would fail on at start, beyond the config's own
         // checks: the TLS certificate and key as rustls reads them.
-        reload_agent::check_tls(&config)?;
+        reload_agent::boot::check_tls(&config)?;
         println!(
             "{}: ok ({} trusted key(s), store {}, listen {})",
             args.config.display(),
@@ -115,17 +117,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     // After an in-place upgrade, the previous image left its sockets,
-    // services and state here. Taken before any thread starts.
+    // services and state here. Everything from the environment is taken
+    // before any thread starts.
     let inherited = Inherited::from_env().context("taking over from the previous agent image")?;
-    let (config, inherited) = match (AgentConfig::load(&args.config), inherited) {
-        (Ok(config), inherited) => (config, inherited),
+    let agent_args: Vec<String> = std::env::args().skip(1).collect();
+    // Reads NOTIFY_SOCKET and removes it (services must not see it).
+    let _ = reload_server::notify::enabled();
+    let systemd = match inherited {
+        Some(_) => None,
+        None => Some(SystemdSockets::from_env()?),
+    };
+    let config = match AgentConfig::load(&args.config) {
+        Ok(config) => config,
         // The config changed since the preflight: a failed start-up check.
-        (Err(err), Some(inherited)) if inherited.description.upgrade.fallback_reason.is_none() => {
-            let reason = format!("{err:#}");
-            tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
-            return Err(inherited.fall_back(&reason));
-        }
-        (Err(err), _) => return Err(err),
+        Err(err) => return Err(fall_back_or(inherited, err)),
     };
     if inherited.is_none() {
         for addr in &config.listen {
@@ -141,30 +146,35 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     // The main thread only forks services and execs (see
     // reload_agent::main_thread); the agent itself runs on the runtime.
-    let (launcher, jobs) = MainThread::new();
+    let (launcher, jobs) = Launcher::new();
     let finisher = launcher.clone();
     let serving = runtime.spawn(async move {
         // Handlers first; the signals are let in once this image is
         // committed to serving (see reload_agent::signals).
         let signals = AgentSignals::install().context("installing the signal handlers")?;
-        let start = match inherited {
-            Some(inherited) => Ok(Start::Inherited(Box::new(inherited))),
-            None => reload_agent::bind(&config).await.map(Start::Fresh),
+        let start = match (inherited, systemd) {
+            (Some(inherited), _) => Start::Inherited(Box::new(inherited)),
+            (None, Some(systemd)) => {
+                Start::Fresh(reload_agent::boot::bind(&config, systemd).await?)
+            }
+            (None, None) => unreachable!("systemd sockets are read for every fresh start"),
         };
-        match start {
-            Ok(start) => reload_agent::serve(config, start, signals, launcher).await,
-            Err(err) => Err(err),
-        }
+        reload_agent::boot::serve(config, start, signals, agent_args, launcher).await
     });
     // Even a panic ends the main thread's loop (the launcher's other
     // handles would keep it waiting forever).
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
     runtime.spawn(async move {
         let exit = serving
             .await
             .unwrap_or_else(|err| Err(anyhow::anyhow!("the agent's main task failed: {err}")));
-        finisher.finish(exit);
+        let _ = exit_tx.send(exit);
+        finisher.finish();
     });
-    let exit = run_jobs(jobs).context("the agent's runtime ended without a result")??;
+    run_jobs(jobs);
+    let exit = exit_rx
+        .recv()
+        .context("the agent's runtime ended without a result")??;
     match exit {
         Exit::Stopped => Ok(()),
         Exit::Upgrade(upgrade) => {
@@ -174,10 +184,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
             Err(upgrade.exec())
         }
-        Exit::FallBack { inherited, error } => {
-            let reason = format!("{error:#}");
-            tracing::error!(%reason, "the new agent image failed its start-up checks; re-executing the previous image");
-            Err(inherited.fall_back(&reason))
-        }
+        Exit::FallBack { inherited, error } => Err(fall_back_or(Some(*inherited), error)),
     }
 }

@@ -15,31 +15,24 @@ use std::sync::mpsc;
 type Job = Box<dyn FnOnce() + Send>;
 
 /// What the main thread is asked to do.
-pub enum MainJob<T> {
+pub enum MainJob {
     Run(Job),
-    /// The agent is done; the main thread leaves its loop with this.
-    Finish(T),
+    /// The agent is done; the main thread leaves its loop.
+    Finish,
 }
 
-/// A handle to send work to the main thread.
-pub struct MainThread<T> {
-    jobs: mpsc::Sender<MainJob<T>>,
+/// A handle to send forks (and the end of the agent) to the main thread.
+#[derive(Clone)]
+pub struct Launcher {
+    jobs: mpsc::Sender<MainJob>,
 }
 
-impl<T> Clone for MainThread<T> {
-    fn clone(&self) -> Self {
-        MainThread {
-            jobs: self.jobs.clone(),
-        }
-    }
-}
-
-impl<T: Send + 'static> MainThread<T> {
+impl Launcher {
     /// The handle, and the receiving end the main thread loops on (see
     /// [`run_jobs`]).
-    pub fn new() -> (MainThread<T>, mpsc::Receiver<MainJob<T>>) {
+    pub fn new() -> (Launcher, mpsc::Receiver<MainJob>) {
         let (jobs, receiver) = mpsc::channel();
-        (MainThread { jobs }, receiver)
+        (Launcher { jobs }, receiver)
     }
 
     /// Runs `job` on the main thread and returns what it returned; `None`
@@ -56,19 +49,19 @@ impl<T: Send + 'static> MainThread<T> {
         answer.await.ok()
     }
 
-    /// Ends the main thread's loop with `value`.
-    pub fn finish(&self, value: T) {
-        let _ = self.jobs.send(MainJob::Finish(value));
+    /// Ends the main thread's loop.
+    pub fn finish(&self) {
+        let _ = self.jobs.send(MainJob::Finish);
     }
 }
 
-/// The main thread's loop: runs jobs until one says finish.
-pub fn run_jobs<T>(receiver: mpsc::Receiver<MainJob<T>>) -> Option<T> {
+/// The main thread's loop: runs jobs until one says finish (or every
+/// handle is gone).
+pub fn run_jobs(receiver: mpsc::Receiver<MainJob>) {
     for job in receiver {
         match job {
             MainJob::Run(job) => job(),
-            MainJob::Finish(value) => return Some(value),
+            MainJob::Finish => return,
         }
     }
-    None
 }

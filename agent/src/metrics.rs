@@ -1,9 +1,9 @@
 //! Prometheus metrics, served as text on the health endpoint's `/metrics`.
 //!
 //! Counters and histograms are updated where things happen (reloads in the
-//! supervisor, uploads and verification in the API); the gauges that
+//! handoff, uploads in the API, refusals in the artifact verifier); the gauges that
 //! describe current state (service up, healthy, running version, lease) are
-//! set from the supervisor's status at each scrape, so they cannot drift.
+//! set from the services' status at each scrape, so they cannot drift.
 
 use std::sync::Arc;
 

@@ -94,6 +94,63 @@ struct StateFileContents {
     services: BTreeMap<String, ServiceVersions>,
 }
 
+/// Why an activation below the downgrade floor was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DowngradeRefused {
+    #[error("{what}; a downgrade must be asked for explicitly (allow_downgrade; reloadctl activate --allow-downgrade, reloadctl rollback)")]
+    NotAskedFor { what: String },
+    #[error("{what}, was never activated here, and is not signed with downgrade permission; sign it with `reloadctl sign --allow-downgrade` if it is meant to go below the floor")]
+    NotPermitted { what: String },
+}
+
+impl ServiceVersions {
+    /// The downgrade floor: a version below the highest ever activated
+    /// needs an explicit allow-downgrade on the call, and then must be a
+    /// build this agent ran before or one signed with downgrade permission.
+    /// A signed but older build (with a known hole) cannot be slipped back
+    /// in. The same rule holds for services and for the agent's own
+    /// releases.
+    pub fn check_floor(
+        &self,
+        manifest: &reload_artifact::Manifest,
+        allow_downgrade: bool,
+    ) -> Result<(), DowngradeRefused> {
+        let Some(highest) = self
+            .highest_version
+            .as_deref()
+            .and_then(|v| reload_artifact::version::parse_version(v).ok())
+        else {
+            return Ok(());
+        };
+        if manifest.semver() >= highest {
+            return Ok(());
+        }
+        let what = format!(
+            "{} {} is below {highest}, the highest version this agent activated",
+            manifest.service, manifest.version
+        );
+        if !allow_downgrade {
+            return Err(DowngradeRefused::NotAskedFor { what });
+        }
+        let ran_here = self.activated.contains(&manifest.sha256);
+        if !ran_here && !manifest.allow_downgrade {
+            return Err(DowngradeRefused::NotPermitted { what });
+        }
+        tracing::warn!(service = %manifest.service, version = %manifest.version, %highest, "downgrade allowed below the floor");
+        Ok(())
+    }
+
+    /// Every artifact these versions may return to (current and history):
+    /// what the store must not prune.
+    pub fn pinned(&self) -> Vec<String> {
+        self.current
+            .iter()
+            .chain(&self.history)
+            .map(|a| a.sha256.clone())
+            .collect()
+    }
+}
+
 pub struct StateFile {
     path: PathBuf,
     contents: Mutex<StateFileContents>,

@@ -41,7 +41,9 @@
 //!   socket is closed at once (the kernel queue lives on in the agent and the
 //!   new process), and each open keep-alive connection gets `Connection: close`
 //!   on its next response instead of being cut while the client may be sending.
-//!   See `DESIGN.md`, "Keep-alive connections: where even nginx loses requests".
+//!   Closing an idle keep-alive connection instead races the client's next
+//!   request on it: that race is how nginx loses about one request per
+//!   keep-alive connection per reload to a client that does not retry.
 //!
 //! # Layout
 //!

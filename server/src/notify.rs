@@ -168,6 +168,23 @@ fn abstract_addr(_name: &[u8]) -> io::Result<SocketAddr> {
     ))
 }
 
+/// The receiving side, for a supervisor: waits on its notify socket until a
+/// datagram says `READY=1` (one `KEY=VALUE` line among others), ignoring
+/// every other message (`STATUS=`, `MAINPID=`). The agent waits for its
+/// services this way, and the standalone self-upgrade for its successor.
+pub async fn recv_ready(socket: &tokio::net::UnixDatagram) -> io::Result<()> {
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buffer).await?;
+        if String::from_utf8_lossy(&buffer[..n])
+            .lines()
+            .any(|line| line.trim() == "READY=1")
+        {
+            return Ok(());
+        }
+    }
+}
+
 /// The process-wide notifier, from `NOTIFY_SOCKET`, read once.
 ///
 /// `None` when the variable was not set. Only the reason is kept for an

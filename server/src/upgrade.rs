@@ -246,18 +246,7 @@ impl SelfUpgrade {
         let pid = child.id().unwrap_or(0);
         tracing::info!(pid, path = %self.exe.display(), "self-upgrade: started the new process, waiting for READY=1");
 
-        let ready = async {
-            let mut buffer = [0u8; 4096];
-            loop {
-                let n = notify.recv(&mut buffer).await?;
-                if String::from_utf8_lossy(&buffer[..n])
-                    .lines()
-                    .any(|l| l.trim() == "READY=1")
-                {
-                    return Ok::<(), std::io::Error>(());
-                }
-            }
-        };
+        let ready = crate::notify::recv_ready(&notify);
         let outcome = tokio::time::timeout(self.config.ready_timeout, async {
             tokio::select! {
                 status = child.wait() => Err(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),

@@ -1,41 +1,17 @@
-//! Health probes: the agent's view of whether each service is healthy,
+//! Steady-state health probes: the agent's view of whether each service is healthy,
 //! reported on gRPC (`GetStatus`, `grpc.health.v1` per service name) and on
 //! the HTTP `/healthz` endpoint that load balancers and `reloadctl` poll.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use reload_proto::v1 as pb;
 use tonic_health::ServingStatus;
 
+use super::readiness::http_get_ok;
+use super::service::Service;
 use crate::config::HealthProbe;
+use crate::events::EventBus;
 use crate::events::EventFields;
-use crate::supervisor::{Service, Supervisor};
-
-/// GET `path` on `address`; true on a 2xx answer within `timeout`. Plain
-/// HTTP/1.1 through hyper's client connection: no pool, no retry, so a
-/// failure is seen as a failure.
-pub async fn http_get_ok(address: SocketAddr, path: &str, timeout: Duration) -> bool {
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, address.to_string())
-            .header(hyper::header::CONNECTION, "close")
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let response = sender.send_request(request).await.ok()?;
-        Some(response.status().is_success())
-    };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
-}
 
 async fn probe_once(service: &Service) -> bool {
     let config = &service.config;
@@ -77,14 +53,14 @@ async fn probe_once(service: &Service) -> bool {
 }
 
 /// Probes every service at its interval, forever.
-pub fn start_probes(
-    supervisor: &Arc<Supervisor>,
+pub fn start_probes<'a>(
+    services: impl Iterator<Item = &'a Arc<Service>>,
+    events: &Arc<EventBus>,
     reporter: tonic_health::server::HealthReporter,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
-    for service in supervisor.services() {
-        let (supervisor, service, reporter) =
-            (supervisor.clone(), service.clone(), reporter.clone());
+    for service in services {
+        let (events, service, reporter) = (events.clone(), service.clone(), reporter.clone());
         tasks.spawn(async move {
             let mut interval = tokio::time::interval(service.config.health_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,7 +79,7 @@ pub fn start_probes(
                     .set_service_status(&service.config.name, serving)
                     .await;
                 let status = service.status();
-                supervisor.events.emit(
+                events.emit(
                     pb::EventKind::HealthChanged,
                     EventFields {
                         service: &service.config.name,

@@ -29,6 +29,9 @@ use reload_artifact::{Manifest, VerifiedManifest, VerifyError};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+mod verifier;
+pub use verifier::{ArtifactRejected, ArtifactVerifier};
+
 /// Chunks queued between the gRPC receiver and the hashing writer thread;
 /// enough to keep both busy, small enough to bound memory per upload.
 const WRITER_QUEUE_CHUNKS: usize = 8;
@@ -71,7 +74,7 @@ pub struct ArtifactStore {
     commit_lock: Mutex<()>,
     temp_counter: AtomicU64,
     /// Per service, artifacts pruning must keep whatever their age: the
-    /// current and previous versions (the supervisor says which).
+    /// current and previous versions (the service registry says which).
     pinned: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 

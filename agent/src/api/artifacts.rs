@@ -1,0 +1,284 @@
+//! `ArtifactService`: stat, upload, list and validate. An upload's envelope
+//! is verified before any byte is accepted (see
+//! [`crate::store::ArtifactVerifier`]); the bytes stream into the store,
+//! which alone decides when a file becomes visible under its final name.
+
+use std::time::Duration;
+
+use reload_artifact::VerifiedManifest;
+use reload_proto::prost_types;
+use reload_proto::v1 as pb;
+use reload_proto::v1::upload_artifact_request::Part;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::{audit_result, Right};
+use super::{AgentApi, AgentState};
+use crate::events::EventFields;
+use crate::store::StoredArtifact;
+
+impl AgentState {
+    /// Refuses an upload that would leave less than `min_free_space` on the
+    /// store's disk: a full disk breaks the agent's state, not just uploads.
+    fn check_free_space(&self, size: u64) -> Result<(), Status> {
+        let stats = nix::sys::statvfs::statvfs(self.store.temp_dir()).map_err(|err| {
+            Status::internal(format!(
+                "cannot read the free space of the store's disk: {err}"
+            ))
+        })?;
+        let free = stats.blocks_available() as u64 * stats.fragment_size() as u64;
+        let margin = self.config.limits.min_free_bytes;
+        if free < size.saturating_add(margin) {
+            return Err(Status::resource_exhausted(format!(
+                "the store's disk has {free} bytes free; this artifact needs {size} and {margin} must stay free ([limits] min_free_space): free space or prune old artifacts"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn upload(
+        &self,
+        mut stream: Streaming<pb::UploadArtifactRequest>,
+    ) -> Result<pb::UploadArtifactResponse, Status> {
+        let idle = self.config.limits.upload_idle_timeout;
+        let envelope = match next_message(&mut stream, idle).await? {
+            Some(pb::UploadArtifactRequest {
+                part: Some(Part::Envelope(envelope)),
+            }) => envelope,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first UploadArtifact message must carry the envelope (field `envelope`), not a chunk",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the upload stream ended before its first message (the envelope)",
+                ))
+            }
+        };
+        let verified = self.verifier.check_envelope(&envelope)?;
+        let span = tracing::info_span!(
+            "upload",
+            service = %verified.manifest.service,
+            version = %verified.manifest.version,
+            sha256 = %verified.manifest.sha256,
+        );
+        let (check, check_envelope) = (verified.clone(), envelope.clone());
+        if let Some(existing) = self
+            .with_store(move |store| store.restore_existing(&check, &check_envelope))
+            .await?
+        {
+            span.in_scope(|| tracing::info!("artifact already stored; upload skipped"));
+            return Ok(pb::UploadArtifactResponse {
+                artifact: Some(artifact_info(&existing)),
+                already_present: true,
+                bytes_received: 0,
+            });
+        }
+
+        self.check_free_space(verified.manifest.size)?;
+        let mut upload = self.store.begin_upload(verified, envelope)?;
+        let max_chunk = self.config.limits.max_chunk_bytes;
+        while let Some(message) = next_message(&mut stream, idle).await? {
+            match message.part {
+                Some(Part::Chunk(chunk)) => {
+                    if chunk.len() as u64 > max_chunk {
+                        return Err(Status::resource_exhausted(format!(
+                            "a chunk of {} bytes is above this agent's max_chunk_size of {max_chunk} bytes; send smaller chunks (reloadctl sends 256 KiB)",
+                            chunk.len()
+                        )));
+                    }
+                    upload.write_chunk(chunk).await?;
+                }
+                Some(Part::Envelope(_)) => {
+                    return Err(Status::invalid_argument(
+                        "the envelope was sent twice; send it only in the first message",
+                    ))
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an UploadArtifact message carried neither envelope nor chunk",
+                    ))
+                }
+            }
+        }
+        let received = upload.received();
+        let stored = upload.finish(&self.store).await?;
+        span.in_scope(|| tracing::info!(bytes = received, "artifact verified and stored"));
+        self.services.events().emit(
+            pb::EventKind::ArtifactStored,
+            EventFields {
+                service: &stored.manifest.service,
+                version: &stored.manifest.version,
+                sha256: &stored.manifest.sha256,
+                pid: 0,
+                message: format!(
+                    "stored {} {} ({received} bytes)",
+                    stored.manifest.service, stored.manifest.version
+                ),
+            },
+        );
+        Ok(pb::UploadArtifactResponse {
+            artifact: Some(artifact_info(&stored)),
+            already_present: false,
+            bytes_received: received,
+        })
+    }
+}
+
+/// The next message, or a DEADLINE_EXCEEDED if the client stalls: a slow
+/// or stuck client must not hold an upload slot and a temp file forever.
+async fn next_message(
+    stream: &mut Streaming<pb::UploadArtifactRequest>,
+    idle: Duration,
+) -> Result<Option<pb::UploadArtifactRequest>, Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(result) => result,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the upload sent nothing for {}; it was cut off (upload_idle_timeout)",
+            humantime::format_duration(idle)
+        ))),
+    }
+}
+
+fn timestamp(text: &str) -> Option<prost_types::Timestamp> {
+    humantime::parse_rfc3339(text).ok().map(Into::into)
+}
+
+fn manifest_pb(m: &reload_artifact::Manifest) -> pb::ArtifactManifest {
+    pb::ArtifactManifest {
+        service: m.service.clone(),
+        version: m.version.clone(),
+        sha256: m.sha256.clone(),
+        size: m.size,
+        os: m.os.clone(),
+        arch: m.arch.clone(),
+        created: timestamp(&m.created),
+        expires: timestamp(&m.expires),
+        allow_downgrade: m.allow_downgrade,
+    }
+}
+
+pub fn artifact_info(artifact: &StoredArtifact) -> pb::ArtifactInfo {
+    pb::ArtifactInfo {
+        manifest: Some(manifest_pb(&artifact.manifest)),
+        key_ids: artifact.key_ids.clone(),
+        stored_at: Some(artifact.stored_at.into()),
+    }
+}
+
+fn verified_info(verified: &VerifiedManifest) -> pb::ArtifactInfo {
+    pb::ArtifactInfo {
+        manifest: Some(manifest_pb(&verified.manifest)),
+        key_ids: verified.key_ids.clone(),
+        stored_at: None,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::artifact_service_server::ArtifactService for AgentApi {
+    async fn stat_artifact(
+        &self,
+        request: Request<pb::StatArtifactRequest>,
+    ) -> Result<Response<pb::StatArtifactResponse>, Status> {
+        self.check_read(&request, "StatArtifact")?;
+        let sha256 = request.into_inner().sha256;
+        let found = self.with_store(move |store| store.stat(&sha256)).await?;
+        Ok(Response::new(pb::StatArtifactResponse {
+            present: found.is_some(),
+            artifact: found.as_ref().map(artifact_info),
+        }))
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<pb::UploadArtifactRequest>>,
+    ) -> Result<Response<pb::UploadArtifactResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "UploadArtifact");
+        let result = match allowed {
+            Err(status) => Err(status),
+            Ok(()) => match self.upload_slots.clone().try_acquire_owned() {
+                Err(_) => Err(Status::resource_exhausted(format!(
+                    "{} uploads are already running on this agent (max_concurrent_uploads); retry when one finishes",
+                    self.config.limits.max_concurrent_uploads
+                ))),
+                Ok(_slot) => {
+                    let max = self.config.limits.upload_max_duration;
+                    match tokio::time::timeout(max, self.upload(request.into_inner())).await {
+                        Ok(result) => result,
+                        Err(_) => Err(Status::deadline_exceeded(format!(
+                            "the upload took longer than {} in all and was cut off ([limits] upload_max_duration)",
+                            humantime::format_duration(max)
+                        ))),
+                    }
+                }
+            },
+        };
+        let manifest = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.artifact.as_ref())
+            .and_then(|a| a.manifest.clone())
+            .unwrap_or_default();
+        let (label, bytes) = match &result {
+            Ok(r) if r.already_present => ("already_present", 0),
+            Ok(r) => ("stored", r.bytes_received),
+            Err(_) => ("refused", 0),
+        };
+        let label = crate::metrics::Result_ {
+            result: label.into(),
+        };
+        self.metrics.uploads.get_or_create(&label).inc();
+        self.metrics
+            .upload_bytes
+            .get_or_create(&label)
+            .inc_by(bytes);
+        self.audit(
+            &identity,
+            "UploadArtifact",
+            &manifest.service,
+            &manifest.version,
+            &manifest.sha256,
+            audit_result(&result),
+        );
+        result.map(Response::new)
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        self.check_read(&request, "ListArtifacts")?;
+        let service = request.into_inner().service;
+        let found = self
+            .with_store(move |store| store.list((!service.is_empty()).then_some(service.as_str())))
+            .await?;
+        Ok(Response::new(pb::ListArtifactsResponse {
+            artifacts: found.iter().map(artifact_info).collect(),
+        }))
+    }
+
+    async fn validate_artifact(
+        &self,
+        request: Request<pb::ValidateArtifactRequest>,
+    ) -> Result<Response<pb::ValidateArtifactResponse>, Status> {
+        self.check_read(&request, "ValidateArtifact")?;
+        use pb::validate_artifact_request::Target;
+        let info = match request.into_inner().target {
+            Some(Target::Envelope(envelope)) => {
+                verified_info(&self.verifier.check_envelope(&envelope)?)
+            }
+            Some(Target::Sha256(sha256)) => {
+                let (stored, verified) = self.verifier.check_stored(&sha256, None).await?;
+                let mut info = verified_info(&verified);
+                info.stored_at = Some(stored.stored_at.into());
+                info
+            }
+            None => return Err(Status::invalid_argument(
+                "ValidateArtifact needs a target: `sha256` of a stored artifact or an `envelope`",
+            )),
+        };
+        Ok(Response::new(pb::ValidateArtifactResponse {
+            artifact: Some(info),
+        }))
+    }
+}

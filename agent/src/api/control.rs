@@ -1,0 +1,180 @@
+//! `ServiceControl`: activate, rollback, status and the event stream of the
+//! services this agent runs (the work is in [`crate::services`]).
+
+use reload_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::auth::{reload_audit, Right};
+use super::AgentApi;
+use crate::services::{ServiceError, Services};
+
+/// A reload call as the audit log records it.
+struct ReloadCall {
+    name: &'static str,
+    identity: String,
+    service: String,
+    lease: Option<pb::LeaseRef>,
+    /// What was asked for; empty for a rollback, which records the
+    /// artifact it went back to.
+    sha256: String,
+}
+
+type Reloaded = (pb::ReloadResult, pb::ServiceStatus);
+
+impl AgentApi {
+    /// Runs a reload, after the caller's right and the lease, with its
+    /// audit line, in a task of its own: a caller that disconnects (a CLI
+    /// killed mid-rollout) must not cancel a reload half-way, with a new
+    /// process started that nobody supervises, nor leave it unaudited.
+    async fn run_reload<F, Fut>(
+        &self,
+        call: ReloadCall,
+        allowed: Result<(), Status>,
+        work: F,
+    ) -> Result<Reloaded, Status>
+    where
+        F: FnOnce(std::sync::Arc<Services>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Reloaded, ServiceError>> + Send,
+    {
+        let api = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                allowed?;
+                api.leases.check_mutation(call.lease.as_ref())?;
+                Ok(work(api.services.clone()).await?)
+            }
+            .await;
+            let (version, outcome) = reload_audit(&result);
+            let sha256 = match (&result, call.sha256.is_empty()) {
+                (Ok((_, status)), true) => status.current_sha256.clone(),
+                _ => call.sha256.clone(),
+            };
+            api.audit(
+                &call.identity,
+                call.name,
+                &call.service,
+                &version,
+                &sha256,
+                outcome,
+            );
+            result
+        })
+        .await
+        .map_err(|err| Status::internal(format!("the reload task failed: {err}")))?
+    }
+}
+
+#[tonic::async_trait]
+impl pb::service_control_server::ServiceControl for AgentApi {
+    async fn activate(
+        &self,
+        request: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::ActivateResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "Activate");
+        let request = request.into_inner();
+        let call = ReloadCall {
+            name: "Activate",
+            identity,
+            service: request.service.clone(),
+            lease: request.lease,
+            sha256: request.sha256.clone(),
+        };
+        let (result, status) = self
+            .run_reload(call, allowed, move |services| async move {
+                services
+                    .activate(&request.service, &request.sha256, request.allow_downgrade)
+                    .await
+            })
+            .await?;
+        Ok(Response::new(pb::ActivateResponse {
+            result: Some(result),
+            status: Some(status),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "Rollback");
+        let request = request.into_inner();
+        let call = ReloadCall {
+            name: "Rollback",
+            identity,
+            service: request.service.clone(),
+            lease: request.lease,
+            sha256: String::new(),
+        };
+        let (result, status) = self
+            .run_reload(call, allowed, move |services| async move {
+                services
+                    .rollback(&request.service, request.allow_downgrade)
+                    .await
+            })
+            .await?;
+        Ok(Response::new(pb::RollbackResponse {
+            result: Some(result),
+            status: Some(status),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.check_read(&request, "GetStatus")?;
+        let name = request.into_inner().service;
+        let services = if name.is_empty() {
+            self.services.services().map(|s| s.status()).collect()
+        } else {
+            vec![self.services.service(&name)?.status()]
+        };
+        Ok(Response::new(pb::GetStatusResponse { services }))
+    }
+
+    type WatchEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.check_read(&request, "WatchEvents")?;
+        use tokio_stream::StreamExt;
+        let service = request.into_inner().service;
+        if !service.is_empty() {
+            self.services.service(&service)?;
+        }
+        let events = tokio_stream::wrappers::BroadcastStream::new(self.services.events().subscribe())
+            .filter_map(move |event| match event {
+                Ok(event) if service.is_empty() || event.service == service => Some(Ok(event)),
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::resource_exhausted(format!(
+                        "this watcher fell {n} events behind and was dropped; watch again and read GetStatus"
+                    ))))
+                }
+            })
+            // After a lag error the stream ends: a watcher must not believe
+            // it saw every event.
+            .map_while({
+                let mut ended = false;
+                move |item| {
+                    if ended {
+                        return None;
+                    }
+                    ended = item.is_err();
+                    Some(item)
+                }
+            })
+            .map(Some)
+            // The agent re-executing itself ends the stream.
+            .merge(
+                tokio_stream::wrappers::WatchStream::new(self.services.events().closing())
+                    .filter(|closing| *closing)
+                    .map(|_| None),
+            )
+            .map_while(|item| item);
+        Ok(Response::new(Box::pin(events)))
+    }
+}

@@ -1,0 +1,377 @@
+//! `[[service]]`: one managed program as written in the config, and as
+//! checked and resolved ([`ServiceConfig`]): its listeners, readiness,
+//! health probe, preflight, drain and restart settings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// One `[[service]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServiceSection {
+    name: String,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<ListenerConfig>,
+    /// Arguments given to the artifact (argv[1..]).
+    #[serde(default)]
+    args: Vec<String>,
+    /// Environment of the service, on top of PATH (nothing else of the
+    /// agent's environment is passed on).
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+    #[serde(default)]
+    readiness: ReadinessConfig,
+    #[serde(default)]
+    health: HealthConfig,
+    #[serde(default)]
+    preflight: PreflightConfig,
+    #[serde(default)]
+    drain: DrainConfig,
+    #[serde(default)]
+    restart: RestartConfig,
+}
+
+/// A socket the agent binds once and hands to every process of a service,
+/// as fd 3, 4, ... in this order (systemd's LISTEN_FDS protocol).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Passed in LISTEN_FDNAMES; the program takes its sockets by name.
+    pub name: String,
+    pub tcp: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub udp: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Tcp(SocketAddr),
+    Udp(SocketAddr),
+    Unix,
+}
+
+impl ListenerConfig {
+    pub fn kind(&self) -> ListenerKind {
+        match (self.tcp, &self.unix, self.udp) {
+            (Some(addr), _, _) => ListenerKind::Tcp(addr),
+            (_, _, Some(addr)) => ListenerKind::Udp(addr),
+            _ => ListenerKind::Unix,
+        }
+    }
+}
+
+/// How the agent learns that a new process is ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// `READY=1` on the per-spawn NOTIFY_SOCKET (systemd's protocol): exact,
+    /// and the only kind that cannot be answered by the *old* process.
+    Notify,
+    /// GET `path` on `address` answers 200. The address should be the new
+    /// process's own (an admin port): a shared listener may be answered by
+    /// the old process.
+    Http { address: SocketAddr, path: String },
+    /// A TCP connect to `address` succeeds (same caveat as http).
+    Tcp { address: SocketAddr },
+    /// Ready after a fixed delay, for programs that can do nothing else.
+    Delay { delay: Duration },
+}
+
+/// `[service.readiness]` as written: `kind` picks which other keys apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ReadinessConfig {
+    kind: String,
+    address: Option<SocketAddr>,
+    path: Option<String>,
+    #[serde(with = "humantime_serde")]
+    delay: Option<Duration>,
+    /// A new process not ready by then is killed; the old one keeps serving.
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            kind: "notify".into(),
+            address: None,
+            path: None,
+            delay: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ReadinessConfig {
+    fn probe(&self, service: &str) -> anyhow::Result<Readiness> {
+        let need = |what: &str| {
+            anyhow::anyhow!(
+                "service {service:?}: [service.readiness] kind = {:?} needs {what}",
+                self.kind
+            )
+        };
+        Ok(match self.kind.as_str() {
+            "notify" => Readiness::Notify,
+            "http" => Readiness::Http {
+                address: self.address.ok_or_else(|| need("address = \"HOST:PORT\""))?,
+                path: self.path.clone().unwrap_or_else(|| "/".into()),
+            },
+            "tcp" => Readiness::Tcp {
+                address: self.address.ok_or_else(|| need("address = \"HOST:PORT\""))?,
+            },
+            "delay" => Readiness::Delay {
+                delay: self.delay.ok_or_else(|| need("delay = \"2s\""))?,
+            },
+            other => bail!("service {service:?}: [service.readiness] kind {other:?} is not one of notify, http, tcp, delay"),
+        })
+    }
+}
+
+/// Steady-state health, reported on gRPC and `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthProbe {
+    /// No probe: a running process counts as healthy.
+    None,
+    /// GET `path` on the listener named `listener` (default: the first TCP
+    /// listener) answers 2xx.
+    Http {
+        path: String,
+        listener: Option<String>,
+    },
+    /// A TCP connect to the named listener succeeds within the timeout.
+    /// Weak: the agent holds the socket, so the kernel accepts a connect
+    /// even while no process serves; prefer http or exec.
+    Tcp { listener: Option<String> },
+    /// The command exits 0.
+    Exec { command: Vec<String> },
+}
+
+/// `[service.health]` as written: `kind` picks which other keys apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HealthConfig {
+    kind: String,
+    path: Option<String>,
+    listener: Option<String>,
+    command: Option<Vec<String>>,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            kind: "none".into(),
+            path: None,
+            listener: None,
+            command: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HealthConfig {
+    fn probe(&self, service: &str) -> anyhow::Result<HealthProbe> {
+        Ok(match self.kind.as_str() {
+            "none" => HealthProbe::None,
+            "http" => HealthProbe::Http {
+                path: self.path.clone().unwrap_or_else(|| "/".into()),
+                listener: self.listener.clone(),
+            },
+            "tcp" => HealthProbe::Tcp {
+                listener: self.listener.clone(),
+            },
+            "exec" => match &self.command {
+                Some(command) if !command.is_empty() => HealthProbe::Exec {
+                    command: command.clone(),
+                },
+                _ => bail!("service {service:?}: [service.health] kind = \"exec\" needs command = [\"program\", ...]"),
+            },
+            other => bail!("service {service:?}: [service.health] kind {other:?} is not one of none, http, tcp, exec"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PreflightConfig {
+    /// Run the new binary with these arguments before activation; it must
+    /// exit 0. Empty: no preflight.
+    args: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for PreflightConfig {
+    fn default() -> Self {
+        PreflightConfig {
+            args: vec!["--version".into()],
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DrainConfig {
+    /// SIGTERM by default; SIGQUIT for nginx-like programs.
+    signal: String,
+    /// After this the old process group gets SIGKILL.
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            signal: "SIGTERM".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RestartConfig {
+    #[serde(with = "humantime_serde")]
+    initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    max_backoff: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A checked service declaration.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listeners: Vec<ListenerConfig>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: PathBuf,
+    pub readiness: Readiness,
+    pub ready_timeout: Duration,
+    pub health: HealthProbe,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub preflight_args: Vec<String>,
+    pub preflight_timeout: Duration,
+    pub drain_signal: nix::sys::signal::Signal,
+    pub drain_timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ServiceConfig {
+    /// The address a health probe should use for `listener` (or the first
+    /// TCP listener).
+    pub fn tcp_address(&self, listener: Option<&str>) -> Option<SocketAddr> {
+        ServiceConfig::tcp_address_of(&self.listeners, listener)
+    }
+}
+
+pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Result<ServiceConfig> {
+    let name = section.name;
+    reload_artifact::manifest::validate_service_name(&name)
+        .with_context(|| "[[service]] name".to_string())?;
+    if name == crate::handover::AGENT_SERVICE {
+        anyhow::bail!(
+            "[[service]] name {name:?} is reserved for the agent's own releases (UpgradeAgent); name the service otherwise"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for listener in &section.listeners {
+        let kinds = [
+            listener.tcp.is_some(),
+            listener.unix.is_some(),
+            listener.udp.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            bail!("service {name:?} listener {:?}: give exactly one of tcp = \"ADDR\", unix = \"PATH\", udp = \"ADDR\"", listener.name);
+        }
+        if listener.name.is_empty() || listener.name.contains(':') {
+            bail!("service {name:?}: listener name {:?} must be non-empty and contain no ':' (LISTEN_FDNAMES separates names with ':')", listener.name);
+        }
+        if !seen.insert(listener.name.clone()) {
+            bail!(
+                "service {name:?}: two listeners are named {:?}",
+                listener.name
+            );
+        }
+    }
+    let readiness = section.readiness.probe(&name)?;
+    let health = section.health.probe(&name)?;
+    if let HealthProbe::Http { listener, .. } | HealthProbe::Tcp { listener } = &health {
+        let probe = ServiceConfig::tcp_address_of(&section.listeners, listener.as_deref());
+        if probe.is_none() {
+            bail!(
+                "service {name:?}: the health probe needs a TCP listener{}",
+                listener
+                    .as_deref()
+                    .map(|l| format!(" named {l:?}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let drain_signal: nix::sys::signal::Signal = section.drain.signal.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "service {name:?}: drain signal {:?} is not a signal name such as SIGTERM or SIGQUIT",
+            section.drain.signal
+        )
+    })?;
+    if section.readiness.timeout.is_zero() || section.drain.timeout.is_zero() {
+        bail!("service {name:?}: readiness and drain timeouts must be above zero");
+    }
+    Ok(ServiceConfig {
+        listeners: section
+            .listeners
+            .into_iter()
+            .map(|mut l| {
+                l.unix = l.unix.map(|p| base.join(p));
+                l
+            })
+            .collect(),
+        args: section.args,
+        env: section.env.into_iter().collect(),
+        working_dir: base.join(section.working_dir.unwrap_or_else(|| PathBuf::from("."))),
+        readiness,
+        ready_timeout: section.readiness.timeout,
+        health,
+        health_interval: section.health.interval,
+        health_timeout: section.health.timeout,
+        preflight_args: section.preflight.args,
+        preflight_timeout: section.preflight.timeout,
+        drain_signal,
+        drain_timeout: section.drain.timeout,
+        initial_backoff: section.restart.initial_backoff,
+        max_backoff: section
+            .restart
+            .max_backoff
+            .max(section.restart.initial_backoff),
+        name,
+    })
+}
+
+impl ServiceConfig {
+    fn tcp_address_of(listeners: &[ListenerConfig], listener: Option<&str>) -> Option<SocketAddr> {
+        listeners
+            .iter()
+            .filter(|l| listener.is_none_or(|name| name == l.name))
+            .find_map(|l| l.tcp)
+    }
+}

@@ -1,0 +1,623 @@
+//! [`Handoff`]: one reload of a service, as one sequence.
+//!
+//! verify -> preflight -> spawn -> ready -> commit -> drain:
+//! 1. verify: the stored artifact is checked again, as at upload (see
+//!    [`ArtifactVerifier`]): a file changed in the store is never run;
+//! 2. preflight: the new binary runs once with the preflight arguments,
+//!    without sockets, bounded in time;
+//! 3. spawn: the new process starts in its own process group with the
+//!    *same* listening sockets as the serving one; both accept from the
+//!    same kernel queue, so nothing queued is lost (a fresh SO_REUSEPORT
+//!    socket would not do: its queue is reset when one side closes);
+//! 4. ready: its readiness condition, bounded by the readiness timeout; a
+//!    crash or a timeout kills the new process group and leaves the old
+//!    process serving, untouched;
+//! 5. commit: the new version is made current and persisted (fsync +
+//!    rename) before the old process is told anything;
+//! 6. drain: the old process gets its drain signal, the drain timeout, then
+//!    SIGKILL of its group. The service's reload lock is held until the
+//!    drain ends, so the next reload waits for it (bounded).
+//!
+//! A crash restart (see [`super::monitor`]) runs steps 1-4 too.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use reload_proto::v1 as pb;
+use reload_server::spawn::{spawn_service, ServiceChild, SpawnSpec};
+
+use super::error::ServiceError;
+use super::preflight::run_preflight;
+use super::process::{describe_exit, drain, watch_process, Process};
+use super::readiness::{describe_readiness, wait_ready, NotifyPath};
+use super::service::Service;
+use crate::config::Readiness;
+use crate::events::{EventBus, EventFields};
+use crate::main_thread::Launcher;
+use crate::metrics::SharedMetrics;
+use crate::state::{ArtifactRef, StateFile};
+use crate::store::{ArtifactVerifier, StoredArtifact};
+
+/// Why a start or reload did not produce a ready process.
+pub(super) struct StartFailure {
+    pub(super) outcome: pb::ReloadOutcome,
+    pub(super) reason: String,
+    pub(super) new_pid: u32,
+}
+
+impl StartFailure {
+    fn new(outcome: pb::ReloadOutcome, reason: impl Into<String>) -> StartFailure {
+        StartFailure {
+            outcome,
+            reason: reason.into(),
+            new_pid: 0,
+        }
+    }
+}
+
+/// What every reload and restart of any service uses; see the module docs.
+pub struct Handoff {
+    verifier: Arc<ArtifactVerifier>,
+    state: Arc<StateFile>,
+    events: Arc<EventBus>,
+    metrics: SharedMetrics,
+    /// Forks happen on the main thread (see [`crate::main_thread`]).
+    launcher: Launcher,
+    /// Where per-spawn notify sockets are made.
+    run_dir: PathBuf,
+    spawn_counter: AtomicU64,
+    /// Names this agent image's notify sockets apart from those of the
+    /// image before an in-place upgrade (still in use by adopted processes).
+    image_started_ms: u128,
+}
+
+impl Handoff {
+    pub fn new(
+        verifier: Arc<ArtifactVerifier>,
+        state: Arc<StateFile>,
+        events: Arc<EventBus>,
+        metrics: SharedMetrics,
+        launcher: Launcher,
+        run_dir: PathBuf,
+    ) -> Handoff {
+        Handoff {
+            verifier,
+            state,
+            events,
+            metrics,
+            launcher,
+            run_dir,
+            spawn_counter: AtomicU64::new(0),
+            image_started_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        }
+    }
+
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    pub(super) fn state(&self) -> &StateFile {
+        &self.state
+    }
+
+    pub(super) fn verifier(&self) -> &ArtifactVerifier {
+        &self.verifier
+    }
+
+    pub(super) fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
+    /// Steps 1-4: verify, preflight, spawn, wait for ready.
+    pub(super) async fn start(
+        &self,
+        service: &Service,
+        sha256: &str,
+    ) -> Result<Process, StartFailure> {
+        let artifact = self.verify(service, sha256).await?;
+        self.preflight(service, &artifact).await?;
+        self.spawn_until_ready(service, &artifact).await
+    }
+
+    /// Re-reads and re-verifies a stored artifact as one of this service.
+    async fn verify(
+        &self,
+        service: &Service,
+        sha256: &str,
+    ) -> Result<StoredArtifact, StartFailure> {
+        self.verifier
+            .check_stored(sha256, Some(&service.config.name))
+            .await
+            .map(|(stored, _)| stored)
+            .map_err(|err| {
+                StartFailure::new(pb::ReloadOutcome::VerificationFailed, err.to_string())
+            })
+    }
+
+    fn child_env(&self, service: &Service, artifact: &StoredArtifact) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )];
+        env.extend(service.config.env.iter().cloned());
+        env.push(("RELOAD_SERVICE".into(), service.config.name.clone()));
+        env.push((
+            "RELOAD_SERVICE_VERSION".into(),
+            artifact.manifest.version.clone(),
+        ));
+        env.push((
+            "RELOAD_ARTIFACT_SHA256".into(),
+            artifact.manifest.sha256.clone(),
+        ));
+        env
+    }
+
+    /// Runs the new binary with the preflight arguments, without sockets,
+    /// bounded in time (see [`super::preflight`]).
+    async fn preflight(
+        &self,
+        service: &Service,
+        artifact: &StoredArtifact,
+    ) -> Result<(), StartFailure> {
+        let config = &service.config;
+        if config.preflight_args.is_empty() {
+            return Ok(());
+        }
+        self.events.emit(
+            pb::EventKind::Preflight,
+            EventFields {
+                service: &config.name,
+                version: &artifact.manifest.version,
+                sha256: &artifact.manifest.sha256,
+                pid: 0,
+                message: format!(
+                    "preflight: {} {}",
+                    artifact.manifest.version,
+                    config.preflight_args.join(" ")
+                ),
+            },
+        );
+        let mut command = tokio::process::Command::new(&artifact.path);
+        command
+            .args(&config.preflight_args)
+            .env_clear()
+            .envs(self.child_env(service, artifact))
+            .current_dir(&config.working_dir);
+        run_preflight(command, config.preflight_timeout)
+            .await
+            .map(|_| ())
+            .map_err(|failure| {
+                StartFailure::new(
+                    pb::ReloadOutcome::PreflightFailed,
+                    format!("preflight `{}` {failure}", config.preflight_args.join(" ")),
+                )
+            })
+    }
+
+    /// Spawns the artifact with the service's sockets and waits until it is
+    /// ready. On any failure the new process group is killed and reaped.
+    async fn spawn_until_ready(
+        &self,
+        service: &Service,
+        artifact: &StoredArtifact,
+    ) -> Result<Process, StartFailure> {
+        let config = &service.config;
+        let n = self.spawn_counter.fetch_add(1, Ordering::Relaxed);
+        let mut env = self.child_env(service, artifact);
+        let notify = if config.readiness == Readiness::Notify {
+            let path = self.run_dir.join(format!(
+                "{}-{}-{n}.notify",
+                config.name, self.image_started_ms
+            ));
+            let socket = tokio::net::UnixDatagram::bind(&path).map_err(|err| {
+                StartFailure::new(
+                    pb::ReloadOutcome::SpawnFailed,
+                    format!("cannot create the notify socket {}: {err}", path.display()),
+                )
+            })?;
+            env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+            Some((socket, NotifyPath(path)))
+        } else {
+            None
+        };
+        self.events.emit(
+            pb::EventKind::Spawning,
+            EventFields {
+                service: &config.name,
+                version: &artifact.manifest.version,
+                sha256: &artifact.manifest.sha256,
+                pid: 0,
+                message: format!("spawning {}", artifact.manifest.version),
+            },
+        );
+        let spawn_failed =
+            |reason: String| StartFailure::new(pb::ReloadOutcome::SpawnFailed, reason);
+        let sockets = service
+            .sockets
+            .iter()
+            .map(|l| Ok((l.name.clone(), l.fd.try_clone()?)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|err| spawn_failed(format!("cannot duplicate a listening socket: {err}")))?;
+        let (program, args, working_dir) = (
+            artifact.path.clone(),
+            config.args.clone(),
+            config.working_dir.clone(),
+        );
+        // Forked on the main thread: see crate::main_thread.
+        let child = self
+            .launcher
+            .run(move || {
+                spawn_service(SpawnSpec {
+                    program: &program,
+                    args: &args,
+                    env,
+                    working_dir: &working_dir,
+                    sockets: sockets
+                        .iter()
+                        .map(|(name, fd)| (name.clone(), fd.as_fd()))
+                        .collect(),
+                    die_with_parent: true,
+                    own_process_group: true,
+                })
+            })
+            .await
+            .ok_or_else(|| spawn_failed("the agent is stopping".into()))?
+            .map_err(|err| spawn_failed(format!("spawn failed: {err}")))?;
+        let ServiceChild {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        } = child;
+        let process = watch_process(&config.name, pid, pidfd, stdout, stderr, Instant::now())
+            .map_err(|err| spawn_failed(format!("cannot watch pid {pid}: {err}")))?;
+        let spawned = Instant::now();
+        let ready = tokio::time::timeout(config.ready_timeout, async {
+            tokio::select! {
+                status = process.wait() => Err(status),
+                () = wait_ready(&config.readiness, notify.as_ref().map(|(s, _)| s)) => Ok(()),
+            }
+        })
+        .await;
+        let failure = match ready {
+            Ok(Ok(())) => {
+                self.metrics
+                    .handoff_seconds
+                    .get_or_create(&crate::metrics::ServicePhase {
+                        service: config.name.clone(),
+                        phase: "start_to_ready".into(),
+                    })
+                    .observe(spawned.elapsed().as_secs_f64());
+                if let Some((socket, path)) = notify {
+                    process.listen_for_notifications(&config.name, socket, path);
+                }
+                return Ok(process);
+            }
+            Ok(Err(status)) => StartFailure {
+                outcome: pb::ReloadOutcome::ExitedBeforeReady,
+                reason: format!(
+                    "exited before ready ({}); stderr: {}",
+                    describe_exit(status),
+                    process.stderr_tail()
+                ),
+                new_pid: process.pid,
+            },
+            Err(_) => StartFailure {
+                outcome: pb::ReloadOutcome::ReadyTimeout,
+                reason: format!(
+                    "not ready within {} (readiness: {}); killed. stderr: {}",
+                    humantime::format_duration(config.ready_timeout),
+                    describe_readiness(&config.readiness),
+                    process.stderr_tail()
+                ),
+                new_pid: process.pid,
+            },
+        };
+        process.kill().await;
+        Err(failure)
+    }
+
+    /// Activates stored artifact `sha256` for `service`; `rollback` when it
+    /// goes back to the top of the history. Errors are refusals before
+    /// anything started; a reload that ran reports its outcome in the
+    /// result, whatever it was.
+    pub(super) async fn activate(
+        &self,
+        service: &Arc<Service>,
+        sha256: &str,
+        rollback: bool,
+        allow_downgrade: bool,
+    ) -> Result<pb::ReloadResult, ServiceError> {
+        let name = &service.config.name;
+        let store = self.verifier.store().clone();
+        let sha = sha256.to_string();
+        let artifact = tokio::task::spawn_blocking(move || store.stat(&sha))
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+            .map_err(ServiceError::Lookup)?
+            .ok_or_else(|| ServiceError::ArtifactNotStored(sha256.to_string()))?;
+        if artifact.manifest.service != *name {
+            return Err(ServiceError::WrongService {
+                sha256: sha256.to_string(),
+                service: artifact.manifest.service.clone(),
+                version: artifact.manifest.version.clone(),
+                wanted: name.clone(),
+            });
+        }
+        if service.reloading.swap(true, Ordering::SeqCst) {
+            return Err(ServiceError::ReloadRunning(name.clone()));
+        }
+        let _reloading = ResetOnDrop(&service.reloading);
+        // A previous reload may still be draining its old process: wait for
+        // it, bounded by the drain timeout (plus the SIGKILL and reap).
+        let bound = service.config.drain_timeout + Duration::from_secs(5);
+        let guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
+            .await
+            .map_err(|_| ServiceError::PreviousReloadStuck {
+                name: name.clone(),
+                bound: humantime::format_duration(bound).to_string(),
+            })?;
+        // Under the lock: a reload that finished meanwhile may have raised
+        // the floor.
+        service
+            .observe(|o| o.versions.clone())
+            .check_floor(&artifact.manifest, allow_downgrade)?;
+        Ok(self.replace(service, artifact, guard, rollback).await)
+    }
+
+    /// The sequence of the module docs, under the service's reload lock
+    /// (`guard`, handed on to the drain).
+    async fn replace(
+        &self,
+        service: &Arc<Service>,
+        artifact: StoredArtifact,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        rollback: bool,
+    ) -> pb::ReloadResult {
+        let (old_process, old_versions) =
+            service.observe(|o| (o.process.clone(), o.versions.clone()));
+        let new_ref = ArtifactRef {
+            sha256: artifact.manifest.sha256.clone(),
+            version: artifact.manifest.version.clone(),
+        };
+        let mut result = pb::ReloadResult {
+            outcome: pb::ReloadOutcome::Unspecified as i32,
+            reason: String::new(),
+            from_version: old_versions
+                .current
+                .as_ref()
+                .map(|a| a.version.clone())
+                .unwrap_or_default(),
+            to_version: new_ref.version.clone(),
+            old_pid: old_process.as_ref().map(|p| p.pid).unwrap_or(0),
+            new_pid: 0,
+            started: Some(SystemTime::now().into()),
+            finished: None,
+        };
+        service.set_state(if old_process.is_some() {
+            pb::ServiceState::Reloading
+        } else {
+            pb::ServiceState::Starting
+        });
+        self.emit(
+            service,
+            &new_ref,
+            pb::EventKind::Verifying,
+            0,
+            format!("verifying {}", new_ref.version),
+        );
+
+        // Steps 1-4. A failure leaves the old process serving, untouched.
+        let new_process = match self.start(service, &new_ref.sha256).await {
+            Ok(process) => process,
+            Err(failure) => {
+                self.record_failure(
+                    service,
+                    &new_ref,
+                    &mut result,
+                    failure,
+                    old_process.is_some(),
+                );
+                return result;
+            }
+        };
+        let new_pid = new_process.pid;
+        result.new_pid = new_pid;
+        self.emit(
+            service,
+            &new_ref,
+            pb::EventKind::Ready,
+            new_pid,
+            format!("{} is ready (pid {new_pid})", new_ref.version),
+        );
+
+        // Step 5: current, durably, before the old process is told to go.
+        self.commit(
+            service,
+            &new_ref,
+            old_versions.after(&new_ref, rollback),
+            new_process,
+        );
+        result.outcome = pb::ReloadOutcome::Succeeded as i32;
+        result.finished = Some(SystemTime::now().into());
+        service.observe(|o| o.last_reload = Some(result.clone()));
+        self.count_reload(&service.config.name, result.outcome);
+
+        // Step 6.
+        match old_process {
+            Some(old) => self.drain_in_background(service, &new_ref, new_pid, old, guard),
+            None => self.emit(
+                service,
+                &new_ref,
+                pb::EventKind::Done,
+                new_pid,
+                format!("{} started (pid {new_pid})", new_ref.version),
+            ),
+        }
+        result
+    }
+
+    fn emit(
+        &self,
+        service: &Service,
+        artifact: &ArtifactRef,
+        kind: pb::EventKind,
+        pid: u32,
+        message: String,
+    ) {
+        self.events.emit(
+            kind,
+            EventFields {
+                service: &service.config.name,
+                version: &artifact.version,
+                sha256: &artifact.sha256,
+                pid,
+                message,
+            },
+        );
+    }
+
+    /// A reload that produced no ready process: reported, counted, and the
+    /// service left as it was (serving with the old process, if any).
+    fn record_failure(
+        &self,
+        service: &Service,
+        new_ref: &ArtifactRef,
+        result: &mut pb::ReloadResult,
+        failure: StartFailure,
+        old_serving: bool,
+    ) {
+        result.outcome = failure.outcome as i32;
+        result.reason = failure.reason.clone();
+        result.new_pid = failure.new_pid;
+        result.finished = Some(SystemTime::now().into());
+        service.observe(|o| o.last_reload = Some(result.clone()));
+        self.count_reload(&service.config.name, result.outcome);
+        service.set_state(if old_serving {
+            pb::ServiceState::Running
+        } else {
+            pb::ServiceState::Failed
+        });
+        let message = format!(
+            "reload to {} failed ({}): {}; {}",
+            new_ref.version,
+            failure.outcome.as_str_name(),
+            failure.reason,
+            if old_serving {
+                "the old process keeps serving"
+            } else {
+                "nothing is serving"
+            }
+        );
+        self.emit(
+            service,
+            new_ref,
+            pb::EventKind::Failed,
+            failure.new_pid,
+            message,
+        );
+    }
+
+    /// Makes `new_process` the serving one and `versions` current: persisted
+    /// first, then pinned in the store (pruning keeps current and
+    /// history), then in memory.
+    fn commit(
+        &self,
+        service: &Service,
+        new_ref: &ArtifactRef,
+        versions: crate::state::ServiceVersions,
+        new_process: Process,
+    ) {
+        let name = &service.config.name;
+        if let Err(err) = self.state.set(name, versions.clone()) {
+            // Serving is right; only the memory of it across a restart is
+            // at risk. Say so loudly.
+            tracing::error!(service = %name, version = %new_ref.version, error = %format!("{err:#}"), "could not persist the new current version");
+        }
+        self.verifier.store().pin(name, versions.pinned());
+        service.observe(|o| {
+            o.versions = versions;
+            o.process = Some(new_process);
+            o.health = pb::HealthState::Unknown;
+            o.consecutive_healthy = 0;
+        });
+        service.set_state(pb::ServiceState::Running);
+        service.bump();
+    }
+
+    /// Drains the old process in a task of its own. The reload lock
+    /// (`guard`) moves into it: the next reload of this service waits for
+    /// the drain (bounded by the drain timeout).
+    fn drain_in_background(
+        &self,
+        service: &Service,
+        new_ref: &ArtifactRef,
+        new_pid: u32,
+        old: Process,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let config = &service.config;
+        let message = format!(
+            "draining pid {} with {} (up to {})",
+            old.pid,
+            config.drain_signal,
+            humantime::format_duration(config.drain_timeout)
+        );
+        self.emit(service, new_ref, pb::EventKind::Draining, old.pid, message);
+        let events = self.events.clone();
+        let metrics = self.metrics.clone();
+        let (signal, timeout) = (config.drain_signal, config.drain_timeout);
+        let (name, version, sha) = (
+            config.name.clone(),
+            new_ref.version.clone(),
+            new_ref.sha256.clone(),
+        );
+        tokio::spawn(async move {
+            let draining = Instant::now();
+            let outcome = drain(&old, signal, timeout).await;
+            metrics
+                .handoff_seconds
+                .get_or_create(&crate::metrics::ServicePhase {
+                    service: name.clone(),
+                    phase: "drain".into(),
+                })
+                .observe(draining.elapsed().as_secs_f64());
+            events.emit(
+                pb::EventKind::Done,
+                EventFields {
+                    service: &name,
+                    version: &version,
+                    sha256: &sha,
+                    pid: new_pid,
+                    message: format!("reload to {version} done; old pid {} {outcome}", old.pid),
+                },
+            );
+            drop(guard);
+        });
+    }
+
+    fn count_reload(&self, service: &str, outcome: i32) {
+        self.metrics
+            .reloads
+            .get_or_create(&crate::metrics::ServiceResult {
+                service: service.to_string(),
+                result: crate::metrics::outcome_label(outcome),
+            })
+            .inc();
+    }
+}
+
+/// Clears a flag when the reload that set it ends, however it ends.
+struct ResetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,330 @@
+//! The services this agent runs, and everything done to them.
+//!
+//! Layout:
+//! - [`Services`] (this file): the registry of declared services, built
+//!   once at start (binding, or taking over, every listener), and the entry
+//!   points the API calls: activate, rollback, status, stop.
+//! - [`service`]: one service's sockets, serving process and status.
+//! - [`handoff`]: one reload as one sequence, verify -> preflight -> spawn
+//!   -> ready -> commit -> drain; [`preflight`] and [`readiness`] are two of
+//!   its steps.
+//! - [`monitor`]: the task per service that restarts a process that exits
+//!   on its own, with backoff.
+//! - [`process`]: a process as the agent tracks it (pidfd, output, group).
+//! - [`sockets`]: binding listeners once, sockets given by systemd's fd
+//!   store or the previous image, and giving them back to the fd store.
+//! - [`adopt`]: what crosses the agent's in-place re-exec, both ways.
+//! - [`health`]: the steady-state health probes.
+//!
+//! Nothing here speaks gRPC: refusals are [`ServiceError`]s, which the API
+//! turns into status codes.
+
+mod adopt;
+mod error;
+mod handoff;
+mod health;
+mod monitor;
+mod preflight;
+mod process;
+mod readiness;
+mod service;
+mod sockets;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use reload_proto::v1 as pb;
+use tokio::sync::watch;
+
+pub use error::ServiceError;
+pub use handoff::Handoff;
+pub use health::start_probes;
+pub use preflight::{run_preflight, PreflightFailure};
+pub use process::describe_exit;
+pub use readiness::http_get_ok;
+pub use service::Service;
+pub use sockets::{fd_store_name, GivenSocket, FD_STORE_PREFIX};
+
+use crate::config::ServiceConfig;
+use crate::handover::{FdsToPass, Inherited, ServiceHandover};
+use adopt::adopt_process;
+use process::drain;
+use readiness::NotifyPath;
+use service::Observed;
+use sockets::{assign_given, bind_one, BoundListener};
+
+/// See the module docs.
+pub struct Services {
+    by_name: BTreeMap<String, Arc<Service>>,
+    handoff: Arc<Handoff>,
+    /// Set once the agent is stopping: monitors stop restarting.
+    stopping: Arc<AtomicBool>,
+    /// (service, listener) of given sockets no listener took: their
+    /// fd-store entries go.
+    unused_given: Vec<(String, String)>,
+}
+
+impl Services {
+    /// Binds every service's sockets and reads the persisted versions. Binds
+    /// before anything starts, so a port in use stops the agent at once.
+    ///
+    /// Sockets `given` (systemd's fd store) are used instead of binding
+    /// where they match. After an in-place upgrade (`inherited`), the
+    /// sockets and the serving processes of the previous agent image are
+    /// taken over instead: nothing is bound again or restarted. A listener
+    /// the config added since is bound; a service it removed is drained.
+    pub fn new(
+        services: &[ServiceConfig],
+        handoff: Arc<Handoff>,
+        inherited: Option<&Inherited>,
+        given: Vec<GivenSocket>,
+    ) -> anyhow::Result<Services> {
+        let run_dir = handoff.run_dir().to_path_buf();
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        // Notify sockets of processes from an earlier run are stale, except
+        // those of processes adopted from the previous image.
+        let adopted_notify: BTreeSet<PathBuf> = inherited
+            .iter()
+            .flat_map(|h| &h.description.services)
+            .filter_map(|s| s.process.as_ref()?.notify_path.clone())
+            .collect();
+        for entry in std::fs::read_dir(&run_dir)? {
+            let path = entry?.path();
+            if !adopted_notify.contains(&path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let state = handoff.state();
+        // Sockets not bound here go to their listeners first, and those no
+        // listener takes are closed, before anything is bound.
+        let (mut assigned, unused_given) = assign_given(services, given);
+        let mut by_name = BTreeMap::new();
+        let mut adopted = Vec::new();
+        for config in services {
+            let versions = state.get(&config.name);
+            handoff
+                .verifier()
+                .store()
+                .pin(&config.name, versions.pinned());
+            let handed_over = inherited.and_then(|h| Some((h, h.service(&config.name)?)));
+            let sockets = config
+                .listeners
+                .iter()
+                .map(|listener| {
+                    let fd = match assigned.remove(&(config.name.clone(), listener.name.clone())) {
+                        Some(fd) => fd,
+                        None => bind_one(listener).with_context(|| {
+                            format!(
+                                "service {:?}: cannot bind listener {:?}",
+                                config.name, listener.name
+                            )
+                        })?,
+                    };
+                    Ok(BoundListener {
+                        name: listener.name.clone(),
+                        fd,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (process, restarts) = match handed_over {
+                Some((inherited, handed)) => (
+                    handed
+                        .process
+                        .as_ref()
+                        .map(|p| adopt_process(&config.name, p, inherited))
+                        .transpose()?,
+                    handed.restarts,
+                ),
+                None => (None, 0),
+            };
+            let state = match (&process, &versions.current) {
+                (Some(_), _) => pb::ServiceState::Running,
+                // A persisted current version is started by the monitor.
+                (None, Some(_)) => pb::ServiceState::Starting,
+                (None, None) => pb::ServiceState::Stopped,
+            };
+            if let Some((process, _)) = &process {
+                adopted.push((config.name.clone(), process.pid));
+            }
+            let service = Service {
+                sockets,
+                config: config.clone(),
+                reloading: AtomicBool::new(false),
+                reload: Arc::new(tokio::sync::Mutex::new(())),
+                observed: Mutex::new(Observed {
+                    state,
+                    // An adopted process has been running since before this
+                    // image started.
+                    state_since: handed_over
+                        .and_then(|(_, h)| h.process.as_ref())
+                        .and_then(|p| {
+                            SystemTime::now().checked_sub(Duration::from_millis(p.running_ms))
+                        })
+                        .unwrap_or_else(SystemTime::now),
+                    health: pb::HealthState::Unknown,
+                    consecutive_healthy: 0,
+                    versions,
+                    process: None,
+                    restarts,
+                    last_reload: None,
+                }),
+                changed: watch::channel(0).0,
+            };
+            if let Some((process, notify)) = process {
+                if let Some((socket, path)) = notify {
+                    process.listen_for_notifications(&config.name, socket, NotifyPath(path));
+                }
+                service.observe(|o| o.process = Some(process));
+            }
+            by_name.insert(config.name.clone(), Arc::new(service));
+        }
+        for (name, pid) in &adopted {
+            tracing::info!(service = %name, pid, "adopted the serving process from the previous agent image");
+        }
+        if let Some(inherited) = inherited {
+            for handed in &inherited.description.services {
+                if by_name.contains_key(&handed.name) {
+                    continue;
+                }
+                let Some(p) = &handed.process else { continue };
+                // The config no longer declares this service: drain it
+                // rather than leave a process nobody supervises.
+                let (process, _) = adopt_process(&handed.name, p, inherited)?;
+                tracing::warn!(service = %handed.name, pid = process.pid, "the config no longer declares this service; draining its process");
+                tokio::spawn(async move {
+                    drain(&process, Signal::SIGTERM, Duration::from_secs(30)).await;
+                });
+            }
+        }
+        Ok(Services {
+            by_name,
+            handoff,
+            stopping: Arc::new(AtomicBool::new(false)),
+            unused_given,
+        })
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_name.values()
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Arc<Service>, ServiceError> {
+        self.by_name.get(name).ok_or_else(|| ServiceError::Unknown {
+            name: name.to_string(),
+            declared: self.by_name.keys().cloned().collect(),
+        })
+    }
+
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        self.handoff.events()
+    }
+
+    /// Starts the monitor of every service (which also starts the persisted
+    /// current version).
+    pub fn start_monitors(&self) {
+        for service in self.by_name.values() {
+            let (service, handoff, stopping) =
+                (service.clone(), self.handoff.clone(), self.stopping.clone());
+            tokio::spawn(monitor::monitor(service, handoff, stopping));
+        }
+    }
+
+    /// Activates stored artifact `sha256` for service `name`; see
+    /// [`handoff`].
+    pub async fn activate(
+        &self,
+        name: &str,
+        sha256: &str,
+        allow_downgrade: bool,
+    ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
+        let service = self.service(name)?;
+        let result = self
+            .handoff
+            .activate(service, sha256, false, allow_downgrade)
+            .await?;
+        Ok((result, service.status()))
+    }
+
+    /// Activates the previous version: the top of the history, which the
+    /// activation pops.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        allow_downgrade: bool,
+    ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
+        let service = self.service(name)?;
+        let previous = service
+            .observe(|o| o.versions.previous().cloned())
+            .ok_or_else(|| ServiceError::NoPreviousVersion(name.to_string()))?;
+        let result = self
+            .handoff
+            .activate(service, &previous.sha256, true, allow_downgrade)
+            .await?;
+        Ok((result, service.status()))
+    }
+
+    /// Every service's sockets and serving process, for the next image.
+    pub fn handover(&self, fds: &mut FdsToPass) -> std::io::Result<Vec<ServiceHandover>> {
+        adopt::export(self.by_name.values(), fds)
+    }
+
+    /// See [`sockets::keep_in_fd_store`]; called once this image is
+    /// committed to serving.
+    pub fn keep_listeners_in_fd_store(&self) {
+        sockets::keep_in_fd_store(
+            self.by_name
+                .values()
+                .map(|s| (s.config.name.as_str(), s.sockets.as_slice())),
+            &self.unused_given,
+        );
+    }
+
+    /// Stops every service process (agent shutdown): drain signal, then
+    /// SIGKILL after the drain timeout.
+    pub async fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut drains = Vec::new();
+        for service in self.by_name.values() {
+            // Waits for a reload in progress; holding the lock also keeps
+            // the monitor from starting anything meanwhile.
+            let _guard = service.reload.lock().await;
+            let process = service.observe(|o| o.process.take());
+            service.set_state(pb::ServiceState::Stopped);
+            service.bump();
+            if let Some(process) = process {
+                let (signal, timeout) = (service.config.drain_signal, service.config.drain_timeout);
+                drains.push(async move { drain(&process, signal, timeout).await });
+            }
+        }
+        for drain in drains {
+            drain.await;
+        }
+    }
+
+    /// Before the agent re-executes itself: waits for every reload in
+    /// progress (and its drain) to end, then keeps reloads, restarts and
+    /// monitors from starting anything for as long as the guards live (to
+    /// execve).
+    pub async fn quiesce(
+        &self,
+        bound: Duration,
+    ) -> Result<Vec<tokio::sync::OwnedMutexGuard<()>>, ServiceError> {
+        let mut guards = Vec::new();
+        for service in self.by_name.values() {
+            let guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
+                .await
+                .map_err(|_| ServiceError::StillReloading {
+                    name: service.config.name.clone(),
+                    bound: humantime::format_duration(bound).to_string(),
+                })?;
+            guards.push(guard);
+        }
+        Ok(guards)
+    }
+}

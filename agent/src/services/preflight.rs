@@ -1,0 +1,90 @@
+//! The preflight: run a new binary once, without sockets and bounded in
+//! time, before anything is replaced. A service's release runs its
+//! `preflight_args` (`--version` by default); a new agent binary runs
+//! `--check` on the agent's config. Either way a binary that cannot even
+//! start (wrong architecture, missing libraries, a broken build, a flag it
+//! does not take) is refused while the running process goes on untouched.
+
+use std::process::{ExitStatus, Output};
+use std::time::Duration;
+
+use super::process::describe_exit;
+
+/// Characters of a failed preflight's stderr quoted in its reason.
+const STDERR_QUOTED_CHARS: usize = 500;
+
+/// Why a preflight did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightFailure {
+    #[error("did not finish within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    #[error("could not run the binary: {0}")]
+    CouldNotRun(std::io::Error),
+    #[error("{}; stderr: {stderr}", describe_exit(*.status))]
+    Failed { status: ExitStatus, stderr: String },
+}
+
+/// Runs `command` (stdin closed, killed when dropped) for at most `timeout`
+/// and requires exit status 0; on success its output.
+pub async fn run_preflight(
+    mut command: tokio::process::Command,
+    timeout: Duration,
+) -> Result<Output, PreflightFailure> {
+    command
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(timeout, command.output())
+        .await
+        .map_err(|_| PreflightFailure::TimedOut(timeout))?
+        .map_err(PreflightFailure::CouldNotRun)?;
+    if output.status.success() {
+        return Ok(output);
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(PreflightFailure::Failed {
+        status: output.status,
+        stderr: last_chars(stderr.trim(), STDERR_QUOTED_CHARS).to_string(),
+    })
+}
+
+/// The last `n` bytes of `text`, moved forward to a character boundary.
+fn last_chars(text: &str, n: usize) -> &str {
+    let start = text.len().saturating_sub(n);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    &text[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_chars_never_splits_a_character() {
+        assert_eq!(last_chars("abcdef", 3), "def");
+        assert_eq!(last_chars("ab", 10), "ab");
+        // "é" is two bytes: a cut inside it moves past it.
+        assert_eq!(last_chars("aéb", 2), "b");
+    }
+
+    #[tokio::test]
+    async fn a_failing_binary_is_refused_with_its_stderr() {
+        let mut command = tokio::process::Command::new("sh");
+        command.args(["-c", "echo broken build >&2; exit 3"]);
+        let err = run_preflight(command, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "exit status 3; stderr: broken build");
+    }
+
+    #[tokio::test]
+    async fn a_binary_that_hangs_is_cut_off() {
+        let mut command = tokio::process::Command::new("sleep");
+        command.arg("30");
+        let err = run_preflight(command, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PreflightFailure::TimedOut(_)), "{err}");
+    }
+}

@@ -1,0 +1,197 @@
+//! [`ArtifactVerifier`]: the one set of rules an artifact must pass on this
+//! agent, whoever asks. An upload checks the envelope before it accepts a
+//! byte; an activation, a crash restart, `ValidateArtifact` and
+//! `UpgradeAgent` check the stored file again before they use it. They all
+//! call this type, so the rules (trusted keys and thresholds, expiry,
+//! platform, the agent's size limit, the service the artifact is signed for,
+//! the bytes against the signed hash) cannot drift apart, and every refusal
+//! is counted in `reload_agent_verification_failures_total` by reason.
+//!
+//! The signature rules themselves live in `reload-artifact`, shared with
+//! `reloadctl verify`; this type adds what only the agent knows (its
+//! config's limits, what its store holds).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use reload_artifact::verify::check_platform;
+use reload_artifact::{TrustedKeys, VerifiedManifest, VerifyError};
+
+use super::{ArtifactStore, StoreError, StoredArtifact};
+use crate::metrics::SharedMetrics;
+
+/// Why an artifact may not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactRejected {
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("artifact {service} {version} is {size} bytes, above this agent's max_artifact_size of {limit} bytes; raise [limits] max_artifact_size in the agent config")]
+    TooLarge {
+        service: String,
+        version: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("this agent holds no artifact with sha256 {0}; upload it first (reloadctl upload)")]
+    NotStored(String),
+    #[error("{}", wrong_service(.sha256, .service, .version, .expected))]
+    WrongService {
+        sha256: String,
+        service: String,
+        version: String,
+        expected: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the verification task failed: {0}")]
+    Task(String),
+}
+
+fn wrong_service(sha256: &str, service: &str, version: &str, expected: &str) -> String {
+    if expected == crate::selfupgrade::AGENT_SERVICE {
+        format!("artifact {sha256} is {service} {version}, not an agent artifact: sign agent builds for service \"{expected}\"")
+    } else {
+        format!("artifact {sha256} is signed for service {service:?} ({version}), not {expected:?}")
+    }
+}
+
+impl ArtifactRejected {
+    /// The metric label of a refusal.
+    fn reason(&self) -> &'static str {
+        match self {
+            ArtifactRejected::Verify(err) | ArtifactRejected::Store(StoreError::Verify(err)) => {
+                verify_reason(err)
+            }
+            ArtifactRejected::TooLarge { .. } => "too_large",
+            ArtifactRejected::NotStored(_) => "not_stored",
+            ArtifactRejected::WrongService { .. } => "wrong_service",
+            ArtifactRejected::Store(StoreError::Damaged { .. }) => "content_mismatch",
+            ArtifactRejected::Store(_) | ArtifactRejected::Task(_) => "store_error",
+        }
+    }
+}
+
+/// A verification failure as a metric label.
+fn verify_reason(err: &VerifyError) -> &'static str {
+    match err {
+        VerifyError::Malformed(_) => "malformed",
+        VerifyError::WrongPayloadType { .. } => "wrong_payload_type",
+        VerifyError::NoSignature => "no_signature",
+        VerifyError::UntrustedKey { .. } => "untrusted_key",
+        VerifyError::BadSignature { .. } => "bad_signature",
+        VerifyError::RevokedKey { .. } => "revoked_key",
+        VerifyError::BelowThreshold { .. } => "below_threshold",
+        VerifyError::PayloadNotManifest(_) => "payload_not_manifest",
+        VerifyError::InvalidManifest(_) => "invalid_manifest",
+        VerifyError::Expired { .. } => "expired",
+        VerifyError::WrongPlatform { .. } => "wrong_platform",
+        VerifyError::ContentMismatch(_) => "content_mismatch",
+    }
+}
+
+/// See the module docs. Cheap to share: everything inside is an `Arc` or
+/// small.
+pub struct ArtifactVerifier {
+    store: Arc<ArtifactStore>,
+    trusted: TrustedKeys,
+    max_artifact_bytes: u64,
+    metrics: SharedMetrics,
+}
+
+impl ArtifactVerifier {
+    pub fn new(
+        store: Arc<ArtifactStore>,
+        trusted: TrustedKeys,
+        max_artifact_bytes: u64,
+        metrics: SharedMetrics,
+    ) -> ArtifactVerifier {
+        ArtifactVerifier {
+            store,
+            trusted,
+            max_artifact_bytes,
+            metrics,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<ArtifactStore> {
+        &self.store
+    }
+
+    /// Every check an envelope must pass on this agent: signatures by
+    /// trusted keys, expiry, platform, and the size limit.
+    pub fn check_envelope(&self, envelope: &[u8]) -> Result<VerifiedManifest, ArtifactRejected> {
+        self.counted(check_envelope(
+            &self.trusted,
+            self.max_artifact_bytes,
+            envelope,
+        ))
+    }
+
+    /// A stored artifact, checked now as at upload (envelope, size limit,
+    /// the file's bytes against the signed hash) and, with `service`, signed
+    /// for that service. Runs off the async threads: it reads the file.
+    pub async fn check_stored(
+        &self,
+        sha256: &str,
+        service: Option<&str>,
+    ) -> Result<(StoredArtifact, VerifiedManifest), ArtifactRejected> {
+        let (store, trusted, limit) = (
+            self.store.clone(),
+            self.trusted.clone(),
+            self.max_artifact_bytes,
+        );
+        let (sha256, service) = (sha256.to_string(), service.map(str::to_string));
+        let checked = tokio::task::spawn_blocking(move || {
+            let stored = store
+                .stat(&sha256)?
+                .ok_or_else(|| ArtifactRejected::NotStored(sha256.clone()))?;
+            let verified = check_envelope(&trusted, limit, &store.envelope_bytes(&sha256)?)?;
+            if let Some(expected) = service {
+                if verified.manifest.service != expected {
+                    return Err(ArtifactRejected::WrongService {
+                        sha256,
+                        service: verified.manifest.service,
+                        version: verified.manifest.version,
+                        expected,
+                    });
+                }
+            }
+            store.check_stored_content(&stored)?;
+            Ok((stored, verified))
+        })
+        .await
+        .unwrap_or_else(|err| Err(ArtifactRejected::Task(err.to_string())));
+        self.counted(checked)
+    }
+
+    fn counted<T>(&self, result: Result<T, ArtifactRejected>) -> Result<T, ArtifactRejected> {
+        if let Err(err) = &result {
+            tracing::warn!(error = %err, "artifact rejected");
+            self.metrics
+                .verification_failures
+                .get_or_create(&crate::metrics::Reason {
+                    reason: err.reason().into(),
+                })
+                .inc();
+        }
+        result
+    }
+}
+
+fn check_envelope(
+    trusted: &TrustedKeys,
+    limit: u64,
+    envelope: &[u8],
+) -> Result<VerifiedManifest, ArtifactRejected> {
+    let verified = trusted.verify_envelope(envelope, SystemTime::now())?;
+    check_platform(&verified.manifest)?;
+    if verified.manifest.size > limit {
+        return Err(ArtifactRejected::TooLarge {
+            service: verified.manifest.service,
+            version: verified.manifest.version,
+            size: verified.manifest.size,
+            limit,
+        });
+    }
+    Ok(verified)
+}
