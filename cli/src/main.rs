@@ -31,35 +31,8 @@ struct RolloutFlags {
     /// Project file with the service, releases and trusted keys.
     #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
     config: PathBuf,
-    /// Hosts in the first wave, alone.
-    #[arg(long)]
-    canary: Option<usize>,
-    /// Cumulative wave sizes after the canary: counts or percentages.
-    #[arg(long)]
-    waves: Option<String>,
-    /// Hosts changed at once within a wave.
-    #[arg(long)]
-    max_parallel: Option<usize>,
-    /// Consecutive healthy results a host needs.
-    #[arg(long)]
-    healthy_checks: Option<u32>,
-    /// The healthy results must span at least this long (a failure resets it).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    min_healthy_time: Option<Duration>,
-    /// A host not healthy this long after its reload has failed.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    healthy_deadline: Option<Duration>,
-    /// Bound on the whole rollout; past it the rollout halts.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    progress_deadline: Option<Duration>,
-    /// Failed hosts tolerated before halting: a count or a percentage.
-    #[arg(long)]
-    max_failures: Option<String>,
-    /// Roll back changed hosts when the rollout halts (default true).
-    #[arg(long)]
-    auto_revert: Option<bool>,
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pause_between_waves: Option<Duration>,
+    #[command(flatten)]
+    overrides: rollout::RolloutOverrides,
     /// Take the leases even from another rollout (written to the agents' logs).
     #[arg(long)]
     force_takeover: bool,
@@ -350,18 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             config: flags.config,
             version,
             hosts_file,
-            overrides: rollout::Overrides {
-                canary: flags.canary,
-                waves: flags.waves,
-                max_parallel: flags.max_parallel,
-                healthy_checks: flags.healthy_checks,
-                min_healthy_time: flags.min_healthy_time,
-                healthy_deadline: flags.healthy_deadline,
-                progress_deadline: flags.progress_deadline,
-                max_failures: flags.max_failures,
-                auto_revert: flags.auto_revert,
-                pause_between_waves: flags.pause_between_waves,
-            },
+            overrides: flags.overrides,
             json: flags.output == "json",
             dry_run,
             force_takeover: flags.force_takeover,

@@ -22,6 +22,7 @@ pub mod hosts;
 pub mod journal;
 pub mod plan;
 pub mod project;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::client::upload;
-use journal::{Cause, HostState, Journal, Outcome, Record, Settings};
+use journal::{Cause, HostState, Journal, Outcome, Record};
+pub use settings::{RolloutOverrides, RolloutSettings};
 
 /// How long an agent's in-place upgrade may take, from the call to the new
 /// image answering: the preflight (30 s at most), the longest drain of a
@@ -48,28 +50,13 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a lease lasts without renewal; renewed every third of it.
 const LEASE_TTL: Duration = Duration::from_secs(60);
 
-/// Flags of `push` that override the project file.
-#[derive(Default)]
-pub struct Overrides {
-    pub canary: Option<usize>,
-    pub waves: Option<String>,
-    pub max_parallel: Option<usize>,
-    pub healthy_checks: Option<u32>,
-    pub min_healthy_time: Option<Duration>,
-    pub healthy_deadline: Option<Duration>,
-    pub progress_deadline: Option<Duration>,
-    pub max_failures: Option<String>,
-    pub auto_revert: Option<bool>,
-    pub pause_between_waves: Option<Duration>,
-}
-
 pub struct PushArgs {
     /// Upgrade the agents themselves (`push --agent`).
     pub agent: bool,
     pub config: PathBuf,
     pub version: String,
     pub hosts_file: PathBuf,
-    pub overrides: Overrides,
+    pub overrides: RolloutOverrides,
     pub json: bool,
     pub dry_run: bool,
     pub force_takeover: bool,
@@ -85,7 +72,7 @@ struct Plan {
     artifact: PathBuf,
     hosts: Vec<String>,
     waves: Vec<Vec<usize>>,
-    settings: Settings,
+    settings: RolloutSettings,
     budget: usize,
 }
 
@@ -282,26 +269,6 @@ fn resolve_release(
     Ok((artifact, manifest))
 }
 
-fn settings_from(defaults: &project::RolloutDefaults, o: &Overrides) -> Settings {
-    Settings {
-        canary: o.canary.unwrap_or(defaults.canary),
-        waves: o.waves.clone().unwrap_or_else(|| defaults.waves.clone()),
-        max_parallel: o.max_parallel.unwrap_or(defaults.max_parallel).max(1),
-        healthy_checks: o.healthy_checks.unwrap_or(defaults.healthy_checks).max(1),
-        min_healthy_time: o.min_healthy_time.unwrap_or(defaults.min_healthy_time),
-        healthy_deadline: o.healthy_deadline.unwrap_or(defaults.healthy_deadline),
-        progress_deadline: o.progress_deadline.unwrap_or(defaults.progress_deadline),
-        max_failures: o
-            .max_failures
-            .clone()
-            .unwrap_or_else(|| defaults.max_failures.clone()),
-        auto_revert: o.auto_revert.unwrap_or(defaults.auto_revert),
-        pause_between_waves: o
-            .pause_between_waves
-            .unwrap_or(defaults.pause_between_waves),
-    }
-}
-
 /// A usage or config error: exit code 2.
 #[derive(Debug)]
 pub struct UsageError(pub anyhow::Error);
@@ -319,7 +286,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let project = project::Project::load(&args.config).map_err(usage)?;
     project.configure_transport()?;
     let hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
-    let settings = settings_from(&project.rollout, &args.overrides);
+    let settings = project.rollout.with(&args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
     let budget = plan::failure_budget(&settings.max_failures, hosts.len()).map_err(usage)?;
     let service = if args.agent {
