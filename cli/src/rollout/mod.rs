@@ -31,6 +31,10 @@
 
 mod agent_upgrade;
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+mod fake_fleet;
 pub mod fleet;
 pub mod gate;
 pub mod grpc_fleet;
