@@ -743,3 +743,36 @@ async fn a_resumed_rollout_reverts_hosts_changed_before_the_crash() {
         .hosts_with(Op::Activate)
         .contains(&"h4:7700".to_string()));
 }
+
+#[tokio::test]
+async fn a_resume_goes_on_past_a_host_it_cannot_stage_counting_it_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crashed_journal(dir.path());
+    let fleet = FakeFleet::new();
+    fleet
+        .settles("h2:7700", Ok(Some(pid_of("h2:7700"))))
+        .settles("h3:7700", Ok(Some(pid_of("h3:7700"))))
+        .fail_stage("h4:7700", failure(Cause::Unreachable));
+    let settings = RolloutSettings {
+        canary: 0,
+        max_failures: "1".into(),
+        ..fast()
+    };
+    let done = run(
+        plan(hosts(4), settings),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(done.halted(), None);
+    assert_eq!(
+        done.state("h4:7700"),
+        Some((HostState::Failed, Some(Cause::Unreachable)))
+    );
+    assert!(fleet.hosts_with(Op::Activate).is_empty());
+    assert_eq!(done.state("h2:7700"), Some((HostState::Healthy, None)));
+}
