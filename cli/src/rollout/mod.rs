@@ -60,6 +60,7 @@ use journal::{Journal, Outcome, Record};
 use plan::RolloutPlan;
 pub use settings::RolloutOverrides;
 
+/// `reloadctl push`, as parsed.
 pub struct PushArgs {
     /// Upgrade the agents themselves (`push --agent`).
     pub agent: bool,
@@ -84,6 +85,8 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// `reloadctl push`: plan, journal, then run the rollout. Returns the exit
+/// code (see `reloadctl push --help`).
 pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(e));
     let project = project::Project::load(&args.config).map_err(usage)?;
@@ -181,6 +184,8 @@ fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// `reloadctl resume`: the rollout `id` (or the newest unfinished one)
+/// from its journal, under the next lease generation.
 pub async fn resume(
     config: &Path,
     id: Option<&str>,
