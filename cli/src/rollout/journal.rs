@@ -6,29 +6,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-/// Every knob of a rollout, recorded in the plan so resume uses the same.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Settings {
-    pub canary: usize,
-    pub waves: String,
-    pub max_parallel: usize,
-    pub healthy_checks: u32,
-    #[serde(with = "humantime_serde")]
-    pub min_healthy_time: Duration,
-    #[serde(with = "humantime_serde")]
-    pub healthy_deadline: Duration,
-    #[serde(with = "humantime_serde")]
-    pub progress_deadline: Duration,
-    pub max_failures: String,
-    pub auto_revert: bool,
-    #[serde(with = "humantime_serde")]
-    pub pause_between_waves: Duration,
-}
+use super::settings::RolloutSettings;
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -94,7 +77,8 @@ pub enum Record {
         hosts: Vec<String>,
         /// Host indexes per wave, the canary first.
         waves: Vec<Vec<usize>>,
-        settings: Box<Settings>,
+        /// Every knob, so a resume runs with what was planned.
+        settings: Box<RolloutSettings>,
     },
     /// A new generation took the leases (a start or a resume).
     Leased {

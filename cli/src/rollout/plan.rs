@@ -1,6 +1,31 @@
-//! Waves and the failure budget: pure arithmetic over the host list.
+//! The plan of a rollout ([`RolloutPlan`]: what goes where, fixed before
+//! any host is contacted) and the arithmetic behind it: waves and the
+//! failure budget over the host list.
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+
+use super::settings::RolloutSettings;
+
+/// Everything fixed at plan time; a resume rebuilds it from the journal's
+/// plan record.
+#[derive(Clone, Debug)]
+pub struct RolloutPlan {
+    /// The service, or [`super::project::AGENT_SERVICE`] for `push --agent`.
+    pub service: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub artifact: PathBuf,
+    /// `host:port`, in hosts-file order; the engine names hosts by index.
+    pub hosts: Vec<String>,
+    /// Host indexes per wave, the canary first.
+    pub waves: Vec<Vec<usize>>,
+    pub settings: RolloutSettings,
+    /// Failed hosts tolerated; one more halts the rollout.
+    pub budget: usize,
+}
 
 /// How many hosts a wave spec reaches in total (cumulative).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

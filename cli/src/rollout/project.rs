@@ -2,11 +2,11 @@
 //! where its signed releases are, which keys to trust locally, and the
 //! rollout defaults. Every setting can be overridden by a `push` flag.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+use super::settings::RolloutSettings;
 
 pub const DEFAULT_FILE: &str = "reloadctl.toml";
 
@@ -29,7 +29,7 @@ pub struct Project {
     #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     #[serde(default)]
-    pub rollout: RolloutDefaults,
+    pub rollout: RolloutSettings,
     /// Mutual TLS to the agents; paths relative to this file.
     pub tls: Option<TlsSection>,
     #[serde(skip)]
@@ -43,42 +43,6 @@ pub struct TlsSection {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub server_name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RolloutDefaults {
-    pub canary: usize,
-    pub waves: String,
-    pub max_parallel: usize,
-    pub healthy_checks: u32,
-    #[serde(with = "humantime_serde")]
-    pub min_healthy_time: Duration,
-    #[serde(with = "humantime_serde")]
-    pub healthy_deadline: Duration,
-    #[serde(with = "humantime_serde")]
-    pub progress_deadline: Duration,
-    pub max_failures: String,
-    pub auto_revert: bool,
-    #[serde(with = "humantime_serde")]
-    pub pause_between_waves: Duration,
-}
-
-impl Default for RolloutDefaults {
-    fn default() -> Self {
-        RolloutDefaults {
-            canary: 1,
-            waves: "1,10%,50%,100%".into(),
-            max_parallel: 4,
-            healthy_checks: 3,
-            min_healthy_time: Duration::from_secs(10),
-            healthy_deadline: Duration::from_secs(120),
-            progress_deadline: Duration::from_secs(30 * 60),
-            max_failures: "0".into(),
-            auto_revert: true,
-            pause_between_waves: Duration::ZERO,
-        }
-    }
 }
 
 impl Project {

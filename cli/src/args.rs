@@ -1,0 +1,255 @@
+//! The command line as clap sees it: every subcommand, flag and help text
+//! of `reloadctl`. `main.rs` dispatches on [`Command`]; the `push` settings
+//! flags are [`crate::rollout::RolloutOverrides`], declared with the
+//! settings they override.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::rollout;
+
+/// `push` settings; unset ones come from the project file.
+#[derive(clap::Args)]
+pub struct RolloutFlags {
+    /// Project file with the service, releases and trusted keys.
+    #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub overrides: rollout::RolloutOverrides,
+    /// Take the leases even from another rollout (written to the agents' logs).
+    #[arg(long)]
+    pub force_takeover: bool,
+    /// `text` for people (stderr), `json` (one event per line, stdout) for pipelines.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+#[derive(Parser)]
+#[command(version, about = "Sign artifacts and roll them out to reload agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// CA that signed the agents' certificates (mutual TLS).
+    #[arg(long, global = true, env = "RELOADCTL_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate: its identity for the agents' [rights].
+    #[arg(long, global = true, env = "RELOADCTL_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "RELOADCTL_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the agents' certificates carry, when not the dialled host.
+    #[arg(long, global = true, env = "RELOADCTL_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Talk plaintext to non-loopback agents (agents with `insecure = true`).
+    #[arg(long, global = true)]
+    pub insecure: bool,
+    /// Diagnostic log lines on stderr (filter with RUST_LOG, default warn);
+    /// they never mix with --output json on stdout.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Make an Ed25519 signing key: PREFIX.key (private, 0600) and PREFIX.pub.
+    #[command(
+        after_help = "Example:\n  reloadctl keygen --out release\n  # writes release.key and release.pub; put release.pub in the agents' trusted_keys"
+    )]
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, default_value = "release")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign FILE for SERVICE at VERSION; writes FILE.dsse.json beside it.
+    #[command(
+        after_help = "Example:\n  reloadctl sign --key release.key --service web --version 1.4 ./web\n  # writes ./web.dsse.json"
+    )]
+    Sign {
+        /// Private key (PKCS#8 PEM, from `reloadctl keygen` or `openssl
+        /// genpkey -algorithm ed25519`); repeat to sign with several (key
+        /// rotation, k-of-n thresholds).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        service: String,
+        /// Semantic version; `1.4` means `1.4.0`.
+        #[arg(long)]
+        version: String,
+        /// How long agents accept the signature.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// Target OS (default: this machine's; `any` for scripts).
+        #[arg(long, default_value = std::env::consts::OS)]
+        os: String,
+        /// Target CPU architecture (default: this machine's; `any` for scripts).
+        #[arg(long, default_value = std::env::consts::ARCH)]
+        arch: String,
+        /// Permit agents to activate this build below their downgrade floor
+        /// (when the call also asks for it).
+        #[arg(long)]
+        allow_downgrade: bool,
+        file: PathBuf,
+    },
+    /// Check FILE against FILE.dsse.json and the given public keys.
+    #[command(after_help = "Example:\n  reloadctl verify --pubkey release.pub ./web")]
+    Verify {
+        /// Trusted public key (SPKI PEM); repeat for several.
+        #[arg(long = "pubkey", value_name = "PUB", required = true)]
+        pubkeys: Vec<PathBuf>,
+        /// Envelope to check (default: FILE.dsse.json).
+        #[arg(long)]
+        envelope: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Send FILE and its signature to an agent, unless it already has it.
+    #[command(after_help = "Example:\n  reloadctl upload --host 127.0.0.1:7700 ./web")]
+    Upload {
+        /// Agent address, host[:port] (default port 7700).
+        #[arg(long)]
+        host: String,
+        /// Envelope to send (default: FILE.dsse.json).
+        #[arg(long)]
+        envelope: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Replace a service's running process with VERSION, keeping its sockets.
+    #[command(
+        after_help = "Example:\n  reloadctl activate --host 127.0.0.1:7700 --service web --version 1.4 --artifact ./web\n  # uploads ./web if the agent lacks it, then activates it, showing each step"
+    )]
+    Activate {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        service: String,
+        /// Version to activate; `1.4` means `1.4.0`.
+        #[arg(long)]
+        version: String,
+        /// The signed file (with FILE.dsse.json beside it), uploaded if the
+        /// agent does not hold VERSION yet.
+        #[arg(long, value_name = "FILE")]
+        artifact: Option<PathBuf>,
+        /// Allow VERSION below the highest version the agent activated; it
+        /// must then be one it ran before or one signed --allow-downgrade.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// Activate the version a service ran before the current one.
+    #[command(after_help = "Example:\n  reloadctl rollback --host 127.0.0.1:7700 --service web")]
+    Rollback {
+        /// One agent; or give a hosts file to roll back every host of it.
+        #[arg(long, required_unless_present = "hosts_file")]
+        host: Option<String>,
+        #[arg(long)]
+        service: String,
+        /// Roll back every host of this file, in parallel.
+        hosts_file: Option<PathBuf>,
+    },
+    /// Show every service of an agent: state, health, version, pid.
+    #[command(after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700")]
+    Status {
+        /// One agent; or give a hosts file for the whole fleet.
+        #[arg(long, required_unless_present = "hosts_file")]
+        host: Option<String>,
+        /// Every host of this file (unreachable ones are shown, not fatal).
+        hosts_file: Option<PathBuf>,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// The agents themselves instead of their services: pid, the
+        /// release each runs, and its last in-place upgrade.
+        #[arg(long, conflicts_with = "service")]
+        agents: bool,
+        /// `table` for people, `json` (one object a line) for scripts.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Roll VERSION out to every host of HOSTS_FILE: staged, fenced, in
+    /// waves, health-gated, halted and reverted on failure, resumable.
+    #[command(
+        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted and reverted; 4 halted, not (fully) reverted; 5\npaused by Ctrl-C (continue with `reloadctl resume`)."
+    )]
+    Push {
+        /// Version to roll out; `1.4` means `1.4.0`.
+        #[arg(long)]
+        version: String,
+        /// One host[:port] a line; `#` comments.
+        hosts_file: PathBuf,
+        #[command(flatten)]
+        rollout: RolloutFlags,
+        /// Print the plan (waves, gate, budget) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Upgrade the agents themselves (in place: same pid, services
+        /// untouched) to the agent release VERSION (`agent_artifact` in
+        /// reloadctl.toml), gated on every service staying healthy.
+        #[arg(long)]
+        agent: bool,
+    },
+    /// Continue a rollout that was paused (Ctrl-C) or whose CLI died.
+    #[command(
+        after_help = "Example:\n  reloadctl resume            # the newest unfinished rollout\n  reloadctl resume 3f2a9c...  # a given one"
+    )]
+    Resume {
+        /// Rollout id (default: the newest unfinished one).
+        id: Option<String>,
+        #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
+        config: PathBuf,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+        /// Take the leases even from another rollout.
+        #[arg(long)]
+        force_takeover: bool,
+    },
+    /// Write a commented reloadctl.toml and a hosts.txt to start from.
+    #[command(
+        after_help = "Example:\n  reloadctl init --service web\n  reloadctl init --dir deploy/web --service web --force"
+    )]
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = "demo")]
+        service: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  reloadctl completions bash > /etc/bash_completion.d/reloadctl\n  reloadctl completions zsh > ~/.zfunc/_reloadctl"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Make a development CA, an agent certificate and client certificates
+    /// for mutual TLS.
+    #[command(
+        after_help = "Example:\n  reloadctl certs --out certs --agent-name 127.0.0.1 --agent-name localhost --client deployer --client monitor"
+    )]
+    Certs {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// DNS name or IP address the agent certificate is valid for; repeat.
+        #[arg(long = "agent-name", required = true)]
+        agent_names: Vec<String>,
+        /// Client identity (the certificate's name); repeat.
+        #[arg(long = "client", required = true)]
+        clients: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the artifacts an agent holds, newest first.
+    #[command(after_help = "Example:\n  reloadctl artifacts --host 127.0.0.1:7700 --service web")]
+    Artifacts {
+        #[arg(long)]
+        host: String,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// `table` for people, `json` (one object a line) for scripts.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}

@@ -1,0 +1,778 @@
+//! The engine's decisions against the in-memory [`FakeFleet`]: which hosts
+//! get which calls, the outcome (and so the exit code), and what the
+//! journal records.
+
+use std::time::Duration;
+
+use super::engine::{HostRecord, RolloutEngine, RunStart};
+use super::fake_fleet::{pid_of, FakeFleet, Op};
+use super::fleet::{HostFailure, Lease, Probe};
+use super::journal::{self, Cause, HostState, Journal, Line, Outcome, Record};
+use super::output::Reporter;
+use super::plan::{failure_budget, parse_waves, plan_waves, RolloutPlan};
+use super::settings::RolloutSettings;
+
+fn hosts(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("h{i}:7700")).collect()
+}
+
+/// Settings that gate at the first healthy answer, so tests run fast.
+fn fast() -> RolloutSettings {
+    RolloutSettings {
+        canary: 1,
+        waves: "100%".into(),
+        max_parallel: 4,
+        healthy_checks: 1,
+        min_healthy_time: Duration::ZERO,
+        healthy_deadline: Duration::from_millis(400),
+        progress_deadline: Duration::from_secs(30),
+        max_failures: "0".into(),
+        auto_revert: true,
+        pause_between_waves: Duration::ZERO,
+    }
+}
+
+fn plan(hosts: Vec<String>, settings: RolloutSettings) -> RolloutPlan {
+    let waves = parse_waves(&settings.waves).unwrap();
+    RolloutPlan {
+        service: "web".into(),
+        version: "2.0.0".into(),
+        sha256: "ab".repeat(32),
+        size: 10,
+        artifact: "/nonexistent/web-2.0.0".into(),
+        waves: plan_waves(hosts.len(), settings.canary, &waves),
+        budget: failure_budget(&settings.max_failures, hosts.len()).unwrap(),
+        hosts,
+        settings,
+    }
+}
+
+struct Finished {
+    outcome: Outcome,
+    lines: Vec<Line>,
+    _dir: tempfile::TempDir,
+}
+
+impl Finished {
+    /// The last state journaled for `host`, with its cause.
+    fn state(&self, host: &str) -> Option<(HostState, Option<Cause>)> {
+        self.lines.iter().rev().find_map(|l| match &l.record {
+            Record::Host {
+                host: h,
+                state,
+                cause,
+                ..
+            } if h == host => Some((*state, *cause)),
+            _ => None,
+        })
+    }
+
+    /// Every state journaled for `host`, in order.
+    fn states(&self, host: &str) -> Vec<HostState> {
+        self.lines
+            .iter()
+            .filter_map(|l| match &l.record {
+                Record::Host { host: h, state, .. } if h == host => Some(*state),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn halted(&self) -> Option<String> {
+        self.lines.iter().find_map(|l| match &l.record {
+            Record::Halted { reason } => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    fn waves(&self) -> Vec<usize> {
+        self.lines
+            .iter()
+            .filter_map(|l| match &l.record {
+                Record::Wave { index, .. } => Some(*index),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(&self) -> Record {
+        self.lines.last().unwrap().record.clone()
+    }
+}
+
+/// Runs `plan` on `fleet` from scratch (generation 1).
+async fn push(plan: RolloutPlan, fleet: &FakeFleet) -> Finished {
+    let records = vec![HostRecord::default(); plan.hosts.len()];
+    run(plan, fleet, records, 1, true, std::future::pending()).await
+}
+
+async fn run(
+    plan: RolloutPlan,
+    fleet: &FakeFleet,
+    records: Vec<HostRecord>,
+    generation: u64,
+    fresh: bool,
+    interrupt: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Finished {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::create(dir.path(), "r1", false).unwrap();
+    let path = journal.path.clone();
+    let start = RunStart {
+        lease: Lease {
+            rollout: "r1".into(),
+            generation,
+        },
+        holder: "test".into(),
+        force_takeover: false,
+        fresh,
+    };
+    let engine = RolloutEngine::new(
+        plan,
+        fleet.clone(),
+        journal,
+        records,
+        start,
+        Reporter::new(false),
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(20), engine.run(interrupt))
+        .await
+        .expect("the rollout ends")
+        .unwrap();
+    Finished {
+        outcome,
+        lines: journal::read_lines(&path).unwrap(),
+        _dir: dir,
+    }
+}
+
+fn failure(cause: Cause) -> HostFailure {
+    HostFailure::new(cause, format!("{cause:?} on purpose"))
+}
+
+fn sorted(mut hosts: Vec<String>) -> Vec<String> {
+    hosts.sort();
+    hosts
+}
+
+#[tokio::test]
+async fn a_healthy_fleet_is_done_each_host_activated_once_under_every_lease() {
+    let fleet = FakeFleet::new();
+    fleet.upload_bytes(10);
+    let settings = RolloutSettings {
+        waves: "1,50%,100%".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(done.outcome.exit_code(), 0);
+    assert_eq!(sorted(fleet.hosts_with(Op::Activate)), hosts(4));
+    assert_eq!(done.waves(), vec![1, 2, 3]);
+    for host in hosts(4) {
+        assert_eq!(
+            done.states(&host),
+            vec![
+                HostState::Staged,
+                HostState::Activating,
+                HostState::Activated,
+                HostState::Healthy
+            ]
+        );
+    }
+    // Fence first: every lease before any stage, and all given back.
+    let calls = fleet.calls();
+    let last_acquire = calls.iter().rposition(|c| c.op == Op::Acquire).unwrap();
+    let first_stage = calls.iter().position(|c| c.op == Op::Stage).unwrap();
+    assert!(last_acquire < first_stage, "{calls:?}");
+    assert_eq!(sorted(fleet.hosts_with(Op::Release)), hosts(4));
+    assert!(calls.iter().filter(|c| c.op == Op::Activate).all(|c| c
+        .lease
+        .as_ref()
+        .unwrap()
+        .generation
+        == 1));
+    match done.finished() {
+        Record::Finished {
+            outcome,
+            healthy,
+            failed,
+            bytes_sent,
+            ..
+        } => {
+            assert_eq!(
+                (outcome, healthy, failed, bytes_sent),
+                (Outcome::Done, 4, 0, 40)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn leases_are_taken_in_host_order_whatever_the_file_order() {
+    let fleet = FakeFleet::new();
+    let file_order = vec!["h3:7700".to_string(), "h1:7700".into(), "h2:7700".into()];
+    push(plan(file_order, fast()), &fleet).await;
+    assert_eq!(fleet.hosts_with(Op::Acquire), hosts(3));
+}
+
+#[tokio::test]
+async fn a_refused_lease_starts_nothing_and_gives_back_the_leases_taken() {
+    let fleet = FakeFleet::new();
+    fleet.refuse_lease("h2:7700", "held by reloadctl push web 3.0 (rollout r0)");
+    let done = push(plan(hosts(3), fast()), &fleet).await;
+    assert_eq!(done.outcome, Outcome::NotStarted);
+    assert_eq!(done.outcome.exit_code(), 1);
+    assert_eq!(fleet.hosts_with(Op::Acquire), vec!["h1:7700", "h2:7700"]);
+    assert_eq!(fleet.hosts_with(Op::Release), vec!["h1:7700"]);
+    assert!(fleet.hosts_with(Op::Stage).is_empty());
+    assert!(fleet.hosts_with(Op::Activate).is_empty());
+    assert_eq!(
+        done.halted().unwrap(),
+        "h2:7700: held by reloadctl push web 3.0 (rollout r0)"
+    );
+    assert!(!done
+        .lines
+        .iter()
+        .any(|l| matches!(l.record, Record::Leased { .. })));
+}
+
+#[tokio::test]
+async fn a_staging_failure_stops_a_push_before_any_activation() {
+    let fleet = FakeFleet::new();
+    fleet.fail_stage("h3:7700", failure(Cause::Unreachable));
+    let done = push(plan(hosts(4), fast()), &fleet).await;
+    assert_eq!(done.outcome, Outcome::NotStarted);
+    assert_eq!(sorted(fleet.hosts_with(Op::Stage)), hosts(4));
+    assert!(fleet.hosts_with(Op::Activate).is_empty());
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    assert_eq!(
+        done.state("h3:7700"),
+        Some((HostState::Failed, Some(Cause::Unreachable)))
+    );
+    assert_eq!(
+        done.halted().unwrap(),
+        "1 host(s) could not be staged; no host was changed"
+    );
+    assert_eq!(sorted(fleet.hosts_with(Op::Release)), hosts(4));
+}
+
+#[tokio::test]
+async fn hosts_already_on_the_target_are_skipped_never_activated_nor_reverted() {
+    let fleet = FakeFleet::new();
+    fleet.on_target("h1:7700").on_target("h3:7700");
+    fleet.probe_always("h4:7700", Probe::NotYet("RUNNING UNHEALTHY".into()));
+    let settings = RolloutSettings {
+        canary: 0,
+        max_failures: "1".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(
+        done.outcome,
+        Outcome::Done,
+        "one failure is within the budget"
+    );
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Activate)),
+        vec!["h2:7700", "h4:7700"]
+    );
+    assert_eq!(done.states("h1:7700"), vec![HostState::Skipped]);
+    assert_eq!(done.states("h3:7700"), vec![HostState::Skipped]);
+    match done.finished() {
+        Record::Finished {
+            healthy,
+            skipped,
+            failed,
+            ..
+        } => assert_eq!((healthy, skipped, failed), (1, 2, 1)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_budget_absorbs_n_failures() {
+    let fleet = FakeFleet::new();
+    fleet
+        .fail_activate("h2:7700", failure(Cause::ReloadFailed))
+        .fail_activate("h4:7700", failure(Cause::ReloadFailed));
+    let settings = RolloutSettings {
+        max_failures: "2".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(5), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(done.halted(), None);
+    assert_eq!(sorted(fleet.hosts_with(Op::Activate)), hosts(5));
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+}
+
+#[tokio::test]
+async fn the_budget_halts_at_n_plus_one_and_no_further_host_is_touched() {
+    let fleet = FakeFleet::new();
+    fleet
+        .fail_activate("h2:7700", failure(Cause::ReloadFailed))
+        .fail_activate("h3:7700", failure(Cause::ReloadFailed));
+    // One at a time, so the host after the second failure is never begun.
+    let settings = RolloutSettings {
+        max_failures: "1".into(),
+        max_parallel: 1,
+        ..fast()
+    };
+    let done = push(plan(hosts(5), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert_eq!(done.outcome.exit_code(), 3);
+    assert_eq!(
+        done.halted().unwrap(),
+        "2 host(s) failed, above the budget of 1 (--max-failures 1)"
+    );
+    assert_eq!(
+        fleet.hosts_with(Op::Activate),
+        vec!["h1:7700", "h2:7700", "h3:7700"]
+    );
+    assert_eq!(done.states("h4:7700"), vec![HostState::Staged]);
+    assert_eq!(done.states("h5:7700"), vec![HostState::Staged]);
+}
+
+#[tokio::test]
+async fn a_failed_canary_halts_before_the_waves() {
+    let fleet = FakeFleet::new();
+    fleet.probe_always("h1:7700", Probe::NotYet("RUNNING UNHEALTHY".into()));
+    let settings = RolloutSettings {
+        waves: "1,50%,100%".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert_eq!(done.waves(), vec![1], "only the canary wave ran");
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700"]);
+    assert_eq!(fleet.hosts_with(Op::Revert), vec!["h1:7700"]);
+    assert_eq!(
+        done.state("h1:7700"),
+        Some((HostState::Reverted, Some(Cause::Unhealthy)))
+    );
+}
+
+#[tokio::test]
+async fn auto_revert_reverts_exactly_the_hosts_this_rollout_changed() {
+    let fleet = FakeFleet::new();
+    // h1 healthy (changed), h2 reload failed (never activated), h3 activated
+    // but unhealthy (changed), h4 already on target, h5 never begun.
+    fleet
+        .fail_activate("h2:7700", failure(Cause::ReloadFailed))
+        .probe_always("h3:7700", Probe::NotYet("RUNNING UNHEALTHY".into()))
+        .on_target("h4:7700");
+    let settings = RolloutSettings {
+        canary: 0,
+        max_parallel: 1,
+        max_failures: "1".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(5), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Revert)),
+        vec!["h1:7700", "h3:7700"]
+    );
+    assert_eq!(done.state("h1:7700"), Some((HostState::Reverted, None)));
+    assert_eq!(
+        done.state("h2:7700"),
+        Some((HostState::Failed, Some(Cause::ReloadFailed)))
+    );
+    assert_eq!(
+        done.state("h3:7700"),
+        Some((HostState::Reverted, Some(Cause::Unhealthy)))
+    );
+    assert_eq!(done.states("h4:7700"), vec![HostState::Skipped]);
+    assert_eq!(done.states("h5:7700"), vec![HostState::Staged]);
+    // The revert carries this rollout's lease.
+    assert!(fleet
+        .calls()
+        .iter()
+        .filter(|c| c.op == Op::Revert)
+        .all(|c| c.lease.as_ref().unwrap().rollout == "r1"));
+}
+
+#[tokio::test]
+async fn without_auto_revert_a_halt_leaves_the_hosts_as_they_are() {
+    let fleet = FakeFleet::new();
+    fleet.probe_always("h2:7700", Probe::NotYet("RUNNING UNHEALTHY".into()));
+    let settings = RolloutSettings {
+        auto_revert: false,
+        ..fast()
+    };
+    let done = push(plan(hosts(3), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedPartial);
+    assert_eq!(done.outcome.exit_code(), 4);
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    assert_eq!(done.state("h1:7700"), Some((HostState::Healthy, None)));
+}
+
+#[tokio::test]
+async fn a_failed_revert_makes_the_halt_partial() {
+    let fleet = FakeFleet::new();
+    fleet
+        .probe_always("h3:7700", Probe::NotYet("STARTING UNKNOWN".into()))
+        .fail_revert("h2:7700", "no previous version");
+    let done = push(plan(hosts(3), fast()), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedPartial);
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Revert)),
+        vec!["h1:7700", "h2:7700", "h3:7700"]
+    );
+    assert_eq!(done.state("h2:7700"), Some((HostState::RevertFailed, None)));
+    assert_eq!(done.state("h1:7700"), Some((HostState::Reverted, None)));
+}
+
+#[tokio::test]
+async fn causes_are_kept_apart_and_each_halts_with_exit_code_3() {
+    /// How the canary fails, and the cause it must be journaled with.
+    type Setup = fn(&FakeFleet);
+    let cases: [(Cause, Setup); 5] = [
+        (Cause::Rejected, |f| {
+            f.fail_activate("h1:7700", failure(Cause::Rejected));
+        }),
+        (Cause::ReloadFailed, |f| {
+            f.fail_activate("h1:7700", failure(Cause::ReloadFailed));
+        }),
+        (Cause::Unreachable, |f| {
+            f.probe_always("h1:7700", Probe::NoAnswer);
+        }),
+        (Cause::Unhealthy, |f| {
+            f.probe_always("h1:7700", Probe::NotYet("RUNNING UNHEALTHY".into()));
+        }),
+        (Cause::Unhealthy, |f| {
+            let gone = HostFailure::new(Cause::Unhealthy, "the new process is gone");
+            f.probe_always("h1:7700", Probe::Fatal(gone));
+        }),
+    ];
+    for (cause, setup) in cases {
+        let fleet = FakeFleet::new();
+        setup(&fleet);
+        let done = push(plan(hosts(3), fast()), &fleet).await;
+        let failed = done.lines.iter().find_map(|l| match &l.record {
+            Record::Host {
+                state: HostState::Failed,
+                cause,
+                message,
+                ..
+            } => Some((*cause, message.clone())),
+            _ => None,
+        });
+        assert_eq!(
+            failed.as_ref().map(|f| f.0),
+            Some(Some(cause)),
+            "{failed:?}"
+        );
+        assert_eq!(done.outcome.exit_code(), 3, "{cause:?}");
+        assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700"], "{cause:?}");
+        if cause == Cause::Unreachable {
+            assert_eq!(
+                failed.unwrap().1,
+                "the agent stopped answering during the health gate"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_gate_needs_a_streak_and_forgives_fewer_than_three_silences() {
+    let fleet = FakeFleet::new();
+    fleet.probes(
+        "h1:7700",
+        vec![
+            Probe::NoAnswer,
+            Probe::NoAnswer,
+            Probe::Healthy,
+            Probe::NotYet("RUNNING UNHEALTHY".into()),
+            Probe::Healthy,
+        ],
+    );
+    let settings = RolloutSettings {
+        healthy_checks: 2,
+        healthy_deadline: Duration::from_secs(5),
+        ..fast()
+    };
+    let done = push(plan(hosts(1), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    // The unhealthy answer reset the streak: two more healthy ones needed.
+    assert_eq!(
+        fleet
+            .hosts_with(Op::Probe)
+            .iter()
+            .filter(|h| *h == "h1:7700")
+            .count(),
+        6
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lease_shows_as_refusals_and_halts() {
+    let fleet = FakeFleet::new();
+    let lost = || HostFailure::new(Cause::Rejected, "the lease is held by another rollout");
+    fleet
+        .fail_activate("h2:7700", lost())
+        .fail_activate("h3:7700", lost());
+    let settings = RolloutSettings {
+        max_parallel: 1,
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert_eq!(
+        done.state("h2:7700"),
+        Some((HostState::Failed, Some(Cause::Rejected)))
+    );
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700", "h2:7700"]);
+    assert_eq!(fleet.hosts_with(Op::Revert), vec!["h1:7700"]);
+}
+
+#[tokio::test]
+async fn max_parallel_bounds_the_hosts_in_flight() {
+    let fleet = FakeFleet::new();
+    fleet.activate_delay(Duration::from_millis(60));
+    let settings = RolloutSettings {
+        canary: 0,
+        max_parallel: 2,
+        ..fast()
+    };
+    let done = push(plan(hosts(6), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(fleet.max_in_flight(), 2);
+}
+
+#[tokio::test]
+async fn the_progress_deadline_halts_and_reverts_what_changed() {
+    let fleet = FakeFleet::new();
+    fleet.hang_activate("h2:7700");
+    let settings = RolloutSettings {
+        progress_deadline: Duration::from_millis(300),
+        ..fast()
+    };
+    let done = push(plan(hosts(3), settings), &fleet).await;
+    assert_eq!(
+        done.halted().unwrap(),
+        "the progress deadline of 300ms passed"
+    );
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    // h2 never answered its activation: it is not known to be changed;
+    // h3, beside it in the wave, was.
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Revert)),
+        vec!["h1:7700", "h3:7700"]
+    );
+    assert_eq!(done.state("h2:7700"), Some((HostState::Activating, None)));
+}
+
+#[tokio::test]
+async fn waves_are_paused_between() {
+    let fleet = FakeFleet::new();
+    let pause = Duration::from_millis(250);
+    let settings = RolloutSettings {
+        pause_between_waves: pause,
+        ..fast()
+    };
+    let done = push(plan(hosts(3), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    let calls = fleet.calls();
+    let canary_gated = calls
+        .iter()
+        .filter(|c| c.op == Op::Probe && c.host == "h1:7700")
+        .map(|c| c.at)
+        .max()
+        .unwrap();
+    let next = calls
+        .iter()
+        .filter(|c| c.op == Op::Activate && c.host != "h1:7700")
+        .map(|c| c.at)
+        .min()
+        .unwrap();
+    assert!(next - canary_gated >= pause, "{:?}", next - canary_gated);
+}
+
+#[tokio::test]
+async fn ctrl_c_finishes_the_hosts_in_flight_then_pauses() {
+    let fleet = FakeFleet::new();
+    fleet.interrupt_on_activate("h1:7700");
+    let notify = fleet.interrupt.clone();
+    let plan = plan(hosts(3), fast());
+    let records = vec![HostRecord::default(); 3];
+    let interrupt = async move { notify.notified().await };
+    let done = run(plan, &fleet, records, 1, true, interrupt).await;
+    assert_eq!(done.outcome, Outcome::Aborted);
+    assert_eq!(done.outcome.exit_code(), 5);
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700"]);
+    assert_eq!(done.state("h1:7700"), Some((HostState::Healthy, None)));
+    assert!(done.lines.iter().any(
+        |l| matches!(&l.record, Record::Paused { reason } if reason == "interrupted (Ctrl-C)")
+    ));
+    assert_eq!(done.halted(), None);
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+}
+
+/// A journal as a crashed push left it: h1 healthy, h2 journaled as
+/// activating, h3 activated, h4 staged.
+fn crashed_journal(dir: &std::path::Path) -> Vec<HostRecord> {
+    let mut journal = Journal::create(dir, "r0", false).unwrap();
+    let host = |host: &str, state| Record::Host {
+        host: host.into(),
+        state,
+        cause: None,
+        message: String::new(),
+    };
+    for record in [
+        Record::Leased { generation: 1 },
+        host("h1:7700", HostState::Staged),
+        host("h2:7700", HostState::Staged),
+        host("h3:7700", HostState::Staged),
+        host("h4:7700", HostState::Staged),
+        host("h1:7700", HostState::Activating),
+        host("h1:7700", HostState::Activated),
+        host("h1:7700", HostState::Healthy),
+        host("h2:7700", HostState::Activating),
+        host("h3:7700", HostState::Activating),
+        host("h3:7700", HostState::Activated),
+    ] {
+        journal.append(record).unwrap();
+    }
+    let path = journal.path.clone();
+    drop(journal);
+    let (_, lines) = Journal::reopen(&path, false).unwrap();
+    HostRecord::from_journal(&hosts(4), &lines)
+}
+
+#[tokio::test]
+async fn resume_settles_journaled_activations_and_activates_no_host_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crashed_journal(dir.path());
+    let fleet = FakeFleet::new();
+    // The agent finished h2's activation after the CLI died.
+    fleet
+        .settles("h2:7700", Ok(Some(pid_of("h2:7700"))))
+        .settles("h3:7700", Ok(Some(pid_of("h3:7700"))));
+    let settings = RolloutSettings {
+        canary: 0,
+        ..fast()
+    };
+    let done = run(
+        plan(hosts(4), settings),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h4:7700"]);
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Settle)),
+        vec!["h2:7700", "h3:7700"]
+    );
+    // Only the staged host is staged again; the healthy one is left alone.
+    assert_eq!(fleet.hosts_with(Op::Stage), vec!["h4:7700"]);
+    assert!(!fleet.hosts_with(Op::Probe).contains(&"h1:7700".to_string()));
+    assert_eq!(
+        done.states("h2:7700"),
+        vec![HostState::Activated, HostState::Healthy]
+    );
+    assert_eq!(done.states("h3:7700"), vec![HostState::Healthy]);
+    // The resume fences with the next generation.
+    assert!(fleet
+        .calls()
+        .iter()
+        .filter_map(|c| c.lease.as_ref())
+        .all(|l| l.generation == 2));
+}
+
+#[tokio::test]
+async fn resume_activates_a_host_whose_activation_never_landed() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crashed_journal(dir.path());
+    let fleet = FakeFleet::new();
+    fleet.settles("h3:7700", Ok(Some(pid_of("h3:7700"))));
+    let settings = RolloutSettings {
+        canary: 0,
+        ..fast()
+    };
+    let done = run(
+        plan(hosts(4), settings),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Activate)),
+        vec!["h2:7700", "h4:7700"]
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_rollout_reverts_hosts_changed_before_the_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crashed_journal(dir.path());
+    let fleet = FakeFleet::new();
+    // h2's activation never landed and now fails: the rollout halts.
+    fleet
+        .settles("h3:7700", Ok(Some(pid_of("h3:7700"))))
+        .fail_activate("h2:7700", failure(Cause::ReloadFailed));
+    let settings = RolloutSettings {
+        canary: 0,
+        max_parallel: 1,
+        ..fast()
+    };
+    let done = run(
+        plan(hosts(4), settings),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    // h1 changed in the first run, h3 before the crash; h2 never changed.
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Revert)),
+        vec!["h1:7700", "h3:7700"]
+    );
+    assert!(!fleet
+        .hosts_with(Op::Activate)
+        .contains(&"h4:7700".to_string()));
+}
+
+#[tokio::test]
+async fn a_resume_goes_on_past_a_host_it_cannot_stage_counting_it_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crashed_journal(dir.path());
+    let fleet = FakeFleet::new();
+    fleet
+        .settles("h2:7700", Ok(Some(pid_of("h2:7700"))))
+        .settles("h3:7700", Ok(Some(pid_of("h3:7700"))))
+        .fail_stage("h4:7700", failure(Cause::Unreachable));
+    let settings = RolloutSettings {
+        canary: 0,
+        max_failures: "1".into(),
+        ..fast()
+    };
+    let done = run(
+        plan(hosts(4), settings),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(done.halted(), None);
+    assert_eq!(
+        done.state("h4:7700"),
+        Some((HostState::Failed, Some(Cause::Unreachable)))
+    );
+    assert!(fleet.hosts_with(Op::Activate).is_empty());
+    assert_eq!(done.state("h2:7700"), Some((HostState::Healthy, None)));
+}

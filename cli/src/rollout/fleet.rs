@@ -1,0 +1,147 @@
+//! The [`Fleet`]: everything a rollout asks of the agents, and nothing it
+//! decides.
+//!
+//! The engine ([`super::engine`]) only sees this trait, so its decisions
+//! (waves, the failure budget, halting, reverting exactly what it changed,
+//! resuming) are unit-tested against an in-memory fake
+//! (`fake_fleet.rs`), the way linkerd2-proxy tests its stacks. The real
+//! implementation is [`super::grpc_fleet::GrpcFleet`]: tonic channels,
+//! timeouts, and the translation of gRPC codes into a [`Cause`].
+//!
+//! Each operation names a host and, when it changes anything, carries the
+//! [`Lease`] that fences it. A fleet knows its target (the service or the
+//! agent release, its sha256) from construction, so the calls say only
+//! *where* and *under which lease*. Failures come back as a
+//! [`HostFailure`]: a cause and a message for people; the engine decides
+//! what a failure means for the rollout.
+//!
+//! Shape for what comes next: fencing tokens ride in [`Lease`] (one place
+//! every mutating call already takes), an agent's verdict on a superseded
+//! rollout is one more kind of [`LeaseRefusal`], and a revert that must
+//! know what a host ran before even when no result came back can take it
+//! as one more argument of [`Fleet::revert`], recorded by the engine when it
+//! asks for the activation, without changing the other calls.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::journal::Cause;
+
+/// How long a lease lasts without renewal; the engine renews every third
+/// of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// The fence every mutating call carries: this rollout, at this generation
+/// (a resume takes the next one, which makes the agents refuse an older
+/// process of the same rollout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub rollout: String,
+    pub generation: u64,
+}
+
+/// Why a host did not do what was asked, kept apart by cause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFailure {
+    pub cause: Cause,
+    pub message: String,
+}
+
+impl HostFailure {
+    pub fn new(cause: Cause, message: impl Into<String>) -> HostFailure {
+        HostFailure {
+            cause,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a lease was not granted: the text after the host's name in "rollout
+/// not started: HOST: ...".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRefusal(pub String);
+
+/// A granted lease.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// The holder whose lease this one replaced (`--force-takeover`).
+    pub displaced: Option<String>,
+}
+
+/// What staging found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Staged {
+    /// The host already runs the target: it is left alone.
+    AlreadyOnTarget,
+    /// The host holds the release now (`bytes_sent` is 0 when it had it).
+    Uploaded { bytes_sent: u64 },
+}
+
+/// A host that took the target: the process the health gate is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activated {
+    /// The new service process, or for an agent rollout the agent's (same)
+    /// pid.
+    pub pid: u32,
+    /// For people: what changed ("pid 10 -> 11").
+    pub message: String,
+}
+
+/// One health-gate poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Healthy,
+    /// Not (yet) healthy: what was seen.
+    NotYet(String),
+    /// Over: the process the gate is about is gone, or the agent refused.
+    Fatal(HostFailure),
+    /// No answer; a few in a row make the host unreachable.
+    NoAnswer,
+}
+
+/// The operations a rollout needs from its hosts. Futures are `Send` so the
+/// engine can run hosts in parallel on tokio tasks.
+pub trait Fleet: Send + Sync + 'static {
+    /// Takes the lease on one host, for `ttl`-long periods renewed by
+    /// [`Fleet::renew_lease`]. `force` takes it from another holder.
+    fn acquire_lease(
+        &self,
+        host: &str,
+        lease: &Lease,
+        holder: &str,
+        force: bool,
+    ) -> impl Future<Output = Result<LeaseGrant, LeaseRefusal>> + Send;
+
+    /// Extends the lease; best effort (a lost lease shows as refusals).
+    fn renew_lease(&self, host: &str, lease: &Lease) -> impl Future<Output = ()> + Send;
+
+    /// Gives the lease back; best effort.
+    fn release_lease(&self, host: &str, lease: &Lease) -> impl Future<Output = ()> + Send;
+
+    /// Skips a host already on the target, else makes sure it holds the
+    /// release.
+    fn stage(&self, host: &str) -> impl Future<Output = Result<Staged, HostFailure>> + Send;
+
+    /// Switches the host to the target: a service activation, or the
+    /// agent's in-place upgrade.
+    fn activate(
+        &self,
+        host: &str,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<Activated, HostFailure>> + Send;
+
+    /// One health poll of the process `pid` (see [`Probe`]).
+    fn probe(&self, host: &str, pid: u32) -> impl Future<Output = Probe> + Send;
+
+    /// After a crash: waits while the host still works on an activation it
+    /// was given, then tells whether it runs the target, and on which pid.
+    fn settle(&self, host: &str) -> impl Future<Output = Result<Option<u32>, HostFailure>> + Send;
+
+    /// Puts back what the host ran before this rollout. Ok: for people,
+    /// what runs now; Err: why it could not.
+    fn revert(
+        &self,
+        host: &str,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<String, String>> + Send;
+}

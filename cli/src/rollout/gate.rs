@@ -1,0 +1,94 @@
+//! The [`HealthGate`]: when an activated host counts as healthy.
+//!
+//! It polls [`Fleet::probe`] until the host has given `healthy_checks`
+//! healthy answers in a row spanning at least `min_healthy_time` (a bad
+//! answer resets both), within `healthy_deadline`. Three unanswered polls
+//! in a row make the cause "unreachable"; a probe that reports the process
+//! gone or a refusal ends the gate at once. The poll interval is the
+//! window divided by the checks, kept between 100 ms and 2 s so a short
+//! window is not hammered and a long one is not sampled too rarely.
+
+use std::time::{Duration, Instant};
+
+use super::fleet::{Fleet, HostFailure, Probe};
+use super::journal::Cause;
+use super::settings::RolloutSettings;
+
+/// Unanswered polls in a row after which the host is unreachable.
+const UNANSWERED_LIMIT: u32 = 3;
+
+pub struct HealthGate<'a> {
+    settings: &'a RolloutSettings,
+}
+
+impl<'a> HealthGate<'a> {
+    pub fn new(settings: &'a RolloutSettings) -> HealthGate<'a> {
+        HealthGate { settings }
+    }
+
+    /// Waits until `host`, now on process `pid`, passes the gate.
+    pub async fn wait_healthy<F: Fleet>(
+        &self,
+        fleet: &F,
+        host: &str,
+        pid: u32,
+    ) -> Result<(), HostFailure> {
+        let s = self.settings;
+        let poll = (s.min_healthy_time / s.healthy_checks)
+            .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let deadline = Instant::now() + s.healthy_deadline;
+        let (mut streak, mut since) = (0u32, None::<Instant>);
+        let mut last = String::from("no answer yet");
+        let mut unanswered = 0;
+        loop {
+            let healthy = match fleet.probe(host, pid).await {
+                Probe::Healthy => {
+                    unanswered = 0;
+                    true
+                }
+                Probe::NotYet(seen) => {
+                    unanswered = 0;
+                    last = seen;
+                    false
+                }
+                Probe::Fatal(failure) => return Err(failure),
+                Probe::NoAnswer => {
+                    unanswered += 1;
+                    if unanswered >= UNANSWERED_LIMIT {
+                        return Err(HostFailure::new(
+                            Cause::Unreachable,
+                            "the agent stopped answering during the health gate",
+                        ));
+                    }
+                    false
+                }
+            };
+            let mut wait = poll;
+            if healthy {
+                streak += 1;
+                let first = *since.get_or_insert_with(Instant::now);
+                if streak >= s.healthy_checks && first.elapsed() >= s.min_healthy_time {
+                    return Ok(());
+                }
+                // Enough checks already: the next one is due when the
+                // window closes, not a whole poll interval later.
+                if streak >= s.healthy_checks {
+                    wait = poll.min(s.min_healthy_time.saturating_sub(first.elapsed()));
+                }
+            } else {
+                streak = 0;
+                since = None;
+            }
+            if Instant::now() >= deadline {
+                return Err(HostFailure::new(
+                    Cause::Unhealthy,
+                    format!(
+                        "not healthy within {} (last: {last})",
+                        humantime::format_duration(s.healthy_deadline)
+                    ),
+                ));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

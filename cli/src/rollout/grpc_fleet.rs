@@ -1,0 +1,438 @@
+//! The real [`Fleet`]: the agents over tonic.
+//!
+//! Every call is bounded by a timeout, and gRPC statuses become a
+//! [`Cause`] here and nowhere else: transport trouble means the agent could
+//! not be reached, anything the agent said itself is a refusal. A service
+//! rollout activates and rolls back a service; an agent rollout
+//! (`push --agent`) has each agent upgrade itself in place
+//! ([`super::agent_upgrade`]) and gates on every service it runs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reload_artifact::envelope_path_for;
+use reload_proto::v1 as pb;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::agent_upgrade::{agent_info, upgrade_agent, UPGRADE_TIMEOUT};
+use super::fleet::{
+    Activated, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged, LEASE_TTL,
+};
+use super::journal::Cause;
+use crate::client::upload;
+
+/// What the fleet is moved to; fixed at plan time.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The service, or [`super::project::AGENT_SERVICE`] for an agent
+    /// rollout.
+    pub service: String,
+    pub version: String,
+    pub sha256: String,
+    /// The signed release, its envelope beside it.
+    pub artifact: PathBuf,
+}
+
+impl Target {
+    /// An agent rollout: each host's agent upgrades itself in place
+    /// (UpgradeAgent) instead of activating a service.
+    pub fn agent(&self) -> bool {
+        self.service == super::project::AGENT_SERVICE
+    }
+}
+
+pub struct GrpcFleet {
+    target: Arc<Target>,
+    /// One lazily connected channel per host, by its `host:port`.
+    channels: HashMap<String, Channel>,
+}
+
+/// Transport trouble means the agent could not be reached; anything the
+/// agent said itself is a refusal.
+pub fn cause_of(status: &Status) -> Cause {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            Cause::Unreachable
+        }
+        _ => Cause::Rejected,
+    }
+}
+
+fn failure((cause, message): (Cause, String)) -> HostFailure {
+    HostFailure { cause, message }
+}
+
+fn pb_lease(lease: &Lease) -> pb::LeaseRef {
+    pb::LeaseRef {
+        rollout_id: lease.rollout.clone(),
+        generation: lease.generation,
+    }
+}
+
+impl GrpcFleet {
+    /// Channels connect on first use, so an unreachable host fails its own
+    /// calls and not the construction.
+    pub fn new(target: Target, hosts: &[String]) -> anyhow::Result<GrpcFleet> {
+        let channels = hosts
+            .iter()
+            .map(|h| Ok((h.clone(), crate::client::endpoint(h)?.connect_lazy())))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(GrpcFleet {
+            target: Arc::new(target),
+            channels,
+        })
+    }
+
+    fn channel(&self, host: &str) -> Channel {
+        self.channels
+            .get(host)
+            .expect("the engine only names planned hosts")
+            .clone()
+    }
+
+    fn control(&self, host: &str) -> pb::service_control_client::ServiceControlClient<Channel> {
+        pb::service_control_client::ServiceControlClient::new(self.channel(host))
+    }
+
+    fn leases(&self, host: &str) -> pb::lease_service_client::LeaseServiceClient<Channel> {
+        pb::lease_service_client::LeaseServiceClient::new(self.channel(host))
+    }
+
+    /// Uploads the release unless the host has it.
+    async fn upload_release(&self, host: &str) -> Result<Staged, HostFailure> {
+        let target = &self.target;
+        let envelope = std::fs::read(envelope_path_for(&target.artifact))
+            .map_err(|e| HostFailure::new(Cause::Rejected, e.to_string()))?;
+        let outcome = upload(
+            host,
+            self.channel(host),
+            &target.artifact,
+            envelope,
+            &target.sha256,
+            false,
+        )
+        .await
+        .map_err(|e| {
+            let text = format!("{e:#}");
+            let cause = if text.contains("cannot reach") || text.contains("Unavailable") {
+                Cause::Unreachable
+            } else {
+                Cause::Rejected
+            };
+            HostFailure::new(cause, text)
+        })?;
+        Ok(Staged::Uploaded {
+            bytes_sent: outcome.bytes_sent,
+        })
+    }
+
+    /// A service rollout's poll: the new process `pid` is current, running
+    /// and healthy.
+    async fn probe_service(&self, host: &str, pid: u32) -> Probe {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.control(host).get_status(pb::GetStatusRequest {
+                service: self.target.service.clone(),
+            }),
+        )
+        .await;
+        match answer {
+            Ok(Ok(response)) => {
+                let status = response
+                    .into_inner()
+                    .services
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                let health = pb::HealthState::try_from(status.health).unwrap_or_default();
+                let state = pb::ServiceState::try_from(status.state).unwrap_or_default();
+                if status.pid != pid {
+                    return Probe::Fatal(HostFailure::new(
+                        Cause::Unhealthy,
+                        format!(
+                            "the new process (pid {pid}) is gone: now pid {} in state {}",
+                            status.pid,
+                            state.as_str_name()
+                        ),
+                    ));
+                }
+                if state == pb::ServiceState::Running && health == pb::HealthState::Healthy {
+                    Probe::Healthy
+                } else {
+                    Probe::NotYet(format!("{} {}", state.as_str_name(), health.as_str_name()))
+                }
+            }
+            Ok(Err(s)) if cause_of(&s) == Cause::Rejected => {
+                Probe::Fatal(HostFailure::new(Cause::Rejected, s.message()))
+            }
+            _ => Probe::NoAnswer,
+        }
+    }
+
+    /// An agent rollout's poll: the agent (still pid `pid`) runs the
+    /// release, and every service it runs is running and healthy.
+    async fn probe_agent(&self, host: &str, pid: u32) -> Probe {
+        let info = match agent_info(self.channel(host)).await {
+            Ok(info) => info,
+            Err((Cause::Rejected, message)) => {
+                return Probe::Fatal(HostFailure::new(Cause::Rejected, message))
+            }
+            Err(_) => return Probe::NoAnswer,
+        };
+        if info.pid != pid {
+            return Probe::Fatal(HostFailure::new(
+                Cause::Unhealthy,
+                format!("the agent restarted (pid {pid} is now {})", info.pid),
+            ));
+        }
+        if info.executable_sha256 != self.target.sha256 {
+            return Probe::Fatal(HostFailure::new(
+                Cause::Unhealthy,
+                format!(
+                    "the agent no longer runs {} (its executable is {})",
+                    self.target.version, info.executable_sha256
+                ),
+            ));
+        }
+        let status = match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.control(host).get_status(pb::GetStatusRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(s)) if cause_of(&s) == Cause::Rejected => {
+                return Probe::Fatal(HostFailure::new(Cause::Rejected, s.message()))
+            }
+            _ => return Probe::NoAnswer,
+        };
+        let unwell: Vec<String> = status
+            .services
+            .iter()
+            .filter(|s| !s.current_version.is_empty())
+            .filter(|s| {
+                s.state != pb::ServiceState::Running as i32
+                    || s.health != pb::HealthState::Healthy as i32
+            })
+            .map(|s| {
+                format!(
+                    "{} {} {}",
+                    s.name,
+                    pb::ServiceState::try_from(s.state)
+                        .unwrap_or_default()
+                        .as_str_name(),
+                    pb::HealthState::try_from(s.health)
+                        .unwrap_or_default()
+                        .as_str_name()
+                )
+            })
+            .collect();
+        if unwell.is_empty() {
+            Probe::Healthy
+        } else {
+            Probe::NotYet(unwell.join(", "))
+        }
+    }
+}
+
+impl Fleet for GrpcFleet {
+    async fn acquire_lease(
+        &self,
+        host: &str,
+        lease: &Lease,
+        holder: &str,
+        force: bool,
+    ) -> Result<LeaseGrant, LeaseRefusal> {
+        let request = pb::AcquireLeaseRequest {
+            r#ref: Some(pb_lease(lease)),
+            holder: holder.to_string(),
+            ttl: Some(LEASE_TTL.try_into().expect("small duration")),
+            force_takeover: force,
+        };
+        let mut client = self.leases(host);
+        match tokio::time::timeout(Duration::from_secs(10), client.acquire_lease(request)).await {
+            Ok(Ok(response)) => Ok(LeaseGrant {
+                displaced: response.into_inner().displaced.map(|d| d.holder),
+            }),
+            Ok(Err(status)) if status.code() == Code::Aborted => {
+                Err(LeaseRefusal(status.message().to_string()))
+            }
+            Ok(Err(status)) => Err(LeaseRefusal(format!(
+                "cannot take the lease ({:?}): {}",
+                status.code(),
+                status.message()
+            ))),
+            Err(_) => Err(LeaseRefusal("unreachable (no answer within 10s)".into())),
+        }
+    }
+
+    async fn renew_lease(&self, host: &str, lease: &Lease) {
+        let request = pb::RenewLeaseRequest {
+            r#ref: Some(pb_lease(lease)),
+            ttl: Some(LEASE_TTL.try_into().expect("small")),
+        };
+        let mut client = self.leases(host);
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.renew_lease(request)).await;
+    }
+
+    async fn release_lease(&self, host: &str, lease: &Lease) {
+        let request = pb::ReleaseLeaseRequest {
+            r#ref: Some(pb_lease(lease)),
+        };
+        let mut client = self.leases(host);
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(request)).await;
+    }
+
+    async fn stage(&self, host: &str) -> Result<Staged, HostFailure> {
+        let target = &self.target;
+        if target.agent() {
+            let info = agent_info(self.channel(host)).await.map_err(failure)?;
+            if info.executable_sha256 == target.sha256 {
+                return Ok(Staged::AlreadyOnTarget);
+            }
+            return self.upload_release(host).await;
+        }
+        let status = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.control(host).get_status(pb::GetStatusRequest {
+                service: target.service.clone(),
+            }),
+        )
+        .await
+        .map_err(|_| HostFailure::new(Cause::Unreachable, "no answer within 10s"))?
+        .map_err(|s| HostFailure::new(cause_of(&s), format!("status: {}", s.message())))?
+        .into_inner();
+        let running_target = status.services.first().is_some_and(|s| {
+            s.current_sha256 == target.sha256 && s.state == pb::ServiceState::Running as i32
+        });
+        if running_target {
+            return Ok(Staged::AlreadyOnTarget);
+        }
+        self.upload_release(host).await
+    }
+
+    async fn activate(&self, host: &str, lease: &Lease) -> Result<Activated, HostFailure> {
+        let target = &self.target;
+        if target.agent() {
+            let (pid, version) =
+                upgrade_agent(self.channel(host), Some(&target.sha256), pb_lease(lease))
+                    .await
+                    .map_err(failure)?;
+            return Ok(Activated {
+                pid,
+                message: format!("agent pid {pid} re-executed into {version}"),
+            });
+        }
+        let request = pb::ActivateRequest {
+            service: target.service.clone(),
+            sha256: target.sha256.clone(),
+            lease: Some(pb_lease(lease)),
+            allow_downgrade: false,
+        };
+        let mut control = self.control(host);
+        let response =
+            match tokio::time::timeout(Duration::from_secs(300), control.activate(request)).await {
+                Ok(Ok(response)) => response.into_inner(),
+                Ok(Err(status)) => {
+                    return Err(HostFailure::new(cause_of(&status), status.message()))
+                }
+                Err(_) => {
+                    return Err(HostFailure::new(
+                        Cause::Unreachable,
+                        "Activate did not answer within 300s",
+                    ))
+                }
+            };
+        let result = response.result.unwrap_or_default();
+        if result.outcome != pb::ReloadOutcome::Succeeded as i32 {
+            return Err(HostFailure::new(Cause::ReloadFailed, result.reason));
+        }
+        Ok(Activated {
+            pid: result.new_pid,
+            message: format!("pid {} -> {}", result.old_pid, result.new_pid),
+        })
+    }
+
+    async fn probe(&self, host: &str, pid: u32) -> Probe {
+        if self.target.agent() {
+            self.probe_agent(host, pid).await
+        } else {
+            self.probe_service(host, pid).await
+        }
+    }
+
+    async fn settle(&self, host: &str) -> Result<Option<u32>, HostFailure> {
+        let target = &self.target;
+        if target.agent() {
+            // An upgrade this CLI asked for before it died may still be
+            // under way (preflight, drain, exec): wait for it to end.
+            let deadline = Instant::now() + UPGRADE_TIMEOUT;
+            loop {
+                match agent_info(self.channel(host)).await {
+                    Ok(info) if !info.upgrade_in_progress || Instant::now() >= deadline => {
+                        return Ok((info.executable_sha256 == target.sha256).then_some(info.pid));
+                    }
+                    Err(err) if Instant::now() >= deadline => return Err(failure(err)),
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        let mut control = self.control(host);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = control
+                .get_status(pb::GetStatusRequest {
+                    service: target.service.clone(),
+                })
+                .await
+                .map_err(|s| HostFailure::new(cause_of(&s), s.message()))?
+                .into_inner()
+                .services
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let reloading = matches!(
+                pb::ServiceState::try_from(status.state),
+                Ok(pb::ServiceState::Reloading | pb::ServiceState::Starting)
+            );
+            if !reloading || Instant::now() >= deadline {
+                return Ok((status.current_sha256 == target.sha256).then_some(status.pid));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn revert(&self, host: &str, lease: &Lease) -> Result<String, String> {
+        if self.target.agent() {
+            return match upgrade_agent(self.channel(host), None, pb_lease(lease)).await {
+                Ok((_, version)) => Ok(format!("agent back on {version}")),
+                Err((_, message)) => Err(message),
+            };
+        }
+        // Back to what it ran before this rollout: below the floor the new
+        // version set, and known to the agent.
+        let request = pb::RollbackRequest {
+            service: self.target.service.clone(),
+            lease: Some(pb_lease(lease)),
+            allow_downgrade: true,
+        };
+        let mut control = self.control(host);
+        match tokio::time::timeout(Duration::from_secs(300), control.rollback(request)).await {
+            Ok(Ok(response)) => {
+                let result = response.into_inner().result.unwrap_or_default();
+                if result.outcome == pb::ReloadOutcome::Succeeded as i32 {
+                    Ok(format!("back on {}", result.to_version))
+                } else {
+                    Err(result.reason)
+                }
+            }
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => Err("Rollback did not answer within 300s".into()),
+        }
+    }
+}
