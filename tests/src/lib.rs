@@ -8,9 +8,21 @@
 //! with that instruction rather than skipping anything.
 //!
 //! Every helper that starts a process kills it on drop and, when a test
-//! fails, prints what the process logged.
+//! fails, prints what the process logged. Nothing waits by sleeping a
+//! guessed time: [`eventually`] polls an observable condition up to a
+//! deadline and, on timeout, says what it waited for and what it last saw.
+//!
+//! Layout:
+//! - this file: the binaries ([`bin_path`], [`reloadctl`]), a running
+//!   agent ([`Agent`]), uploads, artifacts and small probes of processes,
+//!   ports, files and HTTP.
+//! - [`wait`]: [`eventually`], [`wait_for`], [`settled`].
+//! - [`load`]: a load client that never retries and counts every failure.
 
 pub mod load;
+pub mod wait;
+
+pub use wait::{eventually, settled, wait_for};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -18,7 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use reload_artifact::{Envelope, Manifest, SigningKey};
 use reload_proto::v1 as pb;
@@ -372,18 +384,14 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, (u64, String)> {
     out
 }
 
-/// Waits until `condition` holds, polling without blocking the runtime;
-/// panics with `what` after `timeout`. For conditions another process or
-/// task makes true.
-pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The names of the entries in `dir`, sorted (e.g. an upload's temp files).
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|err| panic!("listing {}: {err}", dir.display()))
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// A free TCP port on `ip`, for a listener the test's process is about to
@@ -399,6 +407,30 @@ pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     free_port_on([127, 0, 0, 1].into())
+}
+
+/// A child process that is killed and reaped when dropped, so that a test
+/// that fails half-way leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The process has exited: gone, or a zombie waiting for its reaper.

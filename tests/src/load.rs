@@ -347,15 +347,16 @@ impl LoadRun {
     /// after 30 s without them): traffic really reaches whatever serves.
     pub async fn wait_for_requests(&self, n: u64) {
         let start = self.snapshot().requests;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.snapshot().requests < start + n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "load made no progress: {}",
-                self.snapshot().summary()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::eventually(
+            format!("{n} more responses (the load made no progress)"),
+            Duration::from_secs(30),
+            async || {
+                let report = self.snapshot();
+                (report.requests, report.summary())
+            },
+            |(requests, _)| *requests >= start + n,
+        )
+        .await;
     }
 
     /// Stops every worker after the request it is in and returns the totals.

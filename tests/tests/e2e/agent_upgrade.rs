@@ -120,24 +120,18 @@ async fn roll_back(agent: &Agent) -> Result<pb::UpgradeAgentResponse, tonic::Sta
 /// Polls GetAgentInfo until `last_upgrade` reports the upgrade to
 /// `to_sha256`; returns that answer.
 async fn wait_for_upgrade(agent: &Agent, to_sha256: &str) -> pb::GetAgentInfoResponse {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(info) = agent_info(agent).await {
-            if info
-                .last_upgrade
-                .as_ref()
+    eventually(
+        format!("the agent to report the upgrade to {to_sha256}"),
+        Duration::from_secs(30),
+        async || agent_info(agent).await,
+        |info| {
+            info.as_ref()
+                .and_then(|info| info.last_upgrade.as_ref())
                 .is_some_and(|u| u.to_sha256 == to_sha256)
-            {
-                return info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not report the upgrade to {to_sha256} within 30s\n{}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition")
 }
 
 async fn service_status(agent: &Agent) -> pb::ServiceStatus {
@@ -201,27 +195,25 @@ async fn reread(
 ) -> pb::GetAgentInfoResponse {
     std::fs::write(path, config).unwrap();
     send_signal(f.agent.pid(), nix::sys::signal::Signal::SIGHUP);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if info.started != before.started && !info.upgrade_in_progress {
-                let last = info.last_upgrade.clone().unwrap();
-                assert_eq!(
-                    last.outcome,
-                    pb::AgentUpgradeOutcome::Succeeded as i32,
-                    "{last:?}\n{}",
-                    f.agent.log_text()
-                );
-                return info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the config was not re-read\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let info = eventually(
+        "the config to be re-read (another start time)",
+        Duration::from_secs(20),
+        async || agent_info(&f.agent).await,
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| info.started != before.started && !info.upgrade_in_progress)
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
+    let last = info.last_upgrade.clone().unwrap();
+    assert_eq!(
+        last.outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32,
+        "{last:?}\n{}",
+        f.agent.log_text()
+    );
+    info
 }
 
 /// What the agent holds open, by kind: listening TCP sockets, Unix and
@@ -280,23 +272,27 @@ fn fd_inventory(pid: u32) -> std::collections::BTreeMap<String, usize> {
     inventory
 }
 
-/// The agent's open fds (see [`fd_inventory`]) once they stop changing;
-/// with `expected`, waits until they are back to it.
-async fn settled_fds(
-    pid: u32,
-    expected: Option<&std::collections::BTreeMap<String, usize>>,
-) -> std::collections::BTreeMap<String, usize> {
-    let mut last = fd_inventory(pid);
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = fd_inventory(pid);
-        match expected {
-            Some(expected) if now == *expected => return now,
-            None if now == last => return now,
-            _ => last = now,
-        }
-    }
-    panic!("the agent's open fds did not settle at {expected:?}: {last:?}");
+/// The agent's open fds (see [`fd_inventory`]) once they stop changing.
+async fn settled_fds(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    settled(
+        "the agent's open fds",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        async || fd_inventory(pid),
+    )
+    .await
+}
+
+/// Waits until the agent's open fds (see [`fd_inventory`]) are back to
+/// `expected`.
+async fn fds_back_to(pid: u32, expected: &std::collections::BTreeMap<String, usize>) {
+    eventually(
+        format!("the agent's open fds to be back to {expected:?}"),
+        Duration::from_secs(10),
+        async || fd_inventory(pid),
+        |now| now == expected,
+    )
+    .await;
 }
 
 fn exe_of(pid: u32) -> std::path::PathBuf {
@@ -323,7 +319,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     assert_eq!(before.artifact_version, "");
     assert!(before.last_upgrade.is_none());
 
-    let fds_before = settled_fds(agent_pid, None).await;
+    let fds_before = settled_fds(agent_pid).await;
     println!("agent's open fds before the upgrades: {fds_before:?}");
     let agent_v2 = f
         .agent
@@ -475,7 +471,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     let per_request_report = per_request.stop().await;
     // Nothing leaked across four execs: no listener, pipe, pidfd or
     // executable fd left behind by an image.
-    settled_fds(agent_pid, Some(&fds_before)).await;
+    fds_back_to(agent_pid, &fds_before).await;
     println!(
         "keep-alive, 4 agent upgrades: {}",
         keep_alive_report.summary()
@@ -496,23 +492,18 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     // A crash is still noticed and restarted by the image that adopted it
     // (after the load: a SIGKILL resets the connections it held).
     send_signal(second_service_pid, nix::sys::signal::Signal::SIGKILL);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = service_status(&f.agent).await;
-        if status.pid != 0
-            && status.pid != second_service_pid
-            && status.state == pb::ServiceState::Running as i32
-        {
-            assert_eq!(status.restarts, 1, "{status:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not restarted: {status:?}\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = eventually(
+        "the killed service to be restarted",
+        Duration::from_secs(20),
+        async || service_status(&f.agent).await,
+        |status| {
+            status.pid != 0
+                && status.pid != second_service_pid
+                && status.state == pb::ServiceState::Running as i32
+        },
+    )
+    .await;
+    assert_eq!(status.restarts, 1, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -617,20 +608,17 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     let added = format!("{config}{}", api_service("http", api_port));
     std::fs::write(&config_path, &added).unwrap();
     send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let info = loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if info.services.contains(&"api".to_string()) {
-                break info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the config was not re-read\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = eventually(
+        "the config with the `api` service to be re-read",
+        Duration::from_secs(20),
+        async || agent_info(&f.agent).await,
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| info.services.contains(&"api".to_string()))
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
     assert_eq!(info.pid, agent_pid);
     assert_eq!(
         info.last_upgrade.as_ref().unwrap().outcome,
@@ -733,7 +721,15 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
                 .map(|r| r.into_inner().result.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The upgrades must arrive while the new process starts: wait until the
+    // agent reports the reload under way.
+    eventually(
+        "the slow reload to be under way",
+        Duration::from_secs(20),
+        async || service_status(&f.agent).await,
+        |status| status.state == pb::ServiceState::Reloading as i32,
+    )
+    .await;
     // Two upgrades at once: one goes ahead (after the reload and its
     // drain), the other is refused at once.
     let request = || pb::UpgradeAgentRequest {
@@ -811,25 +807,25 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     storm.await.unwrap();
     // Every HUP either re-read the config or was refused while another
     // re-exec ran; none killed anything. Wait for the last to finish.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let info = loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if !info.upgrade_in_progress && info.executable_sha256 == v2 {
-                break info;
-            }
-        }
-        assert!(
-            f.agent.try_wait().is_none(),
-            "the agent died during the upgrade\n{}",
-            f.agent.log_text()
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not settle on 2.0.0\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = eventually(
+        "the agent to settle on 2.0.0",
+        Duration::from_secs(30),
+        async || {
+            let info = agent_info(&f.agent).await;
+            assert!(
+                f.agent.try_wait().is_none(),
+                "the agent died during the upgrade\n{}",
+                f.agent.log_text()
+            );
+            info
+        },
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| !info.upgrade_in_progress && info.executable_sha256 == v2)
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
     assert_eq!(info.pid, agent_pid);
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
     run.wait_for_requests(200).await;
@@ -844,33 +840,25 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     // SIGTERM right after an upgrade is accepted: not lost across the
     // exec; the agent stops cleanly (exit 0) and drains its service. (A
     // last SIGHUP of the storm may still be re-reading the config: wait.)
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = upgrade_to(&f.agent, v3.clone()).await;
-        match answer {
-            Ok(_) => break,
-            Err(status)
-                if status.code() == tonic::Code::Aborted
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(status) => panic!("UpgradeAgent: {status:?}\n{}", f.agent.log_text()),
-        }
+    let answer = eventually(
+        "UpgradeAgent to 3.0.0 not to be refused as `already in progress`",
+        Duration::from_secs(30),
+        async || upgrade_to(&f.agent, v3.clone()).await,
+        |answer| !matches!(answer, Err(status) if status.code() == tonic::Code::Aborted),
+    )
+    .await;
+    if let Err(status) = answer {
+        panic!("UpgradeAgent: {status:?}\n{}", f.agent.log_text());
     }
     send_signal(agent_pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = f.agent.try_wait() {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not stop on SIGTERM during its upgrade\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = eventually(
+        "the agent to stop on SIGTERM during its upgrade",
+        Duration::from_secs(30),
+        async || f.agent.try_wait(),
+        Option::is_some,
+    )
+    .await
+    .expect("an exit status, since it met the condition");
     assert_eq!(
         status.code(),
         Some(0),

@@ -74,6 +74,32 @@ fn local_addr(fd: &OwnedFd) -> SocketAddr {
     SocketAddr::from((v4.ip(), v4.port()))
 }
 
+/// How many connections wait in the accept queue of the TCP listener at
+/// `addr` (from /proc/net/tcp, where a listening socket's `rx_queue` is its
+/// accept queue); `None` if nothing listens there.
+fn accept_queue(addr: SocketAddr) -> Option<u32> {
+    let SocketAddr::V4(addr) = addr else {
+        panic!("an IPv4 listener");
+    };
+    // The address as the kernel prints it: the IPv4 address as a native
+    // endian word, then the port.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // sl, local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue
+        if fields.get(1) != Some(&local.as_str()) || fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        let (_, rx_queue) = fields.get(4)?.split_once(':')?;
+        u32::from_str_radix(rx_queue, 16).ok()
+    })
+}
+
 fn agent_command(dir: &Path, notify: &Path, stored: &[(String, OwnedFd)]) -> Command {
     let args: Vec<String> = Agent::ARGS.iter().map(|a| a.to_string()).collect();
     let program = bin_path("reload-agent");
@@ -163,7 +189,21 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     )
     .await;
     let waiting = tokio::spawn(http_get(service_addr, "/"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Queued, not refused: the kernel completes the handshake and keeps the
+    // connection in the listener's accept queue until someone accepts.
+    eventually(
+        "the client's connection to wait in the listener's accept queue",
+        Duration::from_secs(20),
+        async || {
+            assert!(
+                !waiting.is_finished(),
+                "the client was refused or reset instead of queued"
+            );
+            accept_queue(service_addr)
+        },
+        |queued| *queued == Some(1),
+    )
+    .await;
     assert!(
         !waiting.is_finished(),
         "the client was refused or reset instead of queued"

@@ -348,23 +348,18 @@ async fn a_restarted_agent_runs_the_version_it_had_activated() {
     .await;
     let key = f.agent.key.clone();
     f.agent = Agent::start_with_config(f.dir.path(), key);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = f.status().await;
-        if status.state == pb::ServiceState::Running as i32 {
-            assert_eq!(status.current_version, "2.0.0");
-            assert_eq!(status.previous_version, "1.0.0");
-            let reply = http_get(f.service_addr, "/").await.unwrap();
-            let (code, pid) = (reply.code, reply.pid);
-            assert_eq!((code, pid), (200, status.pid));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "service not running after the agent restart: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = eventually(
+        "the service to run after the agent restart",
+        Duration::from_secs(20),
+        async || f.status().await,
+        |status| status.state == pb::ServiceState::Running as i32,
+    )
+    .await;
+    assert_eq!(status.current_version, "2.0.0");
+    assert_eq!(status.previous_version, "1.0.0");
+    let reply = http_get(f.service_addr, "/").await.unwrap();
+    let (code, pid) = (reply.code, reply.pid);
+    assert_eq!((code, pid), (200, status.pid));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,17 +422,14 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
 }
 
 async fn wait_for_health(addr: SocketAddr, path: &str, code: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if http_get(addr, path).await.is_ok_and(|r| r.code == code) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never answered {code}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        format!("{path} to answer {code}"),
+        Duration::from_secs(20),
+        async || http_get(addr, path).await.map(|reply| reply.code),
+        |answer| matches!(answer, Ok(answered) if *answered == code),
+    )
+    .await
+    .expect("an answer, since it met the condition");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,24 +482,23 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(f.agent.channel().await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "web".into(),
-            })
-            .await
-            .map(|r| r.into_inner().status)
-            .ok();
-        if status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "grpc health of web never SERVING: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the gRPC health of web to be SERVING",
+        Duration::from_secs(20),
+        async || {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "web".into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .ok()
+        },
+        |status| {
+            *status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,19 +602,13 @@ async fn a_caller_that_goes_away_mid_reload_does_not_cancel_it() {
     );
     // The agent finishes it: the new process serves, the old one drained,
     // and the state is not left at RELOADING.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = f.status().await;
-        if status.state == pb::ServiceState::Running as i32 && status.current_sha256 == slow {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the reload did not finish: {status:?}\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = eventually(
+        "the abandoned reload to finish",
+        Duration::from_secs(20),
+        async || f.status().await,
+        |status| status.state == pb::ServiceState::Running as i32 && status.current_sha256 == slow,
+    )
+    .await;
     assert_ne!(status.pid, old_pid);
     wait_for("the old process to drain", Duration::from_secs(15), || {
         process_gone(old_pid)

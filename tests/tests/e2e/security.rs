@@ -546,15 +546,11 @@ mod limits_and_keys {
             "{}",
             err.message()
         );
-        wait_for(
+        eventually(
             "the temp file to go",
             std::time::Duration::from_secs(10),
-            || {
-                std::fs::read_dir(agent.store().join("tmp"))
-                    .unwrap()
-                    .count()
-                    == 0
-            },
+            async || file_names(&agent.store().join("tmp")),
+            Vec::is_empty,
         )
         .await;
         assert_eq!(snapshot(&agent.store()), before);
@@ -607,15 +603,11 @@ mod limits_and_keys {
             "{}",
             err.message()
         );
-        wait_for(
+        eventually(
             "the temp file to go",
             std::time::Duration::from_secs(10),
-            || {
-                std::fs::read_dir(agent.store().join("tmp"))
-                    .unwrap()
-                    .count()
-                    == 0
-            },
+            async || file_names(&agent.store().join("tmp")),
+            Vec::is_empty,
         )
         .await;
         assert_eq!(snapshot(&agent.store()), before);
