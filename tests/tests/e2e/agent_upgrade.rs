@@ -43,7 +43,9 @@ impl Fixture {
             .agent
             .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
             .await;
-        activate_ok(&self.agent, &web).await;
+        self.agent
+            .activate_ok("web", &web, Downgrade::Allowed)
+            .await;
         let service_pid = service_status(&self.agent).await.pid;
         let run = load(self.service_addr, ConnectionMode::KeepAlive);
         run.wait_for_requests(200).await;
@@ -147,32 +149,6 @@ async fn service_status(agent: &Agent) -> pb::ServiceStatus {
         .into_inner()
         .services
         .remove(0)
-}
-
-async fn activate_ok(agent: &Agent, sha256: &str) -> pb::ReloadResult {
-    let mut control = pb::service_control_client::ServiceControlClient::new(
-        channel(agent).await.expect("agent reachable"),
-    );
-    let result = control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: sha256.into(),
-            allow_downgrade: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", agent.log_text()))
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(
-        result.outcome,
-        pb::ReloadOutcome::Succeeded as i32,
-        "{}\n{}",
-        result.reason,
-        agent.log_text()
-    );
-    result
 }
 
 fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
@@ -312,7 +288,9 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         .agent
         .stage("web", "2.0.0", &Agent::demo_server_bytes("2.0.0"))
         .await;
-    activate_ok(&f.agent, &web_v1).await;
+    f.agent
+        .activate_ok("web", &web_v1, Downgrade::Allowed)
+        .await;
     let service_pid = service_status(&f.agent).await.pid;
     let before = agent_info(&f.agent).await.unwrap();
     assert_eq!(before.executable_sha256, installed_sha);
@@ -383,7 +361,10 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     // 2. The new image supervises what it adopted: a reload drains and
     // reaps the adopted process, and the process it starts survives the
     // next upgrade too (it was forked on the thread that execs).
-    let reload = activate_ok(&f.agent, &web_v2).await;
+    let reload = f
+        .agent
+        .activate_ok("web", &web_v2, Downgrade::Allowed)
+        .await;
     assert_eq!(reload.old_pid, service_pid);
     wait_for(
         "the adopted process to be reaped",
@@ -702,41 +683,26 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
         .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
         .await;
 
-    let reload = {
-        let agent_host = f.agent.addr;
-        let slow = slow.clone();
-        tokio::spawn(async move {
-            let channel = Channel::from_shared(format!("http://{agent_host}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            pb::service_control_client::ServiceControlClient::new(channel)
-                .activate(pb::ActivateRequest {
-                    service: "web".into(),
-                    sha256: slow,
-                    ..Default::default()
-                })
-                .await
-                .map(|r| r.into_inner().result.unwrap())
-        })
+    // The reload, and meanwhile two upgrades at once: one goes ahead (after
+    // the reload and its drain), the other is refused at once.
+    let reload = f.agent.activate("web", &slow, Downgrade::NotAllowed);
+    let upgrades = async {
+        // The upgrades must arrive while the new process starts: wait until
+        // the agent reports the reload under way.
+        eventually(
+            "the slow reload to be under way",
+            Duration::from_secs(20),
+            async || service_status(&f.agent).await,
+            |status| status.state == pb::ServiceState::Reloading as i32,
+        )
+        .await;
+        let request = || pb::UpgradeAgentRequest {
+            sha256: release.clone(),
+            ..Default::default()
+        };
+        tokio::join!(upgrade(&f.agent, request()), upgrade(&f.agent, request()))
     };
-    // The upgrades must arrive while the new process starts: wait until the
-    // agent reports the reload under way.
-    eventually(
-        "the slow reload to be under way",
-        Duration::from_secs(20),
-        async || service_status(&f.agent).await,
-        |status| status.state == pb::ServiceState::Reloading as i32,
-    )
-    .await;
-    // Two upgrades at once: one goes ahead (after the reload and its
-    // drain), the other is refused at once.
-    let request = || pb::UpgradeAgentRequest {
-        sha256: release.clone(),
-        ..Default::default()
-    };
-    let (a, b) = tokio::join!(upgrade(&f.agent, request()), upgrade(&f.agent, request()));
+    let (reload, (a, b)) = tokio::join!(reload, upgrades);
     let (accepted, refused) = match (a, b) {
         (Ok(accepted), Err(refused)) | (Err(refused), Ok(accepted)) => (accepted, refused),
         other => panic!("expected one upgrade and one refusal, got {other:?}"),
@@ -748,7 +714,7 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
     );
     assert_eq!(accepted.pid, agent_pid);
     // The reload was not cut short: it finished before the exec.
-    let reload = reload.await.unwrap().expect("the racing Activate answered");
+    let reload = reload.expect("the racing Activate answered");
     assert_eq!(
         reload.outcome,
         pb::ReloadOutcome::Succeeded as i32,

@@ -159,24 +159,8 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     let sha = first
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
-    let mut control = pb::service_control_client::ServiceControlClient::new(first.channel().await);
-    control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: sha,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let old_pid = control
-        .get_status(pb::GetStatusRequest {
-            service: "web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .services[0]
-        .pid;
+    first.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let old_pid = first.status("web").await.pid;
     assert_eq!(http_get(service_addr, "/").await.unwrap().code, 200);
 
     // The crash: the agent is gone, and its service drains and exits with

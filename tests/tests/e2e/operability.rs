@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use reload_artifact::{Envelope, SigningKey};
-use reload_proto::v1 as pb;
 use reload_tests::*;
 
 /// The value of the sample `name` whose labels include every `labels` pair.
@@ -53,14 +52,10 @@ async fn metrics_count_reloads_uploads_and_refusals_exactly() {
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
 
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    // Activate answers both (the second reload fails: it is counted).
     for sha in [&good, &bad] {
-        control
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha.to_string(),
-                ..Default::default()
-            })
+        agent
+            .activate("web", sha, Downgrade::NotAllowed)
             .await
             .unwrap();
     }
@@ -259,13 +254,5 @@ async fn the_python_example_deploys_through_the_grpc_api() {
     );
     assert!(stdout.contains("is healthy, version 4.2.0"), "{stdout}");
     // It really is serving: the service answers as 4.2.0.
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let status = control
-        .get_status(pb::GetStatusRequest {
-            service: "web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.services[0].current_version, "4.2.0");
+    assert_eq!(agent.status("web").await.current_version, "4.2.0");
 }

@@ -60,51 +60,23 @@ impl Fixture {
         self.stage(script.as_bytes(), version).await
     }
 
-    async fn control(
-        &self,
-    ) -> pb::service_control_client::ServiceControlClient<tonic::transport::Channel> {
-        pb::service_control_client::ServiceControlClient::new(self.agent.channel().await)
-    }
-
-    async fn activate(&self, sha256: &str) -> pb::ActivateResponse {
-        self.control()
-            .await
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha256.into(),
-                // These tests go back and forth between versions the agent
-                // ran: the downgrade floor is tested in security.rs.
-                allow_downgrade: true,
-                ..Default::default()
-            })
+    // These tests go back and forth between versions the agent ran: the
+    // downgrade floor is tested in security.rs.
+    async fn activate(&self, sha256: &str) -> pb::ReloadResult {
+        self.agent
+            .activate("web", sha256, Downgrade::Allowed)
             .await
             .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", self.agent.log_text()))
-            .into_inner()
     }
 
     async fn activate_ok(&self, sha256: &str) -> pb::ReloadResult {
-        let result = self.activate(sha256).await.result.unwrap();
-        assert_eq!(
-            result.outcome,
-            pb::ReloadOutcome::Succeeded as i32,
-            "reload failed: {}\n{}",
-            result.reason,
-            self.agent.log_text()
-        );
-        result
+        self.agent
+            .activate_ok("web", sha256, Downgrade::Allowed)
+            .await
     }
 
     async fn status(&self) -> pb::ServiceStatus {
-        self.control()
-            .await
-            .get_status(pb::GetStatusRequest {
-                service: "web".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .services
-            .remove(0)
+        self.agent.status("web").await
     }
 
     fn load(&self, mode: ConnectionMode) -> LoadRun {
@@ -200,11 +172,10 @@ async fn failed_reload_keeps_the_old_process(
 
     let run = f.load(ConnectionMode::KeepAlive);
     run.wait_for_requests(200).await;
-    let response = f.activate(&bad).await;
+    let result = f.activate(&bad).await;
     run.wait_for_requests(200).await;
     let report = run.stop().await;
 
-    let result = response.result.unwrap();
     assert_eq!(result.outcome, outcome as i32, "{result:?}");
     assert!(
         result.reason.contains(reason),
@@ -367,7 +338,7 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
     let f = fixture("");
     let v1 = f.stage_demo("1.0.0").await;
     let v2 = f.stage_demo("2.0.0").await;
-    let mut control = f.control().await;
+    let mut control = f.agent.control().await;
     let err = control
         .rollback(pb::RollbackRequest {
             service: "web".into(),
@@ -439,6 +410,7 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
     let v2 = f.stage_demo("2.0.0").await;
     f.activate_ok(&v1).await;
     let mut events = f
+        .agent
         .control()
         .await
         .watch_events(pb::WatchEventsRequest {
@@ -472,6 +444,7 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
 
     // A watch of an unknown service is refused, not silent.
     let err = f
+        .agent
         .control()
         .await
         .watch_events(pb::WatchEventsRequest {
@@ -522,24 +495,7 @@ async fn tcp_unix_and_udp_listeners_are_all_handed_over_in_order() {
     let v1 = agent
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let result = control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: v1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(
-        result.outcome,
-        pb::ReloadOutcome::Succeeded as i32,
-        "{}",
-        result.reason
-    );
+    let result = agent.activate_ok("web", &v1, Downgrade::NotAllowed).await;
     let pid = result.new_pid;
     // The environment the service got, and what its fds 3-5 are.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();

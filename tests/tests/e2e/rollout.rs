@@ -149,18 +149,7 @@ impl Fleet {
     }
 
     async fn status(&self, i: usize) -> pb::ServiceStatus {
-        let mut control = pb::service_control_client::ServiceControlClient::new(
-            self.hosts[i].agent.channel().await,
-        );
-        control
-            .get_status(pb::GetStatusRequest {
-                service: "demo".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .services
-            .remove(0)
+        self.hosts[i].agent.status("demo").await
     }
 
     async fn versions(&self) -> Vec<String> {

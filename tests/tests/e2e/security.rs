@@ -310,20 +310,9 @@ async fn the_downgrade_floor_holds_across_restarts() {
     async fn activate(
         agent: &Agent,
         sha: &str,
-        allow_downgrade: bool,
+        downgrade: Downgrade,
     ) -> Result<String, tonic::Status> {
-        let mut control =
-            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-        let response = control
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha.into(),
-                allow_downgrade,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let result = response.result.unwrap();
+        let result = agent.activate("web", sha, downgrade).await?;
         assert_eq!(
             result.outcome,
             pb::ReloadOutcome::Succeeded as i32,
@@ -343,19 +332,29 @@ async fn the_downgrade_floor_holds_across_restarts() {
         assert!(status.message().contains(needle), "{}", status.message());
     };
 
-    activate(&agent, &v1, false).await.unwrap();
-    activate(&agent, &v2, false).await.unwrap();
+    activate(&agent, &v1, Downgrade::NotAllowed).await.unwrap();
+    activate(&agent, &v2, Downgrade::NotAllowed).await.unwrap();
     refused(
-        activate(&agent, &v15, false).await,
+        activate(&agent, &v15, Downgrade::NotAllowed).await,
         "must be asked for explicitly",
     );
-    refused(activate(&agent, &v15, true).await, "never activated here");
+    refused(
+        activate(&agent, &v15, Downgrade::Allowed).await,
+        "never activated here",
+    );
     // A version this agent ran before may come back when asked for.
-    assert_eq!(activate(&agent, &v1, true).await.unwrap(), "1.0.0");
+    assert_eq!(
+        activate(&agent, &v1, Downgrade::Allowed).await.unwrap(),
+        "1.0.0"
+    );
     // So may a build whose signer allowed it.
-    assert_eq!(activate(&agent, &v16, true).await.unwrap(), "1.6.0");
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let err = control
+    assert_eq!(
+        activate(&agent, &v16, Downgrade::Allowed).await.unwrap(),
+        "1.6.0"
+    );
+    let err = agent
+        .control()
+        .await
         .rollback(pb::RollbackRequest {
             service: "web".into(),
             ..Default::default()
@@ -396,7 +395,10 @@ async fn the_downgrade_floor_holds_across_restarts() {
     // The floor is persisted: a restarted agent still refuses.
     agent.kill();
     let agent = Agent::start_with_config(dir.path(), key);
-    refused(activate(&agent, &v15, true).await, "below 2.0.0");
+    refused(
+        activate(&agent, &v15, Downgrade::Allowed).await,
+        "below 2.0.0",
+    );
 }
 
 mod limits_and_keys {
