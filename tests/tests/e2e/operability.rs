@@ -21,14 +21,10 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_reloads_uploads_and_refusals_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = format!(
-        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
-    );
-    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+/// Two uploads stored (a good and a bad version of `web`), one refused
+/// (an untrusted key) and one already present; then a reload that
+/// succeeds and one that fails (exits before ready).
+async fn make_what_the_metrics_count(agent: &Agent) {
     let good = agent
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
@@ -59,12 +55,28 @@ async fn metrics_count_reloads_uploads_and_refusals_exactly() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_reloads_uploads_and_refusals_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    make_what_the_metrics_count(&agent).await;
 
     let reply = http_get(agent.health_addr.unwrap(), "/metrics")
         .await
         .unwrap();
     assert_eq!(reply.code, 200);
-    let text = reply.body;
+    assert_the_counts(&reply.body);
+}
+
+/// The counts [`make_what_the_metrics_count`] made, in the `/metrics`
+/// text: exactly.
+fn assert_the_counts(text: &str) {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the text format parses");
     let web = ("service", "web");

@@ -72,6 +72,25 @@ fn sign_manifest(key: &SigningKey, manifest: &Manifest) -> Vec<u8> {
     Envelope::sign_manifest(manifest, &[key]).to_json()
 }
 
+/// The bytes on disk are the bytes sent, under their sha256, not writable,
+/// and no temp file is left.
+fn assert_stored_read_only(agent: &Agent, sha: &str) {
+    let path = agent.store().join("sha256").join(sha);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(sha256_hex(&on_disk), sha);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o500
+    );
+    assert_eq!(
+        std::fs::read_dir(agent.store().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn fifty_mib_artifact_is_stored_verified_and_not_uploaded_twice() {
     let f = fixture("");
@@ -103,21 +122,7 @@ async fn fifty_mib_artifact_is_stored_verified_and_not_uploaded_twice() {
         ("web", "1.4.0")
     );
 
-    // The bytes on disk are the bytes sent, under their sha256, not writable.
-    let path = f.agent.store().join("sha256").join(&sha);
-    let on_disk = std::fs::read(&path).unwrap();
-    assert_eq!(sha256_hex(&on_disk), sha);
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o500
-    );
-    assert_eq!(
-        std::fs::read_dir(f.agent.store().join("tmp"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_stored_read_only(&f.agent, &sha);
 
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
