@@ -81,3 +81,64 @@ pub async fn settled<T: Debug + PartialEq>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn eventually_returns_the_value_that_met_the_condition() {
+        let mut calls = 0;
+        let value = eventually(
+            "the third call",
+            Duration::from_secs(5),
+            async || {
+                calls += 1;
+                calls
+            },
+            |n| *n == 3,
+        )
+        .await;
+        assert_eq!(value, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "waiting for a value above 10; last observed: Some(1)")]
+    async fn eventually_fails_with_what_it_waited_for_and_what_it_saw() {
+        eventually(
+            "a value above 10",
+            Duration::from_millis(100),
+            async || 1,
+            |n| *n > 10,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "an observation was still running")]
+    async fn eventually_does_not_wait_past_its_deadline_for_a_hung_observation() {
+        eventually(
+            "an answer",
+            Duration::from_millis(100),
+            async || std::future::pending::<u32>().await,
+            |_| true,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "to stay the same for")]
+    async fn settled_fails_on_a_value_that_keeps_changing() {
+        let mut n = 0;
+        settled(
+            "a counter",
+            Duration::from_millis(200),
+            Duration::from_millis(100),
+            async || {
+                n += 1;
+                n
+            },
+        )
+        .await;
+    }
+}

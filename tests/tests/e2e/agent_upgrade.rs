@@ -465,8 +465,6 @@ async fn the_agents_floor_and_the_lease_fence_hold(agent: &Agent, agent_v2: &str
     let below = upgrade_to(agent, agent_v2.to_string()).await.unwrap_err();
     assert_eq!(below.code(), tonic::Code::FailedPrecondition, "{below:?}");
     assert!(below.message().contains("below 3.0.0"), "{below:?}");
-    // Fenced like any change: while a rollout holds the lease, a call
-    // without it is refused.
     let mut leases =
         pb::lease_service_client::LeaseServiceClient::new(channel(agent).await.unwrap());
     let lease = pb::LeaseRef {
