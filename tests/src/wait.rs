@@ -35,13 +35,25 @@ pub async fn eventually<T: Debug>(
             Ok(value) if done(&value) => return value,
             Ok(value) => last = Some(value),
             Err(_) => panic!(
-                "timed out after {timeout:?} waiting for {what} (an observation was still running); last observed: {last:?}"
+                "timed out after {timeout:?} waiting for {what} (an observation was still running); last observed: {}",
+                shown(&last)
             ),
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}; last observed: {last:?}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; last observed: {}",
+                shown(&last)
+            );
         }
         tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The last value observed, for a failure message.
+fn shown<T: Debug>(last: &Option<T>) -> String {
+    match last {
+        Some(value) => format!("{value:?}"),
+        None => "nothing (no observation finished)".to_string(),
     }
 }
 
@@ -103,7 +115,7 @@ mod tests {
     }
 
     #[tokio::test]
-    #[should_panic(expected = "waiting for a value above 10; last observed: Some(1)")]
+    #[should_panic(expected = "waiting for a value above 10; last observed: 1")]
     async fn eventually_fails_with_what_it_waited_for_and_what_it_saw() {
         eventually(
             "a value above 10",
