@@ -4,8 +4,10 @@
 //! Why it exists: a client that retries hides the requests a server drops.
 //! Go's HTTP client, for one, silently resends a request when a keep-alive
 //! connection it reused turns out to be closed, so a reload that loses one
-//! request per keep-alive connection (what nginx does, see DESIGN.md, "Keep-alive
-//! connections: where even nginx loses requests") looks perfect through it.
+//! request per keep-alive connection looks perfect through it. That is what
+//! nginx does: it closes an idle keep-alive connection at the moment the
+//! client sends its next request on it, so a client that does not retry
+//! loses about one request per keep-alive connection per reload.
 //! Our reload tests must prove that *not one* request fails, so they need a
 //! client that reports every drop instead of papering over it.
 //!
@@ -345,15 +347,16 @@ impl LoadRun {
     /// after 30 s without them): traffic really reaches whatever serves.
     pub async fn wait_for_requests(&self, n: u64) {
         let start = self.snapshot().requests;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.snapshot().requests < start + n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "load made no progress: {}",
-                self.snapshot().summary()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::eventually(
+            format!("{n} more responses (the load made no progress)"),
+            Duration::from_secs(30),
+            async || {
+                let report = self.snapshot();
+                (report.requests, report.summary())
+            },
+            |(requests, _)| *requests >= start + n,
+        )
+        .await;
     }
 
     /// Stops every worker after the request it is in and returns the totals.
@@ -475,7 +478,9 @@ enum Failure {
     /// The server closed a kept-alive connection without `Connection:
     /// close` while it was idle. Legal HTTP, but `wrk` would have written its
     /// next request into it and failed, and so would most clients: the race
-    /// DESIGN.md's keep-alive section is about. Counted as a failure.
+    /// by which nginx loses about one request per keep-alive connection per
+    /// reload (it closes the idle connection just as the client sends its
+    /// next request on it). Counted as a failure.
     IdleClosed,
 }
 

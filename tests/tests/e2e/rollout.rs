@@ -149,18 +149,7 @@ impl Fleet {
     }
 
     async fn status(&self, i: usize) -> pb::ServiceStatus {
-        let mut control = pb::service_control_client::ServiceControlClient::new(
-            self.hosts[i].agent.channel().await,
-        );
-        control
-            .get_status(pb::GetStatusRequest {
-                service: "demo".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .services
-            .remove(0)
+        self.hosts[i].agent.status("demo").await
     }
 
     async fn versions(&self) -> Vec<String> {
@@ -223,19 +212,7 @@ async fn eight_hosts_roll_out_in_waves_with_zero_failed_requests() {
     f.release("1.0.0", "");
     f.release("2.0.0", "");
     f.push_ok("1.0.0");
-    let loads: Vec<LoadRun> = f
-        .hosts
-        .iter()
-        .map(|h| {
-            LoadRun::start(LoadConfig {
-                addr: h.service_addr,
-                path: "/".into(),
-                connections: 6,
-                mode: ConnectionMode::KeepAlive,
-                request_timeout: Duration::from_secs(10),
-            })
-        })
-        .collect();
+    let loads = load_every_host(&f);
     let output = f.push(&[
         "--version",
         "2.0",
@@ -658,6 +635,45 @@ fn agent_bytes(version: &str) -> Vec<u8> {
     bytes
 }
 
+/// Keep-alive load on every host's service.
+fn load_every_host(f: &Fleet) -> Vec<LoadRun> {
+    f.hosts
+        .iter()
+        .map(|h| {
+            LoadRun::start(LoadConfig {
+                addr: h.service_addr,
+                path: "/".into(),
+                connections: 6,
+                mode: ConnectionMode::KeepAlive,
+                request_timeout: Duration::from_secs(10),
+            })
+        })
+        .collect()
+}
+
+/// Every host's agent runs `sha256`, still with the pid in `agent_pids`,
+/// and its service still has the pid in `service_pids` (not restarted).
+async fn assert_every_agent_runs(
+    f: &Fleet,
+    sha256: &str,
+    agent_pids: &[u32],
+    service_pids: &[u32],
+) {
+    for i in 0..f.hosts.len() {
+        let info = f.agent_info(i).await;
+        assert_eq!(
+            (info.pid, info.executable_sha256.as_str()),
+            (agent_pids[i], sha256),
+            "host {i} does not run agent {sha256} in place"
+        );
+        assert_eq!(
+            f.status(i).await.pid,
+            service_pids[i],
+            "host {i}: the service was restarted"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_stopped_and_reverted()
 {
@@ -671,19 +687,7 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
         service_pids.push(f.status(i).await.pid);
     }
     let good = f.agent_release("2.0.0", &agent_bytes("2.0.0"));
-    let loads: Vec<LoadRun> = f
-        .hosts
-        .iter()
-        .map(|h| {
-            LoadRun::start(LoadConfig {
-                addr: h.service_addr,
-                path: "/".into(),
-                connections: 6,
-                mode: ConnectionMode::KeepAlive,
-                request_timeout: Duration::from_secs(10),
-            })
-        })
-        .collect();
+    let loads = load_every_host(&f);
     let output = f.push(&[
         "--agent",
         "--version",
@@ -707,22 +711,9 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
         assert_eq!(report.non_200, 0);
         assert!(report.requests > 0);
     }
+    assert_every_agent_runs(&f, &good, &agent_pids, &service_pids).await;
     for i in 0..3 {
-        let info = f.agent_info(i).await;
-        assert_eq!(
-            (
-                info.pid,
-                info.executable_sha256.as_str(),
-                info.artifact_version.as_str()
-            ),
-            (agent_pids[i], good.as_str(), "2.0.0"),
-            "host {i}"
-        );
-        assert_eq!(
-            f.status(i).await.pid,
-            service_pids[i],
-            "host {i}: the service was restarted"
-        );
+        assert_eq!(f.agent_info(i).await.artifact_version, "2.0.0", "host {i}");
     }
     // Again: every host already runs it, nothing is sent.
     let again = f.push(&["--agent", "--version", "2.0.0", "--output", "json"]);
@@ -733,8 +724,14 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
         (Some(3), Some(0))
     );
 
-    // A release whose image is not the agent it claims (a wrapper): the
-    // canary's agent falls back by itself, the rollout stops there.
+    a_release_that_is_not_the_agent_stops_at_the_canary(&f);
+    an_unhealthy_canary_is_rolled_back(&f, &good, service_pids[0]).await;
+    assert_every_agent_runs(&f, &good, &agent_pids, &service_pids).await;
+}
+
+/// A release whose image is not the agent it claims (a wrapper): the
+/// canary's agent falls back by itself, the rollout stops there.
+fn a_release_that_is_not_the_agent_stops_at_the_canary(f: &Fleet) {
     let wrapper = format!(
         "#!/bin/sh\nexec '{}' \"$@\"\n",
         bin_path("reload-agent").display()
@@ -745,10 +742,12 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(output.status.code(), Some(3), "{stdout}\n{stderr}");
     assert!(stderr.contains("previous one runs again"), "{stderr}");
+}
 
-    // A release that starts fine but whose host is not healthy after it:
-    // the gate fails and the canary's agent is rolled back to 2.0.0.
-    let unwell_pid = service_pids[0];
+/// A release that starts fine but whose host is not healthy after it (the
+/// canary's service, `unwell_pid`, is stopped meanwhile): the gate fails
+/// and the canary's agent is rolled back to `good`.
+async fn an_unhealthy_canary_is_rolled_back(f: &Fleet, good: &str, unwell_pid: u32) {
     f.agent_release("4.0.0", &agent_bytes("4.0.0"));
     send_signal(unwell_pid, nix::sys::signal::Signal::SIGSTOP);
     let output = f.push(&[
@@ -781,20 +780,7 @@ async fn push_agent_upgrades_every_agent_in_place_and_a_bad_agent_release_is_sto
     let last = f.agent_info(0).await.last_upgrade.unwrap();
     assert_eq!(
         (last.from_version.as_str(), last.to_sha256.as_str()),
-        ("4.0.0", good.as_str()),
+        ("4.0.0", good),
         "the canary's last upgrade is the rollback: {last:?}"
     );
-    for i in 0..3 {
-        let info = f.agent_info(i).await;
-        assert_eq!(
-            (info.pid, info.executable_sha256.as_str()),
-            (agent_pids[i], good.as_str()),
-            "host {i} is not back on agent 2.0.0"
-        );
-        assert_eq!(
-            f.status(i).await.pid,
-            service_pids[i],
-            "host {i}: the service was restarted"
-        );
-    }
 }

@@ -17,6 +17,21 @@ fn stderr_of(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The arguments of `reloadctl sign`: `file` signed with `key` as `service`
+/// at `version`.
+fn sign_args<'a>(key: &'a str, service: &'a str, version: &'a str, file: &'a str) -> [&'a str; 8] {
+    [
+        "sign",
+        "--key",
+        key,
+        "--service",
+        service,
+        "--version",
+        version,
+        file,
+    ]
+}
+
 /// openssl is part of the test toolchain (`.ci/run` installs it): a missing
 /// one fails the test instead of skipping it.
 fn openssl(dir: &Path, args: &[&str]) {
@@ -51,19 +66,7 @@ fn keygen_sign_verify_round_trip_and_refusals() {
     assert!(stderr_of(d, &["keygen", "--out", "release"]).contains("--force"));
 
     std::fs::write(d.join("web"), pseudo_random_bytes(100_000, 1)).unwrap();
-    reloadctl_ok(
-        d,
-        &[
-            "sign",
-            "--key",
-            "release.key",
-            "--service",
-            "web",
-            "--version",
-            "1.4",
-            "web",
-        ],
-    );
+    reloadctl_ok(d, &sign_args("release.key", "web", "1.4", "web"));
     let envelope: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("web.dsse.json")).unwrap()).unwrap();
     assert_eq!(
@@ -85,47 +88,11 @@ fn keygen_sign_verify_round_trip_and_refusals() {
     assert!(err.contains("does not match"), "{err}");
 
     // Swapped key files get a hint, not a parser error.
-    let err = stderr_of(
-        d,
-        &[
-            "sign",
-            "--key",
-            "release.pub",
-            "--service",
-            "web",
-            "--version",
-            "1",
-            "web",
-        ],
-    );
+    let err = stderr_of(d, &sign_args("release.pub", "web", "1", "web"));
     assert!(err.contains("signing needs the private key"), "{err}");
-    let err = stderr_of(
-        d,
-        &[
-            "sign",
-            "--key",
-            "release.key",
-            "--service",
-            "a/b",
-            "--version",
-            "1",
-            "web",
-        ],
-    );
+    let err = stderr_of(d, &sign_args("release.key", "a/b", "1", "web"));
     assert!(err.contains("service name"), "{err}");
-    let err = stderr_of(
-        d,
-        &[
-            "sign",
-            "--key",
-            "release.key",
-            "--service",
-            "web",
-            "--version",
-            "one",
-            "web",
-        ],
-    );
+    let err = stderr_of(d, &sign_args("release.key", "web", "one", "web"));
     assert!(err.contains("not a semantic version"), "{err}");
 }
 
@@ -139,19 +106,7 @@ async fn openssl_ed25519_key_signs_and_the_agent_accepts_it() {
         &["pkey", "-in", "ossl.key", "-pubout", "-out", "ossl.pub"],
     );
     std::fs::write(d.join("web"), pseudo_random_bytes(3_000_000, 2)).unwrap();
-    reloadctl_ok(
-        d,
-        &[
-            "sign",
-            "--key",
-            "ossl.key",
-            "--service",
-            "web",
-            "--version",
-            "2.0",
-            "web",
-        ],
-    );
+    reloadctl_ok(d, &sign_args("ossl.key", "web", "2.0", "web"));
     reloadctl_ok(d, &["verify", "--pubkey", "ossl.pub", "web"]);
 
     // The agent trusts the openssl-written public key file as it is.
@@ -200,19 +155,7 @@ fn rsa_keys_are_refused_with_a_clear_error() {
     );
     openssl(d, &["pkey", "-in", "rsa.key", "-pubout", "-out", "rsa.pub"]);
     std::fs::write(d.join("web"), b"#!/bin/sh\n").unwrap();
-    let err = stderr_of(
-        d,
-        &[
-            "sign",
-            "--key",
-            "rsa.key",
-            "--service",
-            "web",
-            "--version",
-            "1",
-            "web",
-        ],
-    );
+    let err = stderr_of(d, &sign_args("rsa.key", "web", "1", "web"));
     assert!(
         err.contains("RSA key") && err.contains("only Ed25519"),
         "{err}"
@@ -244,19 +187,7 @@ fn upload_to_an_unreachable_agent_says_so() {
     let d = dir.path();
     reloadctl_ok(d, &["keygen", "--out", "k"]);
     std::fs::write(d.join("web"), b"x").unwrap();
-    reloadctl_ok(
-        d,
-        &[
-            "sign",
-            "--key",
-            "k.key",
-            "--service",
-            "web",
-            "--version",
-            "1",
-            "web",
-        ],
-    );
+    reloadctl_ok(d, &sign_args("k.key", "web", "1", "web"));
     // Port 1 on loopback: nothing listens there.
     let err = stderr_of(d, &["upload", "--host", "127.0.0.1:1", "web"]);
     assert!(
@@ -265,10 +196,9 @@ fn upload_to_an_unreachable_agent_says_so() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn activate_rollback_and_status_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A project in `d` (a release key, `web-1.4` and `web-1.5` signed) and an
+/// agent there trusting the key, with one service `web`.
+fn project_with_an_agent(d: &Path) -> Agent {
     reloadctl_ok(d, &["keygen", "--out", "release"]);
     let port = free_port();
     std::fs::write(
@@ -288,20 +218,18 @@ async fn activate_rollback_and_status_from_the_command_line() {
         .unwrap();
         reloadctl_ok(
             d,
-            &[
-                "sign",
-                "--key",
-                "release.key",
-                "--service",
-                "web",
-                "--version",
-                version,
-                &format!("web-{version}"),
-            ],
+            &sign_args("release.key", "web", version, &format!("web-{version}")),
         );
     }
     let key = Arc::new(SigningKey::load(&d.join("release.key")).unwrap());
-    let agent = Agent::start_with_config(d, key);
+    Agent::start_with_config(d, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_rollback_and_status_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = project_with_an_agent(d);
     let host = agent.host();
 
     // Not uploaded and no --artifact: the error says what to pass.
@@ -408,16 +336,7 @@ fn every_subcommand_help_has_an_example_and_init_and_completions_work() {
     std::fs::write(d.join("releases/web-1.0"), b"#!/bin/sh\n").unwrap();
     reloadctl_ok(
         d,
-        &[
-            "sign",
-            "--key",
-            "release.key",
-            "--service",
-            "web",
-            "--version",
-            "1.0",
-            "releases/web-1.0",
-        ],
+        &sign_args("release.key", "web", "1.0", "releases/web-1.0"),
     );
     let plan = reloadctl_ok(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
     assert!(plan.contains("to 3 hosts"), "{plan}");

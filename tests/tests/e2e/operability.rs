@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use reload_artifact::{Envelope, SigningKey};
-use reload_proto::v1 as pb;
 use reload_tests::*;
 
 /// The value of the sample `name` whose labels include every `labels` pair.
@@ -22,14 +21,10 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_reloads_uploads_and_refusals_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = format!(
-        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
-    );
-    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+/// Two uploads stored (a good and a bad version of `web`), one refused
+/// (an untrusted key) and one already present; then a reload that
+/// succeeds and one that fails (exits before ready).
+async fn make_what_the_metrics_count(agent: &Agent) {
     let good = agent
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
@@ -53,23 +48,35 @@ async fn metrics_count_reloads_uploads_and_refusals_exactly() {
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
 
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    // Activate answers both (the second reload fails: it is counted).
     for sha in [&good, &bad] {
-        control
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha.to_string(),
-                ..Default::default()
-            })
+        agent
+            .activate("web", sha, Downgrade::NotAllowed)
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_reloads_uploads_and_refusals_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    make_what_the_metrics_count(&agent).await;
 
     let reply = http_get(agent.health_addr.unwrap(), "/metrics")
         .await
         .unwrap();
     assert_eq!(reply.code, 200);
-    let text = reply.body;
+    assert_the_counts(&reply.body);
+}
+
+/// The counts [`make_what_the_metrics_count`] made, in the `/metrics`
+/// text: exactly.
+fn assert_the_counts(text: &str) {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the text format parses");
     let web = ("service", "web");
@@ -259,13 +266,5 @@ async fn the_python_example_deploys_through_the_grpc_api() {
     );
     assert!(stdout.contains("is healthy, version 4.2.0"), "{stdout}");
     // It really is serving: the service answers as 4.2.0.
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let status = control
-        .get_status(pb::GetStatusRequest {
-            service: "web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.services[0].current_version, "4.2.0");
+    assert_eq!(agent.status("web").await.current_version, "4.2.0");
 }

@@ -60,51 +60,23 @@ impl Fixture {
         self.stage(script.as_bytes(), version).await
     }
 
-    async fn control(
-        &self,
-    ) -> pb::service_control_client::ServiceControlClient<tonic::transport::Channel> {
-        pb::service_control_client::ServiceControlClient::new(self.agent.channel().await)
-    }
-
-    async fn activate(&self, sha256: &str) -> pb::ActivateResponse {
-        self.control()
-            .await
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha256.into(),
-                // These tests go back and forth between versions the agent
-                // ran: the downgrade floor is tested in security.rs.
-                allow_downgrade: true,
-                ..Default::default()
-            })
+    // These tests go back and forth between versions the agent ran: the
+    // downgrade floor is tested in security.rs.
+    async fn activate(&self, sha256: &str) -> pb::ReloadResult {
+        self.agent
+            .activate("web", sha256, Downgrade::Allowed)
             .await
             .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", self.agent.log_text()))
-            .into_inner()
     }
 
     async fn activate_ok(&self, sha256: &str) -> pb::ReloadResult {
-        let result = self.activate(sha256).await.result.unwrap();
-        assert_eq!(
-            result.outcome,
-            pb::ReloadOutcome::Succeeded as i32,
-            "reload failed: {}\n{}",
-            result.reason,
-            self.agent.log_text()
-        );
-        result
+        self.agent
+            .activate_ok("web", sha256, Downgrade::Allowed)
+            .await
     }
 
     async fn status(&self) -> pb::ServiceStatus {
-        self.control()
-            .await
-            .get_status(pb::GetStatusRequest {
-                service: "web".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .services
-            .remove(0)
+        self.agent.status("web").await
     }
 
     fn load(&self, mode: ConnectionMode) -> LoadRun {
@@ -200,11 +172,10 @@ async fn failed_reload_keeps_the_old_process(
 
     let run = f.load(ConnectionMode::KeepAlive);
     run.wait_for_requests(200).await;
-    let response = f.activate(&bad).await;
+    let result = f.activate(&bad).await;
     run.wait_for_requests(200).await;
     let report = run.stop().await;
 
-    let result = response.result.unwrap();
     assert_eq!(result.outcome, outcome as i32, "{result:?}");
     assert!(
         result.reason.contains(reason),
@@ -348,23 +319,18 @@ async fn a_restarted_agent_runs_the_version_it_had_activated() {
     .await;
     let key = f.agent.key.clone();
     f.agent = Agent::start_with_config(f.dir.path(), key);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = f.status().await;
-        if status.state == pb::ServiceState::Running as i32 {
-            assert_eq!(status.current_version, "2.0.0");
-            assert_eq!(status.previous_version, "1.0.0");
-            let reply = http_get(f.service_addr, "/").await.unwrap();
-            let (code, pid) = (reply.code, reply.pid);
-            assert_eq!((code, pid), (200, status.pid));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "service not running after the agent restart: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = eventually(
+        "the service to run after the agent restart",
+        Duration::from_secs(20),
+        async || f.status().await,
+        |status| status.state == pb::ServiceState::Running as i32,
+    )
+    .await;
+    assert_eq!(status.current_version, "2.0.0");
+    assert_eq!(status.previous_version, "1.0.0");
+    let reply = http_get(f.service_addr, "/").await.unwrap();
+    let (code, pid) = (reply.code, reply.pid);
+    assert_eq!((code, pid), (200, status.pid));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +338,7 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
     let f = fixture("");
     let v1 = f.stage_demo("1.0.0").await;
     let v2 = f.stage_demo("2.0.0").await;
-    let mut control = f.control().await;
+    let mut control = f.agent.control().await;
     let err = control
         .rollback(pb::RollbackRequest {
             service: "web".into(),
@@ -427,17 +393,14 @@ async fn rollback_returns_to_the_previous_version_and_health_is_reported() {
 }
 
 async fn wait_for_health(addr: SocketAddr, path: &str, code: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if http_get(addr, path).await.is_ok_and(|r| r.code == code) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never answered {code}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        format!("{path} to answer {code}"),
+        Duration::from_secs(20),
+        async || http_get(addr, path).await.map(|reply| reply.code),
+        |answer| matches!(answer, Ok(answered) if *answered == code),
+    )
+    .await
+    .expect("an answer, since it met the condition");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +410,7 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
     let v2 = f.stage_demo("2.0.0").await;
     f.activate_ok(&v1).await;
     let mut events = f
+        .agent
         .control()
         .await
         .watch_events(pb::WatchEventsRequest {
@@ -480,6 +444,7 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
 
     // A watch of an unknown service is refused, not silent.
     let err = f
+        .agent
         .control()
         .await
         .watch_events(pb::WatchEventsRequest {
@@ -490,24 +455,23 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(f.agent.channel().await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "web".into(),
-            })
-            .await
-            .map(|r| r.into_inner().status)
-            .ok();
-        if status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "grpc health of web never SERVING: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the gRPC health of web to be SERVING",
+        Duration::from_secs(20),
+        async || {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "web".into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .ok()
+        },
+        |status| {
+            *status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,24 +495,7 @@ async fn tcp_unix_and_udp_listeners_are_all_handed_over_in_order() {
     let v1 = agent
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let result = control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: v1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(
-        result.outcome,
-        pb::ReloadOutcome::Succeeded as i32,
-        "{}",
-        result.reason
-    );
+    let result = agent.activate_ok("web", &v1, Downgrade::NotAllowed).await;
     let pid = result.new_pid;
     // The environment the service got, and what its fds 3-5 are.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -611,19 +558,13 @@ async fn a_caller_that_goes_away_mid_reload_does_not_cancel_it() {
     );
     // The agent finishes it: the new process serves, the old one drained,
     // and the state is not left at RELOADING.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = f.status().await;
-        if status.state == pb::ServiceState::Running as i32 && status.current_sha256 == slow {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the reload did not finish: {status:?}\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = eventually(
+        "the abandoned reload to finish",
+        Duration::from_secs(20),
+        async || f.status().await,
+        |status| status.state == pb::ServiceState::Running as i32 && status.current_sha256 == slow,
+    )
+    .await;
     assert_ne!(status.pid, old_pid);
     wait_for("the old process to drain", Duration::from_secs(15), || {
         process_gone(old_pid)

@@ -74,6 +74,32 @@ fn local_addr(fd: &OwnedFd) -> SocketAddr {
     SocketAddr::from((v4.ip(), v4.port()))
 }
 
+/// How many connections wait in the accept queue of the TCP listener at
+/// `addr` (from /proc/net/tcp, where a listening socket's `rx_queue` is its
+/// accept queue); `None` if nothing listens there.
+fn accept_queue(addr: SocketAddr) -> Option<u32> {
+    let SocketAddr::V4(addr) = addr else {
+        panic!("an IPv4 listener");
+    };
+    // The address as the kernel prints it: the IPv4 address as a native
+    // endian word, then the port.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // sl, local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue
+        if fields.get(1) != Some(&local.as_str()) || fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        let (_, rx_queue) = fields.get(4)?.split_once(':')?;
+        u32::from_str_radix(rx_queue, 16).ok()
+    })
+}
+
 fn agent_command(dir: &Path, notify: &Path, stored: &[(String, OwnedFd)]) -> Command {
     let args: Vec<String> = Agent::ARGS.iter().map(|a| a.to_string()).collect();
     let program = bin_path("reload-agent");
@@ -102,19 +128,51 @@ fn agent_command(dir: &Path, notify: &Path, stored: &[(String, OwnedFd)]) -> Com
     .unwrap()
 }
 
+/// A client of `addr` while nothing serves it: queued, not refused (the
+/// kernel completes the handshake and keeps the connection in the
+/// listener's accept queue until someone accepts). Its request, still
+/// waiting for an answer.
+async fn a_client_queued_in_the_backlog(
+    addr: SocketAddr,
+) -> tokio::task::JoinHandle<std::io::Result<HttpReply>> {
+    let waiting = tokio::spawn(http_get(addr, "/"));
+    eventually(
+        "the client's connection to wait in the listener's accept queue",
+        Duration::from_secs(20),
+        async || {
+            assert!(
+                !waiting.is_finished(),
+                "the client was refused or reset instead of queued"
+            );
+            accept_queue(addr)
+        },
+        |queued| *queued == Some(1),
+    )
+    .await;
+    assert!(
+        !waiting.is_finished(),
+        "the client was refused or reset instead of queued"
+    );
+    waiting
+}
+
+/// Writes agent.toml (and the key) for one service `web` listening at
+/// `service_addr`: [`Agent::start`] does, and that first agent is stopped
+/// at once, to be replaced by one that runs under our "systemd".
+fn write_agent_config(dir: &Path, key: Arc<SigningKey>, service_addr: SocketAddr) {
+    let config = format!(
+        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+         [[service.listener]]\nname = \"http\"\ntcp = \"{service_addr}\"\n"
+    );
+    Agent::start(dir, key, &config).kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are_answered() {
     let dir = tempfile::tempdir().unwrap();
     let key = Arc::new(SigningKey::generate());
     let service_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = format!(
-        "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
-         [[service.listener]]\nname = \"http\"\ntcp = \"{service_addr}\"\n"
-    );
-    // Agent::start writes agent.toml (and the key); that first agent is
-    // replaced at once by one that runs under our "systemd".
-    let mut plain = Agent::start(dir.path(), key.clone(), &config);
-    plain.kill();
+    write_agent_config(dir.path(), key.clone(), service_addr);
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
 
@@ -133,24 +191,8 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     let sha = first
         .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
         .await;
-    let mut control = pb::service_control_client::ServiceControlClient::new(first.channel().await);
-    control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: sha,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let old_pid = control
-        .get_status(pb::GetStatusRequest {
-            service: "web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .services[0]
-        .pid;
+    first.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let old_pid = first.status("web").await.pid;
     assert_eq!(http_get(service_addr, "/").await.unwrap().code, 200);
 
     // The crash: the agent is gone, and its service drains and exits with
@@ -162,12 +204,7 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
         || process_gone(old_pid),
     )
     .await;
-    let waiting = tokio::spawn(http_get(service_addr, "/"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the client was refused or reset instead of queued"
-    );
+    let waiting = a_client_queued_in_the_backlog(service_addr).await;
 
     let second = Agent::start_command(
         dir.path(),
@@ -191,15 +228,19 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     // And it is stored again for the next crash.
     drop(stored_fd(&notify, name));
 
-    // An in-place upgrade keeps talking to systemd from the same pid:
-    // RELOADING=1 before the exec, READY=1 from the new image.
+    an_upgrade_says_reloading_then_ready(&second, &notify).await;
+}
+
+/// An in-place upgrade keeps talking to systemd from the same pid:
+/// RELOADING=1 before the exec, READY=1 from the new image.
+async fn an_upgrade_says_reloading_then_ready(agent: &Agent, notify: &UnixDatagram) {
     let mut release = std::fs::read(bin_path("reload-agent")).unwrap();
     release.extend_from_slice(b"\nreload-test-agent 2.0.0\n");
-    let release = second.stage("reload-agent", "2.0.0", &release).await;
+    let release = agent.stage("reload-agent", "2.0.0", &release).await;
     // What the second agent said at start (READY=1, STATUS=) is old news.
-    while receive(&notify, Instant::now() + Duration::from_millis(300)).is_some() {}
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(second.channel().await);
-    agent
+    while receive(notify, Instant::now() + Duration::from_millis(300)).is_some() {}
+    let mut client = pb::agent_service_client::AgentServiceClient::new(agent.channel().await);
+    client
         .upgrade_agent(pb::UpgradeAgentRequest {
             sha256: release.clone(),
             ..Default::default()
@@ -208,7 +249,7 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
-    while let Some((message, _)) = receive(&notify, deadline) {
+    while let Some((message, _)) = receive(notify, deadline) {
         seen.push(message.clone());
         if message.lines().any(|l| l == "READY=1") {
             break;
@@ -227,7 +268,7 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
         "{seen:?}"
     );
     // ... and it is the new image that said READY=1, not a fallback.
-    let info = pb::agent_service_client::AgentServiceClient::new(second.channel().await)
+    let info = pb::agent_service_client::AgentServiceClient::new(agent.channel().await)
         .get_agent_info(pb::GetAgentInfoRequest {})
         .await
         .unwrap()

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use reload_artifact::SigningKey;
+use reload_proto::v1 as pb;
 use reload_tests::*;
 
 struct TlsAgent {
@@ -149,7 +150,19 @@ fn mutual_tls_and_rights_decide_who_may_deploy_and_every_call_is_audited() {
         text(&out)
     );
 
-    // A client certificate from another CA is refused at the handshake.
+    a_client_of_another_ca_is_refused(d, &host);
+
+    // The health endpoint speaks mutual TLS too.
+    let health = t.agent.health_addr.expect("health endpoint").to_string();
+    assert_eq!(health_probe(d, &health, true), "200 web");
+    let without = health_probe(d, &health, false);
+    assert!(without.starts_with("refused"), "{without}");
+
+    assert_every_call_audited(d);
+}
+
+/// A client certificate from another CA is refused at the handshake.
+fn a_client_of_another_ca_is_refused(d: &Path, host: &str) {
     let other = d.join("other");
     std::fs::create_dir(&other).unwrap();
     reloadctl_ok(
@@ -175,7 +188,7 @@ fn mutual_tls_and_rights_decide_who_may_deploy_and_every_call_is_audited() {
             "other/deployer.key",
             "status",
             "--host",
-            &host,
+            host,
         ],
     );
     assert!(
@@ -183,11 +196,13 @@ fn mutual_tls_and_rights_decide_who_may_deploy_and_every_call_is_audited() {
         "a foreign CA's client must be refused: {}",
         text(&out)
     );
+}
 
-    // The health endpoint speaks mutual TLS too.
-    let health = t.agent.health_addr.expect("health endpoint").to_string();
-    let probe = |with_cert: bool| {
-        let script = r#"
+/// `https://<health>/healthz` from Python, with the `monitor` client
+/// certificate or without one: "<status> <first service>", or "refused
+/// <error>".
+fn health_probe(d: &Path, health: &str, with_cert: bool) -> String {
+    let script = r#"
 import json, ssl, sys, urllib.request
 ctx = ssl.create_default_context(cafile="certs/ca.pem")
 if sys.argv[2] == "cert":
@@ -198,23 +213,22 @@ try:
 except Exception as e:
     print("refused", type(e).__name__)
 "#;
-        let output = Command::new("python3")
-            .args([
-                "-c",
-                script,
-                &health,
-                if with_cert { "cert" } else { "none" },
-            ])
-            .current_dir(d)
-            .output()
-            .expect("python3 is part of the test toolchain");
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    };
-    assert_eq!(probe(true), "200 web");
-    assert!(probe(false).starts_with("refused"), "{}", probe(false));
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            health,
+            if with_cert { "cert" } else { "none" },
+        ])
+        .current_dir(d)
+        .output()
+        .expect("python3 is part of the test toolchain");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
 
-    // The audit log has the accepted and the refused mutating calls, with
-    // who made them.
+/// The audit log has the accepted and the refused mutating calls, with
+/// who made them, and only its owner may read it.
+fn assert_every_call_audited(d: &Path) {
     let audit = std::fs::read_to_string(d.join("state/audit.log")).unwrap();
     let entries: Vec<serde_json::Value> = audit
         .lines()
@@ -284,7 +298,6 @@ fn an_agent_without_tls_or_explicit_insecure_does_not_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_downgrade_floor_holds_across_restarts() {
-    use reload_proto::v1 as pb;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // keep_versions above the 4 uploads: pruning is not under test here.
@@ -307,55 +320,29 @@ async fn the_downgrade_floor_holds_across_restarts() {
     signed_for_downgrade.allow_downgrade = true;
     let v16 = agent.stage_manifest(signed_for_downgrade, &bytes16).await;
 
-    async fn activate(
-        agent: &Agent,
-        sha: &str,
-        allow_downgrade: bool,
-    ) -> Result<String, tonic::Status> {
-        let mut control =
-            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-        let response = control
-            .activate(pb::ActivateRequest {
-                service: "web".into(),
-                sha256: sha.into(),
-                allow_downgrade,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let result = response.result.unwrap();
-        assert_eq!(
-            result.outcome,
-            pb::ReloadOutcome::Succeeded as i32,
-            "{}",
-            result.reason
-        );
-        Ok(result.to_version)
-    }
-    let refused = |result: Result<String, tonic::Status>, needle: &str| {
-        let status = result.expect_err("must be refused");
-        assert_eq!(
-            status.code(),
-            tonic::Code::FailedPrecondition,
-            "{}",
-            status.message()
-        );
-        assert!(status.message().contains(needle), "{}", status.message());
-    };
-
-    activate(&agent, &v1, false).await.unwrap();
-    activate(&agent, &v2, false).await.unwrap();
+    activate(&agent, &v1, Downgrade::NotAllowed).await.unwrap();
+    activate(&agent, &v2, Downgrade::NotAllowed).await.unwrap();
     refused(
-        activate(&agent, &v15, false).await,
+        activate(&agent, &v15, Downgrade::NotAllowed).await,
         "must be asked for explicitly",
     );
-    refused(activate(&agent, &v15, true).await, "never activated here");
+    refused(
+        activate(&agent, &v15, Downgrade::Allowed).await,
+        "never activated here",
+    );
     // A version this agent ran before may come back when asked for.
-    assert_eq!(activate(&agent, &v1, true).await.unwrap(), "1.0.0");
+    assert_eq!(
+        activate(&agent, &v1, Downgrade::Allowed).await.unwrap(),
+        "1.0.0"
+    );
     // So may a build whose signer allowed it.
-    assert_eq!(activate(&agent, &v16, true).await.unwrap(), "1.6.0");
-    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-    let err = control
+    assert_eq!(
+        activate(&agent, &v16, Downgrade::Allowed).await.unwrap(),
+        "1.6.0"
+    );
+    let err = agent
+        .control()
+        .await
         .rollback(pb::RollbackRequest {
             service: "web".into(),
             ..Default::default()
@@ -369,8 +356,46 @@ async fn the_downgrade_floor_holds_across_restarts() {
         err.message()
     );
 
-    // The audit log has the refused and the allowed downgrades.
-    let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).unwrap();
+    assert_downgrades_audited(dir.path(), &v15, &v16);
+
+    // The floor is persisted: a restarted agent still refuses.
+    agent.kill();
+    let agent = Agent::start_with_config(dir.path(), key);
+    refused(
+        activate(&agent, &v15, Downgrade::Allowed).await,
+        "below 2.0.0",
+    );
+}
+
+/// Activate of `web`: the version it went to if the reload succeeded (it
+/// must, if the call is not refused).
+async fn activate(agent: &Agent, sha: &str, downgrade: Downgrade) -> Result<String, tonic::Status> {
+    let result = agent.activate("web", sha, downgrade).await?;
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::Succeeded as i32,
+        "{}",
+        result.reason
+    );
+    Ok(result.to_version)
+}
+
+/// Activate was refused, saying `needle`, below the downgrade floor.
+fn refused(result: Result<String, tonic::Status>, needle: &str) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(
+        status.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains(needle), "{}", status.message());
+}
+
+/// The audit log has the refused (two, of `v15`) and the allowed (one, of
+/// `v16`) downgrades.
+fn assert_downgrades_audited(dir: &Path, v15: &str, v16: &str) {
+    let audit = std::fs::read_to_string(dir.join("state/audit.log")).unwrap();
     let activations: Vec<serde_json::Value> = audit
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
@@ -383,7 +408,7 @@ async fn the_downgrade_floor_holds_across_restarts() {
             .map(|e| e["result"].as_str().unwrap().to_string())
             .collect()
     };
-    let v15_results = result_of(&v15);
+    let v15_results = result_of(v15);
     assert_eq!(v15_results.len(), 2);
     assert!(
         v15_results
@@ -391,12 +416,7 @@ async fn the_downgrade_floor_holds_across_restarts() {
             .all(|r| r.starts_with("FailedPrecondition")),
         "{v15_results:?}"
     );
-    assert_eq!(result_of(&v16), vec!["ok".to_string()]);
-
-    // The floor is persisted: a restarted agent still refuses.
-    agent.kill();
-    let agent = Agent::start_with_config(dir.path(), key);
-    refused(activate(&agent, &v15, true).await, "below 2.0.0");
+    assert_eq!(result_of(v16), vec!["ok".to_string()]);
 }
 
 mod limits_and_keys {
@@ -546,15 +566,11 @@ mod limits_and_keys {
             "{}",
             err.message()
         );
-        wait_for(
+        eventually(
             "the temp file to go",
             std::time::Duration::from_secs(10),
-            || {
-                std::fs::read_dir(agent.store().join("tmp"))
-                    .unwrap()
-                    .count()
-                    == 0
-            },
+            async || file_names(&agent.store().join("tmp")),
+            Vec::is_empty,
         )
         .await;
         assert_eq!(snapshot(&agent.store()), before);
@@ -607,15 +623,11 @@ mod limits_and_keys {
             "{}",
             err.message()
         );
-        wait_for(
+        eventually(
             "the temp file to go",
             std::time::Duration::from_secs(10),
-            || {
-                std::fs::read_dir(agent.store().join("tmp"))
-                    .unwrap()
-                    .count()
-                    == 0
-            },
+            async || file_names(&agent.store().join("tmp")),
+            Vec::is_empty,
         )
         .await;
         assert_eq!(snapshot(&agent.store()), before);

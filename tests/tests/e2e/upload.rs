@@ -64,8 +64,31 @@ async fn assert_refused(
     );
 }
 
+fn modified(path: &std::path::Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
 fn sign_manifest(key: &SigningKey, manifest: &Manifest) -> Vec<u8> {
     Envelope::sign_manifest(manifest, &[key]).to_json()
+}
+
+/// The bytes on disk are the bytes sent, under their sha256, not writable,
+/// and no temp file is left.
+fn assert_stored_read_only(agent: &Agent, sha: &str) {
+    let path = agent.store().join("sha256").join(sha);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(sha256_hex(&on_disk), sha);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o500
+    );
+    assert_eq!(
+        std::fs::read_dir(agent.store().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -99,21 +122,7 @@ async fn fifty_mib_artifact_is_stored_verified_and_not_uploaded_twice() {
         ("web", "1.4.0")
     );
 
-    // The bytes on disk are the bytes sent, under their sha256, not writable.
-    let path = f.agent.store().join("sha256").join(&sha);
-    let on_disk = std::fs::read(&path).unwrap();
-    assert_eq!(sha256_hex(&on_disk), sha);
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-        0o500
-    );
-    assert_eq!(
-        std::fs::read_dir(f.agent.store().join("tmp"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_stored_read_only(&f.agent, &sha);
 
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
@@ -389,19 +398,21 @@ async fn client_that_disconnects_mid_upload_leaves_no_temp_file() {
             .await
     });
     let tmp = f.agent.store().join("tmp");
-    wait_for(
+    eventually(
         "the upload's temp file to appear",
         Duration::from_secs(20),
-        || std::fs::read_dir(&tmp).unwrap().count() == 1,
+        async || file_names(&tmp),
+        |names| names.len() == 1,
     )
     .await;
     // Gone mid-stream: the connection is torn down, the stream never ends.
     call.abort();
     let _ = call.await;
-    wait_for(
+    eventually(
         "the agent to remove the temp file",
         Duration::from_secs(20),
-        || std::fs::read_dir(&tmp).unwrap().count() == 0,
+        async || file_names(&tmp),
+        Vec::is_empty,
     )
     .await;
     assert_eq!(snapshot(&f.agent.store()), before);
@@ -473,9 +484,12 @@ async fn uploads_above_the_concurrency_limit_are_refused() {
             .await
     });
     let tmp = f.agent.store().join("tmp");
-    wait_for("the first upload to start", Duration::from_secs(20), || {
-        std::fs::read_dir(&tmp).unwrap().count() == 1
-    })
+    eventually(
+        "the first upload to start",
+        Duration::from_secs(20),
+        async || file_names(&tmp),
+        |names| names.len() == 1,
+    )
     .await;
     let mut client = f.agent.artifacts().await;
     let err = upload(&mut client, upload_messages(envelope, &bytes, 64 * KIB))
@@ -504,9 +518,24 @@ async fn only_the_newest_versions_are_kept() {
         upload(&mut client, upload_messages(envelope, &bytes, 64 * KIB))
             .await
             .unwrap();
-        // stored_at has a resolution of the file system's mtime; keep the
-        // order unambiguous.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // stored_at is the envelope file's mtime, as coarse as the file
+        // system's clock: wait until that clock has passed it, so that the
+        // next upload is unambiguously newer.
+        let envelope = f
+            .agent
+            .store()
+            .join(format!("sha256/{}.dsse.json", shas[i]));
+        let probe = f.agent.dir.join("mtime-probe");
+        eventually(
+            "the file system's clock to pass the stored envelope's mtime",
+            Duration::from_secs(10),
+            async || {
+                std::fs::write(&probe, version).unwrap();
+                (modified(&envelope), modified(&probe))
+            },
+            |(stored, now)| now > stored,
+        )
+        .await;
     }
     // Another service is counted on its own.
     let other = pseudo_random_bytes(10 * KIB, 200);

@@ -31,7 +31,10 @@ impl Drop for Standalone {
     }
 }
 
-fn start(upstream_notify: Option<&Path>) -> Standalone {
+/// Starts the demo server with `--self-upgrade` from a copy of its binary
+/// in a fresh folder (the path a new build is renamed to), logging to
+/// `demo.log` there; waits for its pid file.
+async fn start(upstream_notify: Option<&Path>) -> Standalone {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("demo");
     std::fs::copy(bin_path("reload-demo-server"), &exe).unwrap();
@@ -48,9 +51,10 @@ fn start(upstream_notify: Option<&Path>) -> Standalone {
             "5s",
         ])
         .current_dir(dir.path())
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap());
     if let Some(socket) = upstream_notify {
         command.env("NOTIFY_SOCKET", socket);
     }
@@ -61,14 +65,13 @@ fn start(upstream_notify: Option<&Path>) -> Standalone {
         addr,
         first,
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while s.pid().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the demo server never wrote its pid file"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        "the demo server to write its pid file",
+        Duration::from_secs(20),
+        async || s.pid(),
+        Option::is_some,
+    )
+    .await;
     s
 }
 
@@ -81,14 +84,22 @@ impl Standalone {
             .ok()
     }
 
+    /// What the demo server processes logged (they share one stderr).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
+    }
+
     /// SIGHUP to the serving process; waits for the pid file to name a new
     /// process and the old one to be gone. Returns the new pid.
     async fn upgrade(&self) -> u32 {
         let old = self.pid().unwrap();
         sighup(old);
-        wait_for("the pid file to change", Duration::from_secs(20), || {
-            self.pid() != Some(old)
-        })
+        eventually(
+            "the pid file to name a new process",
+            Duration::from_secs(20),
+            async || self.pid(),
+            |pid| *pid != Some(old),
+        )
         .await;
         wait_for("the old process to exit", Duration::from_secs(20), || {
             process_gone(old)
@@ -179,7 +190,7 @@ async fn twenty_self_upgrades_under_load_lose_no_request() {
             }
         })
     };
-    let s = start(Some(&upstream_path));
+    let s = start(Some(&upstream_path)).await;
     let first = s.pid().unwrap();
     let run = s.load();
     let mut pids = vec![first];
@@ -231,7 +242,7 @@ async fn twenty_self_upgrades_under_load_lose_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_build_that_exits_before_ready_leaves_the_old_one_serving() {
-    let s = start(None);
+    let s = start(None).await;
     let pid = s.pid().unwrap();
     let good = std::fs::read(&s.exe).unwrap();
     let run = s.load();
@@ -241,8 +252,15 @@ async fn a_new_build_that_exits_before_ready_leaves_the_old_one_serving() {
     );
     s.replace_exe(script.as_bytes());
     sighup(pid);
-    // The failed child is started, exits, and is reaped; the parent serves.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The failed child is started, exits, and is reaped; the parent says
+    // so and serves on.
+    eventually(
+        "the serving process to report the failed self-upgrade",
+        Duration::from_secs(20),
+        async || s.log(),
+        |log| log.contains("self-upgrade failed"),
+    )
+    .await;
     wait_for(
         "the failed child to be reaped",
         Duration::from_secs(10),
@@ -260,7 +278,7 @@ async fn a_new_build_that_exits_before_ready_leaves_the_old_one_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_storm_upgrades_one_at_a_time_without_leaking() {
-    let s = start(None);
+    let s = start(None).await;
     let before = s.pid().unwrap();
     let fds_before = fd_count(before);
     for _ in 0..10 {
@@ -272,18 +290,13 @@ async fn a_sighup_storm_upgrades_one_at_a_time_without_leaking() {
         }
     }
     // Settled: the pid file stays put for a while and its process serves.
-    let mut last = s.pid();
-    let mut stable_since = std::time::Instant::now();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while stable_since.elapsed() < Duration::from_secs(2) {
-        assert!(std::time::Instant::now() < deadline, "never settled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = s.pid();
-        if now != last {
-            last = now;
-            stable_since = std::time::Instant::now();
-        }
-    }
+    settled(
+        "the pid file after the SIGHUP storm",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        async || s.pid(),
+    )
+    .await;
     let after = s.pid().unwrap();
     assert_ne!(after, before, "no upgrade happened");
     // Exactly one process runs our binary, with no children, and the same
@@ -321,8 +334,8 @@ async fn a_sighup_storm_upgrades_one_at_a_time_without_leaking() {
     assert_eq!(code, "200");
 }
 
-#[test]
-fn the_demo_server_runs_under_systemd_socket_activate() {
+#[tokio::test]
+async fn the_demo_server_runs_under_systemd_socket_activate() {
     let Some(activate) = [
         "/usr/bin/systemd-socket-activate",
         "/bin/systemd-socket-activate",
@@ -333,43 +346,47 @@ fn the_demo_server_runs_under_systemd_socket_activate() {
         panic!("systemd-socket-activate is missing: .ci/run installs the Debian package systemd for this test");
     };
     let port = free_port();
-    let mut child = Command::new(activate)
-        .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=http"])
-        .arg(bin_path("reload-demo-server"))
-        .args(["--bind", "127.0.0.1:1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop(
+        Command::new(activate)
+            .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=http"])
+            .arg(bin_path("reload-demo-server"))
+            .args(["--bind", "127.0.0.1:1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // systemd-socket-activate binds first and starts the server on the first
     // connection; the server must serve on the socket it was given (its own
     // fallback address, port 1, would fail).
-    let mut answer = String::new();
-    for _ in 0..100 {
-        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+    let answer = eventually(
+        "the demo server, started by the first connection, to answer 200",
+        Duration::from_secs(20),
+        async || -> std::io::Result<String> {
             use std::io::{Read, Write};
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            stream
-                .write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut answer = String::new();
             let _ = stream.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+            Ok(answer)
+        },
+        |answer| {
+            answer
+                .as_ref()
+                .is_ok_and(|answer| answer.starts_with("HTTP/1.1 200"))
+        },
+    )
+    .await
+    .unwrap();
+    drop(child);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 /// The agent as a systemd service: READY=1 once gRPC serves, STOPPING=1
 /// when it stops, and the gRPC port taken from socket activation.
-#[test]
-fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
+#[tokio::test]
+async fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     reloadctl_ok(d, &["keygen", "--out", "release"]);
@@ -390,31 +407,32 @@ fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
     let port = free_port();
     // [agent] listen is port 1 (unusable): serving at all proves the agent
     // took the socket it was given.
-    let mut agent = Command::new(activate)
-        .args([
-            "-l",
-            &format!("127.0.0.1:{port}"),
-            "--fdname=grpc",
-            "-E",
-            &format!("NOTIFY_SOCKET={}", notify_path.display()),
-        ])
-        .arg(bin_path("reload-agent"))
-        .args(["--config", "agent.toml"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = KillOnDrop(
+        Command::new(activate)
+            .args([
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "--fdname=grpc",
+                "-E",
+                &format!("NOTIFY_SOCKET={}", notify_path.display()),
+            ])
+            .arg(bin_path("reload-agent"))
+            .args(["--config", "agent.toml"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let host = format!("127.0.0.1:{port}");
     // The first connection starts the agent (once the activator listens).
-    let mut out = reloadctl(d, &["artifacts", "--host", &host]);
-    for _ in 0..100 {
-        if out.status.success() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        out = reloadctl(d, &["artifacts", "--host", &host]);
-    }
+    let out = eventually(
+        "the agent, started by the first connection, to answer `reloadctl artifacts`",
+        Duration::from_secs(20),
+        async || reloadctl(d, &["artifacts", "--host", &host]),
+        |out| out.status.success(),
+    )
+    .await;
     let mut buffer = [0u8; 256];
     let n = notify.recv(&mut buffer).expect("READY=1 from the agent");
     let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();

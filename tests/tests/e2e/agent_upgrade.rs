@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
-use reload_tests::load::{ConnectionMode, LoadConfig, LoadRun};
+use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
 use reload_tests::*;
 use tonic::transport::Channel;
 
@@ -43,7 +43,9 @@ impl Fixture {
             .agent
             .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
             .await;
-        activate_ok(&self.agent, &web).await;
+        self.agent
+            .activate_ok("web", &web, Downgrade::Allowed)
+            .await;
         let service_pid = service_status(&self.agent).await.pid;
         let run = load(self.service_addr, ConnectionMode::KeepAlive);
         run.wait_for_requests(200).await;
@@ -120,24 +122,18 @@ async fn roll_back(agent: &Agent) -> Result<pb::UpgradeAgentResponse, tonic::Sta
 /// Polls GetAgentInfo until `last_upgrade` reports the upgrade to
 /// `to_sha256`; returns that answer.
 async fn wait_for_upgrade(agent: &Agent, to_sha256: &str) -> pb::GetAgentInfoResponse {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(info) = agent_info(agent).await {
-            if info
-                .last_upgrade
-                .as_ref()
+    eventually(
+        format!("the agent to report the upgrade to {to_sha256}"),
+        Duration::from_secs(30),
+        async || agent_info(agent).await,
+        |info| {
+            info.as_ref()
+                .and_then(|info| info.last_upgrade.as_ref())
                 .is_some_and(|u| u.to_sha256 == to_sha256)
-            {
-                return info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not report the upgrade to {to_sha256} within 30s\n{}",
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition")
 }
 
 async fn service_status(agent: &Agent) -> pb::ServiceStatus {
@@ -153,32 +149,6 @@ async fn service_status(agent: &Agent) -> pb::ServiceStatus {
         .into_inner()
         .services
         .remove(0)
-}
-
-async fn activate_ok(agent: &Agent, sha256: &str) -> pb::ReloadResult {
-    let mut control = pb::service_control_client::ServiceControlClient::new(
-        channel(agent).await.expect("agent reachable"),
-    );
-    let result = control
-        .activate(pb::ActivateRequest {
-            service: "web".into(),
-            sha256: sha256.into(),
-            allow_downgrade: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Activate failed: {s:?}\n{}", agent.log_text()))
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(
-        result.outcome,
-        pb::ReloadOutcome::Succeeded as i32,
-        "{}\n{}",
-        result.reason,
-        agent.log_text()
-    );
-    result
 }
 
 fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
@@ -201,27 +171,25 @@ async fn reread(
 ) -> pb::GetAgentInfoResponse {
     std::fs::write(path, config).unwrap();
     send_signal(f.agent.pid(), nix::sys::signal::Signal::SIGHUP);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if info.started != before.started && !info.upgrade_in_progress {
-                let last = info.last_upgrade.clone().unwrap();
-                assert_eq!(
-                    last.outcome,
-                    pb::AgentUpgradeOutcome::Succeeded as i32,
-                    "{last:?}\n{}",
-                    f.agent.log_text()
-                );
-                return info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the config was not re-read\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let info = eventually(
+        "the config to be re-read (another start time)",
+        Duration::from_secs(20),
+        async || agent_info(&f.agent).await,
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| info.started != before.started && !info.upgrade_in_progress)
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
+    let last = info.last_upgrade.clone().unwrap();
+    assert_eq!(
+        last.outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32,
+        "{last:?}\n{}",
+        f.agent.log_text()
+    );
+    info
 }
 
 /// What the agent holds open, by kind: listening TCP sockets, Unix and
@@ -280,23 +248,27 @@ fn fd_inventory(pid: u32) -> std::collections::BTreeMap<String, usize> {
     inventory
 }
 
-/// The agent's open fds (see [`fd_inventory`]) once they stop changing;
-/// with `expected`, waits until they are back to it.
-async fn settled_fds(
-    pid: u32,
-    expected: Option<&std::collections::BTreeMap<String, usize>>,
-) -> std::collections::BTreeMap<String, usize> {
-    let mut last = fd_inventory(pid);
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = fd_inventory(pid);
-        match expected {
-            Some(expected) if now == *expected => return now,
-            None if now == last => return now,
-            _ => last = now,
-        }
-    }
-    panic!("the agent's open fds did not settle at {expected:?}: {last:?}");
+/// The agent's open fds (see [`fd_inventory`]) once they stop changing.
+async fn settled_fds(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    settled(
+        "the agent's open fds",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        async || fd_inventory(pid),
+    )
+    .await
+}
+
+/// Waits until the agent's open fds (see [`fd_inventory`]) are back to
+/// `expected`.
+async fn fds_back_to(pid: u32, expected: &std::collections::BTreeMap<String, usize>) {
+    eventually(
+        format!("the agent's open fds to be back to {expected:?}"),
+        Duration::from_secs(10),
+        async || fd_inventory(pid),
+        |now| now == expected,
+    )
+    .await;
 }
 
 fn exe_of(pid: u32) -> std::path::PathBuf {
@@ -316,14 +288,16 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         .agent
         .stage("web", "2.0.0", &Agent::demo_server_bytes("2.0.0"))
         .await;
-    activate_ok(&f.agent, &web_v1).await;
+    f.agent
+        .activate_ok("web", &web_v1, Downgrade::Allowed)
+        .await;
     let service_pid = service_status(&f.agent).await.pid;
     let before = agent_info(&f.agent).await.unwrap();
     assert_eq!(before.executable_sha256, installed_sha);
     assert_eq!(before.artifact_version, "");
     assert!(before.last_upgrade.is_none());
 
-    let fds_before = settled_fds(agent_pid, None).await;
+    let fds_before = settled_fds(agent_pid).await;
     println!("agent's open fds before the upgrades: {fds_before:?}");
     let agent_v2 = f
         .agent
@@ -340,44 +314,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     per_request.wait_for_requests(100).await;
 
     // 1. Installed binary -> agent 2.0.0, under load.
-    let answer = upgrade_to(&f.agent, agent_v2.clone())
-        .await
-        .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", f.agent.log_text()));
-    assert_eq!(answer.pid, agent_pid);
-    assert_eq!(answer.new_version, "2.0.0");
-    let info = wait_for_upgrade(&f.agent, &agent_v2).await;
-    let last = info.last_upgrade.clone().unwrap();
-    assert_eq!(
-        last.outcome,
-        pb::AgentUpgradeOutcome::Succeeded as i32,
-        "{}\n{}",
-        last.reason,
-        f.agent.log_text()
-    );
-    assert_eq!(info.pid, agent_pid, "the agent kept its pid");
-    assert_eq!(info.executable_sha256, agent_v2, "the new image runs");
-    assert_eq!(info.artifact_version, "2.0.0");
-    assert!(
-        exe_of(agent_pid).starts_with(f.agent.store()),
-        "/proc/{agent_pid}/exe is {:?}, not the stored artifact",
-        exe_of(agent_pid)
-    );
-    // What an operator sees.
-    let shown = reloadctl_ok(
-        &f.agent.dir,
-        &[
-            "status",
-            "--agents",
-            "--host",
-            &f.agent.host(),
-            "--output",
-            "json",
-        ],
-    );
-    let shown: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
-    assert_eq!(shown["runs"], "2.0.0", "{shown}");
-    assert_eq!(shown["pid"], agent_pid, "{shown}");
-    assert_eq!(shown["last_upgrade"]["outcome"], "succeeded", "{shown}");
+    upgrade_and_check_what_operators_see(&f.agent, &agent_v2, agent_pid).await;
     let status = service_status(&f.agent).await;
     assert_eq!(status.pid, service_pid, "the service was not restarted");
     assert_eq!(status.state, pb::ServiceState::Running as i32);
@@ -387,7 +324,60 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
     // 2. The new image supervises what it adopted: a reload drains and
     // reaps the adopted process, and the process it starts survives the
     // next upgrade too (it was forked on the thread that execs).
-    let reload = activate_ok(&f.agent, &web_v2).await;
+    let second_service_pid = reload_the_adopted_process(&f.agent, &web_v2, service_pid).await;
+    keep_alive.wait_for_requests(200).await;
+
+    upgrade_to_3_and_check_monitoring(&f.agent, &agent_v3, agent_pid).await;
+    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
+    keep_alive.wait_for_requests(200).await;
+
+    the_agents_floor_and_the_lease_fence_hold(&f.agent, &agent_v2).await;
+
+    // 3. Rollback: to 2.0.0 (the history), then to the installed binary.
+    roll_back_twice(&f.agent, &agent_v2, &installed_sha, agent_pid).await;
+    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
+    keep_alive.wait_for_requests(200).await;
+    per_request.wait_for_requests(100).await;
+
+    let keep_alive_report = keep_alive.stop().await;
+    let per_request_report = per_request.stop().await;
+    // Nothing leaked across four execs: no listener, pipe, pidfd or
+    // executable fd left behind by an image.
+    fds_back_to(agent_pid, &fds_before).await;
+    assert_no_request_lost(
+        &keep_alive_report,
+        &per_request_report,
+        [service_pid, second_service_pid].into(),
+    );
+    a_crash_is_restarted_by_the_image_that_adopted_it(&f.agent, second_service_pid).await;
+}
+
+/// The keep-alive and the connection-per-request load over four agent
+/// upgrades: no request failed, and only `service_pids` answered.
+fn assert_no_request_lost(
+    keep_alive: &LoadReport,
+    per_request: &LoadReport,
+    service_pids: std::collections::BTreeSet<u32>,
+) {
+    println!("keep-alive, 4 agent upgrades: {}", keep_alive.summary());
+    println!(
+        "connection per request, 4 agent upgrades: {}",
+        per_request.summary()
+    );
+    keep_alive.assert_no_failures();
+    per_request.assert_no_failures();
+    assert!(
+        keep_alive.pids.is_subset(&service_pids) && per_request.pids.is_subset(&service_pids),
+        "only the two service processes answered: {:?} {:?}",
+        keep_alive.pids,
+        per_request.pids
+    );
+}
+
+/// Activates `web_v2`: the reload drains and reaps `service_pid`, a
+/// process the agent adopted across an upgrade. Returns the new pid.
+async fn reload_the_adopted_process(agent: &Agent, web_v2: &str, service_pid: u32) -> u32 {
+    let reload = agent.activate_ok("web", web_v2, Downgrade::Allowed).await;
     assert_eq!(reload.old_pid, service_pid);
     wait_for(
         "the adopted process to be reaped",
@@ -395,11 +385,57 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         || process_gone(service_pid),
     )
     .await;
-    let second_service_pid = reload.new_pid;
-    keep_alive.wait_for_requests(200).await;
+    reload.new_pid
+}
 
-    upgrade_to(&f.agent, agent_v3.clone()).await.unwrap();
-    let info = wait_for_upgrade(&f.agent, &agent_v3).await;
+/// UpgradeAgent from the installed binary to `agent_v2` (2.0.0): the
+/// answer, GetAgentInfo, /proc/<pid>/exe and `reloadctl status --agents`
+/// all show the new image in the same process.
+async fn upgrade_and_check_what_operators_see(agent: &Agent, agent_v2: &str, agent_pid: u32) {
+    let answer = upgrade_to(agent, agent_v2.to_string())
+        .await
+        .unwrap_or_else(|s| panic!("UpgradeAgent: {s:?}\n{}", agent.log_text()));
+    assert_eq!(answer.pid, agent_pid);
+    assert_eq!(answer.new_version, "2.0.0");
+    let info = wait_for_upgrade(agent, agent_v2).await;
+    let last = info.last_upgrade.clone().unwrap();
+    assert_eq!(
+        last.outcome,
+        pb::AgentUpgradeOutcome::Succeeded as i32,
+        "{}\n{}",
+        last.reason,
+        agent.log_text()
+    );
+    assert_eq!(info.pid, agent_pid, "the agent kept its pid");
+    assert_eq!(info.executable_sha256, agent_v2, "the new image runs");
+    assert_eq!(info.artifact_version, "2.0.0");
+    assert!(
+        exe_of(agent_pid).starts_with(agent.store()),
+        "/proc/{agent_pid}/exe is {:?}, not the stored artifact",
+        exe_of(agent_pid)
+    );
+    // What an operator sees.
+    let shown = reloadctl_ok(
+        &agent.dir,
+        &[
+            "status",
+            "--agents",
+            "--host",
+            &agent.host(),
+            "--output",
+            "json",
+        ],
+    );
+    let shown: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(shown["runs"], "2.0.0", "{shown}");
+    assert_eq!(shown["pid"], agent_pid, "{shown}");
+    assert_eq!(shown["last_upgrade"]["outcome"], "succeeded", "{shown}");
+}
+
+/// UpgradeAgent to `agent_v3` (3.0.0), and what monitoring sees.
+async fn upgrade_to_3_and_check_monitoring(agent: &Agent, agent_v3: &str, agent_pid: u32) {
+    upgrade_to(agent, agent_v3.to_string()).await.unwrap();
+    let info = wait_for_upgrade(agent, agent_v3).await;
     assert_eq!(
         info.last_upgrade.unwrap().outcome,
         pb::AgentUpgradeOutcome::Succeeded as i32
@@ -409,7 +445,7 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         (agent_pid, "3.0.0")
     );
     // Monitoring sees the same.
-    let metrics = http_get(f.agent.health_addr.unwrap(), "/metrics")
+    let metrics = http_get(agent.health_addr.unwrap(), "/metrics")
         .await
         .unwrap();
     let line = format!(
@@ -420,18 +456,17 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         "{line} missing from\n{}",
         metrics.body
     );
-    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
-    keep_alive.wait_for_requests(200).await;
+}
 
-    // The agent's own downgrade floor: 2.0.0 is below 3.0.0 and needs an
-    // explicit request (a rollback makes one).
-    let below = upgrade_to(&f.agent, agent_v2.clone()).await.unwrap_err();
+/// The agent's own downgrade floor: 2.0.0 is below 3.0.0 and needs an
+/// explicit request (a rollback makes one). Fenced like any change: while
+/// a rollout holds the lease, a call without it is refused.
+async fn the_agents_floor_and_the_lease_fence_hold(agent: &Agent, agent_v2: &str) {
+    let below = upgrade_to(agent, agent_v2.to_string()).await.unwrap_err();
     assert_eq!(below.code(), tonic::Code::FailedPrecondition, "{below:?}");
     assert!(below.message().contains("below 3.0.0"), "{below:?}");
-    // Fenced like any change: while a rollout holds the lease, a call
-    // without it is refused.
     let mut leases =
-        pb::lease_service_client::LeaseServiceClient::new(channel(&f.agent).await.unwrap());
+        pb::lease_service_client::LeaseServiceClient::new(channel(agent).await.unwrap());
     let lease = pb::LeaseRef {
         rollout_id: "test-rollout".into(),
         generation: 1,
@@ -448,71 +483,46 @@ async fn the_agent_upgrades_in_place_under_load_keeping_its_pid_and_its_service(
         })
         .await
         .unwrap();
-    let fenced = roll_back(&f.agent).await.unwrap_err();
+    let fenced = roll_back(agent).await.unwrap_err();
     assert_eq!(fenced.code(), tonic::Code::Aborted, "{fenced:?}");
     leases
         .release_lease(pb::ReleaseLeaseRequest { r#ref: Some(lease) })
         .await
         .unwrap();
+}
 
-    // 3. Rollback: to 2.0.0 (the history), then to the installed binary.
-    roll_back(&f.agent).await.unwrap();
-    let info = wait_for_upgrade(&f.agent, &agent_v2).await;
+/// Two rollbacks: to `agent_v2` (the history), then to the installed
+/// binary (`installed_sha`), in the same process.
+async fn roll_back_twice(agent: &Agent, agent_v2: &str, installed_sha: &str, agent_pid: u32) {
+    roll_back(agent).await.unwrap();
+    let info = wait_for_upgrade(agent, agent_v2).await;
     assert_eq!(
         (info.pid, info.artifact_version.as_str()),
         (agent_pid, "2.0.0")
     );
-    roll_back(&f.agent).await.unwrap();
-    let info = wait_for_upgrade(&f.agent, &installed_sha).await;
+    roll_back(agent).await.unwrap();
+    let info = wait_for_upgrade(agent, installed_sha).await;
     assert_eq!(info.pid, agent_pid);
     assert_eq!(info.executable_sha256, installed_sha);
     assert_eq!(info.artifact_version, "", "back on the installed binary");
-    assert_eq!(service_status(&f.agent).await.pid, second_service_pid);
-    keep_alive.wait_for_requests(200).await;
-    per_request.wait_for_requests(100).await;
+}
 
-    let keep_alive_report = keep_alive.stop().await;
-    let per_request_report = per_request.stop().await;
-    // Nothing leaked across four execs: no listener, pipe, pidfd or
-    // executable fd left behind by an image.
-    settled_fds(agent_pid, Some(&fds_before)).await;
-    println!(
-        "keep-alive, 4 agent upgrades: {}",
-        keep_alive_report.summary()
-    );
-    println!(
-        "connection per request, 4 agent upgrades: {}",
-        per_request_report.summary()
-    );
-    keep_alive_report.assert_no_failures();
-    per_request_report.assert_no_failures();
-    let expected: std::collections::BTreeSet<u32> = [service_pid, second_service_pid].into();
-    assert!(
-        keep_alive_report.pids.is_subset(&expected) && per_request_report.pids.is_subset(&expected),
-        "only the two service processes answered: {:?} {:?}",
-        keep_alive_report.pids,
-        per_request_report.pids
-    );
-    // A crash is still noticed and restarted by the image that adopted it
-    // (after the load: a SIGKILL resets the connections it held).
-    send_signal(second_service_pid, nix::sys::signal::Signal::SIGKILL);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = service_status(&f.agent).await;
-        if status.pid != 0
-            && status.pid != second_service_pid
-            && status.state == pb::ServiceState::Running as i32
-        {
-            assert_eq!(status.restarts, 1, "{status:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not restarted: {status:?}\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// A crash is still noticed and restarted by the image that adopted the
+/// service (after the load: a SIGKILL resets the connections it held).
+async fn a_crash_is_restarted_by_the_image_that_adopted_it(agent: &Agent, service_pid: u32) {
+    send_signal(service_pid, nix::sys::signal::Signal::SIGKILL);
+    let status = eventually(
+        "the killed service to be restarted",
+        Duration::from_secs(20),
+        async || service_status(agent).await,
+        |status| {
+            status.pid != 0
+                && status.pid != service_pid
+                && status.state == pb::ServiceState::Running as i32
+        },
+    )
+    .await;
+    assert_eq!(status.restarts, 1, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -571,17 +581,7 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
     );
     assert_eq!(info.artifact_version, "");
 
-    // A non-agent artifact and a missing one get their own codes.
-    let not_found = upgrade_to(&f.agent, "0".repeat(64)).await.unwrap_err();
-    assert_eq!(not_found.code(), tonic::Code::NotFound, "{not_found:?}");
-    let wrong_service = upgrade_to(&f.agent, web.clone()).await.unwrap_err();
-    assert_eq!(wrong_service.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        wrong_service.message().contains("not an agent artifact"),
-        "{wrong_service:?}"
-    );
-    let nothing_to_roll_back = roll_back(&f.agent).await.unwrap_err();
-    assert_eq!(nothing_to_roll_back.code(), tonic::Code::FailedPrecondition);
+    refusals_have_their_own_codes(&f.agent, &web).await;
 
     run.wait_for_requests(200).await;
     let report = run.stop().await;
@@ -596,6 +596,21 @@ async fn a_broken_agent_artifact_leaves_the_old_agent_running() {
         "the service was never restarted"
     );
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
+}
+
+/// A missing artifact, one that is not an agent (`web`'s), and a rollback
+/// with nothing to roll back to get their own codes.
+async fn refusals_have_their_own_codes(agent: &Agent, web: &str) {
+    let not_found = upgrade_to(agent, "0".repeat(64)).await.unwrap_err();
+    assert_eq!(not_found.code(), tonic::Code::NotFound, "{not_found:?}");
+    let wrong_service = upgrade_to(agent, web.to_string()).await.unwrap_err();
+    assert_eq!(wrong_service.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        wrong_service.message().contains("not an agent artifact"),
+        "{wrong_service:?}"
+    );
+    let nothing_to_roll_back = roll_back(agent).await.unwrap_err();
+    assert_eq!(nothing_to_roll_back.code(), tonic::Code::FailedPrecondition);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -617,20 +632,17 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     let added = format!("{config}{}", api_service("http", api_port));
     std::fs::write(&config_path, &added).unwrap();
     send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let info = loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if info.services.contains(&"api".to_string()) {
-                break info;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the config was not re-read\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = eventually(
+        "the config with the `api` service to be re-read",
+        Duration::from_secs(20),
+        async || agent_info(&f.agent).await,
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| info.services.contains(&"api".to_string()))
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
     assert_eq!(info.pid, agent_pid);
     assert_eq!(
         info.last_upgrade.as_ref().unwrap().outcome,
@@ -663,11 +675,22 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
     reread(&f, &config_path, &added, &info).await;
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
 
-    // A config that does not load: refused by the preflight, the agent runs
-    // on as it was (same image, same services).
+    a_broken_config_changes_nothing(&f, &config_path, &added).await;
+
+    run.wait_for_requests(200).await;
+    let report = run.stop().await;
+    println!("keep-alive, two SIGHUPs: {}", report.summary());
+    report.assert_no_failures();
+    assert_eq!(report.pids, [service_pid].into());
+}
+
+/// A config that does not load (`added` with a broken service appended,
+/// then `added` written back): refused by the preflight, the agent runs on
+/// as it was (same image, same services).
+async fn a_broken_config_changes_nothing(f: &Fixture, config_path: &std::path::Path, added: &str) {
     let before = agent_info(&f.agent).await.unwrap();
-    std::fs::write(&config_path, format!("{added}\n[[service]]\nname = 3\n")).unwrap();
-    send_signal(agent_pid, nix::sys::signal::Signal::SIGHUP);
+    std::fs::write(config_path, format!("{added}\n[[service]]\nname = 3\n")).unwrap();
+    send_signal(f.agent.pid(), nix::sys::signal::Signal::SIGHUP);
     let audit_path = f.agent.dir.join("state/audit.log");
     wait_for(
         "the refused reload in the audit log",
@@ -689,13 +712,7 @@ async fn sighup_rereads_the_config_in_place_and_a_broken_config_changes_nothing(
         "the agent was not re-executed"
     );
     assert!(after.services.contains(&"api".to_string()));
-    std::fs::write(&config_path, &added).unwrap();
-
-    run.wait_for_requests(200).await;
-    let report = run.stop().await;
-    println!("keep-alive, two SIGHUPs: {}", report.summary());
-    report.assert_no_failures();
-    assert_eq!(report.pids, [service_pid].into());
+    std::fs::write(config_path, added).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -714,33 +731,26 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
         .stage("reload-agent", "2.0.0", &agent_bytes("2.0.0"))
         .await;
 
-    let reload = {
-        let agent_host = f.agent.addr;
-        let slow = slow.clone();
-        tokio::spawn(async move {
-            let channel = Channel::from_shared(format!("http://{agent_host}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            pb::service_control_client::ServiceControlClient::new(channel)
-                .activate(pb::ActivateRequest {
-                    service: "web".into(),
-                    sha256: slow,
-                    ..Default::default()
-                })
-                .await
-                .map(|r| r.into_inner().result.unwrap())
-        })
+    // The reload, and meanwhile two upgrades at once: one goes ahead (after
+    // the reload and its drain), the other is refused at once.
+    let reload = f.agent.activate("web", &slow, Downgrade::NotAllowed);
+    let upgrades = async {
+        // The upgrades must arrive while the new process starts: wait until
+        // the agent reports the reload under way.
+        eventually(
+            "the slow reload to be under way",
+            Duration::from_secs(20),
+            async || service_status(&f.agent).await,
+            |status| status.state == pb::ServiceState::Reloading as i32,
+        )
+        .await;
+        let request = || pb::UpgradeAgentRequest {
+            sha256: release.clone(),
+            ..Default::default()
+        };
+        tokio::join!(upgrade(&f.agent, request()), upgrade(&f.agent, request()))
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Two upgrades at once: one goes ahead (after the reload and its
-    // drain), the other is refused at once.
-    let request = || pb::UpgradeAgentRequest {
-        sha256: release.clone(),
-        ..Default::default()
-    };
-    let (a, b) = tokio::join!(upgrade(&f.agent, request()), upgrade(&f.agent, request()));
+    let (reload, (a, b)) = tokio::join!(reload, upgrades);
     let (accepted, refused) = match (a, b) {
         (Ok(accepted), Err(refused)) | (Err(refused), Ok(accepted)) => (accepted, refused),
         other => panic!("expected one upgrade and one refusal, got {other:?}"),
@@ -752,7 +762,7 @@ async fn an_upgrade_racing_a_reload_waits_for_it_and_a_second_upgrade_is_refused
     );
     assert_eq!(accepted.pid, agent_pid);
     // The reload was not cut short: it finished before the exec.
-    let reload = reload.await.unwrap().expect("the racing Activate answered");
+    let reload = reload.expect("the racing Activate answered");
     assert_eq!(
         reload.outcome,
         pb::ReloadOutcome::Succeeded as i32,
@@ -811,25 +821,25 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     storm.await.unwrap();
     // Every HUP either re-read the config or was refused while another
     // re-exec ran; none killed anything. Wait for the last to finish.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let info = loop {
-        if let Some(info) = agent_info(&f.agent).await {
-            if !info.upgrade_in_progress && info.executable_sha256 == v2 {
-                break info;
-            }
-        }
-        assert!(
-            f.agent.try_wait().is_none(),
-            "the agent died during the upgrade\n{}",
-            f.agent.log_text()
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not settle on 2.0.0\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = eventually(
+        "the agent to settle on 2.0.0",
+        Duration::from_secs(30),
+        async || {
+            let info = agent_info(&f.agent).await;
+            assert!(
+                f.agent.try_wait().is_none(),
+                "the agent died during the upgrade\n{}",
+                f.agent.log_text()
+            );
+            info
+        },
+        |info| {
+            info.as_ref()
+                .is_some_and(|info| !info.upgrade_in_progress && info.executable_sha256 == v2)
+        },
+    )
+    .await
+    .expect("an answer, since it met the condition");
     assert_eq!(info.pid, agent_pid);
     assert_eq!(service_status(&f.agent).await.pid, service_pid);
     run.wait_for_requests(200).await;
@@ -841,41 +851,41 @@ async fn signals_during_an_upgrade_neither_kill_the_agent_nor_get_lost() {
     report.assert_no_failures();
     assert_eq!(report.pids, [service_pid].into());
 
-    // SIGTERM right after an upgrade is accepted: not lost across the
-    // exec; the agent stops cleanly (exit 0) and drains its service. (A
-    // last SIGHUP of the storm may still be re-reading the config: wait.)
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = upgrade_to(&f.agent, v3.clone()).await;
-        match answer {
-            Ok(_) => break,
-            Err(status)
-                if status.code() == tonic::Code::Aborted
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(status) => panic!("UpgradeAgent: {status:?}\n{}", f.agent.log_text()),
-        }
+    sigterm_right_after_an_upgrade_stops_the_agent_cleanly(&mut f.agent, &v3, service_pid).await;
+}
+
+/// SIGTERM right after an upgrade (to `v3`) is accepted: not lost across
+/// the exec; the agent stops cleanly (exit 0) and drains its service. (A
+/// last SIGHUP of a storm may still be re-reading the config: wait.)
+async fn sigterm_right_after_an_upgrade_stops_the_agent_cleanly(
+    agent: &mut Agent,
+    v3: &str,
+    service_pid: u32,
+) {
+    let answer = eventually(
+        "UpgradeAgent to 3.0.0 not to be refused as `already in progress`",
+        Duration::from_secs(30),
+        async || upgrade_to(agent, v3.to_string()).await,
+        |answer| !matches!(answer, Err(status) if status.code() == tonic::Code::Aborted),
+    )
+    .await;
+    if let Err(status) = answer {
+        panic!("UpgradeAgent: {status:?}\n{}", agent.log_text());
     }
-    send_signal(agent_pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = f.agent.try_wait() {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not stop on SIGTERM during its upgrade\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    send_signal(agent.pid(), nix::sys::signal::Signal::SIGTERM);
+    let status = eventually(
+        "the agent to stop on SIGTERM during its upgrade",
+        Duration::from_secs(30),
+        async || agent.try_wait(),
+        Option::is_some,
+    )
+    .await
+    .expect("an exit status, since it met the condition");
     assert_eq!(
         status.code(),
         Some(0),
         "stopped cleanly, not killed: {status:?}\n{}",
-        f.agent.log_text()
+        agent.log_text()
     );
     wait_for("the service to be drained", Duration::from_secs(15), || {
         process_gone(service_pid)

@@ -1,0 +1,33 @@
+//! The end-to-end tests, built as one test binary (as ripgrep's
+//! `tests/tests.rs` is): one link instead of one per area, and one place to
+//! see every area. Each module is one area; a test's name is
+//! `<area>::<what it shows>`, e.g. `reload::twenty_reloads_lose_no_request_on_keep_alive_connections`.
+//!
+//! Every test runs the real binaries (`reload-agent`, `reloadctl`,
+//! `reload-demo-server`) as real processes through the helpers in
+//! `reload_tests` (`tests/src/`): build them first with
+//! `cargo build --workspace --bins` (`make test` does), then
+//! `cargo nextest run -p reload-tests`. A tool a test needs (openssl,
+//! systemd-socket-activate, python3 with grpcio) that is missing fails that
+//! test, saying what to install; nothing is skipped silently.
+//!
+//! Layout:
+//! - [`upload`]: uploads, verification and the artifact store on disk.
+//! - [`reload`]: socket-preserving reloads of a service under load.
+//! - [`rollout`]: `reloadctl push` across a fleet of agents.
+//! - [`agent_upgrade`]: the agent upgrading itself in place.
+//! - [`fd_store`]: listeners kept in systemd's fd store across an agent crash.
+//! - [`standalone`]: the demo server upgrading itself, and under systemd.
+//! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
+//! - [`operability`]: metrics, gRPC reflection, the Python example.
+//! - [`cli`]: `reloadctl` as a user runs it.
+
+mod agent_upgrade;
+mod cli;
+mod fd_store;
+mod operability;
+mod reload;
+mod rollout;
+mod security;
+mod standalone;
+mod upload;
