@@ -580,3 +580,58 @@ async fn a_caller_that_goes_away_mid_reload_does_not_cancel_it() {
         "the abandoned Activate is audited: {audit}"
     );
 }
+
+/// The size limit is a rule of the one artifact verifier, not of the upload
+/// path alone: a release admitted under a larger `max_artifact_size` is
+/// refused at activation once the agent's limit is below its size, and the
+/// serving process goes on untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_enforces_the_size_limit_too() {
+    let mut f = fixture("");
+    // Two scripts that run the demo server: v1 small, v2 padded to 8 KiB.
+    let v1 = f.stage_script("1.0.0", "").await;
+    let padded = format!(
+        "#!/bin/sh\n#{}\nexec '{}' \"$@\"\n",
+        "x".repeat(8 * 1024),
+        bin_path("reload-demo-server").display()
+    );
+    let v2 = f.stage(padded.as_bytes(), "2.0.0").await;
+    f.activate_ok(&v1).await;
+    // The same agent again, with a limit between the two sizes.
+    f.agent.kill();
+    let config = std::fs::read_to_string(f.dir.path().join("agent.toml")).unwrap();
+    std::fs::write(
+        f.dir.path().join("agent.toml"),
+        format!("{config}\n[limits]\nmax_artifact_size = \"4 KiB\"\n"),
+    )
+    .unwrap();
+    let key = f.agent.key.clone();
+    f.agent = Agent::start_with_config(f.dir.path(), key);
+    let serving = eventually(
+        "v1 (under the limit) to run again",
+        Duration::from_secs(20),
+        async || f.status().await,
+        |status| status.state == pb::ServiceState::Running as i32,
+    )
+    .await;
+    assert_eq!(serving.current_version, "1.0.0");
+
+    let result = f.activate(&v2).await;
+    assert_eq!(
+        result.outcome,
+        pb::ReloadOutcome::VerificationFailed as i32,
+        "{result:?}"
+    );
+    assert!(
+        result.reason.contains("max_artifact_size"),
+        "the reason names the limit: {}",
+        result.reason
+    );
+    let after = f.status().await;
+    assert_eq!(
+        (after.pid, after.current_version.as_str()),
+        (serving.pid, "1.0.0")
+    );
+    let reply = http_get(f.service_addr, "/").await.unwrap();
+    assert_eq!((reply.code, reply.pid), (200, serving.pid));
+}
