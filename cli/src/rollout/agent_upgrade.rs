@@ -9,7 +9,7 @@ use reload_proto::v1 as pb;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use super::grpc_fleet::cause_of;
+use super::causes::cause_of;
 use super::journal::Cause;
 
 /// How long an agent's in-place upgrade may take, from the call to the new

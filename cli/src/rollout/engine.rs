@@ -30,43 +30,10 @@ use tokio::task::JoinSet;
 
 use super::fleet::{Fleet, HostFailure, Lease, Staged, LEASE_TTL};
 use super::gate::HealthGate;
-use super::journal::{Cause, HostState, Journal, Line, Outcome, Record};
+pub use super::journal::HostRecord;
+use super::journal::{Cause, HostState, Journal, Outcome, Record};
 use super::output::Reporter;
 use super::plan::RolloutPlan;
-
-/// What the engine knows of one host.
-#[derive(Clone, Debug, Default)]
-pub struct HostRecord {
-    pub state: Option<HostState>,
-    pub cause: Option<Cause>,
-    pub message: String,
-    /// This rollout activated it: a revert must roll it back.
-    pub changed: bool,
-}
-
-impl HostRecord {
-    /// The hosts' states as the journal left them (for `resume`).
-    pub fn from_journal(hosts: &[String], lines: &[Line]) -> Vec<HostRecord> {
-        let mut records = vec![HostRecord::default(); hosts.len()];
-        for line in lines {
-            if let Record::Host {
-                host,
-                state,
-                cause,
-                message,
-            } = &line.record
-            {
-                if let Some(i) = hosts.iter().position(|h| h == host) {
-                    records[i].state = Some(*state);
-                    records[i].cause = *cause;
-                    records[i].message = message.clone();
-                    records[i].changed |= *state == HostState::Activated;
-                }
-            }
-        }
-        records
-    }
-}
 
 /// How this run starts.
 pub struct RunStart {

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use reload_artifact::envelope_path_for;
 use reload_proto::v1 as pb;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::agent_upgrade::{agent_info, upgrade_agent, UPGRADE_TIMEOUT};
+use super::causes::cause_of;
 use super::fleet::{
     Activated, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged, LEASE_TTL,
 };
@@ -48,17 +49,6 @@ pub struct GrpcFleet {
     target: Arc<Target>,
     /// One lazily connected channel per host, by its `host:port`.
     channels: HashMap<String, Channel>,
-}
-
-/// Transport trouble means the agent could not be reached; anything the
-/// agent said itself is a refusal.
-pub fn cause_of(status: &Status) -> Cause {
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-            Cause::Unreachable
-        }
-        _ => Cause::Rejected,
-    }
 }
 
 fn failure((cause, message): (Cause, String)) -> HostFailure {

@@ -30,6 +30,7 @@
 //! - [`output`]: what people see.
 
 mod agent_upgrade;
+mod causes;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;

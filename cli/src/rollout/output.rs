@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::engine::HostRecord;
-use super::journal::{Cause, HostState, Outcome};
+use super::journal::{Cause, HostRecord, HostState, Outcome};
 use super::plan::RolloutPlan;
 
 pub fn state_name(state: HostState) -> &'static str {
