@@ -14,4 +14,3 @@ pub fn cause_of(status: &Status) -> Cause {
         _ => Cause::Rejected,
     }
 }
-
