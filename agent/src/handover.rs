@@ -10,9 +10,8 @@
 //! - the gRPC and health listeners, so clients queue in the backlog instead
 //!   of being refused while the new image starts;
 //! - every service's listening sockets;
-//! - every serving process: its pid, a pidfd (reaping by pidfd cannot hit a
-//!   reused pid), the read ends of its stdout/stderr pipes (so it never sees
-//!   EPIPE) and its notify socket;
+//! - (service processes do not cross it: they run under shims, which the
+//!   new image finds and attaches to as any starting agent does);
 //! - an fd of the image being replaced, so a new image that fails its
 //!   start-up checks can re-execute the previous one with the same
 //!   handover (and a `fallback_reason`), instead of losing the services.
@@ -22,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -31,12 +29,13 @@ use serde::{Deserialize, Serialize};
 pub const ENV_VAR: &str = "RELOAD_AGENT_HANDOVER";
 
 /// Bumped on any incompatible change of [`Handover`] or of what crosses
-/// the exec with it (protocol 1 also means: SIGTERM, SIGINT and SIGHUP
+/// the exec with it (2: service processes no longer cross it, they run
+/// under shims; as in 1, SIGTERM, SIGINT and SIGHUP
 /// arrive blocked and the new image unblocks them once it serves, see
 /// crate::signals). `reload-agent --check` prints the protocol it speaks;
 /// an upgrade to a binary that does not speak ours is refused before
 /// anything is stopped.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// The service name agent artifacts are signed for.
 pub const AGENT_SERVICE: &str = "reload-agent";
@@ -64,25 +63,15 @@ pub struct Handover {
     pub pending_stop: bool,
 }
 
+/// A service's sockets. Its processes do not cross the exec: they run under
+/// shims (see crate::shim), which the new image finds and attaches to as
+/// any starting agent does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceHandover {
     pub name: String,
     /// (listener name, fd), in the service's LISTEN_FDS order.
     pub listeners: Vec<(String, RawFd)>,
-    pub process: Option<ProcessHandover>,
     pub restarts: u32,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ProcessHandover {
-    pub pid: u32,
-    pub pidfd: RawFd,
-    pub stdout_fd: Option<RawFd>,
-    pub stderr_fd: Option<RawFd>,
-    pub notify_fd: Option<RawFd>,
-    pub notify_path: Option<PathBuf>,
-    /// How long it had been running, for the restart backoff's reset.
-    pub running_ms: u64,
 }
 
 /// What the upgrade was, for `GetAgentInfo.last_upgrade` and the state file.
@@ -160,12 +149,6 @@ impl Inherited {
         numbers.extend(description.health_fd);
         for service in &description.services {
             numbers.extend(service.listeners.iter().map(|(_, fd)| *fd));
-            if let Some(p) = &service.process {
-                numbers.push(p.pidfd);
-                numbers.extend(p.stdout_fd);
-                numbers.extend(p.stderr_fd);
-                numbers.extend(p.notify_fd);
-            }
         }
         let mut originals = Vec::new();
         let mut by_number = BTreeMap::new();

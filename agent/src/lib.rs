@@ -18,6 +18,9 @@
 //!   keeps the pid, the sockets and the running services; [`handover`] is
 //!   what crosses that exec, [`main_thread`] why forks and the exec happen on
 //!   the main thread, [`signals`] how no signal is lost across it.
+//! - [`shim`]: `reload-agent --shim`, the small parent of each service
+//!   process that keeps it, its sockets, output and exit status alive
+//!   while no agent runs.
 //! - [`lease`]: rollout leases, the fencing between rollouts.
 //! - [`state`]: current/previous versions persisted across restarts.
 //! - [`audit`], [`events`], [`metrics`], `health_http`: what the agent
@@ -40,6 +43,7 @@ pub mod main_thread;
 pub mod metrics;
 pub mod selfupgrade;
 pub mod services;
+pub mod shim;
 pub mod signals;
 pub mod state;
 pub mod store;

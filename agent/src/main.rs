@@ -58,6 +58,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // `reload-agent --shim`: the parent of one service process (see
+    // reload_agent::shim), started by the agent; not for people.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(reload_agent::shim::protocol::SHIM_ARG.as_ref())
+    {
+        return reload_agent::shim::main();
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(err) => return refused_arguments(err),

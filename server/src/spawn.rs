@@ -287,6 +287,17 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// Waits for the process behind `pidfd` (our child) to exit and reaps it.
 /// Must run inside a tokio runtime.
 pub async fn reap(pidfd: OwnedFd) -> io::Result<std::process::ExitStatus> {
+    reap_after(pidfd, || {}).await
+}
+
+/// Like [`reap`], but calls `before_reap` once the process has exited and
+/// before it is reaped: while it is a zombie its pid, and so its process
+/// group's id, cannot be given to another process, so `before_reap` may
+/// signal the group safely.
+pub async fn reap_after(
+    pidfd: OwnedFd,
+    before_reap: impl FnOnce(),
+) -> io::Result<std::process::ExitStatus> {
     use nix::errno::Errno;
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     use std::os::fd::AsFd;
@@ -296,12 +307,22 @@ pub async fn reap(pidfd: OwnedFd) -> io::Result<std::process::ExitStatus> {
     // reused for anything else, for as long as it is registered.
     let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
         .map_err(|err| err.into_parts().1)?;
+    let id = || Id::PIDFd(pidfd.get_ref().as_fd());
     loop {
         let mut ready = pidfd.readable().await?;
         match waitid(
-            Id::PIDFd(pidfd.get_ref().as_fd()),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+            id(),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
         ) {
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => break,
+            // Still running (a spurious wake-up), or interrupted.
+            Ok(_) | Err(Errno::EINTR) => ready.clear_ready(),
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    before_reap();
+    loop {
+        match waitid(id(), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
             Ok(WaitStatus::Exited(_, code)) => {
                 return Ok(std::process::ExitStatus::from_raw((code & 0xff) << 8))
             }
@@ -310,16 +331,46 @@ pub async fn reap(pidfd: OwnedFd) -> io::Result<std::process::ExitStatus> {
                     signal as i32 | if core { 0x80 } else { 0 },
                 ))
             }
-            // Still running (a spurious wake-up), or interrupted.
-            Ok(_) | Err(Errno::EINTR) => ready.clear_ready(),
+            Err(Errno::EINTR) => continue,
+            Ok(other) => {
+                return Err(io::Error::other(format!(
+                    "unexpected wait status {other:?}"
+                )))
+            }
             Err(errno) => return Err(errno.into()),
         }
     }
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`). With a pidfd, what proves that a pid read from a
+/// file or a message still names the same process: a pid can be reused,
+/// a (pid, start time) pair cannot.
+pub fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Field 2, the command name, is in parentheses and may hold spaces.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("unreadable /proc/<pid>/stat"))?;
+    after_name
+        .split_whitespace()
+        .nth(19)
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| io::Error::other("no start time in /proc/<pid>/stat"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::write_decimal;
+
+    #[test]
+    fn start_time_names_this_process_and_not_another() {
+        let own = super::start_time(std::process::id()).unwrap();
+        assert!(own > 0);
+        assert_eq!(super::start_time(std::process::id()).unwrap(), own);
+        assert!(super::start_time(u32::MAX / 2).is_err());
+    }
 
     #[test]
     fn pid_is_written_and_terminated() {

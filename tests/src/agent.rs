@@ -108,6 +108,10 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
+        AGENTS_PER_DIR
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir.to_path_buf());
         let mut agent = Agent {
             dir: dir.to_path_buf(),
             key,
@@ -279,9 +283,83 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The shims this agent's services run under (the agent binary started
+    /// as `--shim` with a spec naming this agent's folder). They outlive
+    /// the agent by design, so a test ends them itself.
+    pub fn shim_pids(&self) -> Vec<u32> {
+        let marker = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        processes()
+            .into_iter()
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                cmdline.split(|b| *b == 0).nth(1) == Some(b"--shim".as_slice())
+                    && String::from_utf8_lossy(&environ).contains(&marker)
+            })
+            .collect()
+    }
+
+    /// Ends every service process of this agent and its shim, whether the
+    /// agent runs or not.
+    pub fn kill_services(&self) {
+        use nix::sys::signal::{kill, killpg, Signal};
+        use nix::unistd::Pid;
+        let shims = self.shim_pids();
+        for pid in processes() {
+            if shims.contains(&parent_of(pid)) {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        for shim in shims {
+            let _ = kill(Pid::from_raw(shim as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Every pid on the machine.
+pub fn processes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parent of `pid` (0 if it is gone).
+pub fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Agents alive per folder: services outlive an agent by design, so they
+/// are ended when the last agent of their folder goes (a test that
+/// restarts an agent replaces the value, and the restarted agent adopts
+/// them).
+static AGENTS_PER_DIR: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+        let last = {
+            let mut live = AGENTS_PER_DIR.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = live.iter().position(|d| *d == self.dir) {
+                live.remove(i);
+            }
+            !live.contains(&self.dir)
+        };
+        if last {
+            self.kill_services();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "---- reload-agent log ({}) ----\n{}",

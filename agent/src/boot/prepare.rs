@@ -64,6 +64,8 @@ pub(super) struct Prepared {
     pub listeners: ControlListeners,
     pub next_image: NextImage,
     pub launcher: Launcher,
+    /// `[agent] stop_services_on_exit`.
+    pub stop_services_on_exit: bool,
 }
 
 pub(super) async fn prepare(
@@ -99,12 +101,7 @@ pub(super) async fn prepare(
         launcher.clone(),
         config.state_dir.join("run"),
     );
-    let services = Arc::new(Services::new(
-        &config.services,
-        Arc::new(handoff),
-        inherited,
-        given,
-    )?);
+    let services = Arc::new(Services::new(&config.services, Arc::new(handoff), given)?);
     let listeners = control_listeners(&config, grpc, inherited).await?;
     let leases = Arc::new(Leases::open(&config.state_dir)?);
     let audit = Arc::new(AuditLog::open(&config.audit_path, config.audit_max_bytes)?);
@@ -160,6 +157,7 @@ pub(super) async fn prepare(
         services.clone(),
         longest_drain,
     ));
+    let stop_services_on_exit = config.stop_services_on_exit;
     let api = AgentApi::new(ApiRooms {
         config,
         verifier,
@@ -184,6 +182,7 @@ pub(super) async fn prepare(
             stop_at_once,
         },
         launcher,
+        stop_services_on_exit,
     })
 }
 

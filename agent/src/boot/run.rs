@@ -40,6 +40,7 @@ impl Prepared {
             listeners,
             next_image,
             launcher,
+            stop_services_on_exit,
         } = self;
         let AgentSignals {
             stop: stop_signals,
@@ -191,9 +192,18 @@ impl Prepared {
         // close-on-exec is cleared for the exec.
         background.shutdown().await;
         let Some(accepted) = accepted else {
-            tracing::info!("stopping every service");
             let _ = reload_server::notify::stopping();
-            services.stop_all().await;
+            if stop_services_on_exit {
+                tracing::info!("stopping every service (stop_services_on_exit)");
+                services.stop_all().await;
+            } else {
+                // The agent is a control plane: its services run on under
+                // their shims, and the next agent adopts them.
+                tracing::info!(
+                    running = services.running().len(),
+                    "the agent stops; its services go on running under their shims"
+                );
+            }
             return Ok(Exit::Stopped);
         };
         // A signal taken just before the block above reaches its stream

@@ -98,6 +98,11 @@ struct AgentSection {
     /// Plaintext gRPC without client authentication: only on loopback,
     /// for development, and said loudly at start.
     insecure: bool,
+    /// Stop every service when the agent stops (SIGTERM, `systemctl
+    /// stop`). Off by default: the agent is a control plane, and services
+    /// run on under their shims while it is down or restarting; stopping a
+    /// service is an explicit act (`reloadctl stop`).
+    stop_services_on_exit: bool,
 }
 
 impl Default for AgentSection {
@@ -108,6 +113,7 @@ impl Default for AgentSection {
             state_dir: PathBuf::from("state"),
             health_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7701))),
             insecure: false,
+            stop_services_on_exit: false,
             trusted_keys: Vec::new(),
             keep_versions: 3,
             revoked_keys: Vec::new(),
@@ -197,6 +203,8 @@ pub struct AgentConfig {
     pub services: Vec<ServiceConfig>,
     pub trusted_keys: TrustedKeys,
     pub keep_versions: usize,
+    /// See `[agent] stop_services_on_exit`.
+    pub stop_services_on_exit: bool,
     pub limits: Limits,
 }
 
@@ -342,6 +350,7 @@ impl AgentConfig {
             services,
             trusted_keys,
             keep_versions: agent.keep_versions,
+            stop_services_on_exit: agent.stop_services_on_exit,
             limits: Limits {
                 max_artifact_bytes: limits.max_artifact_size.as_u64(),
                 max_chunk_bytes,

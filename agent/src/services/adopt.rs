@@ -1,48 +1,128 @@
-//! Across the agent's in-place re-exec: what this image hands the next
-//! (every service's sockets and serving process, see [`crate::handover`])
-//! and how the next image adopts the processes it is handed: watched by
-//! pidfd, their output pipes and notify socket taken over, never
-//! restarted.
+//! Taking over what runs already: the service processes under shims from
+//! an earlier agent process (a crash, a kill, a restart) or image (an
+//! in-place upgrade), found by their shims' sockets; and, for an in-place
+//! exec, what this image hands the next (the listening sockets, see
+//! [`crate::handover`]).
+//!
+//! Per service, the serving process is the newest running one of the
+//! current version; the others (an old process that was draining when the
+//! agent went away) are drained again. A service whose process ended while
+//! no agent ran is reported with its exit status and restarted by the
+//! monitor, with backoff.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
+use nix::sys::signal::Signal;
 
-use super::process::{watch_process, Process};
+use super::process::{describe_exit, drain, Process};
+use super::readiness::NotifyPath;
 use super::service::Service;
-use crate::handover::{FdsToPass, Inherited, ProcessHandover, ServiceHandover};
+use super::shim::{watch, Attached};
+use super::sockets::GivenSocket;
+use crate::config::ServiceConfig;
+use crate::handover::{FdsToPass, ServiceHandover};
+use crate::state::ArtifactRef;
 
-/// A process of the previous agent image, watched by this one, with its
-/// notify socket if it had one.
-#[allow(clippy::type_complexity)]
-pub(super) fn adopt_process(
-    service: &str,
-    handed: &ProcessHandover,
-    inherited: &Inherited,
-) -> anyhow::Result<(Process, Option<(tokio::net::UnixDatagram, PathBuf)>)> {
-    let pidfd = inherited.dup(handed.pidfd)?;
-    let stdout = handed.stdout_fd.map(|fd| inherited.dup(fd)).transpose()?;
-    let stderr = handed.stderr_fd.map(|fd| inherited.dup(fd)).transpose()?;
-    let started = Instant::now()
-        .checked_sub(Duration::from_millis(handed.running_ms))
-        .unwrap_or_else(Instant::now);
-    let process = watch_process(service, handed.pid, pidfd, stdout, stderr, started)
-        .with_context(|| format!("service {service:?}: cannot adopt pid {}", handed.pid))?;
-    let notify = match (handed.notify_fd, &handed.notify_path) {
-        (Some(fd), Some(path)) => {
-            let socket = std::os::unix::net::UnixDatagram::from(inherited.dup(fd)?);
-            socket.set_nonblocking(true)?;
-            Some((tokio::net::UnixDatagram::from_std(socket)?, path.clone()))
-        }
-        _ => None,
-    };
-    Ok((process, notify))
+/// The listening sockets the shims hold, as given sockets: a restarted
+/// agent takes these instead of binding (the services hold the ports).
+pub(super) fn shim_sockets(found: &mut [Attached]) -> Vec<GivenSocket> {
+    found
+        .iter_mut()
+        .flat_map(|attached| {
+            let service = attached.spec.service.clone();
+            std::mem::take(&mut attached.listeners)
+                .into_iter()
+                .map(move |(listener, fd)| GivenSocket {
+                    service: service.clone(),
+                    listener,
+                    fd,
+                })
+        })
+        .collect()
 }
 
-/// Every service's sockets and serving process, for the next image.
+/// What adopting one service's shims gave.
+#[derive(Default)]
+pub(super) struct Adopted {
+    /// The serving process.
+    pub serving: Option<Process>,
+    /// Exit statuses of processes that ended while no agent ran.
+    pub ended: Vec<String>,
+}
+
+/// Adopts the shims of service `config` (all of `found` are of it): see the
+/// module docs.
+pub(super) fn adopt(
+    config: &ServiceConfig,
+    current: Option<&ArtifactRef>,
+    mut found: Vec<Attached>,
+) -> Adopted {
+    let mut adopted = Adopted::default();
+    // Newest first: of two running processes of the current version (a
+    // reload to the same release), the later one serves.
+    found.sort_by_key(|a| a.running_ms);
+    for attached in found {
+        let (pid, exited) = (attached.pid, attached.exited);
+        let is_current = current.is_some_and(|c| c.sha256 == attached.spec.sha256);
+        let notify_path = attached.spec.notify_path.clone();
+        let process = match watch(&config.name, attached) {
+            Ok(process) => process,
+            Err(err) => {
+                tracing::error!(service = %config.name, pid, error = %err, "cannot attach to the shim");
+                continue;
+            }
+        };
+        if let Some(status) = exited {
+            adopted.ended.push(format!(
+                "pid {pid} {} while no agent was running",
+                describe_exit(status.exit_status())
+            ));
+            continue;
+        }
+        if is_current && adopted.serving.is_none() {
+            tracing::info!(service = %config.name, pid, shim = process.shim_pid, "adopted the running process");
+            if let Some(path) = notify_path {
+                // The earlier agent's notify socket is gone with it; the
+                // service still sends to this path (STATUS=, STOPPING=1).
+                let _ = std::fs::remove_file(&path);
+                if let Ok(socket) = tokio::net::UnixDatagram::bind(&path) {
+                    process.listen_for_notifications(&config.name, socket, NotifyPath(path));
+                }
+            }
+            adopted.serving = Some(process);
+            continue;
+        }
+        tracing::warn!(service = %config.name, pid, "a process that is not the current one still runs (it was draining, or its release is no longer current); draining it");
+        let (signal, timeout) = (config.drain_signal, config.drain_timeout);
+        tokio::spawn(async move {
+            drain(&process, signal, timeout).await;
+        });
+    }
+    adopted
+}
+
+/// Shims of a service the config no longer declares: drained rather than
+/// left running with nobody to supervise them.
+pub(super) fn drain_undeclared(found: Vec<Attached>) {
+    for attached in found {
+        let (service, pid) = (attached.spec.service.clone(), attached.pid);
+        let exited = attached.exited.is_some();
+        let Ok(process) = watch(&service, attached) else {
+            continue;
+        };
+        if exited {
+            continue;
+        }
+        tracing::warn!(%service, pid, "the config no longer declares this service; draining its process");
+        tokio::spawn(async move {
+            drain(&process, Signal::SIGTERM, Duration::from_secs(30)).await;
+        });
+    }
+}
+
+/// Every service's sockets, for the next image.
 pub(super) fn export<'a>(
     services: impl Iterator<Item = &'a Arc<Service>>,
     fds: &mut FdsToPass,
@@ -54,41 +134,10 @@ pub(super) fn export<'a>(
                 .iter()
                 .map(|l| Ok((l.name.clone(), fds.pass(l.fd.as_fd())?)))
                 .collect::<std::io::Result<Vec<_>>>()?;
-            let (process, restarts) = service.observe(|o| (o.process.clone(), o.restarts));
-            let process = match process {
-                None => None,
-                Some(p) => {
-                    let notify = p.fds.notify.lock().unwrap_or_else(|e| e.into_inner());
-                    let (notify_fd, notify_path) = match notify.as_ref() {
-                        Some((fd, path)) => (Some(fds.pass(fd.as_fd())?), Some(path.clone())),
-                        None => (None, None),
-                    };
-                    Some(ProcessHandover {
-                        pid: p.pid,
-                        pidfd: fds.pass(p.fds.pidfd.as_fd())?,
-                        stdout_fd: p
-                            .fds
-                            .stdout
-                            .as_ref()
-                            .map(|fd| fds.pass(fd.as_fd()))
-                            .transpose()?,
-                        stderr_fd: p
-                            .fds
-                            .stderr
-                            .as_ref()
-                            .map(|fd| fds.pass(fd.as_fd()))
-                            .transpose()?,
-                        notify_fd,
-                        notify_path,
-                        running_ms: p.started.elapsed().as_millis() as u64,
-                    })
-                }
-            };
             Ok(ServiceHandover {
                 name: service.config.name.clone(),
                 listeners,
-                process,
-                restarts,
+                restarts: service.observe(|o| o.restarts),
             })
         })
         .collect()

@@ -20,24 +20,24 @@
 //!
 //! A crash restart (see [`super::monitor`]) runs steps 1-4 too.
 
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use reload_proto::v1 as pb;
-use reload_server::spawn::{spawn_service, ServiceChild, SpawnSpec};
 
 use super::error::ServiceError;
 use super::preflight::run_preflight;
-use super::process::{describe_exit, drain, watch_process, Process};
+use super::process::{describe_exit, drain, Process};
 use super::readiness::{describe_readiness, wait_ready, NotifyPath};
 use super::service::Service;
+use super::shim;
 use crate::config::Readiness;
 use crate::events::{EventBus, EventFields};
 use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
+use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
 use crate::store::{ArtifactVerifier, StoredArtifact};
 
@@ -244,38 +244,27 @@ impl Handoff {
             .map(|l| Ok((l.name.clone(), l.fd.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|err| spawn_failed(format!("cannot duplicate a listening socket: {err}")))?;
-        let (program, args, working_dir) = (
-            artifact.path.clone(),
-            config.args.clone(),
-            config.working_dir.clone(),
-        );
-        // Forked on the main thread: see crate::main_thread.
-        let child = self
-            .launcher
-            .run(move || {
-                spawn_service(SpawnSpec {
-                    program: &program,
-                    args: &args,
-                    env,
-                    working_dir: &working_dir,
-                    sockets: sockets
-                        .iter()
-                        .map(|(name, fd)| (name.clone(), fd.as_fd()))
-                        .collect(),
-                    die_with_parent: true,
-                    own_process_group: true,
-                })
-            })
+        let spec = ShimSpec {
+            service: config.name.clone(),
+            version: artifact.manifest.version.clone(),
+            sha256: artifact.manifest.sha256.clone(),
+            program: artifact.path.clone(),
+            args: config.args.clone(),
+            env,
+            working_dir: config.working_dir.clone(),
+            listeners: sockets.iter().map(|(name, _)| name.clone()).collect(),
+            socket_path: shim::socket_path(
+                &self.run_dir,
+                &config.name,
+                &format!("{}-{n}", self.image_started_ms),
+            ),
+            notify_path: notify.as_ref().map(|(_, path)| path.0.clone()),
+        };
+        let attached = shim::start(&self.launcher, spec, sockets)
             .await
-            .ok_or_else(|| spawn_failed("the agent is stopping".into()))?
-            .map_err(|err| spawn_failed(format!("spawn failed: {err}")))?;
-        let ServiceChild {
-            pid,
-            pidfd,
-            stdout,
-            stderr,
-        } = child;
-        let process = watch_process(&config.name, pid, pidfd, stdout, stderr, Instant::now())
+            .map_err(spawn_failed)?;
+        let pid = attached.pid;
+        let process = shim::watch(&config.name, attached)
             .map_err(|err| spawn_failed(format!("cannot watch pid {pid}: {err}")))?;
         let spawned = Instant::now();
         let ready = tokio::time::timeout(config.ready_timeout, async {

@@ -28,16 +28,15 @@ mod preflight;
 mod process;
 mod readiness;
 mod service;
+mod shim;
 mod sockets;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use nix::sys::signal::Signal;
 use reload_proto::v1 as pb;
 use tokio::sync::watch;
 
@@ -51,10 +50,8 @@ pub use service::Service;
 pub use sockets::{fd_store_name, GivenSocket, FD_STORE_PREFIX};
 
 use crate::config::ServiceConfig;
-use crate::handover::{FdsToPass, Inherited, ServiceHandover};
-use adopt::adopt_process;
+use crate::handover::{FdsToPass, ServiceHandover};
 use process::drain;
-use readiness::NotifyPath;
 use service::Observed;
 use sockets::{assign_given, bind_one, BoundListener};
 
@@ -73,30 +70,27 @@ impl Services {
     /// Binds every service's sockets and reads the persisted versions. Binds
     /// before anything starts, so a port in use stops the agent at once.
     ///
-    /// Sockets `given` (systemd's fd store) are used instead of binding
-    /// where they match. After an in-place upgrade (`inherited`), the
-    /// sockets and the serving processes of the previous agent image are
-    /// taken over instead: nothing is bound again or restarted. A listener
-    /// the config added since is bound; a service it removed is drained.
+    /// Sockets `given` (systemd's fd store, or the previous image's after an
+    /// in-place upgrade) and those the running shims hold are used instead
+    /// of binding where they match. Processes that run under shims are
+    /// adopted, not restarted (see [`adopt`]). A listener the config added
+    /// since is bound; a service it removed is drained.
     pub fn new(
         services: &[ServiceConfig],
         handoff: Arc<Handoff>,
-        inherited: Option<&Inherited>,
-        given: Vec<GivenSocket>,
+        mut given: Vec<GivenSocket>,
     ) -> anyhow::Result<Services> {
         let run_dir = handoff.run_dir().to_path_buf();
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        // Notify sockets of processes from an earlier run are stale, except
-        // those of processes adopted from the previous image.
-        let adopted_notify: BTreeSet<PathBuf> = inherited
-            .iter()
-            .flat_map(|h| &h.description.services)
-            .filter_map(|s| s.process.as_ref()?.notify_path.clone())
-            .collect();
+        // What runs already, under shims; their sockets are the services'.
+        let mut found = shim::discover(&run_dir);
+        given.extend(adopt::shim_sockets(&mut found));
+        // Notify sockets of an earlier agent are gone with it; adopted
+        // processes get theirs bound again.
         for entry in std::fs::read_dir(&run_dir)? {
             let path = entry?.path();
-            if !adopted_notify.contains(&path) {
+            if path.extension().is_some_and(|e| e == "notify") {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -105,14 +99,12 @@ impl Services {
         // listener takes are closed, before anything is bound.
         let (mut assigned, unused_given) = assign_given(services, given);
         let mut by_name = BTreeMap::new();
-        let mut adopted = Vec::new();
         for config in services {
             let versions = state.get(&config.name);
             handoff
                 .verifier()
                 .store()
                 .pin(&config.name, versions.pinned());
-            let handed_over = inherited.and_then(|h| Some((h, h.service(&config.name)?)));
             let sockets = config
                 .listeners
                 .iter()
@@ -132,26 +124,18 @@ impl Services {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let (process, restarts) = match handed_over {
-                Some((inherited, handed)) => (
-                    handed
-                        .process
-                        .as_ref()
-                        .map(|p| adopt_process(&config.name, p, inherited))
-                        .transpose()?,
-                    handed.restarts,
-                ),
-                None => (None, 0),
-            };
-            let state = match (&process, &versions.current) {
+            let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut found)
+                .into_iter()
+                .partition(|a| a.spec.service == config.name);
+            found = others;
+            let adopted = adopt::adopt(config, versions.current.as_ref(), mine);
+            let state = match (&adopted.serving, &versions.current) {
                 (Some(_), _) => pb::ServiceState::Running,
                 // A persisted current version is started by the monitor.
                 (None, Some(_)) => pb::ServiceState::Starting,
                 (None, None) => pb::ServiceState::Stopped,
             };
-            if let Some((process, _)) = &process {
-                adopted.push((config.name.clone(), process.pid));
-            }
+            let current = versions.current.clone().unwrap_or_default();
             let service = Service {
                 sockets,
                 config: config.clone(),
@@ -160,48 +144,36 @@ impl Services {
                 observed: Mutex::new(Observed {
                     state,
                     // An adopted process has been running since before this
-                    // image started.
-                    state_since: handed_over
-                        .and_then(|(_, h)| h.process.as_ref())
-                        .and_then(|p| {
-                            SystemTime::now().checked_sub(Duration::from_millis(p.running_ms))
-                        })
+                    // agent started.
+                    state_since: adopted
+                        .serving
+                        .as_ref()
+                        .and_then(|p| SystemTime::now().checked_sub(p.started.elapsed()))
                         .unwrap_or_else(SystemTime::now),
                     health: pb::HealthState::Unknown,
                     consecutive_healthy: 0,
                     versions,
-                    process: None,
-                    restarts,
+                    process: adopted.serving,
+                    restarts: adopted.ended.len() as u32,
                     last_reload: None,
                 }),
                 changed: watch::channel(0).0,
             };
-            if let Some((process, notify)) = process {
-                if let Some((socket, path)) = notify {
-                    process.listen_for_notifications(&config.name, socket, NotifyPath(path));
-                }
-                service.observe(|o| o.process = Some(process));
+            for ended in adopted.ended {
+                handoff.events().emit(
+                    pb::EventKind::Exited,
+                    crate::events::EventFields {
+                        service: &config.name,
+                        version: &current.version,
+                        sha256: &current.sha256,
+                        pid: 0,
+                        message: format!("{ended}; restarting it; sockets stayed open"),
+                    },
+                );
             }
             by_name.insert(config.name.clone(), Arc::new(service));
         }
-        for (name, pid) in &adopted {
-            tracing::info!(service = %name, pid, "adopted the serving process from the previous agent image");
-        }
-        if let Some(inherited) = inherited {
-            for handed in &inherited.description.services {
-                if by_name.contains_key(&handed.name) {
-                    continue;
-                }
-                let Some(p) = &handed.process else { continue };
-                // The config no longer declares this service: drain it
-                // rather than leave a process nobody supervises.
-                let (process, _) = adopt_process(&handed.name, p, inherited)?;
-                tracing::warn!(service = %handed.name, pid = process.pid, "the config no longer declares this service; draining its process");
-                tokio::spawn(async move {
-                    drain(&process, Signal::SIGTERM, Duration::from_secs(30)).await;
-                });
-            }
-        }
+        adopt::drain_undeclared(found);
         Ok(Services {
             by_name,
             handoff,
@@ -269,7 +241,15 @@ impl Services {
         Ok((result, service.status()))
     }
 
-    /// Every service's sockets and serving process, for the next image.
+    /// The pids of the serving processes.
+    pub fn running(&self) -> Vec<u32> {
+        self.by_name
+            .values()
+            .filter_map(|s| s.serving_pid())
+            .collect()
+    }
+
+    /// Every service's sockets, for the next image.
     pub fn handover(&self, fds: &mut FdsToPass) -> std::io::Result<Vec<ServiceHandover>> {
         adopt::export(self.by_name.values(), fds)
     }

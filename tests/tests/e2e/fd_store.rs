@@ -195,11 +195,13 @@ async fn listeners_in_the_fd_store_survive_an_agent_crash_and_queued_clients_are
     let old_pid = first.status("web").await.pid;
     assert_eq!(http_get(service_addr, "/").await.unwrap().code, 200);
 
-    // The crash: the agent is gone, and its service drains and exits with
-    // it. Only "systemd" holds the listening socket now.
+    // The worst crash: the agent is gone, and so are its service and the
+    // service's shim (kill -9 of them all). Only "systemd" holds the
+    // listening socket now.
     first.kill();
+    first.kill_services();
     wait_for(
-        "the service to exit with its agent",
+        "the service to be gone with its agent",
         Duration::from_secs(15),
         || process_gone(old_pid),
     )

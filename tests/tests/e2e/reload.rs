@@ -301,26 +301,22 @@ async fn a_killed_service_is_restarted_and_clients_wait_instead_of_being_refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_agent_runs_the_version_it_had_activated() {
+async fn a_restarted_agent_adopts_the_process_that_kept_serving() {
     let mut f = fixture("");
     let v1 = f.stage_demo("1.0.0").await;
     let v2 = f.stage_demo("2.0.0").await;
     f.activate_ok(&v1).await;
     f.activate_ok(&v2).await;
-    let old_pid = f.status().await.pid;
+    let serving = f.status().await.pid;
     f.agent.kill();
-    // The service follows its agent (it is told to drain when the agent
-    // dies), so the new agent can bind the same socket.
-    wait_for(
-        "the old service process to exit",
-        Duration::from_secs(20),
-        || process_gone(old_pid),
-    )
-    .await;
+    // The service does not depend on its agent: it runs under its shim and
+    // keeps serving while no agent runs.
+    let reply = http_get(f.service_addr, "/").await.unwrap();
+    assert_eq!((reply.code, reply.pid), (200, serving));
     let key = f.agent.key.clone();
     f.agent = Agent::start_with_config(f.dir.path(), key);
     let status = eventually(
-        "the service to run after the agent restart",
+        "the restarted agent to report the service running",
         Duration::from_secs(20),
         async || f.status().await,
         |status| status.state == pb::ServiceState::Running as i32,
@@ -328,9 +324,18 @@ async fn a_restarted_agent_runs_the_version_it_had_activated() {
     .await;
     assert_eq!(status.current_version, "2.0.0");
     assert_eq!(status.previous_version, "1.0.0");
+    assert_eq!(status.pid, serving, "adopted, not restarted");
+    assert_eq!(status.restarts, 0);
     let reply = http_get(f.service_addr, "/").await.unwrap();
-    let (code, pid) = (reply.code, reply.pid);
-    assert_eq!((code, pid), (200, status.pid));
+    assert_eq!((reply.code, reply.pid), (200, serving));
+    // And the adopted service reloads as any other.
+    f.activate_ok(&v1).await;
+    wait_for(
+        "the adopted process to be drained",
+        Duration::from_secs(20),
+        || process_gone(serving),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

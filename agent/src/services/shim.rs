@@ -1,0 +1,277 @@
+//! The agent's side of the shims (see [`crate::shim`]): starting one for a
+//! new service process, finding the running ones when the agent starts
+//! (after a crash, a restart or an in-place upgrade alike), and turning a
+//! shim's connection into a [`Process`]: its output into the agent's log,
+//! its exit into the process's exit status.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+use super::process::Process;
+use crate::main_thread::Launcher;
+use crate::shim::protocol::{
+    receive_hello, AgentMessage, ShimMessage, ShimSpec, WaitStatus, SHIM_ARG, SPEC_VAR,
+};
+
+/// Lines of a process's stderr kept for failure reasons.
+const STDERR_TAIL_LINES: usize = 12;
+
+/// How long a shim may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the shim socket files in `state/run/` are called.
+const SOCKET_SUFFIX: &str = ".shim";
+
+/// A service process behind a shim, as the shim described it.
+pub(super) struct Attached {
+    pub spec: ShimSpec,
+    pub shim_pid: u32,
+    pub pid: u32,
+    pub start_time: u64,
+    pub running_ms: u64,
+    /// Set when the service ended before this agent attached.
+    pub exited: Option<WaitStatus>,
+    /// Duplicates of the service's listening sockets, by name.
+    pub listeners: Vec<(String, OwnedFd)>,
+    stream: UnixStream,
+}
+
+/// Where the shim of a new process listens.
+pub(super) fn socket_path(run_dir: &Path, service: &str, serial: &str) -> PathBuf {
+    run_dir.join(format!("{service}-{serial}{SOCKET_SUFFIX}"))
+}
+
+/// Starts a shim that starts the process `spec` describes with `sockets`,
+/// and waits for its hello. The fork runs on the main thread (see
+/// [`crate::main_thread`]).
+pub(super) async fn start(
+    launcher: &Launcher,
+    spec: ShimSpec,
+    sockets: Vec<(String, OwnedFd)>,
+) -> Result<Attached, String> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|err| format!("cannot make the shim's socket pair: {err}"))?;
+    let env = vec![(
+        SPEC_VAR.to_string(),
+        serde_json::to_string(&spec).expect("specs serialize"),
+    )];
+    let child = launcher
+        .run(move || -> std::io::Result<u32> {
+            let mut command = reload_server::spawn::command(reload_server::spawn::SpawnSpec {
+                // The running agent's own image, even if its file was
+                // replaced since it started.
+                program: Path::new("/proc/self/exe"),
+                args: &[SHIM_ARG.to_string()],
+                env,
+                working_dir: Path::new("/"),
+                sockets: sockets
+                    .iter()
+                    .map(|(n, fd)| (n.clone(), fd.as_fd()))
+                    .collect(),
+                // The point of a shim: it does not die with the agent.
+                die_with_parent: false,
+                own_process_group: true,
+            })?;
+            command
+                .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let child = command.spawn()?;
+            Ok(child.id())
+        })
+        .await
+        .ok_or_else(|| "the agent is stopping".to_string())?
+        .map_err(|err| format!("cannot start the shim: {err}"))?;
+    reap_when_it_ends(child);
+    let attached = tokio::task::spawn_blocking(move || hello(ours))
+        .await
+        .map_err(|err| err.to_string())?;
+    attached.map_err(|err| format!("the shim (pid {child}) failed: {err}"))
+}
+
+/// A shim this agent process forked is its child until it exits: reap it
+/// then, or it stays a zombie. (Shims found at start are not our children;
+/// reaping those fails with ECHILD, which is fine.)
+fn reap_when_it_ends(shim_pid: u32) {
+    if let Ok(pidfd) = reload_server::spawn::pidfd_open(shim_pid) {
+        tokio::spawn(async move {
+            let _ = reload_server::spawn::reap(pidfd).await;
+        });
+    }
+}
+
+/// Reads a shim's hello on a fresh connection.
+fn hello(stream: UnixStream) -> Result<Attached, String> {
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|err| err.to_string())?;
+    let (message, fds) = receive_hello(&stream).map_err(|err| err.to_string())?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|err| err.to_string())?;
+    match message {
+        ShimMessage::Hello {
+            spec,
+            shim_pid,
+            pid,
+            start_time,
+            running_ms,
+            exited,
+        } => {
+            if fds.len() != spec.listeners.len() {
+                return Err(format!(
+                    "the shim sent {} listening sockets for {} listeners",
+                    fds.len(),
+                    spec.listeners.len()
+                ));
+            }
+            Ok(Attached {
+                listeners: spec.listeners.iter().cloned().zip(fds).collect(),
+                spec: *spec,
+                shim_pid,
+                pid,
+                start_time,
+                running_ms,
+                exited,
+                stream,
+            })
+        }
+        ShimMessage::SpawnFailed { reason } => Err(reason),
+        other => Err(format!("the shim began with {other:?} instead of a hello")),
+    }
+}
+
+/// Every shim still running from an earlier agent process (or image): a
+/// socket file in `run_dir` with a shim behind it. A file nobody answers
+/// on is stale (its shim ended) and is removed. A shim whose service still
+/// runs must prove it is the process it says (pidfd and start time).
+pub(super) fn discover(run_dir: &Path) -> Vec<Attached> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if !path.to_string_lossy().ends_with(SOCKET_SUFFIX) {
+            continue;
+        }
+        let attached = UnixStream::connect(&path)
+            .map_err(|err| err.to_string())
+            .and_then(hello);
+        match attached {
+            Ok(attached) if attached.exited.is_none() && !same_process(&attached) => {
+                tracing::warn!(path = %path.display(), pid = attached.pid, "a shim names a process that is not the one it started; ignoring it");
+            }
+            Ok(attached) => {
+                // After an in-place upgrade the shims this process forked
+                // are still its children: reap them when they end.
+                reap_when_it_ends(attached.shim_pid);
+                found.push(attached)
+            }
+            Err(err) => {
+                tracing::info!(path = %path.display(), error = %err, "no shim answers; removing its stale socket");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    found
+}
+
+/// The pid still names the process the shim started: it can be opened as
+/// a pidfd and started at the recorded time.
+fn same_process(attached: &Attached) -> bool {
+    reload_server::spawn::pidfd_open(attached.pid).is_ok()
+        && reload_server::spawn::start_time(attached.pid).ok() == Some(attached.start_time)
+}
+
+/// A process from its shim: its output goes to the agent's log (the tail of
+/// stderr kept for failure reasons), its exit to [`Process::wait`].
+pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Process> {
+    let Attached {
+        pid,
+        shim_pid,
+        running_ms,
+        exited,
+        stream,
+        ..
+    } = attached;
+    let started = Instant::now()
+        .checked_sub(Duration::from_millis(running_ms))
+        .unwrap_or_else(Instant::now);
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(stream)?;
+    let (service, task_tail) = (service.to_string(), tail.clone());
+    tokio::spawn(async move {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let mut status = exited;
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(service, pid, error = %err, "cannot read from the shim");
+                    break;
+                }
+            };
+            match serde_json::from_str::<ShimMessage>(&line) {
+                Ok(ShimMessage::Output { stream, line }) => {
+                    tracing::info!(service, pid, stream, "{line}");
+                    if stream == "stderr" {
+                        let mut tail = task_tail.lock().unwrap_or_else(|p| p.into_inner());
+                        if tail.len() == STDERR_TAIL_LINES {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
+                }
+                Ok(ShimMessage::Dropped { lines, bytes }) => {
+                    tracing::warn!(service, pid, lines, bytes, "output lines dropped: no agent read them in time and the shim's buffer was full");
+                }
+                Ok(ShimMessage::Exited { status: ended }) => {
+                    status = Some(ended);
+                    break;
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!(service, pid, "unexpected message from the shim");
+                }
+            }
+        }
+        let status = match status {
+            Some(status) => {
+                let mut line = serde_json::to_vec(&AgentMessage::ExitSeen).expect("serializes");
+                line.push(b'\n');
+                let _ = write.write_all(&line).await;
+                status
+            }
+            None => {
+                // The shim went away without the exit (killed by hand):
+                // the service gets SIGTERM from its parent's death; make
+                // sure its group is gone before it is restarted.
+                tracing::warn!(
+                    service,
+                    pid,
+                    shim_pid,
+                    "the shim ended without reporting the exit; killing the process group"
+                );
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                // A "stopped" wait status never comes from an exit: it
+                // stands for "ended, status unknown" (see describe_exit).
+                WaitStatus(0x7f)
+            }
+        };
+        let _ = exit_tx.send(Some(status.exit_status()));
+    });
+    Ok(Process::new(pid, shim_pid, started, exit_rx, tail))
+}
