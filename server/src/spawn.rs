@@ -11,8 +11,9 @@
 //! argv and envp as C strings with their pointer arrays, and a fixed-width
 //! `LISTEN_PID=` slot. After the fork the child only makes async-signal-safe
 //! system calls: it moves the sockets to 3.. (clearing CLOEXEC on exactly
-//! those fds, in the child only), writes its pid into the slot, asks to be
-//! told when the agent dies, and calls execve itself.
+//! those fds, in the child only), marks every other fd close-on-exec, writes
+//! its pid into the slot, asks to be told when its parent dies, and calls
+//! execve itself.
 //!
 //! std (through tokio) has already made the process group, stdio and the
 //! signal mask by the time our `pre_exec` hook runs; if our execve fails, the
@@ -29,6 +30,9 @@ use std::process::Stdio;
 /// Decimal digits reserved for the pid in `LISTEN_PID=`; Linux pids are at
 /// most 4194304 (7 digits).
 const PID_DIGITS: usize = 10;
+
+/// Where the fd-by-fd fallback of close_range stops.
+const FALLBACK_FD_LIMIT: RawFd = 65536;
 
 /// What a new process is made of, built before the fork.
 pub struct SpawnSpec<'a> {
@@ -148,6 +152,28 @@ impl ExecImage {
             // SAFETY: both fds are valid; the target is ours to replace.
             if unsafe { libc::dup2(*fd, 3 + i as RawFd) } < 0 {
                 return Err(io::Error::last_os_error());
+            }
+        }
+        // Nothing else this process holds reaches the new program: fds it
+        // inherited from whatever started it (a shell, a service manager)
+        // and did not mark close-on-exec would otherwise leak into every
+        // service. Marked close-on-exec rather than closed, so std's
+        // exec-error pipe still works until execve.
+        let first_unpassed = 3 + n as libc::c_uint;
+        // SAFETY: close_range only changes flags of fds of this process.
+        let marked = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first_unpassed,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
+        if marked != 0 {
+            // Before Linux 5.11: the same, one fd at a time.
+            for fd in first_unpassed as RawFd..FALLBACK_FD_LIMIT {
+                // SAFETY: fcntl on a closed number fails with EBADF, harmlessly.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             }
         }
         if let Some(slot) = self.pid_slot {

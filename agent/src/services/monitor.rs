@@ -23,14 +23,21 @@ use crate::state::ArtifactRef;
 const STABLE_RUN: Duration = Duration::from_secs(10);
 
 /// Watches the serving process; starts it when it should run and does
-/// not, with exponential backoff between failed attempts.
+/// not, with exponential backoff between failed attempts and between
+/// crashes that come soon after a start.
 pub(super) async fn monitor(
     service: Arc<Service>,
     handoff: Arc<Handoff>,
     stopping: Arc<AtomicBool>,
 ) {
     let mut changed = service.changed.subscribe();
-    let mut backoff = service.config.initial_backoff;
+    let (initial, max) = (service.config.initial_backoff, service.config.max_backoff);
+    let mut backoff = initial;
+    // The delay after the next crash of a process that became ready and
+    // then died soon: it grows with every such crash in a row, so a
+    // release that crash-loops after READY is not restarted ten times a
+    // second forever. A stable run resets it.
+    let mut after_quick_crash = initial;
     loop {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -53,7 +60,11 @@ pub(super) async fn monitor(
                     });
                     service.set_state(pb::ServiceState::Backoff);
                     if process.started.elapsed() >= STABLE_RUN {
-                        backoff = service.config.initial_backoff;
+                        backoff = initial;
+                        after_quick_crash = (initial * 2).min(max);
+                    } else {
+                        backoff = after_quick_crash;
+                        after_quick_crash = (after_quick_crash * 2).min(max);
                     }
                     let versions = service.observe(|o| o.versions.clone());
                     let current = versions.current.unwrap_or_else(|| ArtifactRef { sha256: String::new(), version: String::new() });

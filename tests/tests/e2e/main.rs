@@ -17,6 +17,7 @@
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
 //! - [`fd_store`]: listeners kept in systemd's fd store across an agent crash.
+//! - [`outlive`]: services that outlive their agent (crash, kill, restart).
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
@@ -26,6 +27,7 @@ mod agent_upgrade;
 mod cli;
 mod fd_store;
 mod operability;
+mod outlive;
 mod reload;
 mod rollout;
 mod security;
