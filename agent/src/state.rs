@@ -37,6 +37,10 @@ pub struct ServiceVersions {
     /// downgrade may only return to one of these, unless signed for it.
     #[serde(default)]
     pub activated: Vec<String>,
+    /// Stopped on purpose (StopService): not started, after a crash or an
+    /// agent restart, until the next activation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// Activated artifacts remembered for the downgrade check.
@@ -85,7 +89,14 @@ impl ServiceVersions {
             history,
             highest_version,
             activated,
+            // An activation starts what a stop had stopped.
+            stopped: false,
         }
+    }
+
+    /// Whether the current version should be running.
+    pub fn should_run(&self) -> bool {
+        self.current.is_some() && !self.stopped
     }
 }
 
@@ -254,6 +265,7 @@ mod tests {
             history: vec![v("b")],
             highest_version: Some("2.0.0".into()),
             activated: vec!["b".repeat(64), "a".repeat(64)],
+            stopped: true,
         };
         state.set("web", versions.clone()).unwrap();
         let again = StateFile::open(dir.path()).unwrap();

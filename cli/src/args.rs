@@ -149,6 +149,19 @@ pub enum Command {
         /// Roll back every host of this file, in parallel.
         hosts_file: Option<PathBuf>,
     },
+    /// Stop a service: drain its process and keep it stopped (across agent
+    /// restarts too) until the next activate or rollback. Stopping the
+    /// agent does not stop its services; this does.
+    #[command(after_help = "Example:\n  reloadctl stop --host 127.0.0.1:7700 --service web")]
+    Stop {
+        /// One agent; or give a hosts file to stop the service on every host of it.
+        #[arg(long, required_unless_present = "hosts_file")]
+        host: Option<String>,
+        #[arg(long)]
+        service: String,
+        /// Stop it on every host of this file, in parallel.
+        hosts_file: Option<PathBuf>,
+    },
     /// Show every service of an agent: state, health, version, pid.
     #[command(after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700")]
     Status {

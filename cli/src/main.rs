@@ -182,6 +182,11 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             service,
             hosts_file,
         } => runtime()?.block_on(reload::rollback_fleet(host, hosts_file, &service)),
+        Command::Stop {
+            host,
+            service,
+            hosts_file,
+        } => runtime()?.block_on(reload::stop_fleet(host, hosts_file, &service)),
         Command::Status {
             host,
             hosts_file,

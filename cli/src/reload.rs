@@ -196,42 +196,89 @@ pub async fn rollback_fleet(
     if hosts.len() == 1 {
         return rollback(&hosts[0], service).await;
     }
+    let service = service.to_string();
+    on_each_host(hosts, "rolled back", move |host| {
+        let service = service.clone();
+        async move {
+            let channel = connect(&host).await?;
+            let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+            let response = control
+                .rollback(pb::RollbackRequest {
+                    service: service.clone(),
+                    allow_downgrade: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| describe_status(&host, "roll back", &s))?
+                .into_inner();
+            report(
+                &host,
+                &service,
+                &response.result.context("the agent sent no result")?,
+            )
+        }
+    })
+    .await
+}
+
+/// `reloadctl stop`: stops a service on one host or every host of a file
+/// (in parallel). It stays stopped, across agent restarts too, until the
+/// next activation; its listening sockets stay open.
+pub async fn stop_fleet(
+    host: Option<String>,
+    hosts_file: Option<std::path::PathBuf>,
+    service: &str,
+) -> anyhow::Result<()> {
+    let hosts = hosts_of(host, hosts_file)?;
+    let service = service.to_string();
+    on_each_host(hosts, "stopped", move |host| {
+        let service = service.clone();
+        async move {
+            let channel = connect(&host).await?;
+            let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+            let response = control
+                .stop_service(pb::StopServiceRequest {
+                    service: service.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| describe_status(&host, "stop", &s))?
+                .into_inner();
+            match response.stopped_pid {
+                0 => println!("{host}: {service} was not running; it stays stopped until the next activation"),
+                pid => println!(
+                    "{host}: {service} stopped (pid {pid} {}); it stays stopped until the next activation (reloadctl activate or rollback)",
+                    response.outcome
+                ),
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Runs `action` for every host at once; each failure is printed with its
+/// host, and any fails the whole ("N host(s) were not {done}").
+async fn on_each_host<F, Fut>(hosts: Vec<String>, done: &str, action: F) -> anyhow::Result<()>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let mut tasks = tokio::task::JoinSet::new();
     for host in hosts {
-        let service = service.to_string();
-        tasks.spawn(async move {
-            let result = async {
-                let channel = connect(&host).await?;
-                let mut control = pb::service_control_client::ServiceControlClient::new(channel);
-                let response = control
-                    .rollback(pb::RollbackRequest {
-                        service: service.clone(),
-                        allow_downgrade: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| describe_status(&host, "roll back", &s))?
-                    .into_inner();
-                report(
-                    &host,
-                    &service,
-                    &response.result.context("the agent sent no result")?,
-                )
-            }
-            .await;
-            (host, result)
-        });
+        let work = action(host.clone());
+        tasks.spawn(async move { (host, work.await) });
     }
     let mut failed = 0;
-    while let Some(done) = tasks.join_next().await {
-        let (host, result) = done?;
+    while let Some(finished) = tasks.join_next().await {
+        let (host, result) = finished?;
         if let Err(err) = result {
             failed += 1;
             eprintln!("{host}: {err:#}");
         }
     }
     if failed > 0 {
-        bail!("{failed} host(s) were not rolled back");
+        bail!("{failed} host(s) were not {done}");
     }
     Ok(())
 }

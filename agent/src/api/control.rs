@@ -4,7 +4,7 @@
 use reload_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::auth::{reload_audit, Right};
+use super::auth::{audit_result, reload_audit, Right};
 use super::AgentApi;
 use crate::services::{ServiceError, Services};
 
@@ -116,6 +116,49 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             result: Some(result),
             status: Some(status),
         }))
+    }
+
+    async fn stop_service(
+        &self,
+        request: Request<pb::StopServiceRequest>,
+    ) -> Result<Response<pb::StopServiceResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "StopService");
+        let request = request.into_inner();
+        // To the end, and audited, even if the caller goes away (see
+        // run_reload).
+        let api = self.clone();
+        tokio::spawn(async move {
+            let result = async {
+                allowed?;
+                api.leases.check_mutation(request.lease.as_ref())?;
+                Ok(api.services.stop(&request.service).await?)
+            }
+            .await;
+            let (version, sha256) = match &result {
+                Ok((_, _, status)) => (
+                    status.current_version.clone(),
+                    status.current_sha256.clone(),
+                ),
+                Err(_) => Default::default(),
+            };
+            api.audit(
+                &identity,
+                "StopService",
+                &request.service,
+                &version,
+                &sha256,
+                audit_result(&result),
+            );
+            result.map(|(stopped_pid, outcome, status)| {
+                Response::new(pb::StopServiceResponse {
+                    stopped_pid,
+                    outcome,
+                    status: Some(status),
+                })
+            })
+        })
+        .await
+        .map_err(|err| Status::internal(format!("the stop task failed: {err}")))?
     }
 
     async fn get_status(

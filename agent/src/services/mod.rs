@@ -129,11 +129,11 @@ impl Services {
                 .partition(|a| a.spec.service == config.name);
             found = others;
             let adopted = adopt::adopt(config, versions.current.as_ref(), mine);
-            let state = match (&adopted.serving, &versions.current) {
+            let state = match (&adopted.serving, versions.should_run()) {
                 (Some(_), _) => pb::ServiceState::Running,
                 // A persisted current version is started by the monitor.
-                (None, Some(_)) => pb::ServiceState::Starting,
-                (None, None) => pb::ServiceState::Stopped,
+                (None, true) => pb::ServiceState::Starting,
+                (None, false) => pb::ServiceState::Stopped,
             };
             let current = versions.current.clone().unwrap_or_default();
             let service = Service {
@@ -247,6 +247,60 @@ impl Services {
             .values()
             .filter_map(|s| s.serving_pid())
             .collect()
+    }
+
+    /// StopService: drains the serving process (its drain signal, the
+    /// drain timeout, SIGKILL of its group) and keeps the service stopped,
+    /// persisted, until the next activation. Returns the stopped pid (0 if
+    /// none ran) and how it ended.
+    pub async fn stop(&self, name: &str) -> Result<(u32, String, pb::ServiceStatus), ServiceError> {
+        let service = self.service(name)?;
+        if service.reloading.load(Ordering::SeqCst) {
+            return Err(ServiceError::ReloadRunning(name.to_string()));
+        }
+        // Waits for a drain in progress (bounded) and keeps the monitor from
+        // restarting anything meanwhile.
+        let bound = service.config.drain_timeout + Duration::from_secs(5);
+        let _guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
+            .await
+            .map_err(|_| ServiceError::PreviousReloadStuck {
+                name: name.to_string(),
+                bound: humantime::format_duration(bound).to_string(),
+            })?;
+        let mut versions = service.observe(|o| o.versions.clone());
+        versions.stopped = true;
+        self.handoff
+            .state()
+            .set(name, versions.clone())
+            .map_err(|err| ServiceError::Task(format!("cannot persist the stop: {err:#}")))?;
+        let process = service.observe(|o| {
+            o.versions = versions;
+            o.process.take()
+        });
+        service.set_state(pb::ServiceState::Stopped);
+        service.bump();
+        let (pid, outcome) = match process {
+            Some(process) => {
+                let pid = process.pid;
+                let (signal, timeout) = (service.config.drain_signal, service.config.drain_timeout);
+                (pid, drain(&process, signal, timeout).await)
+            }
+            None => (0, "nothing was running".to_string()),
+        };
+        let current = service
+            .observe(|o| o.versions.current.clone())
+            .unwrap_or_default();
+        self.handoff.events().emit(
+            pb::EventKind::Stopped,
+            crate::events::EventFields {
+                service: name,
+                version: &current.version,
+                sha256: &current.sha256,
+                pid,
+                message: format!("stopped on request: pid {pid} {outcome}; stays stopped until the next activation"),
+            },
+        );
+        Ok((pid, outcome, service.status()))
     }
 
     /// Every service's sockets, for the next image.

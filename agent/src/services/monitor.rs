@@ -43,7 +43,7 @@ pub(super) async fn monitor(
             return;
         }
         let (process, should_run) =
-            service.observe(|o| (o.process.clone(), o.versions.current.is_some()));
+            service.observe(|o| (o.process.clone(), o.versions.should_run()));
         if let Some(process) = process {
             tokio::select! {
                 status = process.wait() => {

@@ -387,3 +387,64 @@ async fn a_service_sees_no_fd_of_the_agents_launcher() {
     }
     drop(file);
 }
+
+/// Stopping services is explicit: `reloadctl stop` drains the process,
+/// leaves the socket open, is audited, and the service stays stopped
+/// across an agent restart until the next activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloadctl_stop_stops_a_service_until_its_next_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut agent = Agent::start(
+        dir.path(),
+        Arc::new(SigningKey::generate()),
+        &web_service_toml(addr),
+    );
+    let sha = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    agent.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let pid = agent.status("web").await.pid;
+    let host = agent.addr.to_string();
+    let out = reloadctl_ok(dir.path(), &["stop", "--host", &host, "--service", "web"]);
+    assert!(
+        out.contains(&format!("web stopped (pid {pid} drained")),
+        "{out}"
+    );
+    assert!(process_gone(pid));
+    let status = agent.status("web").await;
+    assert_eq!(
+        (status.state, status.pid),
+        (pb::ServiceState::Stopped as i32, 0)
+    );
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"call\":\"StopService\"") && l.contains("\"result\":\"ok\"")),
+        "{audit}"
+    );
+    // The listening socket stays open: a client waits in the backlog.
+    let queued = tokio::net::TcpStream::connect(addr).await;
+    assert!(queued.is_ok(), "the socket was closed: {queued:?}");
+    drop(queued);
+
+    // Stopped stays stopped across an agent restart...
+    agent.kill();
+    agent = Agent::start_with_config(dir.path(), agent.key.clone());
+    assert!(agent.log_text().contains("serving gRPC"));
+    // (Well past the restart backoff, which would have started it.)
+    let state = settled(
+        "the service's state after the agent restart",
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        async || agent.status("web").await.state,
+    )
+    .await;
+    assert_eq!(state, pb::ServiceState::Stopped as i32);
+    assert!(agent.shim_pids().is_empty(), "nothing was started");
+    // ...until the next activation.
+    agent.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let started = agent.status("web").await.pid;
+    assert_eq!(http_get(addr, "/").await.unwrap().pid, started);
+}
