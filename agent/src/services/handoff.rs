@@ -23,7 +23,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use reload_proto::v1 as pb;
 
@@ -343,15 +343,7 @@ impl Handoff {
             return Err(ServiceError::ReloadRunning(name.clone()));
         }
         let _reloading = ResetOnDrop(&service.reloading);
-        // A previous reload may still be draining its old process: wait for
-        // it, bounded by the drain timeout (plus the SIGKILL and reap).
-        let bound = service.config.drain_timeout + Duration::from_secs(5);
-        let guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
-            .await
-            .map_err(|_| ServiceError::PreviousReloadStuck {
-                name: name.clone(),
-                bound: humantime::format_duration(bound).to_string(),
-            })?;
+        let guard = service.reload_lock().await?;
         // Under the lock: a reload that finished meanwhile may have raised
         // the floor.
         service

@@ -258,15 +258,8 @@ impl Services {
         if service.reloading.load(Ordering::SeqCst) {
             return Err(ServiceError::ReloadRunning(name.to_string()));
         }
-        // Waits for a drain in progress (bounded) and keeps the monitor from
-        // restarting anything meanwhile.
-        let bound = service.config.drain_timeout + Duration::from_secs(5);
-        let _guard = tokio::time::timeout(bound, service.reload.clone().lock_owned())
-            .await
-            .map_err(|_| ServiceError::PreviousReloadStuck {
-                name: name.to_string(),
-                bound: humantime::format_duration(bound).to_string(),
-            })?;
+        // Also keeps the monitor from restarting anything meanwhile.
+        let _guard = service.reload_lock().await?;
         let mut versions = service.observe(|o| o.versions.clone());
         versions.stopped = true;
         self.handoff

@@ -8,11 +8,12 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use reload_proto::v1 as pb;
 use tokio::sync::watch;
 
+use super::error::ServiceError;
 use super::process::Process;
 use super::sockets::BoundListener;
 use crate::config::ServiceConfig;
@@ -53,6 +54,21 @@ impl Service {
                 o.state_since = SystemTime::now();
             }
         });
+    }
+
+    /// The reload lock. A previous reload may still be draining its old
+    /// process: waits for it, bounded by the drain timeout (plus the
+    /// SIGKILL and reap).
+    pub(super) async fn reload_lock(
+        &self,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ServiceError> {
+        let bound = self.config.drain_timeout + Duration::from_secs(5);
+        tokio::time::timeout(bound, self.reload.clone().lock_owned())
+            .await
+            .map_err(|_| ServiceError::PreviousReloadStuck {
+                name: self.config.name.clone(),
+                bound: humantime::format_duration(bound).to_string(),
+            })
     }
 
     pub(super) fn bump(&self) {

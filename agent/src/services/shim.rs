@@ -194,6 +194,7 @@ fn same_process(attached: &Attached) -> bool {
 /// stderr kept for failure reasons), its exit to [`Process::wait`].
 pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Process> {
     let Attached {
+        spec,
         pid,
         shim_pid,
         running_ms,
@@ -201,6 +202,7 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         stream,
         ..
     } = attached;
+    let version = spec.version;
     let started = Instant::now()
         .checked_sub(Duration::from_millis(running_ms))
         .unwrap_or_else(Instant::now);
@@ -224,7 +226,7 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
             };
             match serde_json::from_str::<ShimMessage>(&line) {
                 Ok(ShimMessage::Output { stream, line }) => {
-                    tracing::info!(service, pid, stream, "{line}");
+                    tracing::info!(service, version, pid, stream, "{line}");
                     if stream == "stderr" {
                         let mut tail = task_tail.lock().unwrap_or_else(|p| p.into_inner());
                         if tail.len() == STDERR_TAIL_LINES {
@@ -234,7 +236,7 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
                     }
                 }
                 Ok(ShimMessage::Dropped { lines, bytes }) => {
-                    tracing::warn!(service, pid, lines, bytes, "output lines dropped: no agent read them in time and the shim's buffer was full");
+                    tracing::warn!(service, version, pid, lines, bytes, "output lines dropped: no agent read them in time and the shim's buffer was full");
                 }
                 Ok(ShimMessage::Exited { status: ended }) => {
                     status = Some(ended);

@@ -419,6 +419,32 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         })
         .await;
         row("reload-agent handoff", mode, &steady, &during);
+
+        // The agent itself killed (SIGKILL) and started again 100 ms later,
+        // as systemd's Restart= would: the service runs on under its shim.
+        let agent_dir = agent.dir.clone();
+        let agent = std::sync::Mutex::new(Some(agent));
+        let (steady, during) = measure(addr, mode, |_| {
+            let mut old = agent.lock().unwrap().take().unwrap();
+            old.kill();
+            let (dir, key) = (agent_dir.clone(), key.clone());
+            let agent = &agent;
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Restarted before the old value goes, so the harness keeps
+                // the services (they belong to the folder's last agent).
+                let restarted = Agent::start_with_config(&dir, key);
+                drop(old);
+                *agent.lock().unwrap() = Some(restarted);
+            }
+        })
+        .await;
+        row(
+            "reload-agent killed (SIGKILL), restarted 100 ms later",
+            mode,
+            &steady,
+            &during,
+        );
         drop(agent);
 
         // reload-server's standalone self-upgrade: SIGHUP to the demo server.

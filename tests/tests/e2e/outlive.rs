@@ -55,6 +55,22 @@ async fn restart(agent: &mut Agent, dir: &Path, services: &[(&str, u32)]) {
     }
 }
 
+/// An agent in `dir` running the demo server as service `web` (1.0.0,
+/// `sha`) on `addr`.
+async fn web_running(dir: &Path) -> (Agent, SocketAddr, String) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start(
+        dir,
+        Arc::new(SigningKey::generate()),
+        &web_service_toml(addr),
+    );
+    let sha = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    agent.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    (agent, addr, sha)
+}
+
 /// What `systemctl stop` (or the first half of `systemctl restart`) sends:
 /// SIGTERM; the agent exits 0 and leaves its services running.
 async fn terminate(agent: &mut Agent) {
@@ -128,16 +144,7 @@ async fn two_services_lose_no_request_while_their_agent_is_killed_terminated_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_exits_while_no_agent_runs_is_restarted_and_its_exit_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut agent = Agent::start(
-        dir.path(),
-        Arc::new(SigningKey::generate()),
-        &web_service_toml(addr),
-    );
-    let sha = agent
-        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
-        .await;
-    agent.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let (mut agent, addr, _) = web_running(dir.path()).await;
     let old = agent.status("web").await.pid;
     agent.kill();
     send_signal(old, Signal::SIGKILL);
@@ -394,16 +401,7 @@ async fn a_service_sees_no_fd_of_the_agents_launcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloadctl_stop_stops_a_service_until_its_next_activation() {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut agent = Agent::start(
-        dir.path(),
-        Arc::new(SigningKey::generate()),
-        &web_service_toml(addr),
-    );
-    let sha = agent
-        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
-        .await;
-    agent.activate_ok("web", &sha, Downgrade::NotAllowed).await;
+    let (mut agent, addr, sha) = web_running(dir.path()).await;
     let pid = agent.status("web").await.pid;
     let host = agent.addr.to_string();
     let out = reloadctl_ok(dir.path(), &["stop", "--host", &host, "--service", "web"]);
