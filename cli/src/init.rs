@@ -18,6 +18,13 @@ service = "{service}"
 #   reloadctl sign --key release.key --service {service} --version 1.4 releases/{service}-1.4
 artifact = "releases/{service}-{{version}}"
 
+# On each host, before a release replaces anything, the agent runs it once
+# as `<release> --version` (the agent's [service.preflight] args), and after
+# READY keeps it on probation beside the old process ([service.probation],
+# 2 s by default): a release that cannot start, exits or fails its health
+# check is reverted by the agent itself. Give a program that does not take
+# --version other preflight args in the agent's config.
+
 # Public keys a release must be signed by; checked before any agent is
 # contacted. Make a key pair with: reloadctl keygen --out release
 trusted_keys = ["release.pub"]

@@ -116,7 +116,8 @@ pub fn manifest_for(service: &str, version: &str, bytes: &[u8]) -> Manifest {
 
 /// The agent config of the tests' usual service: `web`, the demo server on
 /// a listener named `http` at `service_addr`, notify readiness, an HTTP
-/// health probe on /healthz every 200 ms, an 8 s drain.
+/// health probe on /healthz every 200 ms on each process's private port, a
+/// short probation (300 ms, so the tests stay quick), an 8 s drain.
 pub fn web_service_toml(service_addr: SocketAddr) -> String {
     format!(
         r#"
@@ -130,6 +131,10 @@ tcp = "{service_addr}"
 kind = "http"
 path = "/healthz"
 interval = "200ms"
+private = true
+[service.probation]
+healthy_for = "300ms"
+interval = "100ms"
 [service.drain]
 timeout = "8s"
 "#

@@ -16,7 +16,9 @@ use serde::Deserialize;
 
 mod service;
 use service::{check_service, ServiceSection};
-pub use service::{HealthProbe, ListenerConfig, ListenerKind, Readiness, ServiceConfig};
+pub use service::{
+    HealthProbe, ListenerConfig, ListenerKind, Probation, Readiness, ServiceConfig, PROBE_LISTENER,
+};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]

@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+/// The name of the per-process private health listener.
+pub const PROBE_LISTENER: &str = "probe";
+
 /// One `[[service]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +37,41 @@ pub(super) struct ServiceSection {
     drain: DrainConfig,
     #[serde(default)]
     restart: RestartConfig,
+    #[serde(default)]
+    probation: ProbationConfig,
+}
+
+/// `[service.probation]`: after READY, the new process must stay alive and
+/// pass its health check for `healthy_for` (and `healthy_checks` checks in
+/// a row) before the activation counts; the old process serves beside it
+/// until then, and is what stays if the new one fails. `healthy_for = "0s"`
+/// turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProbationConfig {
+    #[serde(with = "humantime_serde")]
+    healthy_for: Duration,
+    healthy_checks: u32,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+}
+
+impl Default for ProbationConfig {
+    fn default() -> Self {
+        ProbationConfig {
+            healthy_for: Duration::from_secs(2),
+            healthy_checks: 2,
+            interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The checked probation settings (see `[service.probation]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probation {
+    pub healthy_for: Duration,
+    pub healthy_checks: u32,
+    pub interval: Duration,
 }
 
 /// A socket the agent binds once and hands to every process of a service,
@@ -159,6 +197,10 @@ struct HealthConfig {
     path: Option<String>,
     listener: Option<String>,
     command: Option<Vec<String>>,
+    /// Probe each process on a private loopback port of its own (passed as
+    /// the listener named `probe`) instead of the shared listener, which
+    /// any process of the service may answer.
+    private: bool,
     #[serde(with = "humantime_serde")]
     interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -172,6 +214,7 @@ impl Default for HealthConfig {
             path: None,
             listener: None,
             command: None,
+            private: false,
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
         }
@@ -269,6 +312,10 @@ pub struct ServiceConfig {
     pub health: HealthProbe,
     pub health_interval: Duration,
     pub health_timeout: Duration,
+    /// Health (and probation) probes go to each process's private `probe`
+    /// listener, never to the shared one.
+    pub health_private: bool,
+    pub probation: Probation,
     pub preflight_args: Vec<String>,
     pub preflight_timeout: Duration,
     pub drain_signal: nix::sys::signal::Signal,
@@ -316,7 +363,20 @@ pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Res
     }
     let readiness = section.readiness.probe(&name)?;
     let health = section.health.probe(&name)?;
-    if let HealthProbe::Http { listener, .. } | HealthProbe::Tcp { listener } = &health {
+    if section.listeners.iter().any(|l| l.name == PROBE_LISTENER) {
+        bail!("service {name:?}: the listener name {PROBE_LISTENER:?} is reserved for the private health port ([service.health] private = true); name the listener otherwise");
+    }
+    if section.health.private
+        && !matches!(health, HealthProbe::Http { .. } | HealthProbe::Tcp { .. })
+    {
+        bail!("service {name:?}: [service.health] private = true needs kind = \"http\" or \"tcp\"");
+    }
+    if section.probation.healthy_checks == 0 || section.probation.interval.is_zero() {
+        bail!("service {name:?}: [service.probation] healthy_checks and interval must be above zero (healthy_for = \"0s\" turns probation off)");
+    }
+    if let (false, HealthProbe::Http { listener, .. } | HealthProbe::Tcp { listener }) =
+        (section.health.private, &health)
+    {
         let probe = ServiceConfig::tcp_address_of(&section.listeners, listener.as_deref());
         if probe.is_none() {
             bail!(
@@ -353,6 +413,12 @@ pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Res
         ready_timeout: section.readiness.timeout,
         health,
         health_interval: section.health.interval,
+        health_private: section.health.private,
+        probation: Probation {
+            healthy_for: section.probation.healthy_for,
+            healthy_checks: section.probation.healthy_checks,
+            interval: section.probation.interval,
+        },
         health_timeout: section.health.timeout,
         preflight_args: section.preflight.args,
         preflight_timeout: section.preflight.timeout,

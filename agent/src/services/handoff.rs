@@ -20,20 +20,22 @@
 //!
 //! A crash restart (see [`super::monitor`]) runs steps 1-4 too.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use reload_proto::v1 as pb;
 
 use super::error::ServiceError;
+use super::health;
 use super::preflight::run_preflight;
 use super::process::{describe_exit, drain, Process};
 use super::readiness::{describe_readiness, wait_ready, NotifyPath};
 use super::service::Service;
 use super::shim;
-use crate::config::Readiness;
+use crate::config::{Readiness, PROBE_LISTENER};
 use crate::events::{EventBus, EventFields};
 use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
@@ -238,12 +240,20 @@ impl Handoff {
         );
         let spawn_failed =
             |reason: String| StartFailure::new(pb::ReloadOutcome::SpawnFailed, reason);
-        let sockets = service
+        let mut sockets = service
             .sockets
             .iter()
             .map(|l| Ok((l.name.clone(), l.fd.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|err| spawn_failed(format!("cannot duplicate a listening socket: {err}")))?;
+        if config.health_private {
+            // A port only this process listens on: health checks there
+            // reach it, not whichever process accepted from the shared
+            // socket.
+            let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
+                .map_err(|err| spawn_failed(format!("cannot bind a private health port: {err}")))?;
+            sockets.push((PROBE_LISTENER.to_string(), OwnedFd::from(probe)));
+        }
         let spec = ShimSpec {
             service: config.name.clone(),
             version: artifact.manifest.version.clone(),
@@ -418,6 +428,25 @@ impl Handoff {
             format!("{} is ready (pid {new_pid})", new_ref.version),
         );
 
+        // Probation: the old process serves beside the new one until the
+        // new one has proven itself; a failure kills the new one and the
+        // old one simply goes on.
+        if let Err(failure) = self.probation(service, &new_ref, &new_process).await {
+            // Drained, not killed: it may hold connections it accepted from
+            // the shared socket during probation, whose requests it answers
+            // (with `Connection: close`) before it goes.
+            let config = &service.config;
+            drain(&new_process, config.drain_signal, config.drain_timeout).await;
+            self.record_failure(
+                service,
+                &new_ref,
+                &mut result,
+                failure,
+                old_process.is_some(),
+            );
+            return result;
+        }
+
         // Step 5: current, durably, before the old process is told to go.
         self.commit(
             service,
@@ -442,6 +471,66 @@ impl Handoff {
             ),
         }
         result
+    }
+
+    /// `[service.probation]`: the new process must stay alive and pass its
+    /// health check `healthy_checks` times in a row, over at least
+    /// `healthy_for`. Any exit or failed check ends it: REVERTED.
+    async fn probation(
+        &self,
+        service: &Service,
+        new_ref: &ArtifactRef,
+        process: &Process,
+    ) -> Result<(), StartFailure> {
+        let probation = &service.config.probation;
+        if probation.healthy_for.is_zero() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let message = format!(
+            "probation of {} (pid {}): {} healthy checks in a row over {}; the old process serves meanwhile",
+            new_ref.version,
+            process.pid,
+            probation.healthy_checks,
+            humantime::format_duration(probation.healthy_for)
+        );
+        self.emit(
+            service,
+            new_ref,
+            pb::EventKind::Probation,
+            process.pid,
+            message,
+        );
+        let reverted = |reason: String| StartFailure {
+            outcome: pb::ReloadOutcome::Reverted,
+            reason,
+            new_pid: process.pid,
+        };
+        let mut streak = 0;
+        loop {
+            tokio::select! {
+                status = process.wait() => {
+                    return Err(reverted(format!(
+                        "{} during probation, {} after READY; stderr: {}",
+                        describe_exit(status),
+                        humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64)),
+                        process.stderr_tail()
+                    )));
+                }
+                _ = tokio::time::sleep(probation.interval) => {}
+            }
+            if !health::check(&service.config, process).await {
+                return Err(reverted(format!(
+                    "failed its health check during probation ({}, after {streak} healthy); stderr: {}",
+                    describe_health(&service.config),
+                    process.stderr_tail()
+                )));
+            }
+            streak += 1;
+            if streak >= probation.healthy_checks && started.elapsed() >= probation.healthy_for {
+                return Ok(());
+            }
+        }
     }
 
     fn emit(
@@ -600,5 +689,21 @@ struct ResetOnDrop<'a>(&'a AtomicBool);
 impl Drop for ResetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The health check, for failure reasons.
+fn describe_health(config: &crate::config::ServiceConfig) -> String {
+    use crate::config::HealthProbe;
+    let place = if config.health_private {
+        "on its private port"
+    } else {
+        "on the shared listener"
+    };
+    match &config.health {
+        HealthProbe::None => "none configured: alive is healthy".into(),
+        HealthProbe::Http { path, .. } => format!("http GET {path} {place}"),
+        HealthProbe::Tcp { .. } => format!("tcp connect {place}"),
+        HealthProbe::Exec { command } => format!("exec {}", command.join(" ")),
     }
 }

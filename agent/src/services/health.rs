@@ -7,24 +7,35 @@ use std::sync::Arc;
 use reload_proto::v1 as pb;
 use tonic_health::ServingStatus;
 
+use super::process::Process;
 use super::readiness::http_get_ok;
 use super::service::Service;
-use crate::config::HealthProbe;
+use crate::config::{HealthProbe, ServiceConfig};
 use crate::events::EventBus;
 use crate::events::EventFields;
 
 async fn probe_once(service: &Service) -> bool {
-    let config = &service.config;
-    if service.serving_pid().is_none() {
-        return false;
+    match service.observe(|o| o.process.clone()) {
+        Some(process) => check(&service.config, &process).await,
+        None => false,
     }
+}
+
+/// One health check of `process` as `config` says: on its private port
+/// when the service has one (only that process answers there), else on
+/// the configured listener (which any process of the service may answer).
+pub(super) async fn check(config: &ServiceConfig, process: &Process) -> bool {
+    let address = |listener: &Option<String>| match config.health_private {
+        true => process.probe,
+        false => config.tcp_address(listener.as_deref()),
+    };
     match &config.health {
         HealthProbe::None => true,
-        HealthProbe::Http { path, listener } => match config.tcp_address(listener.as_deref()) {
+        HealthProbe::Http { path, listener } => match address(listener) {
             Some(address) => http_get_ok(address, path, config.health_timeout).await,
             None => false,
         },
-        HealthProbe::Tcp { listener } => match config.tcp_address(listener.as_deref()) {
+        HealthProbe::Tcp { listener } => match address(listener) {
             Some(address) => matches!(
                 tokio::time::timeout(
                     config.health_timeout,

@@ -32,11 +32,26 @@ pub async fn run_preflight(
 ) -> Result<Output, PreflightFailure> {
     command
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: what it started (gunicorn's workers, a
+        // launcher's children) goes with it on a timeout.
+        .process_group(0)
         .kill_on_drop(true);
-    let output = tokio::time::timeout(timeout, command.output())
-        .await
-        .map_err(|_| PreflightFailure::TimedOut(timeout))?
-        .map_err(PreflightFailure::CouldNotRun)?;
+    let child = command.spawn().map_err(PreflightFailure::CouldNotRun)?;
+    let group = child.id();
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(output) => output.map_err(PreflightFailure::CouldNotRun)?,
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(group as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return Err(PreflightFailure::TimedOut(timeout));
+        }
+    };
     if output.status.success() {
         return Ok(output);
     }
@@ -79,12 +94,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_binary_that_hangs_is_cut_off() {
-        let mut command = tokio::process::Command::new("sleep");
-        command.arg("30");
-        let err = run_preflight(command, Duration::from_millis(200))
+    async fn a_binary_that_hangs_is_cut_off_with_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child");
+        let mut command = tokio::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
+        ]);
+        let err = run_preflight(command, Duration::from_millis(500))
             .await
             .unwrap_err();
         assert!(matches!(err, PreflightFailure::TimedOut(_)), "{err}");
+        let child: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild went with the group (a zombie at most, until init
+        // reaps it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let gone = state.is_empty()
+                || state
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z');
+            if gone {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the preflight's child {child} survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -20,6 +20,9 @@ pub struct Process {
     pub pid: u32,
     /// The shim the process runs under.
     pub shim_pid: u32,
+    /// Its private health port (`[service.health] private`), which only it
+    /// listens on.
+    pub probe: Option<std::net::SocketAddr>,
     pub(super) started: Instant,
     /// `Some(status)` once the process has exited (and its shim reaped it).
     exited: watch::Receiver<Option<ExitStatus>>,
@@ -30,6 +33,7 @@ impl Process {
     pub(super) fn new(
         pid: u32,
         shim_pid: u32,
+        probe: Option<std::net::SocketAddr>,
         started: Instant,
         exited: watch::Receiver<Option<ExitStatus>>,
         stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -37,6 +41,7 @@ impl Process {
         Process {
             pid,
             shim_pid,
+            probe,
             started,
             exited,
             stderr_tail,

@@ -5,7 +5,10 @@
 //! its exit into the process's exit status.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::sys::socket::{getsockname, SockaddrStorage};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 use super::process::Process;
+use crate::config::PROBE_LISTENER;
 use crate::main_thread::Launcher;
 use crate::shim::protocol::{
     receive_hello, AgentMessage, ShimMessage, ShimSpec, WaitStatus, SHIM_ARG, SPEC_VAR,
@@ -38,8 +42,11 @@ pub(super) struct Attached {
     pub running_ms: u64,
     /// Set when the service ended before this agent attached.
     pub exited: Option<WaitStatus>,
-    /// Duplicates of the service's listening sockets, by name.
+    /// Duplicates of the service's listening sockets, by name (without the
+    /// private health port).
     pub listeners: Vec<(String, OwnedFd)>,
+    /// The process's private health port, if it has one.
+    pub probe: Option<SocketAddr>,
     stream: UnixStream,
 }
 
@@ -132,8 +139,19 @@ fn hello(stream: UnixStream) -> Result<Attached, String> {
                     spec.listeners.len()
                 ));
             }
+            let (probes, listeners): (Vec<_>, Vec<_>) = spec
+                .listeners
+                .iter()
+                .cloned()
+                .zip(fds)
+                .partition(|(name, _)| name == PROBE_LISTENER);
+            let probe = probes.first().and_then(|(_, fd)| {
+                let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+                Some(SocketAddr::V4((*addr.as_sockaddr_in()?).into()))
+            });
             Ok(Attached {
-                listeners: spec.listeners.iter().cloned().zip(fds).collect(),
+                listeners,
+                probe,
                 spec: *spec,
                 shim_pid,
                 pid,
@@ -197,6 +215,7 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         spec,
         pid,
         shim_pid,
+        probe,
         running_ms,
         exited,
         stream,
@@ -275,5 +294,5 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         };
         let _ = exit_tx.send(Some(status.exit_status()));
     });
-    Ok(Process::new(pid, shim_pid, started, exit_rx, tail))
+    Ok(Process::new(pid, shim_pid, probe, started, exit_rx, tail))
 }

@@ -54,6 +54,10 @@ struct Args {
     /// After the startup delay, exit with CODE instead of becoming ready.
     #[arg(long, value_name = "CODE")]
     exit_before_ready: Option<u8>,
+    /// Send READY=1, never accept, and exit with status 3 this long after
+    /// (a release that claims readiness it does not have).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    exit_after_ready: Option<Duration>,
     /// Serve, but never send READY=1.
     #[arg(long)]
     never_ready: bool,
@@ -202,6 +206,36 @@ async fn run(
     };
     if let Some(upgrade) = &upgrade {
         upgrade.announce_ready().context("writing the pid file")?;
+    }
+    if let Some(after) = args.exit_after_ready {
+        tracing::error!(
+            "ready, but not accepting; exiting in {}",
+            humantime::format_duration(after)
+        );
+        tokio::time::sleep(after).await;
+        return Ok(ExitCode::from(3));
+    }
+    // A private health port of this process alone (the agent's
+    // `[service.health] private`): the same answers, health included.
+    if listeners.names().iter().any(|n| n == "probe") {
+        let probe = listeners
+            .tcp("probe", "127.0.0.1:0".parse()?)
+            .context("taking the probe listener")?;
+        let demo = demo.clone();
+        let service = service_fn(move |request| {
+            let demo = demo.clone();
+            async move { Ok::<_, Infallible>(demo.respond(request).await) }
+        });
+        let config = DrainConfig {
+            drain_timeout: args.drain_timeout,
+            idle_grace: args.idle_grace,
+        };
+        tokio::spawn(serve_http(
+            probe,
+            service,
+            std::future::pending::<()>(),
+            config,
+        ));
     }
     let source = if inherited { "inherited" } else { "bound" };
     tracing::info!(

@@ -18,6 +18,7 @@
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
 //! - [`fd_store`]: listeners kept in systemd's fd store across an agent crash.
 //! - [`outlive`]: services that outlive their agent (crash, kill, restart).
+//! - [`probation`]: a bad release is reverted by the agent, never replacing a good one.
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
@@ -28,6 +29,7 @@ mod cli;
 mod fd_store;
 mod operability;
 mod outlive;
+mod probation;
 mod reload;
 mod rollout;
 mod security;

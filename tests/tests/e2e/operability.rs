@@ -198,7 +198,13 @@ async fn reflection_describes_reload_v1_without_the_proto_files() {
     let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
     assert_eq!(
         methods,
-        vec!["Activate", "Rollback", "GetStatus", "WatchEvents"]
+        vec![
+            "Activate",
+            "Rollback",
+            "StopService",
+            "GetStatus",
+            "WatchEvents"
+        ]
     );
     let activate = file
         .message_type

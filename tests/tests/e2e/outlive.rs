@@ -287,14 +287,17 @@ async fn a_crash_loop_kills_the_workers_and_backs_off_to_the_maximum() {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let workers = dir.path().join("workers");
+    // A worker forked into the group, then the release itself: READY=1,
+    // and an exit (status 3) 300 ms later.
     let script = format!(
         "#!/bin/sh\n[ \"$1\" = --version ] && {{ echo crashy 1.0; exit 0; }}\n\
          sleep 1000 &\necho $! >> '{workers}'\n\
-         '{demo}' \"$@\" &\nsleep 0.3\nexit 3\n",
+         exec '{demo}' \"$@\" --exit-after-ready 300ms\n",
         workers = workers.display(),
         demo = bin_path("reload-demo-server").display()
     );
-    let config = web_service_toml(addr)
+    // Probation off: this is about crashes after an activation counted.
+    let config = web_service_toml(addr).replace("healthy_for = \"300ms\"", "healthy_for = \"0s\"")
         + "[service.restart]\ninitial_backoff = \"100ms\"\nmax_backoff = \"800ms\"\n";
     let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
     let sha = agent.stage("web", "1.0.0", script.as_bytes()).await;

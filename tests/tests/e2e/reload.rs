@@ -27,10 +27,15 @@ struct Fixture {
 /// An agent with one service `web` (demo server args, notify readiness,
 /// http health on /healthz) on a fresh port.
 fn fixture(extra_service_toml: &str) -> Fixture {
+    fixture_from(web_service_toml, extra_service_toml)
+}
+
+/// Like [`fixture`], with the service's config made by `service_toml`.
+fn fixture_from(service_toml: impl Fn(SocketAddr) -> String, extra_service_toml: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let service_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = format!("{}{extra_service_toml}\n", web_service_toml(service_addr));
+    let config = format!("{}{extra_service_toml}\n", service_toml(service_addr));
     let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
     Fixture {
         agent,
@@ -237,7 +242,11 @@ async fn new_version_that_fails_preflight_is_never_started() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_service_takes_over_the_same_socket() {
-    let f = fixture("");
+    // The fixture serves one socket only: no private health port.
+    let f = fixture_from(
+        |addr| web_service_toml(addr).replace("private = true\n", ""),
+        "",
+    );
     let script =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/python_server.py"))
             .unwrap();
@@ -444,7 +453,7 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
     use pb::EventKind::*;
     assert_eq!(
         kinds,
-        vec![Verifying, Preflight, Spawning, Ready, Draining, Done]
+        vec![Verifying, Preflight, Spawning, Ready, Probation, Draining, Done]
     );
 
     // A watch of an unknown service is refused, not silent.

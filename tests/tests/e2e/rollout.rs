@@ -49,7 +49,8 @@ fn fleet(net: u8, count: usize, extra_env: impl Fn(usize) -> String) -> Fleet {
         let config = format!(
             "[[service]]\nname = \"demo\"\nargs = [\"--listen-name\", \"http\"]\nenv = {{ {} }}\n\
              [[service.listener]]\nname = \"http\"\ntcp = \"{service_addr}\"\n\
-             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n\
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\nprivate = true\n\
+             [service.probation]\nhealthy_for = \"500ms\"\n\
              [service.drain]\ntimeout = \"5s\"\n",
             extra_env(i)
         );
@@ -279,8 +280,22 @@ async fn a_never_healthy_canary_halts_the_rollout_and_is_reverted() {
     f.release("2.0.0", "--unhealthy");
     f.push_ok("1.0.0");
     let mut before = Vec::new();
-    for i in [1, 2, 3] {
+    for i in [0, 1, 2, 3] {
         before.push(f.status(i).await.pid);
+    }
+    // Clients of the canary host that never retry, keep-alive and not.
+    let mut runs = Vec::new();
+    for mode in [
+        ConnectionMode::KeepAlive,
+        ConnectionMode::NewConnectionPerRequest,
+    ] {
+        runs.push(LoadRun::start(LoadConfig {
+            addr: f.hosts[0].service_addr,
+            path: "/".into(),
+            connections: 10,
+            mode,
+            request_timeout: Duration::from_secs(10),
+        }));
     }
     let output = f.push(&[
         "--version",
@@ -293,18 +308,30 @@ async fn a_never_healthy_canary_halts_the_rollout_and_is_reverted() {
     assert_eq!(
         output.status.code(),
         Some(3),
-        "halted-and-reverted is exit 3\n{}",
+        "halted is exit 3\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("unhealthy after reload"), "{stdout}");
-    assert!(stdout.contains("halted and reverted"), "{stdout}");
-    // The canary is back on the old version; no other host was touched.
+    // The canary's agent reverted it itself, during probation: the new
+    // process never replaced the old one.
+    assert!(stdout.contains("reload failed"), "{stdout}");
+    assert!(stdout.contains("during probation"), "{stdout}");
+    for run in runs {
+        let report = run.stop().await;
+        println!("canary host: {}", report.summary());
+        report.assert_no_failures();
+    }
     assert_eq!(f.versions().await, vec!["1.0.0"; 4]);
-    assert_eq!(f.status(0).await.last_reload.unwrap().to_version, "1.0.0");
-    for (k, i) in [1, 2, 3].into_iter().enumerate() {
+    let canary = f.status(0).await;
+    let last = canary.last_reload.unwrap();
+    assert_eq!(
+        (last.to_version.as_str(), last.outcome),
+        ("2.0.0", pb::ReloadOutcome::Reverted as i32)
+    );
+    assert_eq!(canary.pid, before[0], "the canary's old process served on");
+    for i in [1, 2, 3] {
         let status = f.status(i).await;
-        assert_eq!(status.pid, before[k], "host {i} was touched");
+        assert_eq!(status.pid, before[i], "host {i} was touched");
         assert_eq!(f.activations(i, "2.0.0"), 0);
     }
 }
