@@ -54,6 +54,12 @@ struct ProbationConfig {
     healthy_checks: u32,
     #[serde(with = "humantime_serde")]
     interval: Duration,
+    /// After probation: this many crashes within `crash_window` revert the
+    /// release to the previous one (0: never; a crash now and then is
+    /// just restarted).
+    crash_loop: u32,
+    #[serde(with = "humantime_serde")]
+    crash_window: Duration,
 }
 
 impl Default for ProbationConfig {
@@ -62,6 +68,8 @@ impl Default for ProbationConfig {
             healthy_for: Duration::from_secs(2),
             healthy_checks: 2,
             interval: Duration::from_millis(200),
+            crash_loop: 3,
+            crash_window: Duration::from_secs(60),
         }
     }
 }
@@ -72,6 +80,9 @@ pub struct Probation {
     pub healthy_for: Duration,
     pub healthy_checks: u32,
     pub interval: Duration,
+    /// Crashes within `crash_window` that revert to the previous release.
+    pub crash_loop: u32,
+    pub crash_window: Duration,
 }
 
 /// A socket the agent binds once and hands to every process of a service,
@@ -418,6 +429,8 @@ pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Res
             healthy_for: section.probation.healthy_for,
             healthy_checks: section.probation.healthy_checks,
             interval: section.probation.interval,
+            crash_loop: section.probation.crash_loop,
+            crash_window: section.probation.crash_window,
         },
         health_timeout: section.health.timeout,
         preflight_args: section.preflight.args,

@@ -7,15 +7,17 @@
 //! (see [`super::handoff`]): a binary changed in the store must not come
 //! back through a crash.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reload_proto::v1 as pb;
 
 use super::handoff::Handoff;
 use super::process::describe_exit;
 use super::service::Service;
+use crate::config::Probation;
 use crate::events::EventFields;
 use crate::state::ArtifactRef;
 
@@ -38,6 +40,8 @@ pub(super) async fn monitor(
     // release that crash-loops after READY is not restarted ten times a
     // second forever. A stable run resets it.
     let mut after_quick_crash = initial;
+    // Recent crashes of the current release: a crash loop reverts it.
+    let mut crashes = CrashLoop::default();
     loop {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -67,15 +71,34 @@ pub(super) async fn monitor(
                         after_quick_crash = (after_quick_crash * 2).min(max);
                     }
                     let versions = service.observe(|o| o.versions.clone());
-                    let current = versions.current.unwrap_or_else(|| ArtifactRef { sha256: String::new(), version: String::new() });
+                    let current = versions.current.clone().unwrap_or_default();
+                    let revert_to = crashes
+                        .crashed(&service.config.probation, &current)
+                        .then(|| versions.previous().cloned())
+                        .flatten()
+                        .filter(|previous| previous.sha256 != current.sha256);
+                    let next = match &revert_to {
+                        Some(previous) => format!(
+                            "{} crashes within {}: a crash loop; reverting to {}",
+                            crashes.count(),
+                            humantime::format_duration(service.config.probation.crash_window),
+                            previous.version
+                        ),
+                        None => format!("restarting in {}", humantime::format_duration(backoff)),
+                    };
                     handoff.events().emit(pb::EventKind::Exited, EventFields {
                         service: &service.config.name,
                         version: &current.version,
                         sha256: &current.sha256,
                         pid: process.pid,
-                        message: format!("exited unexpectedly ({}); restarting in {}; sockets stay open. stderr: {}",
-                            describe_exit(status), humantime::format_duration(backoff), process.stderr_tail()),
+                        message: format!("exited unexpectedly ({}); {next}; sockets stay open. stderr: {}",
+                            describe_exit(status), process.stderr_tail()),
                     });
+                    drop(_guard);
+                    if let Some(previous) = revert_to {
+                        crashes = CrashLoop::default();
+                        revert(&service, &handoff, &current, &previous).await;
+                    }
                 }
                 _ = changed.changed() => {}
             }
@@ -135,6 +158,61 @@ pub(super) async fn monitor(
                     },
                 );
             }
+        }
+    }
+}
+
+/// The crashes of one release in a rolling window.
+#[derive(Default)]
+struct CrashLoop {
+    sha256: String,
+    at: VecDeque<Instant>,
+}
+
+impl CrashLoop {
+    /// Records a crash of `current`; true when they now make a crash loop.
+    fn crashed(&mut self, probation: &Probation, current: &ArtifactRef) -> bool {
+        if self.sha256 != current.sha256 {
+            self.sha256 = current.sha256.clone();
+            self.at.clear();
+        }
+        let now = Instant::now();
+        self.at.push_back(now);
+        while self
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > probation.crash_window)
+        {
+            self.at.pop_front();
+        }
+        probation.crash_loop > 0 && self.at.len() >= probation.crash_loop as usize
+    }
+
+    fn count(&self) -> usize {
+        self.at.len()
+    }
+}
+
+/// A release in a crash loop goes back to the one before it, by the agent
+/// itself: the same handoff as a rollback (verified, preflighted, on
+/// probation), allowed below the floor since it ran here before.
+async fn revert(
+    service: &Arc<Service>,
+    handoff: &Handoff,
+    current: &ArtifactRef,
+    previous: &ArtifactRef,
+) {
+    tracing::warn!(service = %service.config.name, from = %current.version, to = %previous.version, "crash loop: reverting to the previous release");
+    match handoff
+        .activate(service, &previous.sha256, true, true)
+        .await
+    {
+        Ok(result) if result.outcome == pb::ReloadOutcome::Succeeded as i32 => {}
+        Ok(result) => {
+            tracing::error!(service = %service.config.name, reason = %result.reason, "the revert after a crash loop failed; restarting the current release with backoff")
+        }
+        Err(err) => {
+            tracing::error!(service = %service.config.name, error = %err, "the revert after a crash loop was refused; restarting the current release with backoff")
         }
     }
 }

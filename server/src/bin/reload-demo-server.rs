@@ -58,6 +58,10 @@ struct Args {
     /// (a release that claims readiness it does not have).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     exit_after_ready: Option<Duration>,
+    /// Serve normally, then exit with status 3 this long after READY (a
+    /// release that crashes after it passed its probation).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    crash_after: Option<Duration>,
     /// Serve, but never send READY=1.
     #[arg(long)]
     never_ready: bool,
@@ -214,6 +218,13 @@ async fn run(
         );
         tokio::time::sleep(after).await;
         return Ok(ExitCode::from(3));
+    }
+    if let Some(after) = args.crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tracing::error!("crashing on purpose (--crash-after)");
+            std::process::exit(3);
+        });
     }
     // A private health port of this process alone (the agent's
     // `[service.health] private`): the same answers, health included.

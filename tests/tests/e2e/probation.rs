@@ -226,3 +226,58 @@ async fn a_gunicorn_release_whose_app_fails_to_import_is_reverted() {
         (serving, "1.0.0")
     );
 }
+
+/// After probation: a release that crash-loops is reverted to the previous
+/// one by the agent itself; one that crashes once is just restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_crash_loops_after_probation_is_reverted_and_a_single_crash_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = web_service_toml(addr)
+        + "[service.restart]\ninitial_backoff = \"100ms\"\nmax_backoff = \"400ms\"\n";
+    let config = config.replace(
+        "interval = \"100ms\"\n",
+        "interval = \"100ms\"\ncrash_loop = 3\ncrash_window = \"30s\"\n",
+    );
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), &config);
+    let good = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    agent.activate_ok("web", &good, Downgrade::NotAllowed).await;
+    // Once: killed, restarted on the same release.
+    let first = agent.status("web").await.pid;
+    send_signal(first, nix::sys::signal::Signal::SIGKILL);
+    let restarted = eventually(
+        "the killed process to be restarted",
+        Duration::from_secs(20),
+        async || agent.status("web").await,
+        |s| s.state == pb::ServiceState::Running as i32 && s.pid != first && s.pid != 0,
+    )
+    .await;
+    assert_eq!(
+        restarted.current_version, "1.0.0",
+        "restarted, not reverted"
+    );
+
+    // 2.0.0 passes its probation (300 ms), then crashes every second.
+    let crashing = agent
+        .stage("web", "2.0.0", &demo_with("--crash-after 1s"))
+        .await;
+    let result = agent
+        .activate_ok("web", &crashing, Downgrade::NotAllowed)
+        .await;
+    assert_eq!(result.to_version, "2.0.0");
+    let reverted = eventually(
+        "the crash-looping release to be reverted to 1.0.0",
+        Duration::from_secs(60),
+        async || agent.status("web").await,
+        |s| s.current_version == "1.0.0" && s.state == pb::ServiceState::Running as i32,
+    )
+    .await;
+    assert_eq!(http_get(addr, "/").await.unwrap().pid, reverted.pid);
+    let log = agent.log_text();
+    assert!(
+        log.contains("a crash loop; reverting to 1.0.0"),
+        "the event says why:\n{log}"
+    );
+}
