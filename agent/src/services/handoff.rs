@@ -527,8 +527,25 @@ impl Handoff {
                 )));
             }
             streak += 1;
-            if streak >= probation.healthy_checks && started.elapsed() >= probation.healthy_for {
+            let left = probation.healthy_for.saturating_sub(started.elapsed());
+            if streak >= probation.healthy_checks && left.is_zero() {
                 return Ok(());
+            }
+            if streak <= probation.healthy_checks {
+                // Progress for people watching (`reloadctl activate`).
+                let message = format!(
+                    "probation of {}: check {streak}/{} passed, {} left",
+                    new_ref.version,
+                    probation.healthy_checks,
+                    humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+                );
+                self.emit(
+                    service,
+                    new_ref,
+                    pb::EventKind::Probation,
+                    process.pid,
+                    message,
+                );
             }
         }
     }

@@ -266,7 +266,15 @@ async fn activate_rollback_and_status_from_the_command_line() {
         String::from_utf8_lossy(&output.stderr)
     );
     let steps = String::from_utf8_lossy(&output.stderr);
-    for step in ["verifying", "spawning", "ready", "done"] {
+    // Probation (on by default) shows its progress while activate waits.
+    for step in [
+        "verifying",
+        "spawning",
+        "ready",
+        "probation",
+        "check 2/2 passed",
+        "done",
+    ] {
         assert!(steps.contains(step), "step {step} not shown:\n{steps}");
     }
     reloadctl_ok(

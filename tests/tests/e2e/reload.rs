@@ -446,7 +446,8 @@ async fn watchers_see_every_step_and_grpc_health_follows_the_probe() {
         if kind == pb::EventKind::Ready {
             assert_eq!(event.pid, result.new_pid);
         }
-        if kind != pb::EventKind::HealthChanged {
+        // Probation reports its progress: one kind in the sequence.
+        if kind != pb::EventKind::HealthChanged && kinds.last() != Some(&kind) {
             kinds.push(kind);
         }
     }
