@@ -106,6 +106,7 @@ tcp = "$ip:$((port + 80))"
 kind = "http"
 path = "/healthz"
 interval = "200ms"
+private = true       # each process is checked on a port of its own
 TOML
     step "starting reload-agent on $host (service demo on $ip:$((port + 80)))"
     "$bin/reload-agent" --config "$dir/agent.toml" --check
@@ -167,7 +168,7 @@ start_load
 "$reloadctl" push --version 1.5 hosts.txt
 stop_load
 
-step "reloadctl push --version 1.6 hosts.txt   (never healthy: the canary fails, the rollout halts and reverts)"
+step "reloadctl push --version 1.6 hosts.txt   (never healthy: the canary's agent reverts it during probation, the rollout halts)"
 code=0
 "$reloadctl" push --version 1.6 hosts.txt || code=$?
 if [ "$code" != 3 ]; then

@@ -55,6 +55,31 @@ fn failure((cause, message): (Cause, String)) -> HostFailure {
     HostFailure { cause, message }
 }
 
+/// While a host's new process is on probation, its progress (check n/N,
+/// time left) on stderr: the activation waits for it, and a person should
+/// see why. `None` if the agent does not let us watch.
+async fn probation_progress(
+    mut control: pb::service_control_client::ServiceControlClient<Channel>,
+    host: &str,
+    service: &str,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mut events = control
+        .watch_events(pb::WatchEventsRequest {
+            service: service.to_string(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let host = host.to_string();
+    Some(tokio::spawn(async move {
+        while let Ok(Some(event)) = events.message().await {
+            if event.kind == pb::EventKind::Probation as i32 {
+                eprintln!("  {host:<24} {}", event.message);
+            }
+        }
+    }))
+}
+
 fn pb_lease(lease: &Lease) -> pb::LeaseRef {
     pb::LeaseRef {
         rollout_id: lease.rollout.clone(),
@@ -325,19 +350,22 @@ impl Fleet for GrpcFleet {
             allow_downgrade: false,
         };
         let mut control = self.control(host);
+        let progress = probation_progress(control.clone(), host, &target.service).await;
         let response =
-            match tokio::time::timeout(Duration::from_secs(300), control.activate(request)).await {
-                Ok(Ok(response)) => response.into_inner(),
-                Ok(Err(status)) => {
-                    return Err(HostFailure::new(cause_of(&status), status.message()))
-                }
-                Err(_) => {
-                    return Err(HostFailure::new(
-                        Cause::Unreachable,
-                        "Activate did not answer within 300s",
-                    ))
-                }
-            };
+            tokio::time::timeout(Duration::from_secs(300), control.activate(request)).await;
+        if let Some(progress) = progress {
+            progress.abort();
+        }
+        let response = match response {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Err(HostFailure::new(cause_of(&status), status.message())),
+            Err(_) => {
+                return Err(HostFailure::new(
+                    Cause::Unreachable,
+                    "Activate did not answer within 300s",
+                ))
+            }
+        };
         let result = response.result.unwrap_or_default();
         if result.outcome != pb::ReloadOutcome::Succeeded as i32 {
             return Err(HostFailure::new(Cause::ReloadFailed, result.reason));

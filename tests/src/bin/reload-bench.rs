@@ -149,8 +149,11 @@ async fn reload_agent(
     } else {
         "[service.preflight]\nargs = []\n"
     };
+    // Probation off: these sections measure the handoff itself (section 7
+    // measures what probation saves).
     let config = format!(
-        "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}"
+        "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}\
+         [service.probation]\nhealthy_for = \"0s\"\n"
     );
     let agent = Agent::start(dir, key.clone(), &config);
     let v1 = agent
@@ -887,6 +890,9 @@ fn main() {
     if wants("agent-upgrade") {
         runtime.block_on(agent_upgrade_bench(dir, &key));
     }
+    if wants("bad-release") {
+        runtime.block_on(bad_release_bench(dir, &key));
+    }
 }
 
 /// The agent binary with a trailer: the same program as another release.
@@ -985,5 +991,87 @@ async fn agent_upgrade_bench(dir: &Path, key: &Arc<SigningKey>) {
         starts.len(),
         ms(quantile(&starts, 0.5)),
     );
+    println!();
+}
+
+/// What a bad release costs clients: one that says READY=1 and exits 1.5 s
+/// later without ever accepting, activated once over a good release, with
+/// the default probation and with probation off.
+async fn bad_release_bench(dir: &Path, key: &Arc<SigningKey>) {
+    println!(
+        "## 7. A bad release activated over a good one, {CONNECTIONS} clients that never retry\n"
+    );
+    println!("| probation | connections | requests answered | failed | longest wait for an answer | outcome of the activation | serving afterwards |\n|---|---|---:|---:|---:|---|---|");
+    for mode in [
+        ConnectionMode::KeepAlive,
+        ConnectionMode::NewConnectionPerRequest,
+    ] {
+        for probation in ["default (2s)", "off"] {
+            let adir = dir.join(format!("bad-{mode:?}-{}", probation.len()));
+            std::fs::create_dir_all(&adir).unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let off = if probation == "off" {
+                "[service.probation]\nhealthy_for = \"0s\"\n"
+            } else {
+                ""
+            };
+            let config = format!(
+                "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{off}"
+            );
+            let agent = Agent::start(&adir, key.clone(), &config);
+            let good = agent
+                .stage("bench", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+                .await;
+            let script = format!(
+                "#!/bin/sh\nexec '{}' \"$@\" --exit-after-ready 1500ms\n",
+                bin_path("reload-demo-server").display()
+            );
+            let bad = agent.stage("bench", "2.0.0", script.as_bytes()).await;
+            let mut control =
+                pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+            activate(&mut control, &good).await;
+            let run = load(addr, mode);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let result = control
+                .activate(pb::ActivateRequest {
+                    service: "bench".into(),
+                    sha256: bad,
+                    ..Default::default()
+                })
+                .await
+                .expect("Activate")
+                .into_inner()
+                .result
+                .unwrap();
+            // Long enough for the bad release to die, crash-loop and (with
+            // the default crash_loop) be reverted.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            let report = run.stop().await;
+            let status = control
+                .get_status(pb::GetStatusRequest {
+                    service: "bench".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .services
+                .remove(0);
+            println!(
+                "| {probation} | {} | {} | {} | {} | {} | {} |",
+                match mode {
+                    ConnectionMode::KeepAlive => "keep-alive",
+                    ConnectionMode::NewConnectionPerRequest => "new conn/request",
+                },
+                report.requests,
+                report.failures,
+                ms(report.latencies.max()),
+                pb::ReloadOutcome::try_from(result.outcome)
+                    .unwrap_or_default()
+                    .as_str_name()
+                    .trim_start_matches("RELOAD_OUTCOME_"),
+                status.current_version,
+            );
+        }
+    }
     println!();
 }

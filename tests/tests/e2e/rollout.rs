@@ -174,6 +174,13 @@ impl Fleet {
             "8",
         ]);
         assert_ok(&output);
+        // Each host's probation is shown while the push waits for it.
+        let progress = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            progress.contains(&format!("probation of {}", version_of(version)))
+                && progress.contains("passed"),
+            "{progress}"
+        );
     }
 
     /// How many times an agent made `version` ready (from its own log).
@@ -810,4 +817,12 @@ async fn an_unhealthy_canary_is_rolled_back(f: &Fleet, good: &str, unwell_pid: u
         ("4.0.0", good),
         "the canary's last upgrade is the rollback: {last:?}"
     );
+}
+
+/// `1.4` as the agents report it: `1.4.0`.
+fn version_of(typed: &str) -> String {
+    match typed.matches('.').count() {
+        1 => format!("{typed}.0"),
+        _ => typed.to_string(),
+    }
 }
