@@ -1,6 +1,8 @@
 //! Why a call on a service was refused before anything started. A reload
 //! that ran is not an error: it reports its outcome in its `ReloadResult`.
 
+use reload_proto::v1 as pb;
+
 use crate::state::DowngradeRefused;
 use crate::store::StoreError;
 
@@ -34,4 +36,21 @@ pub enum ServiceError {
     Downgrade(#[from] DowngradeRefused),
     #[error("{0}")]
     Task(String),
+}
+
+/// Why a start or reload did not produce a ready process.
+pub(super) struct StartFailure {
+    pub(super) outcome: pb::ReloadOutcome,
+    pub(super) reason: String,
+    pub(super) new_pid: u32,
+}
+
+impl StartFailure {
+    pub(super) fn new(outcome: pb::ReloadOutcome, reason: impl Into<String>) -> StartFailure {
+        StartFailure {
+            outcome,
+            reason: reason.into(),
+            new_pid: 0,
+        }
+    }
 }

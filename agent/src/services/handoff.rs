@@ -24,13 +24,13 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use reload_proto::v1 as pb;
 
-use super::error::ServiceError;
-use super::health;
+use super::error::{ServiceError, StartFailure};
 use super::preflight::run_preflight;
+use super::probation;
 use super::process::{describe_exit, drain, Process};
 use super::readiness::{describe_readiness, wait_ready, NotifyPath};
 use super::service::Service;
@@ -42,23 +42,6 @@ use crate::metrics::SharedMetrics;
 use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
 use crate::store::{ArtifactVerifier, StoredArtifact};
-
-/// Why a start or reload did not produce a ready process.
-pub(super) struct StartFailure {
-    pub(super) outcome: pb::ReloadOutcome,
-    pub(super) reason: String,
-    pub(super) new_pid: u32,
-}
-
-impl StartFailure {
-    fn new(outcome: pb::ReloadOutcome, reason: impl Into<String>) -> StartFailure {
-        StartFailure {
-            outcome,
-            reason: reason.into(),
-            new_pid: 0,
-        }
-    }
-}
 
 /// What every reload and restart of any service uses; see the module docs.
 pub struct Handoff {
@@ -431,7 +414,7 @@ impl Handoff {
         // Probation: the old process serves beside the new one until the
         // new one has proven itself; a failure kills the new one and the
         // old one simply goes on.
-        if let Err(failure) = self.probation(service, &new_ref, &new_process).await {
+        if let Err(failure) = probation::run(service, &new_ref, &new_process, &self.events).await {
             // Drained, not killed: it may hold connections it accepted from
             // the shared socket during probation, whose requests it answers
             // (with `Connection: close`) before it goes.
@@ -471,83 +454,6 @@ impl Handoff {
             ),
         }
         result
-    }
-
-    /// `[service.probation]`: the new process must stay alive and pass its
-    /// health check `healthy_checks` times in a row, over at least
-    /// `healthy_for`. Any exit or failed check ends it: REVERTED.
-    async fn probation(
-        &self,
-        service: &Service,
-        new_ref: &ArtifactRef,
-        process: &Process,
-    ) -> Result<(), StartFailure> {
-        let probation = &service.config.probation;
-        if probation.healthy_for.is_zero() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let message = format!(
-            "probation of {} (pid {}): {} healthy checks in a row over {}; the old process serves meanwhile",
-            new_ref.version,
-            process.pid,
-            probation.healthy_checks,
-            humantime::format_duration(probation.healthy_for)
-        );
-        self.emit(
-            service,
-            new_ref,
-            pb::EventKind::Probation,
-            process.pid,
-            message,
-        );
-        let reverted = |reason: String| StartFailure {
-            outcome: pb::ReloadOutcome::Reverted,
-            reason,
-            new_pid: process.pid,
-        };
-        let mut streak = 0;
-        loop {
-            tokio::select! {
-                status = process.wait() => {
-                    return Err(reverted(format!(
-                        "{} during probation, {} after READY; stderr: {}",
-                        describe_exit(status),
-                        humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64)),
-                        process.stderr_tail()
-                    )));
-                }
-                _ = tokio::time::sleep(probation.interval) => {}
-            }
-            if !health::check(&service.config, process).await {
-                return Err(reverted(format!(
-                    "failed its health check during probation ({}, after {streak} healthy); stderr: {}",
-                    describe_health(&service.config),
-                    process.stderr_tail()
-                )));
-            }
-            streak += 1;
-            let left = probation.healthy_for.saturating_sub(started.elapsed());
-            if streak >= probation.healthy_checks && left.is_zero() {
-                return Ok(());
-            }
-            if streak <= probation.healthy_checks {
-                // Progress for people watching (`reloadctl activate`).
-                let message = format!(
-                    "probation of {}: check {streak}/{} passed, {} left",
-                    new_ref.version,
-                    probation.healthy_checks,
-                    humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
-                );
-                self.emit(
-                    service,
-                    new_ref,
-                    pb::EventKind::Probation,
-                    process.pid,
-                    message,
-                );
-            }
-        }
     }
 
     fn emit(
@@ -706,21 +612,5 @@ struct ResetOnDrop<'a>(&'a AtomicBool);
 impl Drop for ResetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
-    }
-}
-
-/// The health check, for failure reasons.
-fn describe_health(config: &crate::config::ServiceConfig) -> String {
-    use crate::config::HealthProbe;
-    let place = if config.health_private {
-        "on its private port"
-    } else {
-        "on the shared listener"
-    };
-    match &config.health {
-        HealthProbe::None => "none configured: alive is healthy".into(),
-        HealthProbe::Http { path, .. } => format!("http GET {path} {place}"),
-        HealthProbe::Tcp { .. } => format!("tcp connect {place}"),
-        HealthProbe::Exec { command } => format!("exec {}", command.join(" ")),
     }
 }

@@ -8,6 +8,8 @@
 //! - [`handoff`]: one reload as one sequence, verify -> preflight -> spawn
 //!   -> ready -> commit -> drain; [`preflight`] and [`readiness`] are two of
 //!   its steps.
+//! - [`probation`]: after READY, the new process proves itself beside the
+//!   old one before the handoff commits to it.
 //! - [`monitor`]: the task per service that restarts a process that exits
 //!   on its own, with backoff.
 //! - [`process`]: a process as the agent tracks it (pidfd, output, group).
@@ -25,6 +27,7 @@ mod handoff;
 mod health;
 mod monitor;
 mod preflight;
+mod probation;
 mod process;
 mod readiness;
 mod service;
