@@ -154,8 +154,18 @@ async fn serve(
     first: std::os::unix::net::UnixStream,
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&spec.socket_path);
-    let control = UnixListener::bind(&spec.socket_path)
-        .with_context(|| format!("cannot listen on {}", spec.socket_path.display()))?;
+    let control = match UnixListener::bind(&spec.socket_path) {
+        Ok(control) => control,
+        Err(err) => {
+            // Said to the agent, which reports it as the spawn's failure.
+            let reason = format!(
+                "the shim cannot listen on {} ({err}); a shorter state_dir path helps if it is too long for a Unix socket",
+                spec.socket_path.display()
+            );
+            let _ = send_with_fds(&first, &ShimMessage::SpawnFailed { reason }, &[]);
+            return Ok(());
+        }
+    };
     let _socket_file = RemoveOnDrop(spec.socket_path.clone());
     let sockets = spec
         .listeners
