@@ -1,6 +1,6 @@
 //! [`Handoff`]: one reload of a service, as one sequence.
 //!
-//! verify -> preflight -> spawn -> ready -> commit -> drain:
+//! verify -> preflight -> spawn -> ready -> probation -> commit -> drain:
 //! 1. verify: the stored artifact is checked again, as at upload (see
 //!    [`ArtifactVerifier`]): a file changed in the store is never run;
 //! 2. preflight: the new binary runs once with the preflight arguments,
@@ -12,9 +12,13 @@
 //! 4. ready: its readiness condition, bounded by the readiness timeout; a
 //!    crash or a timeout kills the new process group and leaves the old
 //!    process serving, untouched;
-//! 5. commit: the new version is made current and persisted (fsync +
+//! 5. probation (see [`super::probation`]): the new process serves beside
+//!    the old one and must stay alive and healthy for a while; if it does
+//!    not, it is drained and the old one goes on (REVERTED), nothing
+//!    committed;
+//! 6. commit: the new version is made current and persisted (fsync +
 //!    rename) before the old process is told anything;
-//! 6. drain: the old process gets its drain signal, the drain timeout, then
+//! 7. drain: the old process gets its drain signal, the drain timeout, then
 //!    SIGKILL of its group. The service's reload lock is held until the
 //!    drain ends, so the next reload waits for it (bounded).
 //!
@@ -412,8 +416,8 @@ impl Handoff {
         );
 
         // Probation: the old process serves beside the new one until the
-        // new one has proven itself; a failure kills the new one and the
-        // old one simply goes on.
+        // new one has proven itself; on a failure the new one goes and the
+        // old one simply goes on (REVERTED).
         if let Err(failure) = probation::run(service, &new_ref, &new_process, &self.events).await {
             // Drained, not killed: it may hold connections it accepted from
             // the shared socket during probation, whose requests it answers
