@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{audit_result, reload_audit, Right};
 use super::AgentApi;
+use crate::lease::LeaseError;
 use crate::services::{ServiceError, Services};
 
 /// A reload call as the audit log records it.
@@ -21,6 +22,15 @@ struct ReloadCall {
 
 type Reloaded = (pb::ReloadResult, pb::ServiceStatus);
 
+/// The caller's lease check, for the services to run again under the
+/// service's reload lock and at the commit point.
+type LeaseFence = std::sync::Arc<dyn Fn() -> Result<(), LeaseError> + Send + Sync>;
+
+fn lease_fence(api: &AgentApi, lease: Option<pb::LeaseRef>) -> LeaseFence {
+    let leases = api.leases.clone();
+    std::sync::Arc::new(move || leases.check_mutation(lease.as_ref()))
+}
+
 impl AgentApi {
     /// Runs a reload, after the caller's right and the lease, with its
     /// audit line, in a task of its own: a caller that disconnects (a CLI
@@ -33,7 +43,7 @@ impl AgentApi {
         work: F,
     ) -> Result<Reloaded, Status>
     where
-        F: FnOnce(std::sync::Arc<Services>) -> Fut + Send + 'static,
+        F: FnOnce(std::sync::Arc<Services>, LeaseFence) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<Reloaded, ServiceError>> + Send,
     {
         let api = self.clone();
@@ -41,7 +51,7 @@ impl AgentApi {
             let result = async {
                 allowed?;
                 api.leases.check_mutation(call.lease.as_ref())?;
-                Ok(work(api.services.clone()).await?)
+                Ok(work(api.services.clone(), lease_fence(&api, call.lease.clone())).await?)
             }
             .await;
             let (version, outcome) = reload_audit(&result);
@@ -80,9 +90,14 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             sha256: request.sha256.clone(),
         };
         let (result, status) = self
-            .run_reload(call, allowed, move |services| async move {
+            .run_reload(call, allowed, move |services, fence| async move {
                 services
-                    .activate(&request.service, &request.sha256, request.allow_downgrade)
+                    .activate(
+                        &request.service,
+                        &request.sha256,
+                        request.allow_downgrade,
+                        &*fence,
+                    )
                     .await
             })
             .await?;
@@ -106,9 +121,9 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             sha256: String::new(),
         };
         let (result, status) = self
-            .run_reload(call, allowed, move |services| async move {
+            .run_reload(call, allowed, move |services, fence| async move {
                 services
-                    .rollback(&request.service, request.allow_downgrade)
+                    .rollback(&request.service, request.allow_downgrade, &*fence)
                     .await
             })
             .await?;
@@ -131,7 +146,8 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             let result = async {
                 allowed?;
                 api.leases.check_mutation(request.lease.as_ref())?;
-                Ok(api.services.stop(&request.service).await?)
+                let fence = lease_fence(&api, request.lease.clone());
+                Ok(api.services.stop(&request.service, &*fence).await?)
             }
             .await;
             let (version, sha256) = match &result {

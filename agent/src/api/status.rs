@@ -103,6 +103,7 @@ impl From<ServiceError> for Status {
             ServiceError::ReloadRunning(_)
             | ServiceError::PreviousReloadStuck { .. }
             | ServiceError::StillReloading { .. } => Code::Aborted,
+            ServiceError::Fenced(_) => Code::Aborted,
             ServiceError::Task(_) => Code::Internal,
         };
         logged(code, err.to_string())

@@ -57,6 +57,7 @@ pub(super) struct Adopted {
 pub(super) fn adopt(
     config: &ServiceConfig,
     current: Option<&ArtifactRef>,
+    should_run: bool,
     mut found: Vec<Attached>,
 ) -> Adopted {
     let mut adopted = Adopted::default();
@@ -75,10 +76,17 @@ pub(super) fn adopt(
             }
         };
         if let Some(status) = exited {
-            adopted.ended.push(format!(
-                "pid {pid} {} while no agent was running",
-                describe_exit(status.exit_status())
-            ));
+            let how = describe_exit(status.exit_status());
+            if is_current && should_run {
+                // The service itself ended: reported, and restarted.
+                adopted
+                    .ended
+                    .push(format!("pid {pid} {how} while no agent was running"));
+            } else {
+                // An old process that was draining (or a stopped service's):
+                // its end is what was asked for.
+                tracing::info!(service = %config.name, pid, "a process that was not serving ended ({how}) while no agent was running");
+            }
             continue;
         }
         if is_current && adopted.serving.is_none() {

@@ -3,6 +3,7 @@
 
 use reload_proto::v1 as pb;
 
+use crate::lease::LeaseError;
 use crate::state::DowngradeRefused;
 use crate::store::StoreError;
 
@@ -34,6 +35,9 @@ pub enum ServiceError {
     StillReloading { name: String, bound: String },
     #[error(transparent)]
     Downgrade(#[from] DowngradeRefused),
+    /// The caller's lease no longer holds (checked under the reload lock).
+    #[error(transparent)]
+    Fenced(LeaseError),
     #[error("{0}")]
     Task(String),
 }

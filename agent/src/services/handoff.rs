@@ -41,11 +41,20 @@ use super::service::Service;
 use super::shim;
 use crate::config::{Readiness, PROBE_LISTENER};
 use crate::events::{EventBus, EventFields};
+use crate::lease::LeaseError;
 use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
 use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
 use crate::store::{ArtifactVerifier, StoredArtifact};
+
+/// The fencing check of the caller's lease, run under the service's reload
+/// lock, just before the change is committed (the agent's own actions pass
+/// [`UNFENCED`]).
+pub type Fence<'a> = &'a (dyn Fn() -> Result<(), LeaseError> + Send + Sync);
+
+/// For what the agent does by itself (a crash-loop revert).
+pub const UNFENCED: Fence<'static> = &|| Ok(());
 
 /// What every reload and restart of any service uses; see the module docs.
 pub struct Handoff {
@@ -319,6 +328,7 @@ impl Handoff {
         sha256: &str,
         rollback: bool,
         allow_downgrade: bool,
+        fence: Fence<'_>,
     ) -> Result<pb::ReloadResult, ServiceError> {
         let name = &service.config.name;
         let store = self.verifier.store().clone();
@@ -341,12 +351,17 @@ impl Handoff {
         }
         let _reloading = ResetOnDrop(&service.reloading);
         let guard = service.reload_lock().await?;
+        // The lease is checked again under the lock: a rollout taken over
+        // while this call waited for a drain must not act now.
+        fence().map_err(ServiceError::Fenced)?;
         // Under the lock: a reload that finished meanwhile may have raised
         // the floor.
         service
             .observe(|o| o.versions.clone())
             .check_floor(&artifact.manifest, allow_downgrade)?;
-        Ok(self.replace(service, artifact, guard, rollback).await)
+        Ok(self
+            .replace(service, artifact, guard, rollback, fence)
+            .await)
     }
 
     /// The sequence of the module docs, under the service's reload lock
@@ -357,6 +372,7 @@ impl Handoff {
         artifact: StoredArtifact,
         guard: tokio::sync::OwnedMutexGuard<()>,
         rollback: bool,
+        fence: Fence<'_>,
     ) -> pb::ReloadResult {
         let (old_process, old_versions) =
             service.observe(|o| (o.process.clone(), o.versions.clone()));
@@ -418,7 +434,19 @@ impl Handoff {
         // Probation: the old process serves beside the new one until the
         // new one has proven itself; on a failure the new one goes and the
         // old one simply goes on (REVERTED).
-        if let Err(failure) = probation::run(service, &new_ref, &new_process, &self.events).await {
+        // And at the commit point: a lease lost meanwhile (taken over by
+        // another rollout) means this call may not commit.
+        let proven = probation::run(service, &new_ref, &new_process, &self.events)
+            .await
+            .and_then(|()| {
+                fence().map_err(|fenced| {
+                    StartFailure::new(
+                        pb::ReloadOutcome::Reverted,
+                        format!("the lease was lost before the commit ({fenced}); the new process is drained"),
+                    )
+                })
+            });
+        if let Err(failure) = proven {
             // Drained, not killed: it may hold connections it accepted from
             // the shared socket during probation, whose requests it answers
             // (with `Connection: close`) before it goes.

@@ -44,7 +44,7 @@ use reload_proto::v1 as pb;
 use tokio::sync::watch;
 
 pub use error::ServiceError;
-pub use handoff::Handoff;
+pub use handoff::{Fence, Handoff, UNFENCED};
 pub use health::start_probes;
 pub use preflight::{run_preflight, PreflightFailure};
 pub use process::describe_exit;
@@ -131,7 +131,12 @@ impl Services {
                 .into_iter()
                 .partition(|a| a.spec.service == config.name);
             found = others;
-            let adopted = adopt::adopt(config, versions.current.as_ref(), mine);
+            let adopted = adopt::adopt(
+                config,
+                versions.current.as_ref(),
+                versions.should_run(),
+                mine,
+            );
             let state = match (&adopted.serving, versions.should_run()) {
                 (Some(_), _) => pb::ServiceState::Running,
                 // A persisted current version is started by the monitor.
@@ -217,11 +222,12 @@ impl Services {
         name: &str,
         sha256: &str,
         allow_downgrade: bool,
+        fence: Fence<'_>,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         let result = self
             .handoff
-            .activate(service, sha256, false, allow_downgrade)
+            .activate(service, sha256, false, allow_downgrade, fence)
             .await?;
         Ok((result, service.status()))
     }
@@ -232,6 +238,7 @@ impl Services {
         &self,
         name: &str,
         allow_downgrade: bool,
+        fence: Fence<'_>,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         let previous = service
@@ -239,7 +246,7 @@ impl Services {
             .ok_or_else(|| ServiceError::NoPreviousVersion(name.to_string()))?;
         let result = self
             .handoff
-            .activate(service, &previous.sha256, true, allow_downgrade)
+            .activate(service, &previous.sha256, true, allow_downgrade, fence)
             .await?;
         Ok((result, service.status()))
     }
@@ -256,13 +263,18 @@ impl Services {
     /// drain timeout, SIGKILL of its group) and keeps the service stopped,
     /// persisted, until the next activation. Returns the stopped pid (0 if
     /// none ran) and how it ended.
-    pub async fn stop(&self, name: &str) -> Result<(u32, String, pb::ServiceStatus), ServiceError> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        fence: Fence<'_>,
+    ) -> Result<(u32, String, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         if service.reloading.load(Ordering::SeqCst) {
             return Err(ServiceError::ReloadRunning(name.to_string()));
         }
         // Also keeps the monitor from restarting anything meanwhile.
         let _guard = service.reload_lock().await?;
+        fence().map_err(ServiceError::Fenced)?;
         let mut versions = service.observe(|o| o.versions.clone());
         versions.stopped = true;
         self.handoff

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use reload_proto::v1 as pb;
 
-use super::handoff::Handoff;
+use super::handoff::{Handoff, UNFENCED};
 use super::process::describe_exit;
 use super::service::Service;
 use crate::config::Probation;
@@ -204,7 +204,7 @@ async fn revert(
 ) {
     tracing::warn!(service = %service.config.name, from = %current.version, to = %previous.version, "crash loop: reverting to the previous release");
     match handoff
-        .activate(service, &previous.sha256, true, true)
+        .activate(service, &previous.sha256, true, true, UNFENCED)
         .await
     {
         Ok(result) if result.outcome == pb::ReloadOutcome::Succeeded as i32 => {}

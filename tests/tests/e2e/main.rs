@@ -17,6 +17,7 @@
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
 //! - [`fd_store`]: listeners kept in systemd's fd store across an agent crash.
+//! - [`fencing`]: a rollout's lease checked where the change is committed.
 //! - [`outlive`]: services that outlive their agent (crash, kill, restart).
 //! - [`probation`]: a bad release is reverted by the agent, never replacing a good one.
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
@@ -27,6 +28,7 @@
 mod agent_upgrade;
 mod cli;
 mod fd_store;
+mod fencing;
 mod operability;
 mod outlive;
 mod probation;
