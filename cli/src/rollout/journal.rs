@@ -129,6 +129,8 @@ pub struct Journal {
     pub path: PathBuf,
     rollout: String,
     file: File,
+    /// Held while this process runs the rollout (see [`RunLock`]).
+    _lock: RunLock,
     seq: u64,
     /// Also print each line on stdout (`--output json`).
     echo: bool,
@@ -144,6 +146,7 @@ impl Journal {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{rollout}.jsonl"));
+        let lock = RunLock::take(&path)?;
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -154,6 +157,7 @@ impl Journal {
             path,
             rollout: rollout.to_string(),
             file,
+            _lock: lock,
             seq: 0,
             echo,
         })
@@ -161,6 +165,8 @@ impl Journal {
 
     /// Reopens a journal to append to it; returns its lines so far.
     pub fn reopen(path: &Path, echo: bool) -> anyhow::Result<(Journal, Vec<Line>)> {
+        // Before reading: another process may still be appending.
+        let lock = RunLock::take(path)?;
         let lines = read_lines(path)?;
         let Some(first) = lines.first() else {
             bail!("journal {} is empty", path.display());
@@ -170,6 +176,7 @@ impl Journal {
             path: path.to_path_buf(),
             rollout: first.rollout.clone(),
             file,
+            _lock: lock,
             seq: lines.last().map(|l| l.seq).unwrap_or(0),
             echo,
         };
@@ -197,6 +204,47 @@ impl Journal {
             out.flush()?;
         }
         Ok(())
+    }
+}
+
+/// One process at a time runs a rollout: an exclusive `flock` on
+/// `<journal>.lock`, which holds the pid of the process that has it. A
+/// second `resume` of a rollout that still runs (or two at once) fails at
+/// once, naming that pid, instead of both acting on the same hosts. The
+/// kernel drops the lock when the process ends, however it ends.
+pub struct RunLock {
+    /// Held, never read: dropping it unlocks.
+    _held: nix::fcntl::Flock<File>,
+}
+
+impl RunLock {
+    pub fn take(journal: &Path) -> anyhow::Result<RunLock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = journal.with_extension("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut locked) => {
+                locked.set_len(0)?;
+                write!(&mut *locked, "{}", std::process::id())?;
+                locked.sync_data()?;
+                Ok(RunLock { _held: locked })
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "rollout journal {} is in use by reloadctl pid {}: wait for that run to finish, or stop it (Ctrl-C pauses a rollout) before resuming",
+                    journal.display(),
+                    holder.trim()
+                )
+            }
+            Err((_, errno)) => Err(anyhow::anyhow!("cannot lock {}: {errno}", path.display())),
+        }
     }
 }
 
@@ -259,6 +307,26 @@ impl HostRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_journal_in_use_cannot_be_reopened_and_the_refusal_names_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut running = Journal::create(dir.path(), "r1", false).unwrap();
+        running.append(Record::Leased { generation: 1 }).unwrap();
+        let path = running.path.clone();
+        // A second run (another open of the lock file, as another process
+        // would make) is refused at once.
+        let err = Journal::reopen(&path, false).err().unwrap();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("in use by reloadctl pid {}", std::process::id())),
+            "{text}"
+        );
+        // The lock goes with the run that held it.
+        drop(running);
+        let (_, lines) = Journal::reopen(&path, false).unwrap();
+        assert_eq!(lines.len(), 1);
+    }
 
     #[test]
     fn lines_round_trip_and_a_torn_tail_is_ignored() {

@@ -170,6 +170,10 @@ fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no rollouts in {}", folder.display()))?
     {
         let path = entry?.path();
+        // Journals only (beside them: their run locks).
+        if path.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
         let lines = journal::read_lines(&path)?;
         if !finished(&lines) {
             let modified = std::fs::metadata(&path)?.modified()?;
