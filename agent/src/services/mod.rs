@@ -86,6 +86,13 @@ impl Services {
         let run_dir = handoff.run_dir().to_path_buf();
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        // The shims' sockets hand out listening sockets and take orders:
+        // only the agent's user may reach them.
+        std::fs::set_permissions(
+            &run_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .with_context(|| format!("cannot restrict {} to 0700", run_dir.display()))?;
         // What runs already, under shims; their sockets are the services'.
         let mut found = shim::discover(&run_dir);
         given.extend(adopt::shim_sockets(&mut found));

@@ -97,7 +97,7 @@ pub(super) async fn start(
         .ok_or_else(|| "the agent is stopping".to_string())?
         .map_err(|err| format!("cannot start the shim: {err}"))?;
     reap_when_it_ends(child);
-    let attached = tokio::task::spawn_blocking(move || hello(ours))
+    let attached = tokio::task::spawn_blocking(move || hello(ours, HELLO_TIMEOUT))
         .await
         .map_err(|err| err.to_string())?;
     attached.map_err(|err| format!("the shim (pid {child}) failed: {err}"))
@@ -115,9 +115,9 @@ fn reap_when_it_ends(shim_pid: u32) {
 }
 
 /// Reads a shim's hello on a fresh connection.
-fn hello(stream: UnixStream) -> Result<Attached, String> {
+fn hello(stream: UnixStream, timeout: Duration) -> Result<Attached, String> {
     stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(|err| err.to_string())?;
     let (message, fds) = receive_hello(&stream).map_err(|err| err.to_string())?;
     stream
@@ -171,6 +171,10 @@ fn hello(stream: UnixStream) -> Result<Attached, String> {
 /// on is stale (its shim ended) and is removed. A shim whose service still
 /// runs must prove it is the process it says (pidfd and start time).
 pub(super) fn discover(run_dir: &Path) -> Vec<Attached> {
+    discover_within(run_dir, HELLO_TIMEOUT)
+}
+
+fn discover_within(run_dir: &Path, timeout: Duration) -> Vec<Attached> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Vec::new();
     };
@@ -179,10 +183,24 @@ pub(super) fn discover(run_dir: &Path) -> Vec<Attached> {
         if !path.to_string_lossy().ends_with(SOCKET_SUFFIX) {
             continue;
         }
-        let attached = UnixStream::connect(&path)
-            .map_err(|err| err.to_string())
-            .and_then(hello);
-        match attached {
+        let stream = match UnixStream::connect(&path) {
+            Ok(stream) => stream,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                tracing::info!(path = %path.display(), "no shim listens there any more; removing its stale socket");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot connect to a shim");
+                continue;
+            }
+        };
+        match hello(stream, timeout) {
             Ok(attached) if attached.exited.is_none() && !same_process(&attached) => {
                 tracing::warn!(path = %path.display(), pid = attached.pid, "a shim names a process that is not the one it started; ignoring it");
             }
@@ -192,9 +210,13 @@ pub(super) fn discover(run_dir: &Path) -> Vec<Attached> {
                 reap_when_it_ends(attached.shim_pid);
                 found.push(attached)
             }
+            // A shim that is there but does not answer (stopped with
+            // SIGSTOP, or starved) still runs its service, which holds the
+            // port: its socket is kept for the next start, and this one
+            // fails to bind that listener, saying so, rather than lose the
+            // process.
             Err(err) => {
-                tracing::info!(path = %path.display(), error = %err, "no shim answers; removing its stale socket");
-                let _ = std::fs::remove_file(&path);
+                tracing::error!(path = %path.display(), error = %err, "a shim listens but did not say what it runs (stopped, or overloaded?); its service is not adopted and its socket is kept");
             }
         }
     }
@@ -295,4 +317,24 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         let _ = exit_tx.send(Some(status.exit_status()));
     });
     Ok(Process::new(pid, shim_pid, probe, started, exit_rx, tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket file nobody listens on is stale and goes; a shim that
+    /// listens but does not answer (SIGSTOPped) keeps its socket.
+    #[test]
+    fn stale_sockets_go_and_silent_shims_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("web-1-0.shim");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let silent = dir.path().join("web-1-1.shim");
+        let _listening = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+        let found = discover_within(dir.path(), Duration::from_millis(200));
+        assert!(found.is_empty());
+        assert!(!stale.exists(), "the stale socket was removed");
+        assert!(silent.exists(), "the silent shim's socket was kept");
+    }
 }

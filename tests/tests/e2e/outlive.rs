@@ -388,6 +388,12 @@ async fn a_service_sees_no_fd_of_the_agents_launcher() {
     let service = agent.status("web").await.pid;
     let shims = agent.shim_pids();
     assert_eq!(shims.len(), 1);
+    // Nor can another user reach the shims' sockets.
+    let run = std::fs::metadata(dir.path().join("state/run")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&run.permissions()) & 0o777,
+        0o700
+    );
     for pid in [service, shims[0]] {
         let open = open_in(pid);
         assert!(
