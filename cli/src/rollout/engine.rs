@@ -97,6 +97,8 @@ impl<F: Fleet> RolloutEngine<F> {
         }
         self.record(Record::Leased {
             generation: self.start.lease.generation,
+            holder: self.start.holder.clone(),
+            tokens: Default::default(),
         })?;
         let renewer = tokio::spawn(self.clone().renew_leases());
         let result = self.clone().run_fenced(interrupt).await;

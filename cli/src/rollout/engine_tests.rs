@@ -620,7 +620,11 @@ fn crashed_journal(dir: &std::path::Path) -> Vec<HostRecord> {
         message: String::new(),
     };
     for record in [
-        Record::Leased { generation: 1 },
+        Record::Leased {
+            generation: 1,
+            holder: String::new(),
+            tokens: Default::default(),
+        },
         host("h1:7700", HostState::Staged),
         host("h2:7700", HostState::Staged),
         host("h3:7700", HostState::Staged),

@@ -3,6 +3,7 @@
 //! Ctrl-C, a crash or SIGKILL) knows exactly what was done. The same lines
 //! are the `--output json` event stream.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -79,10 +80,21 @@ pub enum Record {
         waves: Vec<Vec<usize>>,
         /// Every knob, so a resume runs with what was planned.
         settings: Box<RolloutSettings>,
+        /// `push --allow-downgrade`: the operator asked to go below the
+        /// agents' downgrade floor.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_downgrade: bool,
     },
     /// A new generation took the leases (a start or a resume).
     Leased {
         generation: u64,
+        /// Who runs it ("reloadctl push web 1.5 by alice@box pid 42 ...").
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        holder: String,
+        /// The fencing token each agent granted this run (host -> token):
+        /// a resume that finds a higher one on an agent was superseded.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        tokens: BTreeMap<String, u64>,
     },
     Wave {
         index: usize,
@@ -312,7 +324,13 @@ mod tests {
     fn a_journal_in_use_cannot_be_reopened_and_the_refusal_names_the_pid() {
         let dir = tempfile::tempdir().unwrap();
         let mut running = Journal::create(dir.path(), "r1", false).unwrap();
-        running.append(Record::Leased { generation: 1 }).unwrap();
+        running
+            .append(Record::Leased {
+                generation: 1,
+                holder: String::new(),
+                tokens: BTreeMap::new(),
+            })
+            .unwrap();
         let path = running.path.clone();
         // A second run (another open of the lock file, as another process
         // would make) is refused at once.
@@ -332,7 +350,13 @@ mod tests {
     fn lines_round_trip_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::create(dir.path(), "r1", false).unwrap();
-        journal.append(Record::Leased { generation: 1 }).unwrap();
+        journal
+            .append(Record::Leased {
+                generation: 1,
+                holder: String::new(),
+                tokens: BTreeMap::new(),
+            })
+            .unwrap();
         journal
             .append(Record::Host {
                 host: "a:1".into(),

@@ -128,6 +128,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         hosts: plan.hosts.clone(),
         waves: plan.waves.clone(),
         settings: Box::new(plan.settings.clone()),
+        allow_downgrade: false,
     })?;
     if !args.json {
         output::print_start(&rollout, &plan, &journal.path);
@@ -211,6 +212,7 @@ pub async fn resume(
         hosts,
         waves,
         settings,
+        ..
     }) = lines.first().map(|l| l.record.clone())
     else {
         bail!("journal {} does not start with a plan", path.display());
@@ -221,7 +223,7 @@ pub async fn resume(
     let generation = lines
         .iter()
         .filter_map(|l| match l.record {
-            Record::Leased { generation } => Some(generation),
+            Record::Leased { generation, .. } => Some(generation),
             _ => None,
         })
         .max()
