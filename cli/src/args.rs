@@ -184,7 +184,7 @@ pub enum Command {
     /// Roll VERSION out to every host of HOSTS_FILE: staged, fenced, in
     /// waves, health-gated, halted and reverted on failure, resumable.
     #[command(
-        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted and reverted; 4 halted, not (fully) reverted; 5\npaused by Ctrl-C (continue with `reloadctl resume`)."
+        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted, and every host it changed was reverted (the summary\nlists reverted, left and never-changed hosts); 4 halted, not (fully)\nreverted; 5 paused by Ctrl-C (continue with `reloadctl resume`); 6\nsuperseded: a later rollout took a host over, this one stopped and reverted\nnothing."
     )]
     Push {
         /// Version to roll out; `1.4` means `1.4.0`.
@@ -202,6 +202,12 @@ pub enum Command {
         /// reloadctl.toml), gated on every service staying healthy.
         #[arg(long)]
         agent: bool,
+        /// Allow VERSION to be below the highest version a host ever ran
+        /// (its downgrade floor). Journaled, and written to every agent's
+        /// audit log. The agent still requires a version it ran before or
+        /// one signed with downgrade permission.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Continue a rollout that was paused (Ctrl-C) or whose CLI died.
     #[command(

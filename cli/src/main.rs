@@ -80,7 +80,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             rollout: flags,
             dry_run,
             agent,
+            allow_downgrade,
         } => runtime()?.block_on(rollout::push(rollout::PushArgs {
+            allow_downgrade,
             agent,
             config: flags.config,
             version,

@@ -16,6 +16,13 @@ pub mod v1 {
     /// reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/reload_v1_descriptor.bin"));
+
+    /// The trailer an agent sets on an ABORTED answer to a call whose
+    /// fencing token was superseded (see `leases.proto`), with the value
+    /// [`FENCE_SUPERSEDED`]: a rollout that sees it must stop for good,
+    /// where another ABORTED (a busy service) may be retried.
+    pub const FENCE_TRAILER: &str = "reload-fence";
+    pub const FENCE_SUPERSEDED: &str = "superseded";
 }
 
 pub use prost_types;

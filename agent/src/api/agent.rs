@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{audit_result, Right};
 use super::AgentApi;
+use crate::lease::{CallerFence, Fence};
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
@@ -55,8 +56,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             let sha256 = request.sha256.clone();
             let result = async {
                 allowed?;
-                api.leases.check_mutation(request.lease.as_ref())?;
-                Ok(api.selfupgrade.upgrade(request).await?)
+                let fence = CallerFence::new(api.leases.clone(), request.lease.clone());
+                drop(fence.hold()?);
+                Ok(api.selfupgrade.upgrade(request, &fence).await?)
             }
             .await;
             let version = result

@@ -153,7 +153,13 @@ impl AgentState {
 /// A lease reference as the audit log shows it.
 pub(super) fn describe_lease_ref(lease: Option<&pb::LeaseRef>) -> String {
     lease
-        .map(|r| format!("rollout {} generation {}", r.rollout_id, r.generation))
+        .map(|r| match r.token {
+            0 => format!("rollout {} generation {}", r.rollout_id, r.generation),
+            token => format!(
+                "rollout {} generation {} token {token}",
+                r.rollout_id, r.generation
+            ),
+        })
         .unwrap_or_default()
 }
 

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{audit_result, reload_audit, Right};
 use super::AgentApi;
-use crate::lease::LeaseError;
+use crate::lease::{CallerFence, Fence};
 use crate::services::{ServiceError, Services};
 
 /// A reload call as the audit log records it.
@@ -24,11 +24,8 @@ type Reloaded = (pb::ReloadResult, pb::ServiceStatus);
 
 /// The caller's lease check, for the services to run again under the
 /// service's reload lock and at the commit point.
-type LeaseFence = std::sync::Arc<dyn Fn() -> Result<(), LeaseError> + Send + Sync>;
-
-fn lease_fence(api: &AgentApi, lease: Option<pb::LeaseRef>) -> LeaseFence {
-    let leases = api.leases.clone();
-    std::sync::Arc::new(move || leases.check_mutation(lease.as_ref()))
+fn lease_fence(api: &AgentApi, lease: Option<pb::LeaseRef>) -> std::sync::Arc<CallerFence> {
+    std::sync::Arc::new(CallerFence::new(api.leases.clone(), lease))
 }
 
 impl AgentApi {
@@ -43,15 +40,16 @@ impl AgentApi {
         work: F,
     ) -> Result<Reloaded, Status>
     where
-        F: FnOnce(std::sync::Arc<Services>, LeaseFence) -> Fut + Send + 'static,
+        F: FnOnce(std::sync::Arc<Services>, std::sync::Arc<CallerFence>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<Reloaded, ServiceError>> + Send,
     {
         let api = self.clone();
         tokio::spawn(async move {
             let result = async {
                 allowed?;
-                api.leases.check_mutation(call.lease.as_ref())?;
-                Ok(work(api.services.clone(), lease_fence(&api, call.lease.clone())).await?)
+                let fence = lease_fence(&api, call.lease.clone());
+                drop(fence.hold()?);
+                Ok(work(api.services.clone(), fence).await?)
             }
             .await;
             let (version, outcome) = reload_audit(&result);
@@ -83,7 +81,12 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "Activate");
         let request = request.into_inner();
         let call = ReloadCall {
-            name: "Activate",
+            // An explicit downgrade stands out in the audit log.
+            name: if request.allow_downgrade {
+                "Activate (allow_downgrade)"
+            } else {
+                "Activate"
+            },
             identity,
             service: request.service.clone(),
             lease: request.lease,
@@ -145,8 +148,8 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         tokio::spawn(async move {
             let result = async {
                 allowed?;
-                api.leases.check_mutation(request.lease.as_ref())?;
                 let fence = lease_fence(&api, request.lease.clone());
+                drop(fence.hold()?);
                 Ok(api.services.stop(&request.service, &*fence).await?)
             }
             .await;

@@ -15,8 +15,15 @@ impl pb::lease_service_server::LeaseService for AgentApi {
     ) -> Result<Response<pb::AcquireLeaseResponse>, Status> {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "AcquireLease");
         let request = request.into_inner();
-        let rollout = describe_lease_ref(request.r#ref.as_ref());
+        let asked = describe_lease_ref(request.r#ref.as_ref());
         let result = allowed.and_then(|()| Ok(self.leases.acquire(request)?));
+        // Granted: the ref with its token.
+        let rollout = match &result {
+            Ok(granted) => {
+                describe_lease_ref(granted.lease.as_ref().and_then(|l| l.r#ref.as_ref()))
+            }
+            Err(_) => asked,
+        };
         self.audit(
             &identity,
             "AcquireLease",

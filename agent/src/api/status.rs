@@ -94,6 +94,10 @@ impl From<DowngradeRefused> for Status {
 
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Status {
+        let err = match err {
+            ServiceError::Fenced(inner) => return inner.into(),
+            other => other,
+        };
         let code = match &err {
             ServiceError::Unknown { .. } | ServiceError::ArtifactNotStored(_) => Code::NotFound,
             ServiceError::Lookup(_) => Code::InvalidArgument,
@@ -103,7 +107,7 @@ impl From<ServiceError> for Status {
             ServiceError::ReloadRunning(_)
             | ServiceError::PreviousReloadStuck { .. }
             | ServiceError::StillReloading { .. } => Code::Aborted,
-            ServiceError::Fenced(_) => Code::Aborted,
+            ServiceError::Fenced(_) => unreachable!("answered above"),
             ServiceError::Task(_) => Code::Internal,
         };
         logged(code, err.to_string())
@@ -114,10 +118,20 @@ impl From<LeaseError> for Status {
     fn from(err: LeaseError) -> Status {
         let code = match &err {
             LeaseError::BadRequest(_) => Code::InvalidArgument,
-            LeaseError::Fenced(_) => Code::Aborted,
+            LeaseError::Fenced(_) | LeaseError::Superseded { .. } => Code::Aborted,
             LeaseError::Persist(_) => Code::Internal,
         };
-        logged(code, err.to_string())
+        let superseded = matches!(err, LeaseError::Superseded { .. });
+        let mut status = logged(code, err.to_string());
+        if superseded {
+            // The machine-readable verdict: clients in any language read
+            // trailers; the message is for people.
+            status.metadata_mut().insert(
+                reload_proto::v1::FENCE_TRAILER,
+                reload_proto::v1::FENCE_SUPERSEDED.parse().expect("ascii"),
+            );
+        }
+        status
     }
 }
 
@@ -127,6 +141,7 @@ impl From<UpgradeError> for Status {
             UpgradeError::Artifact(inner) => return inner.into(),
             UpgradeError::Downgrade(inner) => return inner.into(),
             UpgradeError::Services(inner) => return inner.into(),
+            UpgradeError::Fenced(inner) => return inner.into(),
             UpgradeError::InProgress | UpgradeError::Stopping(_) => Code::Aborted,
             UpgradeError::BothTargets | UpgradeError::NoTarget => Code::InvalidArgument,
             UpgradeError::NothingToRollBackTo | UpgradeError::Preflight { .. } => {

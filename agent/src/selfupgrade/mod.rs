@@ -175,6 +175,8 @@ pub enum UpgradeError {
     Downgrade(#[from] crate::state::DowngradeRefused),
     #[error(transparent)]
     Services(#[from] crate::services::ServiceError),
+    #[error(transparent)]
+    Fenced(#[from] crate::lease::LeaseError),
     /// The agent's own files or fds failed it (/proc/self/exe, a dup).
     #[error("{0}")]
     Internal(String),

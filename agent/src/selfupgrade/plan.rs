@@ -18,6 +18,7 @@ use super::{
 };
 use crate::events::EventFields;
 use crate::handover::{UpgradeRecord, PROTOCOL};
+use crate::lease::{Fence, UNFENCED};
 use crate::services::{run_preflight, PreflightFailure, Services};
 use crate::store::ArtifactVerifier;
 
@@ -74,6 +75,7 @@ impl SelfUpgrade {
     pub async fn upgrade(
         &self,
         request: pb::UpgradeAgentRequest,
+        fence: &dyn Fence,
     ) -> Result<pb::UpgradeAgentResponse, UpgradeError> {
         let busy = self.upgrades.begin()?;
         let running_sha = self.upgrades.image.executable_sha256.clone();
@@ -109,7 +111,8 @@ impl SelfUpgrade {
                 sha256: running_sha,
             });
         }
-        self.reexec(busy, target, preflight_path, record).await
+        self.reexec(busy, target, preflight_path, record, fence)
+            .await
     }
 
     /// What a rollback runs: the previous agent release, or past the first
@@ -167,7 +170,8 @@ impl SelfUpgrade {
             config_reload: true,
             ..Default::default()
         };
-        self.reexec(busy, Target::Image(image), path, record).await
+        self.reexec(busy, Target::Image(image), path, record, UNFENCED)
+            .await
     }
 
     /// The part every in-place re-exec shares: preflight, quiesce, answer.
@@ -177,6 +181,7 @@ impl SelfUpgrade {
         target: Target,
         preflight_path: PathBuf,
         record: UpgradeRecord,
+        fence: &dyn Fence,
     ) -> Result<pb::UpgradeAgentResponse, UpgradeError> {
         let events = self.services.events();
         events.emit(
@@ -198,6 +203,11 @@ impl SelfUpgrade {
             pid: std::process::id(),
             new_sha256: record.to_sha256.clone(),
         };
+        // The commit point: a rollout taken over during the preflight or
+        // the quiesce does not get to replace the agent. Held to the
+        // commit, so no lease is granted in between.
+        let hold = fence.hold()?;
+        tracing::info!(token = hold.token, to = %record.to_version, "agent upgrade committed under fencing token");
         events.emit(
             pb::EventKind::AgentUpgrading,
             EventFields {
@@ -219,6 +229,7 @@ impl SelfUpgrade {
                 guards,
             },
         )?;
+        drop(hold);
         Ok(response)
     }
 }

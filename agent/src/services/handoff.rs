@@ -41,20 +41,16 @@ use super::service::Service;
 use super::shim;
 use crate::config::{Readiness, PROBE_LISTENER};
 use crate::events::{EventBus, EventFields};
-use crate::lease::LeaseError;
 use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
 use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
 use crate::store::{ArtifactVerifier, StoredArtifact};
 
-/// The fencing check of the caller's lease, run under the service's reload
-/// lock, just before the change is committed (the agent's own actions pass
+/// The caller's fence (see [`crate::lease`]): checked under the service's
+/// reload lock, and held across the commit (the agent's own actions pass
 /// [`UNFENCED`]).
-pub type Fence<'a> = &'a (dyn Fn() -> Result<(), LeaseError> + Send + Sync);
-
-/// For what the agent does by itself (a crash-loop revert).
-pub const UNFENCED: Fence<'static> = &|| Ok(());
+pub use crate::lease::{Fence, UNFENCED};
 
 /// What every reload and restart of any service uses; see the module docs.
 pub struct Handoff {
@@ -328,7 +324,7 @@ impl Handoff {
         sha256: &str,
         rollback: bool,
         allow_downgrade: bool,
-        fence: Fence<'_>,
+        fence: &dyn Fence,
     ) -> Result<pb::ReloadResult, ServiceError> {
         let name = &service.config.name;
         let store = self.verifier.store().clone();
@@ -353,7 +349,7 @@ impl Handoff {
         let guard = service.reload_lock().await?;
         // The lease is checked again under the lock: a rollout taken over
         // while this call waited for a drain must not act now.
-        fence().map_err(ServiceError::Fenced)?;
+        drop(fence.hold().map_err(ServiceError::Fenced)?);
         // Under the lock: a reload that finished meanwhile may have raised
         // the floor.
         service
@@ -372,7 +368,7 @@ impl Handoff {
         artifact: StoredArtifact,
         guard: tokio::sync::OwnedMutexGuard<()>,
         rollback: bool,
-        fence: Fence<'_>,
+        fence: &dyn Fence,
     ) -> pb::ReloadResult {
         let (old_process, old_versions) =
             service.observe(|o| (o.process.clone(), o.versions.clone()));
@@ -434,19 +430,32 @@ impl Handoff {
         // Probation: the old process serves beside the new one until the
         // new one has proven itself; on a failure the new one goes and the
         // old one simply goes on (REVERTED).
-        // And at the commit point: a lease lost meanwhile (taken over by
-        // another rollout) means this call may not commit.
-        let proven = probation::run(service, &new_ref, &new_process, &self.events)
-            .await
-            .and_then(|()| {
-                fence().map_err(|fenced| {
-                    StartFailure::new(
-                        pb::ReloadOutcome::Reverted,
-                        format!("the lease was lost before the commit ({fenced}); the new process is drained"),
-                    )
-                })
-            });
-        if let Err(failure) = proven {
+        let proven = probation::run(service, &new_ref, &new_process, &self.events).await;
+        // Step 5, at the commit point: a lease lost meanwhile (taken over by
+        // another rollout) means this call may not commit; the fence is
+        // held across the commit, so no grant slips in between. Current,
+        // durably, before the old process is told to go.
+        let refused = match proven.and_then(|()| {
+            fence.hold().map_err(|fenced| {
+                StartFailure::new(
+                    pb::ReloadOutcome::Reverted,
+                    format!("the lease was lost before the commit ({fenced}); the new process is drained"),
+                )
+            })
+        }) {
+            Ok(hold) => {
+                self.commit(
+                    service,
+                    &new_ref,
+                    old_versions.after(&new_ref, rollback),
+                    new_process.clone(),
+                    hold.token,
+                );
+                None
+            }
+            Err(failure) => Some(failure),
+        };
+        if let Some(failure) = refused {
             // Drained, not killed: it may hold connections it accepted from
             // the shared socket during probation, whose requests it answers
             // (with `Connection: close`) before it goes.
@@ -461,14 +470,6 @@ impl Handoff {
             );
             return result;
         }
-
-        // Step 5: current, durably, before the old process is told to go.
-        self.commit(
-            service,
-            &new_ref,
-            old_versions.after(&new_ref, rollback),
-            new_process,
-        );
         result.outcome = pb::ReloadOutcome::Succeeded as i32;
         result.finished = Some(SystemTime::now().into());
         service.observe(|o| o.last_reload = Some(result.clone()));
@@ -558,8 +559,11 @@ impl Handoff {
         new_ref: &ArtifactRef,
         versions: crate::state::ServiceVersions,
         new_process: Process,
+        token: u64,
     ) {
         let name = &service.config.name;
+        // Under the fence: the log orders commits among the grants.
+        tracing::info!(service = %name, version = %new_ref.version, pid = new_process.pid, token, "committing under fencing token");
         if let Err(err) = self.state.set(name, versions.clone()) {
             // Serving is right; only the memory of it across a restart is
             // at risk. Say so loudly.

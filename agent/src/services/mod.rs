@@ -229,7 +229,7 @@ impl Services {
         name: &str,
         sha256: &str,
         allow_downgrade: bool,
-        fence: Fence<'_>,
+        fence: &dyn Fence,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         let result = self
@@ -245,7 +245,7 @@ impl Services {
         &self,
         name: &str,
         allow_downgrade: bool,
-        fence: Fence<'_>,
+        fence: &dyn Fence,
     ) -> Result<(pb::ReloadResult, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         let previous = service
@@ -273,7 +273,7 @@ impl Services {
     pub async fn stop(
         &self,
         name: &str,
-        fence: Fence<'_>,
+        fence: &dyn Fence,
     ) -> Result<(u32, String, pb::ServiceStatus), ServiceError> {
         let service = self.service(name)?;
         if service.reloading.load(Ordering::SeqCst) {
@@ -281,13 +281,17 @@ impl Services {
         }
         // Also keeps the monitor from restarting anything meanwhile.
         let _guard = service.reload_lock().await?;
-        fence().map_err(ServiceError::Fenced)?;
         let mut versions = service.observe(|o| o.versions.clone());
         versions.stopped = true;
-        self.handoff
-            .state()
-            .set(name, versions.clone())
-            .map_err(|err| ServiceError::Task(format!("cannot persist the stop: {err:#}")))?;
+        // The commit point, under the caller's fence (see handoff).
+        {
+            let hold = fence.hold().map_err(ServiceError::Fenced)?;
+            self.handoff
+                .state()
+                .set(name, versions.clone())
+                .map_err(|err| ServiceError::Task(format!("cannot persist the stop: {err:#}")))?;
+            tracing::info!(service = %name, token = hold.token, "stop committed under fencing token");
+        }
         let process = service.observe(|o| {
             o.versions = versions;
             o.process.take()

@@ -44,6 +44,7 @@ pub async fn upgrade_agent(
     channel: Channel,
     sha256: Option<&str>,
     lease: pb::LeaseRef,
+    allow_downgrade: bool,
 ) -> Result<(u32, String), (Cause, String)> {
     let deadline = Instant::now() + UPGRADE_TIMEOUT;
     let before = agent_info(channel.clone()).await?;
@@ -59,13 +60,16 @@ pub async fn upgrade_agent(
         let request = pb::UpgradeAgentRequest {
             sha256: sha256.unwrap_or_default().to_string(),
             lease: Some(lease.clone()),
-            allow_downgrade: false,
+            allow_downgrade,
             rollback: sha256.is_none(),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let answer = tokio::time::timeout(left, agent.upgrade_agent(request)).await;
         let refusal = match answer {
             Ok(Ok(_)) => None,
+            Ok(Err(status)) if cause_of(&status) == Cause::Superseded => {
+                Some((Cause::Superseded, status.message().to_string()))
+            }
             Ok(Err(status)) => match status.code() {
                 Code::Aborted if status.message().contains("already in progress") => None,
                 Code::AlreadyExists => None,

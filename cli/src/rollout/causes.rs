@@ -7,6 +7,10 @@ use super::journal::Cause;
 /// Transport trouble means the agent could not be reached; anything the
 /// agent said itself is a refusal.
 pub fn cause_of(status: &Status) -> Cause {
+    let fence = status.metadata().get(reload_proto::v1::FENCE_TRAILER);
+    if fence.is_some_and(|v| v == reload_proto::v1::FENCE_SUPERSEDED) {
+        return Cause::Superseded;
+    }
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             Cause::Unreachable

@@ -19,12 +19,28 @@
 //! Every host state is journaled (fsync'd) before the engine acts on it,
 //! then shown by the [`Reporter`]. A resumed host journaled as
 //! `activating` or `activated` is first settled through the fleet, so no
-//! host is activated twice. Leases are renewed every third of their TTL
-//! while the run lasts and released at its end.
+//! host is activated twice.
+//!
+//! Fencing: each host grants this run its own fencing token, journaled
+//! with the generation, and every call to that host carries it. Leases are
+//! renewed on every host at once, each call bounded, every sixth of the
+//! TTL; a host whose lease could not be renewed while a third of it was
+//! still left is given up (the agent may hand it to another rollout once
+//! it expires): no further call goes there and the rollout halts, naming
+//! it. A host that answers "superseded" (a later rollout took it over)
+//! stops the rollout at once, with nothing reverted: a revert would undo
+//! the later rollout's work.
+//!
+//! Revert after a halt covers the hosts whose outcome is unknown too (an
+//! activation cut off by the progress deadline): the engine asks the host
+//! what it runs and reverts it if it changed; the summary says which hosts
+//! were reverted, which were left on the new version and which never
+//! changed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
@@ -37,8 +53,11 @@ use super::plan::RolloutPlan;
 
 /// How this run starts.
 pub struct RunStart {
-    /// This run's fence: the rollout at the next generation.
+    /// This run's fence: the rollout at the next generation (the tokens
+    /// come from the hosts).
     pub lease: Lease,
+    /// How long a lease lasts unrenewed ([`LEASE_TTL`]; shorter in tests).
+    pub lease_ttl: Duration,
     /// Who holds the leases, for the agents' logs and refusals.
     pub holder: String,
     /// Take the leases even from another rollout.
@@ -46,6 +65,10 @@ pub struct RunStart {
     /// A new push rather than a resume: a host that cannot be staged stops
     /// it before anything changes.
     pub fresh: bool,
+    /// A resume: the tokens the hosts granted the last run, from the
+    /// journal. Before anything else the engine asks every host whether a
+    /// later rollout took it over since (see [`RolloutEngine::superseded_since`]).
+    pub resumed_tokens: Option<BTreeMap<String, u64>>,
 }
 
 pub struct RolloutEngine<F> {
@@ -57,6 +80,34 @@ pub struct RolloutEngine<F> {
     /// Bytes uploaded while staging, for the finished record.
     bytes_sent: AtomicU64,
     report: Reporter,
+    /// Each host's lease, with the token it granted.
+    leases: Mutex<Vec<Lease>>,
+    /// Set when the rollout must stop touching hosts: superseded, or a
+    /// lease lost.
+    stop: Mutex<Option<Stop>>,
+}
+
+/// Why the rollout stopped on its own.
+#[derive(Clone, Debug)]
+enum Stop {
+    /// A host said a later rollout took over: nothing may be reverted.
+    Superseded { host: usize, message: String },
+    /// A host's lease could not be renewed in time.
+    LeaseLost { host: usize, message: String },
+}
+
+impl RunStart {
+    /// A run with the production lease TTL.
+    pub fn new(lease: Lease, holder: String, force_takeover: bool, fresh: bool) -> RunStart {
+        RunStart {
+            lease,
+            lease_ttl: LEASE_TTL,
+            holder,
+            force_takeover,
+            fresh,
+            resumed_tokens: None,
+        }
+    }
 }
 
 impl<F: Fleet> RolloutEngine<F> {
@@ -69,6 +120,7 @@ impl<F: Fleet> RolloutEngine<F> {
         start: RunStart,
         report: Reporter,
     ) -> Arc<RolloutEngine<F>> {
+        let leases = vec![start.lease.clone(); plan.hosts.len()];
         Arc::new(RolloutEngine {
             plan,
             fleet: Arc::new(fleet),
@@ -77,6 +129,8 @@ impl<F: Fleet> RolloutEngine<F> {
             hosts: Mutex::new(hosts),
             bytes_sent: AtomicU64::new(0),
             report,
+            leases: Mutex::new(leases),
+            stop: Mutex::new(None),
         })
     }
 
@@ -87,7 +141,18 @@ impl<F: Fleet> RolloutEngine<F> {
         self: Arc<Self>,
         interrupt: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Outcome> {
+        if let Some(tokens) = &self.start.resumed_tokens {
+            if let Some(reason) = self.superseded_since(tokens).await {
+                self.record(Record::Halted {
+                    reason: reason.clone(),
+                })?;
+                self.report.halted(&reason);
+                return self.finish(Outcome::Superseded);
+            }
+        }
         // Fence first: nothing is staged or changed without every lease.
+        // Leases last from before they were asked for, as the engine counts.
+        let leased_at = Instant::now();
         if let Err(reason) = self.acquire_leases().await {
             self.record(Record::Halted {
                 reason: reason.clone(),
@@ -95,12 +160,19 @@ impl<F: Fleet> RolloutEngine<F> {
             self.report.not_started(&reason);
             return self.finish(Outcome::NotStarted);
         }
+        let tokens: BTreeMap<String, u64> = self
+            .plan
+            .hosts
+            .iter()
+            .zip(self.all_leases())
+            .map(|(host, lease)| (host.clone(), lease.token))
+            .collect();
         self.record(Record::Leased {
             generation: self.start.lease.generation,
             holder: self.start.holder.clone(),
-            tokens: Default::default(),
+            tokens,
         })?;
-        let renewer = tokio::spawn(self.clone().renew_leases());
+        let renewer = tokio::spawn(self.clone().renew_leases(leased_at));
         let result = self.clone().run_fenced(interrupt).await;
         renewer.abort();
         let all: Vec<usize> = (0..self.plan.hosts.len()).collect();
@@ -181,6 +253,7 @@ impl<F: Fleet> RolloutEngine<F> {
             skipped: count(&|h| h.state == Some(HostState::Skipped)),
             failed: count(&|h| h.cause.is_some()),
             reverted: count(&|h| h.state == Some(HostState::Reverted)),
+            left: count(&|h| h.changed && h.state != Some(HostState::Reverted)),
             bytes_sent: self.bytes_sent.load(Ordering::SeqCst),
             elapsed_seconds: self.report.elapsed().as_secs_f64(),
         })?;
@@ -211,6 +284,7 @@ impl<F: Fleet> RolloutEngine<F> {
                     if let Some(displaced) = grant.displaced {
                         self.report.took_over(&hosts[i], &displaced);
                     }
+                    self.leases.lock().unwrap_or_else(|p| p.into_inner())[i].token = grant.token;
                     taken.push(i);
                 }
                 Err(refusal) => {
@@ -222,12 +296,160 @@ impl<F: Fleet> RolloutEngine<F> {
         Ok(())
     }
 
-    /// Keeps the leases alive; aborted when the run ends.
-    async fn renew_leases(self: Arc<Self>) {
+    /// A resume's first question: did a later rollout take any host over
+    /// since this rollout's last run? Yes if a host granted a higher token
+    /// to another rollout than it granted ours (tokens only grow), or if a
+    /// host this rollout finished no longer runs its release (changed
+    /// without a lease: an operator's activate). Some: why, for people;
+    /// then nothing is changed. A host that does not answer is left to the
+    /// lease step, which fails on it anyway.
+    pub async fn superseded_since(&self, tokens: &BTreeMap<String, u64>) -> Option<String> {
+        let mut asks = JoinSet::new();
+        for (i, host) in self.plan.hosts.iter().enumerate() {
+            let (fleet, host) = (self.fleet.clone(), host.clone());
+            asks.spawn(async move { (i, fleet.fence_state(&host).await) });
+        }
+        let records = self.snapshot();
+        let mut reasons = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            let Ok((i, Ok(state))) = done else {
+                continue;
+            };
+            let host = &self.plan.hosts[i];
+            let ours = tokens.get(host).copied().unwrap_or(0);
+            if state.highest_rollout != self.start.lease.rollout && state.highest_token > ours {
+                reasons.push((
+                    i,
+                    format!(
+                        "{host} was taken over by rollout {} ({}) with fencing token {} (this rollout's: {ours})",
+                        state.highest_rollout, state.highest_holder, state.highest_token
+                    ),
+                ));
+                continue;
+            }
+            let finished_here = matches!(
+                records[i].state,
+                Some(HostState::Healthy | HostState::Activated)
+            );
+            if finished_here && state.running_sha256 != self.plan.sha256 {
+                reasons.push((
+                    i,
+                    format!(
+                        "{host} runs {} now, not the {} this rollout left there",
+                        if state.running_version.is_empty() {
+                            "nothing"
+                        } else {
+                            &state.running_version
+                        },
+                        self.plan.version
+                    ),
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            return None;
+        }
+        reasons.sort();
+        let reasons: Vec<String> = reasons.into_iter().map(|(_, r)| r).collect();
+        Some(format!(
+            "rollout {} was superseded, so it is not resumed and nothing was changed: {}",
+            self.start.lease.rollout,
+            reasons.join("; ")
+        ))
+    }
+
+    /// Host `index`'s lease, with its token.
+    fn lease(&self, index: usize) -> Lease {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())[index].clone()
+    }
+
+    fn all_leases(&self) -> Vec<Lease> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn stopped(&self) -> Option<Stop> {
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The first reason to stop wins; a superseded verdict outranks a lost
+    /// lease (it forbids the revert).
+    fn stop_with(&self, stop: Stop) {
+        let mut current = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        let replace = match (&*current, &stop) {
+            (None, _) => true,
+            (Some(Stop::LeaseLost { .. }), Stop::Superseded { .. }) => true,
+            _ => false,
+        };
+        if replace {
+            tracing::warn!(stop = ?stop, "the rollout stops touching hosts");
+            *current = Some(stop);
+        }
+    }
+
+    /// The host may still get calls under this run's lease (renewals,
+    /// the release, a revert): all but the one a stop names. Whether
+    /// anything may still be *changed* is [`Self::stopped`].
+    fn may_touch(&self, index: usize) -> bool {
+        match self.stopped() {
+            Some(Stop::Superseded { host, .. } | Stop::LeaseLost { host, .. }) => host != index,
+            None => true,
+        }
+    }
+
+    /// Keeps the leases alive, every host at once, until the run ends
+    /// (aborted then); see the module docs for when a lease is given up.
+    async fn renew_leases(self: Arc<Self>, leased_at: Instant) {
+        let ttl = self.start.lease_ttl;
+        let mut valid_until = vec![leased_at + ttl; self.plan.hosts.len()];
+        let mut last_error = vec![String::new(); self.plan.hosts.len()];
         loop {
-            tokio::time::sleep(LEASE_TTL / 3).await;
-            for host in &self.plan.hosts {
-                self.fleet.renew_lease(host, &self.start.lease).await;
+            tokio::time::sleep(ttl / 6).await;
+            let mut renewals = JoinSet::new();
+            for (i, lease) in self.all_leases().into_iter().enumerate() {
+                if !self.may_touch(i) {
+                    continue;
+                }
+                let (fleet, host) = (self.fleet.clone(), self.plan.hosts[i].clone());
+                renewals.spawn(async move {
+                    let sent = Instant::now();
+                    let renewed =
+                        tokio::time::timeout(ttl / 6, fleet.renew_lease(&host, &lease)).await;
+                    (i, sent, renewed)
+                });
+            }
+            while let Some(done) = renewals.join_next().await {
+                let Ok((i, sent, renewed)) = done else {
+                    continue;
+                };
+                match renewed {
+                    Ok(Ok(())) => valid_until[i] = sent + ttl,
+                    Ok(Err(failure)) if failure.cause == Cause::Superseded => {
+                        self.stop_with(Stop::Superseded {
+                            host: i,
+                            message: format!("{}: {}", self.plan.hosts[i], failure.message),
+                        });
+                    }
+                    Ok(Err(failure)) => last_error[i] = failure.message,
+                    Err(_) => {
+                        last_error[i] =
+                            format!("no answer within {}", humantime::format_duration(ttl / 6))
+                    }
+                }
+            }
+            let now = Instant::now();
+            for (i, until) in valid_until.iter().enumerate() {
+                if self.may_touch(i) && until.saturating_duration_since(now) < ttl / 3 {
+                    self.stop_with(Stop::LeaseLost {
+                        host: i,
+                        message: format!(
+                            "the lease on {} could not be renewed in time ({}); this rollout no longer touches it",
+                            self.plan.hosts[i], last_error[i]
+                        ),
+                    });
+                }
             }
         }
     }
@@ -235,10 +457,13 @@ impl<F: Fleet> RolloutEngine<F> {
     async fn release_leases(&self, indexes: &[usize]) {
         let mut releases = JoinSet::new();
         for &i in indexes {
+            if !self.may_touch(i) {
+                continue;
+            }
             let (fleet, host, lease) = (
                 self.fleet.clone(),
                 self.plan.hosts[i].clone(),
-                self.start.lease.clone(),
+                self.lease(i),
             );
             releases.spawn(async move { fleet.release_lease(&host, &lease).await });
         }
@@ -363,7 +588,10 @@ impl<F: Fleet> RolloutEngine<F> {
             let stop = Arc::new(AtomicBool::new(false));
             for i in pending {
                 let permit = semaphore.clone().acquire_owned().await?;
-                if stop.load(Ordering::SeqCst) || interrupted.load(Ordering::SeqCst) {
+                if stop.load(Ordering::SeqCst)
+                    || interrupted.load(Ordering::SeqCst)
+                    || self.stopped().is_some()
+                {
                     break;
                 }
                 let (engine, stop, budget) = (self.clone(), stop.clone(), self.plan.budget);
@@ -396,6 +624,12 @@ impl<F: Fleet> RolloutEngine<F> {
                     break 'waves;
                 }
             }
+            if let Some(stopped) = self.stopped() {
+                halt = Some(match stopped {
+                    Stop::Superseded { message, .. } | Stop::LeaseLost { message, .. } => message,
+                });
+                break;
+            }
             let failures = self.failures();
             if failures > self.plan.budget {
                 halt = Some(format!(
@@ -417,6 +651,10 @@ impl<F: Fleet> RolloutEngine<F> {
             }
         }
         watcher.abort();
+        // A stop that came while the last wave finished.
+        if let (None, Some(Stop::Superseded { message, .. })) = (&halt, self.stopped()) {
+            halt = Some(message);
+        }
         let Some(reason) = halt else {
             return Ok(Outcome::Done);
         };
@@ -424,6 +662,11 @@ impl<F: Fleet> RolloutEngine<F> {
             reason: reason.clone(),
         })?;
         self.report.halted(&reason);
+        if let Some(Stop::Superseded { host, .. }) = self.stopped() {
+            // Reverting would undo the later rollout's work.
+            tracing::warn!(host = %self.plan.hosts[host], "superseded: nothing is reverted");
+            return Ok(Outcome::Superseded);
+        }
         if !settings.auto_revert {
             return Ok(Outcome::HaltedPartial);
         }
@@ -461,13 +704,25 @@ impl<F: Fleet> RolloutEngine<F> {
         let pid = match pid {
             Some(pid) => pid,
             None => {
+                if self.stopped().is_some() {
+                    // Stopped while this host waited for its turn.
+                    return Ok(());
+                }
                 self.host(index, HostState::Activating, None, "")?;
-                match self.fleet.activate(host, &self.start.lease).await {
+                match self.fleet.activate(host, &self.lease(index)).await {
                     Ok(activated) => {
                         self.host(index, HostState::Activated, None, activated.message)?;
                         activated.pid
                     }
-                    Err(failure) => return self.fail(index, failure),
+                    Err(failure) => {
+                        if failure.cause == Cause::Superseded {
+                            self.stop_with(Stop::Superseded {
+                                host: index,
+                                message: format!("{host}: {}", failure.message),
+                            });
+                        }
+                        return self.fail(index, failure);
+                    }
                 }
             }
         };
@@ -479,36 +734,75 @@ impl<F: Fleet> RolloutEngine<F> {
     }
 
     /// Rolls back, in parallel, every host this rollout activated and has
-    /// not reverted yet. True: all of them are back.
+    /// not reverted yet, and every host whose activation has no known
+    /// outcome (asked first: reverted if it changed). True: all of them are
+    /// back, or never changed.
     async fn revert(self: &Arc<Self>) -> anyhow::Result<bool> {
-        let changed: Vec<usize> = self
+        let candidates: Vec<usize> = self
             .snapshot()
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.changed && h.state != Some(HostState::Reverted))
+            .filter(|(_, h)| {
+                (h.changed && h.state != Some(HostState::Reverted))
+                    || h.state == Some(HostState::Activating)
+            })
             .map(|(i, _)| i)
+            .filter(|&i| self.may_touch(i))
             .collect();
-        self.report.reverting(changed.len());
+        self.report.reverting(candidates.len());
         let mut reverts = JoinSet::new();
-        for i in changed {
+        for i in candidates {
             let engine = self.clone();
             reverts.spawn(async move {
                 let host = &engine.plan.hosts[i];
-                let (state, message) = match engine.fleet.revert(host, &engine.start.lease).await {
+                // The host keeps the cause it failed with, if it did.
+                let cause = engine.snapshot()[i].cause;
+                if engine.snapshot()[i].state == Some(HostState::Activating) {
+                    // No answer came back: ask what it runs (waiting while
+                    // it still works on the activation).
+                    match engine.fleet.settle(host).await {
+                        Ok(Some(pid)) => engine.host(
+                            i,
+                            HostState::Activated,
+                            cause,
+                            format!("found on the new version (pid {pid}) after the halt"),
+                        )?,
+                        Ok(None) => {
+                            return engine.host(
+                                i,
+                                HostState::Unchanged,
+                                cause,
+                                "asked after the halt: still on its previous version",
+                            )
+                        }
+                        Err(failure) => {
+                            return engine.host(
+                                i,
+                                HostState::RevertFailed,
+                                cause,
+                                format!(
+                                    "its outcome is unknown and it could not be asked: {}",
+                                    failure.message
+                                ),
+                            )
+                        }
+                    }
+                }
+                let (state, message) = match engine.fleet.revert(host, &engine.lease(i)).await {
                     Ok(message) => (HostState::Reverted, message),
                     Err(message) => (HostState::RevertFailed, message),
                 };
-                // The host keeps the cause it failed with, if it did.
-                let cause = engine.snapshot()[i].cause;
                 engine.host(i, state, cause, message)
             });
         }
         while let Some(done) = reverts.join_next().await {
             done??;
         }
-        Ok(self
-            .snapshot()
-            .iter()
-            .all(|h| h.state != Some(HostState::RevertFailed)))
+        Ok(self.snapshot().iter().enumerate().all(|(i, h)| {
+            h.state != Some(HostState::RevertFailed)
+                    // A host given up (lease lost) that this run changed
+                    // stays changed.
+                    && (self.may_touch(i) || !h.changed || h.state == Some(HostState::Reverted))
+        }))
     }
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use super::engine::{HostRecord, RolloutEngine, RunStart};
 use super::fake_fleet::{pid_of, FakeFleet, Op};
-use super::fleet::{HostFailure, Lease, Probe};
+use super::fleet::{FenceState, HostFailure, Lease, Probe};
 use super::journal::{self, Cause, HostState, Journal, Line, Outcome, Record};
 use super::output::Reporter;
+use super::output::{verdict, Changes};
 use super::plan::{failure_budget, parse_waves, plan_waves, RolloutPlan};
 use super::settings::RolloutSettings;
 
@@ -44,6 +45,7 @@ fn plan(hosts: Vec<String>, settings: RolloutSettings) -> RolloutPlan {
         budget: failure_budget(&settings.max_failures, hosts.len()).unwrap(),
         hosts,
         settings,
+        allow_downgrade: false,
     }
 }
 
@@ -114,18 +116,33 @@ async fn run(
     fresh: bool,
     interrupt: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Finished {
+    run_custom(plan, fleet, records, generation, fresh, interrupt, |_| {}).await
+}
+
+/// [`run`], with the run's start adjusted (lease TTL, resumed tokens).
+async fn run_custom(
+    plan: RolloutPlan,
+    fleet: &FakeFleet,
+    records: Vec<HostRecord>,
+    generation: u64,
+    fresh: bool,
+    interrupt: impl std::future::Future<Output = ()> + Send + 'static,
+    adjust: impl FnOnce(&mut RunStart),
+) -> Finished {
     let dir = tempfile::tempdir().unwrap();
     let journal = Journal::create(dir.path(), "r1", false).unwrap();
     let path = journal.path.clone();
-    let start = RunStart {
-        lease: Lease {
+    let mut start = RunStart::new(
+        Lease {
             rollout: "r1".into(),
             generation,
+            token: 0,
         },
-        holder: "test".into(),
-        force_takeover: false,
+        "test".into(),
+        false,
         fresh,
-    };
+    );
+    adjust(&mut start);
     let engine = RolloutEngine::new(
         plan,
         fleet.clone(),
@@ -190,6 +207,21 @@ async fn a_healthy_fleet_is_done_each_host_activated_once_under_every_lease() {
         .unwrap()
         .generation
         == 1));
+    // Each host's calls carry the fencing token it granted, journaled.
+    assert!(calls
+        .iter()
+        .filter(|c| matches!(c.op, Op::Activate | Op::Release))
+        .all(|c| c.lease.as_ref().unwrap().token == 1));
+    let tokens = done
+        .lines
+        .iter()
+        .find_map(|l| match &l.record {
+            Record::Leased { tokens, .. } => Some(tokens.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(tokens.keys().cloned().collect::<Vec<_>>(), hosts(4));
+    assert!(tokens.values().all(|&t| t == 1));
     match done.finished() {
         Record::Finished {
             outcome,
@@ -554,13 +586,260 @@ async fn the_progress_deadline_halts_and_reverts_what_changed() {
         "the progress deadline of 300ms passed"
     );
     assert_eq!(done.outcome, Outcome::HaltedReverted);
-    // h2 never answered its activation: it is not known to be changed;
-    // h3, beside it in the wave, was.
+    // h2 never answered its activation: asked after the halt, it had not
+    // changed, so nothing is reverted there; h3, beside it in the wave,
+    // had.
     assert_eq!(
         sorted(fleet.hosts_with(Op::Revert)),
         vec!["h1:7700", "h3:7700"]
     );
-    assert_eq!(done.state("h2:7700"), Some((HostState::Activating, None)));
+    assert_eq!(fleet.hosts_with(Op::Settle), vec!["h2:7700"]);
+    assert_eq!(done.state("h2:7700"), Some((HostState::Unchanged, None)));
+}
+
+/// The case: the progress deadline hit while a host was
+/// activating, no result came back, and the host went on to run the new
+/// version afterwards. The revert asks it, finds it changed, and reverts
+/// it too; the summary counts it as reverted.
+#[tokio::test]
+async fn a_progress_deadline_mid_activation_reverts_that_host_too() {
+    let fleet = FakeFleet::new();
+    fleet
+        .hang_activate("h1:7700")
+        .settles("h1:7700", Ok(Some(pid_of("h1:7700"))));
+    let settings = RolloutSettings {
+        progress_deadline: Duration::from_millis(300),
+        ..fast()
+    };
+    let plan = plan(hosts(3), settings);
+    let done = push(plan.clone(), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert_eq!(fleet.hosts_with(Op::Revert), vec!["h1:7700"]);
+    assert_eq!(
+        done.states("h1:7700"),
+        vec![
+            HostState::Staged,
+            HostState::Activating,
+            HostState::Activated,
+            HostState::Reverted
+        ]
+    );
+    let records = HostRecord::from_journal(&plan.hosts, &done.lines);
+    let changes = Changes::of(&plan, &records);
+    assert_eq!(changes.reverted, vec!["h1:7700"]);
+    assert_eq!(changes.unchanged, vec!["h2:7700", "h3:7700"]);
+    assert_eq!(verdict(done.outcome, &changes), "halted and reverted");
+}
+
+/// A canary refused (a downgrade the agent will not take): nothing
+/// changed, and the summary says so instead of "halted and reverted".
+#[tokio::test]
+async fn a_refused_canary_is_summarised_as_nothing_changed() {
+    let fleet = FakeFleet::new();
+    fleet.fail_activate(
+        "h1:7700",
+        HostFailure::new(Cause::Rejected, "2.0.0 is below the floor 3.0.0"),
+    );
+    let plan = plan(hosts(3), fast());
+    let done = push(plan.clone(), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    let records = HostRecord::from_journal(&plan.hosts, &done.lines);
+    let changes = Changes::of(&plan, &records);
+    assert!(changes.reverted.is_empty() && changes.left.is_empty());
+    assert_eq!(changes.unchanged, hosts(3));
+    assert_eq!(
+        verdict(done.outcome, &changes),
+        "halted; no host was changed, nothing to revert"
+    );
+    assert_eq!(
+        changes.describe("2.0.0"),
+        "reverted: none; left on 2.0.0: none; never changed: h1:7700 h2:7700 h3:7700"
+    );
+}
+
+/// Hole (c): leases were renewed host by host, each call waiting up to 5 s,
+/// and failures were ignored, so a few unreachable hosts let the other
+/// leases lapse while the rollout went on. Renewals now go to every host at
+/// once, each bounded; a host whose lease cannot be renewed in time is
+/// given up (no further call goes there) and the rollout halts, naming it.
+#[tokio::test]
+async fn a_lease_that_cannot_be_renewed_in_time_halts_the_rollout_naming_the_host() {
+    let fleet = FakeFleet::new();
+    fleet
+        .hang_renew("h3:7700")
+        .activate_delay(Duration::from_millis(250));
+    let settings = RolloutSettings {
+        max_parallel: 1,
+        canary: 0,
+        ..fast()
+    };
+    let ttl = Duration::from_millis(600);
+    let done = run_custom(
+        plan(hosts(6), settings),
+        &fleet,
+        vec![HostRecord::default(); 6],
+        1,
+        true,
+        std::future::pending(),
+        |start| start.lease_ttl = ttl,
+    )
+    .await;
+    let reason = done.halted().unwrap();
+    assert!(
+        reason.contains("the lease on h3:7700 could not be renewed in time"),
+        "{reason}"
+    );
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    // Given up: never activated, reverted or released.
+    let calls = fleet.calls();
+    let to_h3: Vec<Op> = calls
+        .iter()
+        .filter(|c| c.host == "h3:7700")
+        .map(|c| c.op.clone())
+        .filter(|op| !matches!(op, Op::Acquire | Op::Stage | Op::Renew))
+        .collect();
+    assert!(to_h3.is_empty(), "{to_h3:?}");
+    // The hanging host did not hold up the others' renewals.
+    for host in ["h1:7700", "h2:7700", "h6:7700"] {
+        let renewals = calls
+            .iter()
+            .filter(|c| c.op == Op::Renew && c.host == host)
+            .count();
+        assert!(renewals >= 2, "{host} renewed {renewals} times: {calls:?}");
+    }
+    // Halted before the rollout could reach every host.
+    assert!(fleet.hosts_with(Op::Activate).len() < 6);
+}
+
+/// A host answering "superseded" (a later rollout took it over) stops the
+/// rollout at once: no further host starts, and nothing is reverted (that
+/// would undo the later rollout's work). Exit code 6.
+#[tokio::test]
+async fn a_superseded_host_stops_the_rollout_and_nothing_is_reverted() {
+    let fleet = FakeFleet::new();
+    fleet.fail_activate(
+        "h2:7700",
+        HostFailure::new(
+            Cause::Superseded,
+            "superseded: fencing token 1 of rollout r1 is below token 2",
+        ),
+    );
+    let settings = RolloutSettings {
+        max_parallel: 1,
+        max_failures: "2".into(),
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Superseded);
+    assert_eq!(done.outcome.exit_code(), 6);
+    assert!(done.halted().unwrap().contains("h2:7700: superseded"));
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700", "h2:7700"]);
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    // The leases it still holds are given back; not h2's.
+    assert_eq!(
+        sorted(fleet.hosts_with(Op::Release)),
+        vec!["h1:7700", "h3:7700", "h4:7700"]
+    );
+}
+
+/// The sequence: a push paused after its canary, a newer push took
+/// every host, then `resume`: the hosts granted the newer rollout higher
+/// tokens, so the resume is refused before it takes a lease, and changes
+/// nothing.
+#[tokio::test]
+async fn a_resume_superseded_by_a_later_rollout_changes_nothing() {
+    let fleet = FakeFleet::new();
+    for (i, host) in hosts(3).iter().enumerate() {
+        fleet.fence_state(
+            host,
+            FenceState {
+                highest_token: 7 + i as u64,
+                highest_rollout: "r9".into(),
+                highest_holder: "reloadctl push web 3.0.0 by ci@runner".into(),
+                running_sha256: "cd".repeat(32),
+                running_version: "3.0.0".into(),
+            },
+        );
+    }
+    let mut records = vec![HostRecord::default(); 3];
+    records[0].state = Some(HostState::Healthy);
+    records[0].changed = true;
+    let tokens = hosts(3).into_iter().map(|h| (h, 1)).collect();
+    let done = run_custom(
+        plan(hosts(3), fast()),
+        &fleet,
+        records,
+        2,
+        false,
+        std::future::pending(),
+        |start| start.resumed_tokens = Some(tokens),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Superseded);
+    let reason = done.halted().unwrap();
+    assert!(
+        reason.contains("h2:7700 was taken over by rollout r9 (reloadctl push web 3.0.0 by ci@runner) with fencing token 8"),
+        "{reason}"
+    );
+    let changed: Vec<Op> = fleet
+        .calls()
+        .into_iter()
+        .map(|c| c.op)
+        .filter(|op| *op != Op::FenceState)
+        .collect();
+    assert!(changed.is_empty(), "{changed:?}");
+}
+
+/// Also superseded: a host this rollout finished runs something else now
+/// (an operator's activate, which takes no lease), although no token moved.
+#[tokio::test]
+async fn a_resume_refuses_when_a_finished_host_was_changed_behind_its_back() {
+    let fleet = FakeFleet::new();
+    let ours = FenceState {
+        highest_token: 1,
+        highest_rollout: "r1".into(),
+        running_sha256: "ab".repeat(32),
+        running_version: "2.0.0".into(),
+        ..FenceState::default()
+    };
+    for host in hosts(3) {
+        fleet.fence_state(&host, ours.clone());
+    }
+    fleet.fence_state(
+        "h1:7700",
+        FenceState {
+            running_sha256: "ef".repeat(32),
+            running_version: "1.9.0".into(),
+            ..ours.clone()
+        },
+    );
+    let mut records = vec![HostRecord::default(); 3];
+    records[0].state = Some(HostState::Healthy);
+    records[0].changed = true;
+    let tokens = hosts(3).into_iter().map(|h| (h, 1)).collect();
+    let resume = |records, tokens| {
+        run_custom(
+            plan(hosts(3), fast()),
+            &fleet,
+            records,
+            2,
+            false,
+            std::future::pending(),
+            move |start| start.resumed_tokens = Some(tokens),
+        )
+    };
+    let done = resume(records.clone(), tokens).await;
+    assert_eq!(done.outcome, Outcome::Superseded);
+    assert!(done
+        .halted()
+        .unwrap()
+        .contains("h1:7700 runs 1.9.0 now, not the 2.0.0 this rollout left there"));
+    // Our own tokens and versions: the resume goes on.
+    fleet.fence_state("h1:7700", ours);
+    let tokens = hosts(3).into_iter().map(|h| (h, 1)).collect();
+    let done = resume(records, tokens).await;
+    assert_eq!(done.outcome, Outcome::Done);
 }
 
 #[tokio::test]
@@ -779,4 +1058,36 @@ async fn a_resume_goes_on_past_a_host_it_cannot_stage_counting_it_as_failed() {
     );
     assert!(fleet.hosts_with(Op::Activate).is_empty());
     assert_eq!(done.state("h2:7700"), Some((HostState::Healthy, None)));
+}
+
+/// A renewal answered "superseded" (taken over while the rollout ran)
+/// stops it the same way, before its next host.
+#[tokio::test]
+async fn a_renewal_answered_superseded_stops_the_rollout() {
+    let fleet = FakeFleet::new();
+    fleet
+        .fail_renew(
+            "h4:7700",
+            HostFailure::new(Cause::Superseded, "superseded: token 1 is below token 2"),
+        )
+        .activate_delay(Duration::from_millis(200));
+    let settings = RolloutSettings {
+        max_parallel: 1,
+        canary: 0,
+        ..fast()
+    };
+    let done = run_custom(
+        plan(hosts(6), settings),
+        &fleet,
+        vec![HostRecord::default(); 6],
+        1,
+        true,
+        std::future::pending(),
+        |start| start.lease_ttl = Duration::from_millis(600),
+    )
+    .await;
+    assert_eq!(done.outcome, Outcome::Superseded);
+    assert!(done.halted().unwrap().contains("token 1 is below token 2"));
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    assert!(fleet.hosts_with(Op::Activate).len() < 6);
 }

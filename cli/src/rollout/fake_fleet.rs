@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::fleet::{Activated, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged};
+use super::fleet::{
+    Activated, FenceState, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged,
+};
 
 /// One call the engine made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +27,7 @@ pub enum Op {
     Probe,
     Settle,
     Revert,
+    FenceState,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +57,11 @@ struct State {
     settles: HashMap<String, Result<Option<u32>, HostFailure>>,
     revert_failures: HashMap<String, String>,
     interrupt_on: Option<String>,
+    /// The last fencing token each host granted.
+    tokens: HashMap<String, u64>,
+    renew_failures: HashMap<String, HostFailure>,
+    hanging_renewals: HashSet<String>,
+    fence_states: HashMap<String, FenceState>,
 }
 
 #[derive(Clone, Default)]
@@ -148,6 +156,23 @@ impl FakeFleet {
         self
     }
 
+    /// Every renewal of `host`'s lease fails with `failure`.
+    pub fn fail_renew(&self, host: &str, failure: HostFailure) -> &Self {
+        self.with(|s| s.renew_failures.insert(host.into(), failure));
+        self
+    }
+
+    /// Renewals of `host`'s lease never answer (a partition).
+    pub fn hang_renew(&self, host: &str) -> &Self {
+        self.with(|s| s.hanging_renewals.insert(host.into()));
+        self
+    }
+
+    pub fn fence_state(&self, host: &str, state: FenceState) -> &Self {
+        self.with(|s| s.fence_states.insert(host.into(), state));
+        self
+    }
+
     pub fn interrupt_on_activate(&self, host: &str) -> &Self {
         self.with(|s| s.interrupt_on = Some(host.into()));
         self
@@ -184,11 +209,34 @@ impl Fleet for FakeFleet {
         if let Some(reason) = self.with(|s| s.lease_refusals.get(host).cloned()) {
             return Err(LeaseRefusal(reason));
         }
-        Ok(LeaseGrant::default())
+        let token = self.with(|s| {
+            let token = s.tokens.entry(host.to_string()).or_insert(0);
+            *token += 1;
+            *token
+        });
+        Ok(LeaseGrant {
+            displaced: None,
+            token,
+        })
     }
 
-    async fn renew_lease(&self, host: &str, lease: &Lease) {
+    async fn renew_lease(&self, host: &str, lease: &Lease) -> Result<(), HostFailure> {
         self.log(Op::Renew, host, Some(lease));
+        let (failure, hang) = self.with(|s| {
+            (
+                s.renew_failures.get(host).cloned(),
+                s.hanging_renewals.contains(host),
+            )
+        });
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn fence_state(&self, host: &str) -> Result<FenceState, HostFailure> {
+        self.log(Op::FenceState, host, None);
+        Ok(self.with(|s| s.fence_states.get(host).cloned().unwrap_or_default()))
     }
 
     async fn release_lease(&self, host: &str, lease: &Lease) {

@@ -15,12 +15,9 @@
 //! [`HostFailure`]: a cause and a message for people; the engine decides
 //! what a failure means for the rollout.
 //!
-//! Shape for what comes next: fencing tokens ride in [`Lease`] (one place
-//! every mutating call already takes), an agent's verdict on a superseded
-//! rollout is one more kind of [`LeaseRefusal`], and a revert that must
-//! know what a host ran before even when no result came back can take it
-//! as one more argument of [`Fleet::revert`], recorded by the engine when it
-//! asks for the activation, without changing the other calls.
+//! Fencing tokens ride in [`Lease`]: each host grants its own, so the
+//! engine keeps one `Lease` per host. An agent's verdict that a later
+//! rollout superseded this one comes back as [`Cause::Superseded`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -33,11 +30,13 @@ pub const LEASE_TTL: Duration = Duration::from_secs(60);
 
 /// The fence every mutating call carries: this rollout, at this generation
 /// (a resume takes the next one, which makes the agents refuse an older
-/// process of the same rollout).
+/// process of the same rollout), with the fencing token the host granted
+/// (0 until it did).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub rollout: String,
     pub generation: u64,
+    pub token: u64,
 }
 
 /// Why a host did not do what was asked, kept apart by cause.
@@ -66,6 +65,22 @@ pub struct LeaseRefusal(pub String);
 pub struct LeaseGrant {
     /// The holder whose lease this one replaced (`--force-takeover`).
     pub displaced: Option<String>,
+    /// The host's fencing token for this run.
+    pub token: u64,
+}
+
+/// What a host says of the leases it granted, for `resume` to tell whether
+/// a later rollout took over since.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FenceState {
+    /// The highest fencing token the host granted (0: none).
+    pub highest_token: u64,
+    /// The rollout it was granted to, and who ran it.
+    pub highest_rollout: String,
+    pub highest_holder: String,
+    /// The sha256 of what the host runs now (empty: nothing).
+    pub running_sha256: String,
+    pub running_version: String,
 }
 
 /// What staging found or did.
@@ -112,8 +127,19 @@ pub trait Fleet: Send + Sync + 'static {
         force: bool,
     ) -> impl Future<Output = Result<LeaseGrant, LeaseRefusal>> + Send;
 
-    /// Extends the lease; best effort (a lost lease shows as refusals).
-    fn renew_lease(&self, host: &str, lease: &Lease) -> impl Future<Output = ()> + Send;
+    /// Extends the lease for another `ttl`. The engine bounds the call and
+    /// halts when a lease cannot be renewed in time.
+    fn renew_lease(
+        &self,
+        host: &str,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<(), HostFailure>> + Send;
+
+    /// The host's fencing state and what it runs (read right only).
+    fn fence_state(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<FenceState, HostFailure>> + Send;
 
     /// Gives the lease back; best effort.
     fn release_lease(&self, host: &str, lease: &Lease) -> impl Future<Output = ()> + Send;

@@ -20,7 +20,8 @@ use tonic::Code;
 use super::agent_upgrade::{agent_info, upgrade_agent, UPGRADE_TIMEOUT};
 use super::causes::cause_of;
 use super::fleet::{
-    Activated, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged, LEASE_TTL,
+    Activated, FenceState, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged,
+    LEASE_TTL,
 };
 use super::journal::Cause;
 use crate::client::upload;
@@ -35,6 +36,9 @@ pub struct Target {
     pub sha256: String,
     /// The signed release, its envelope beside it.
     pub artifact: PathBuf,
+    /// `push --allow-downgrade`: the operator accepts going below the
+    /// agents' downgrade floor.
+    pub allow_downgrade: bool,
 }
 
 impl Target {
@@ -84,6 +88,7 @@ fn pb_lease(lease: &Lease) -> pb::LeaseRef {
     pb::LeaseRef {
         rollout_id: lease.rollout.clone(),
         generation: lease.generation,
+        token: lease.token,
     }
 }
 
@@ -271,9 +276,23 @@ impl Fleet for GrpcFleet {
         };
         let mut client = self.leases(host);
         match tokio::time::timeout(Duration::from_secs(10), client.acquire_lease(request)).await {
-            Ok(Ok(response)) => Ok(LeaseGrant {
-                displaced: response.into_inner().displaced.map(|d| d.holder),
-            }),
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                let token = response
+                    .lease
+                    .and_then(|l| l.r#ref)
+                    .map(|r| r.token)
+                    .unwrap_or_default();
+                if token == 0 {
+                    return Err(LeaseRefusal(
+                        "the agent granted no fencing token: it is older than this reloadctl; upgrade it first (`reloadctl push --agent`)".into(),
+                    ));
+                }
+                Ok(LeaseGrant {
+                    displaced: response.displaced.map(|d| d.holder),
+                    token,
+                })
+            }
             Ok(Err(status)) if status.code() == Code::Aborted => {
                 Err(LeaseRefusal(status.message().to_string()))
             }
@@ -286,13 +305,52 @@ impl Fleet for GrpcFleet {
         }
     }
 
-    async fn renew_lease(&self, host: &str, lease: &Lease) {
+    async fn renew_lease(&self, host: &str, lease: &Lease) -> Result<(), HostFailure> {
         let request = pb::RenewLeaseRequest {
             r#ref: Some(pb_lease(lease)),
             ttl: Some(LEASE_TTL.try_into().expect("small")),
         };
-        let mut client = self.leases(host);
-        let _ = tokio::time::timeout(Duration::from_secs(5), client.renew_lease(request)).await;
+        // The engine bounds the call.
+        self.leases(host)
+            .renew_lease(request)
+            .await
+            .map(drop)
+            .map_err(|s| HostFailure::new(cause_of(&s), format!("RenewLease: {}", s.message())))
+    }
+
+    async fn fence_state(&self, host: &str) -> Result<FenceState, HostFailure> {
+        let timeout = Duration::from_secs(10);
+        let unreachable = || HostFailure::new(Cause::Unreachable, "no answer within 10s");
+        let lease =
+            tokio::time::timeout(timeout, self.leases(host).get_lease(pb::GetLeaseRequest {}))
+                .await
+                .map_err(|_| unreachable())?
+                .map_err(|s| HostFailure::new(cause_of(&s), format!("GetLease: {}", s.message())))?
+                .into_inner();
+        let (running_sha256, running_version) = if self.target.agent() {
+            let info = agent_info(self.channel(host)).await.map_err(failure)?;
+            (info.executable_sha256, info.artifact_version)
+        } else {
+            let status = tokio::time::timeout(
+                timeout,
+                self.control(host).get_status(pb::GetStatusRequest {
+                    service: self.target.service.clone(),
+                }),
+            )
+            .await
+            .map_err(|_| unreachable())?
+            .map_err(|s| HostFailure::new(cause_of(&s), format!("status: {}", s.message())))?
+            .into_inner();
+            let service = status.services.into_iter().next().unwrap_or_default();
+            (service.current_sha256, service.current_version)
+        };
+        Ok(FenceState {
+            highest_token: lease.highest_token,
+            highest_rollout: lease.highest_ref.map(|r| r.rollout_id).unwrap_or_default(),
+            highest_holder: lease.highest_holder,
+            running_sha256,
+            running_version,
+        })
     }
 
     async fn release_lease(&self, host: &str, lease: &Lease) {
@@ -334,10 +392,14 @@ impl Fleet for GrpcFleet {
     async fn activate(&self, host: &str, lease: &Lease) -> Result<Activated, HostFailure> {
         let target = &self.target;
         if target.agent() {
-            let (pid, version) =
-                upgrade_agent(self.channel(host), Some(&target.sha256), pb_lease(lease))
-                    .await
-                    .map_err(failure)?;
+            let (pid, version) = upgrade_agent(
+                self.channel(host),
+                Some(&target.sha256),
+                pb_lease(lease),
+                target.allow_downgrade,
+            )
+            .await
+            .map_err(failure)?;
             return Ok(Activated {
                 pid,
                 message: format!("agent pid {pid} re-executed into {version}"),
@@ -347,7 +409,7 @@ impl Fleet for GrpcFleet {
             service: target.service.clone(),
             sha256: target.sha256.clone(),
             lease: Some(pb_lease(lease)),
-            allow_downgrade: false,
+            allow_downgrade: target.allow_downgrade,
         };
         let mut control = self.control(host);
         let progress = probation_progress(control.clone(), host, &target.service).await;
@@ -427,7 +489,7 @@ impl Fleet for GrpcFleet {
 
     async fn revert(&self, host: &str, lease: &Lease) -> Result<String, String> {
         if self.target.agent() {
-            return match upgrade_agent(self.channel(host), None, pb_lease(lease)).await {
+            return match upgrade_agent(self.channel(host), None, pb_lease(lease), true).await {
                 Ok((_, version)) => Ok(format!("agent back on {version}")),
                 Err((_, message)) => Err(message),
             };

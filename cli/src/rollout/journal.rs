@@ -27,6 +27,9 @@ pub enum HostState {
     Failed,
     Reverted,
     RevertFailed,
+    /// Its outcome was unknown at the halt (no answer came back); asked
+    /// afterwards, it had not changed: nothing to revert.
+    Unchanged,
 }
 
 /// Why a host failed, kept apart because each calls for another response.
@@ -41,6 +44,12 @@ pub enum Cause {
     ReloadFailed,
     /// Ready, but not healthy within the healthy deadline.
     Unhealthy,
+    /// A later rollout took the host over (a higher fencing token): this
+    /// rollout may never act on it again.
+    Superseded,
+    /// The lease could not be renewed in time: the rollout stopped
+    /// touching the host.
+    LeaseLost,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,6 +60,9 @@ pub enum Outcome {
     HaltedPartial,
     Aborted,
     NotStarted,
+    /// A later rollout superseded this one: it stopped, and reverted
+    /// nothing (that would undo the later rollout's work).
+    Superseded,
 }
 
 impl Outcome {
@@ -62,6 +74,7 @@ impl Outcome {
             Outcome::HaltedReverted => 3,
             Outcome::HaltedPartial => 4,
             Outcome::Aborted => 5,
+            Outcome::Superseded => 6,
         }
     }
 }
@@ -122,6 +135,9 @@ pub enum Record {
         skipped: usize,
         failed: usize,
         reverted: usize,
+        /// Changed by this rollout and not reverted: on its version now.
+        #[serde(default)]
+        left: usize,
         bytes_sent: u64,
         elapsed_seconds: f64,
     },

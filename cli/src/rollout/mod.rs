@@ -72,6 +72,9 @@ pub struct PushArgs {
     pub json: bool,
     pub dry_run: bool,
     pub force_takeover: bool,
+    /// Go below the agents' downgrade floor (asked explicitly; journaled
+    /// and audited).
+    pub allow_downgrade: bool,
 }
 
 /// A usage or config error: exit code 2.
@@ -112,6 +115,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         hosts,
         settings,
         budget,
+        allow_downgrade: args.allow_downgrade,
     };
     if args.dry_run {
         output::print_plan(&plan);
@@ -128,7 +132,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         hosts: plan.hosts.clone(),
         waves: plan.waves.clone(),
         settings: Box::new(plan.settings.clone()),
-        allow_downgrade: false,
+        allow_downgrade: plan.allow_downgrade,
     })?;
     if !args.json {
         output::print_start(&rollout, &plan, &journal.path);
@@ -141,10 +145,11 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         Lease {
             rollout,
             generation: 1,
+            token: 0,
         },
         !args.json,
         args.force_takeover,
-        true,
+        None,
     )
     .await
 }
@@ -212,7 +217,7 @@ pub async fn resume(
         hosts,
         waves,
         settings,
-        ..
+        allow_downgrade,
     }) = lines.first().map(|l| l.record.clone())
     else {
         bail!("journal {} does not start with a plan", path.display());
@@ -229,6 +234,16 @@ pub async fn resume(
         .max()
         .unwrap_or(0)
         + 1;
+    // The tokens the last run was granted: a host that granted a higher
+    // one to another rollout since has been taken over.
+    let tokens = lines
+        .iter()
+        .rev()
+        .find_map(|l| match &l.record {
+            Record::Leased { tokens, .. } => Some(tokens.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
     let (file_sha, file_size) = hash_file(&artifact).with_context(|| {
         format!(
             "the release {} is gone; it is needed to resume",
@@ -252,6 +267,7 @@ pub async fn resume(
         waves,
         settings: *settings,
         budget,
+        allow_downgrade,
     };
     let records = HostRecord::from_journal(&plan.hosts, &lines);
     // A failed host stays failed; a halted rollout is not resumed into
@@ -272,10 +288,11 @@ pub async fn resume(
         Lease {
             rollout,
             generation,
+            token: 0,
         },
         !json,
         force_takeover,
-        false,
+        Some(tokens),
     )
     .await
 }
@@ -289,7 +306,7 @@ async fn run(
     lease: Lease,
     human: bool,
     force_takeover: bool,
-    fresh: bool,
+    resumed_tokens: Option<std::collections::BTreeMap<String, u64>>,
 ) -> anyhow::Result<u8> {
     let report = output::Reporter::new(human);
     let fleet = GrpcFleet::new(
@@ -298,15 +315,13 @@ async fn run(
             version: plan.version.clone(),
             sha256: plan.sha256.clone(),
             artifact: plan.artifact.clone(),
+            allow_downgrade: plan.allow_downgrade,
         },
         &plan.hosts,
     )?;
-    let start = RunStart {
-        holder: holder_name(&plan, &lease.rollout),
-        lease,
-        force_takeover,
-        fresh,
-    };
+    let holder = holder_name(&plan, &lease.rollout);
+    let mut start = RunStart::new(lease, holder, force_takeover, resumed_tokens.is_none());
+    start.resumed_tokens = resumed_tokens;
     let engine = RolloutEngine::new(plan, fleet, journal, hosts, start, report);
     // Registered only once the engine polls it (after staging): until
     // then Ctrl-C simply ends the process, nothing having changed.

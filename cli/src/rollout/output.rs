@@ -25,6 +25,7 @@ pub fn state_name(state: HostState) -> &'static str {
         HostState::Failed => "FAILED",
         HostState::Reverted => "reverted",
         HostState::RevertFailed => "REVERT FAILED",
+        HostState::Unchanged => "unchanged (the activation never took effect)",
     }
 }
 
@@ -34,6 +35,8 @@ pub fn cause_name(cause: Cause) -> &'static str {
         Cause::Rejected => "rejected",
         Cause::ReloadFailed => "reload failed",
         Cause::Unhealthy => "unhealthy after reload",
+        Cause::Superseded => "superseded by a later rollout",
+        Cause::LeaseLost => "lease lost",
     }
 }
 
@@ -140,15 +143,10 @@ impl Reporter {
             .iter()
             .map(|(c, n)| format!("{n} {}", cause_name(*c)))
             .collect();
+        let changes = Changes::of(plan, hosts);
         println!(
             "{}: {} {} on {} hosts in {:.1}s{}",
-            match outcome {
-                Outcome::Done => "done",
-                Outcome::HaltedReverted => "halted and reverted",
-                Outcome::HaltedPartial => "halted, NOT fully reverted",
-                Outcome::Aborted => "paused",
-                Outcome::NotStarted => "not started",
-            },
+            verdict(outcome, &changes),
             plan.service,
             plan.version,
             plan.hosts.len(),
@@ -159,6 +157,69 @@ impl Reporter {
                 format!("; failures: {}", causes.join(", "))
             }
         );
+        if matches!(
+            outcome,
+            Outcome::HaltedReverted | Outcome::HaltedPartial | Outcome::Superseded
+        ) {
+            println!("{}", changes.describe(&plan.version));
+        }
+    }
+}
+
+/// The summary's first word(s): never "reverted" when nothing was.
+pub fn verdict(outcome: Outcome, changes: &Changes) -> &'static str {
+    match outcome {
+        Outcome::Done => "done",
+        Outcome::HaltedReverted if changes.reverted.is_empty() => {
+            "halted; no host was changed, nothing to revert"
+        }
+        Outcome::HaltedReverted => "halted and reverted",
+        Outcome::HaltedPartial => "halted, NOT fully reverted",
+        Outcome::Aborted => "paused",
+        Outcome::NotStarted => "not started",
+        Outcome::Superseded => "superseded by a later rollout; stopped, nothing reverted",
+    }
+}
+
+/// What a halted rollout left behind, host by host: the exact account the
+/// summary owes (never "reverted" for a host that was not).
+pub struct Changes<'a> {
+    pub reverted: Vec<&'a str>,
+    /// Changed by this rollout and still on its version.
+    pub left: Vec<&'a str>,
+    pub unchanged: Vec<&'a str>,
+}
+
+impl<'a> Changes<'a> {
+    pub fn of(plan: &'a RolloutPlan, hosts: &[HostRecord]) -> Changes<'a> {
+        let mut changes = Changes {
+            reverted: Vec::new(),
+            left: Vec::new(),
+            unchanged: Vec::new(),
+        };
+        for (host, record) in plan.hosts.iter().zip(hosts) {
+            let list = match record.state {
+                Some(HostState::Reverted) => &mut changes.reverted,
+                Some(HostState::Skipped) => continue,
+                _ if record.changed => &mut changes.left,
+                _ => &mut changes.unchanged,
+            };
+            list.push(host);
+        }
+        changes
+    }
+
+    pub fn describe(&self, version: &str) -> String {
+        let list = |hosts: &[&str]| match hosts.len() {
+            0 => "none".to_string(),
+            _ => hosts.join(" "),
+        };
+        format!(
+            "reverted: {}; left on {version}: {}; never changed: {}",
+            list(&self.reverted),
+            list(&self.left),
+            list(&self.unchanged)
+        )
     }
 }
 

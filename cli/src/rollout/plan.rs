@@ -25,6 +25,9 @@ pub struct RolloutPlan {
     pub settings: RolloutSettings,
     /// Failed hosts tolerated; one more halts the rollout.
     pub budget: usize,
+    /// `push --allow-downgrade`: asked explicitly, journaled, and sent
+    /// with every activation (the agents audit it).
+    pub allow_downgrade: bool,
 }
 
 /// How many hosts a wave spec reaches in total (cumulative).

@@ -467,13 +467,14 @@ async fn the_agents_floor_and_the_lease_fence_hold(agent: &Agent, agent_v2: &str
     assert!(below.message().contains("below 3.0.0"), "{below:?}");
     let mut leases =
         pb::lease_service_client::LeaseServiceClient::new(channel(agent).await.unwrap());
-    let lease = pb::LeaseRef {
+    let asked = pb::LeaseRef {
         rollout_id: "test-rollout".into(),
         generation: 1,
+        token: 0,
     };
-    leases
+    let lease = leases
         .acquire_lease(pb::AcquireLeaseRequest {
-            r#ref: Some(lease.clone()),
+            r#ref: Some(asked),
             holder: "the test".into(),
             ttl: Some(prost_types::Duration {
                 seconds: 60,
@@ -482,6 +483,11 @@ async fn the_agents_floor_and_the_lease_fence_hold(agent: &Agent, agent_v2: &str
             force_takeover: false,
         })
         .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap()
+        .r#ref
         .unwrap();
     let fenced = roll_back(agent).await.unwrap_err();
     assert_eq!(fenced.code(), tonic::Code::Aborted, "{fenced:?}");
