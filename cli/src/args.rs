@@ -224,6 +224,20 @@ pub enum Command {
         #[arg(long)]
         force_takeover: bool,
     },
+    /// List this project's rollouts, newest first, or show one (`show ID`):
+    /// past, paused, interrupted and running ones, read from their journals.
+    #[command(
+        after_help = "Example:\n  reloadctl rollouts                   # ID, service, version, state, hosts done, started, by whom\n  reloadctl rollouts show 3f2a9c...    # the plan, each run, each host, the outcome\n  reloadctl rollouts --output json     # one object a line\n\nStates: running (a live reloadctl holds it), paused (Ctrl-C), done,\nhalted-reverted, halted-partial, not-started, interrupted-unfinished (its\nprocess ended without finishing). Paused and interrupted rollouts that did\nnot halt continue with `reloadctl resume ID`. Reading never takes a journal's lock, so a\nrunning rollout is shown as it goes. Exit codes: 0; 1 a journal could not\nbe read (the others are listed); 2 usage or config error, or no such ID."
+    )]
+    Rollouts {
+        #[command(subcommand)]
+        show: Option<RolloutsCommand>,
+        #[arg(long, global = true, default_value = rollout::project::DEFAULT_FILE)]
+        config: PathBuf,
+        /// `text` for people, `json` (one object a line) for scripts.
+        #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Write a commented reloadctl.toml and a hosts.txt to start from.
     #[command(
         after_help = "Example:\n  reloadctl init --service web\n  reloadctl init --dir deploy/web --service web --force"
@@ -270,5 +284,19 @@ pub enum Command {
         /// `table` for people, `json` (one object a line) for scripts.
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+}
+
+/// `reloadctl rollouts` subcommands.
+#[derive(Subcommand)]
+pub enum RolloutsCommand {
+    /// One rollout: its plan, each run (generation, holder, time), each
+    /// host's final state with its cause, halts and pauses, the outcome.
+    #[command(
+        after_help = "Example:\n  reloadctl rollouts show 3f2a9c0d1e2b4a5f\n  reloadctl rollouts show 3f2a9c0d1e2b4a5f --output json"
+    )]
+    Show {
+        /// Rollout id, as `reloadctl rollouts` lists it.
+        id: String,
     },
 }

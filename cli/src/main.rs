@@ -7,7 +7,8 @@
 //!
 //! Layout: [`args`] (the clap definitions), [`client`] (connections,
 //! uploads), [`reload`] (one-host and fleet activate, rollback, status),
-//! [`rollout`] (`push` and `resume`), [`init`] and [`certs`] (starter files).
+//! [`rollout`] (`push`, `resume` and `rollouts`), [`init`] and [`certs`]
+//! (starter files).
 //! This file dispatches and holds the small local commands.
 #![forbid(unsafe_code)]
 
@@ -103,13 +104,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             output == "json",
             force_takeover,
         )),
+        Command::Rollouts {
+            show,
+            config,
+            output,
+        } => match show {
+            None => rollout::history::list(&config, output == "json"),
+            Some(args::RolloutsCommand::Show { id }) => {
+                rollout::history::show(&config, &id, output == "json")
+            }
+        },
         other => run_simple(other).map(|()| 0),
     }
 }
 
 fn run_simple(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Push { .. } | Command::Resume { .. } => unreachable!("handled in run"),
+        Command::Push { .. } | Command::Resume { .. } | Command::Rollouts { .. } => {
+            unreachable!("handled in run")
+        }
         Command::Init {
             dir,
             service,

@@ -236,27 +236,52 @@ impl Journal {
 }
 
 /// One process at a time runs a rollout: an exclusive `flock` on
-/// `<journal>.lock`, which holds the pid of the process that has it. A
-/// second `resume` of a rollout that still runs (or two at once) fails at
-/// once, naming that pid, instead of both acting on the same hosts. The
-/// kernel drops the lock when the process ends, however it ends.
+/// `<id>.lock` beside the journal `<id>.jsonl`, a file which holds the pid
+/// of the process that has it. A second `resume` of a rollout that still
+/// runs (or two at once) fails at once, naming that pid, instead of both
+/// acting on the same hosts. The kernel drops the lock when the process
+/// ends, however it ends, so a held lock means a live run; the file itself
+/// stays behind and means nothing.
 pub struct RunLock {
     /// Held, never read: dropping it unlocks.
     _held: nix::fcntl::Flock<File>,
 }
 
+/// How long [`RunLock::take`] keeps trying a lock that is held. A run holds
+/// its lock for as long as it runs; [`RunLock::is_held`] (`reloadctl
+/// rollouts`) holds it for microseconds, and a resume started at that
+/// moment must not be refused in the name of a pid that has long ended.
+const PROBE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl RunLock {
+    /// The lock file of `journal`.
+    pub fn path_for(journal: &Path) -> PathBuf {
+        journal.with_extension("lock")
+    }
+
     pub fn take(journal: &Path) -> anyhow::Result<RunLock> {
         use nix::fcntl::{Flock, FlockArg};
-        let path = journal.with_extension("lock");
-        let file = OpenOptions::new()
+        let path = RunLock::path_for(journal);
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let give_up = std::time::Instant::now() + PROBE_GRACE;
+        let locked = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Err((unlocked, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < give_up =>
+                {
+                    file = unlocked;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other,
+            }
+        };
+        match locked {
             Ok(mut locked) => {
                 locked.set_len(0)?;
                 write!(&mut *locked, "{}", std::process::id())?;
@@ -272,6 +297,31 @@ impl RunLock {
                 )
             }
             Err((_, errno)) => Err(anyhow::anyhow!("cannot lock {}: {errno}", path.display())),
+        }
+    }
+
+    /// Whether a live process runs the rollout of `journal` now. Reading
+    /// takes no lock (a running rollout must be listable), so this only
+    /// probes: a shared, non-blocking `flock` of the lock file, given back
+    /// at once. It fails only while a run holds its exclusive lock. Probes
+    /// do not block one another, and never create or write the file.
+    pub fn is_held(journal: &Path) -> anyhow::Result<bool> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = RunLock::path_for(journal);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            // No run ever locked it (a journal from before run locks).
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(err).with_context(|| format!("cannot open {}", path.display())),
+        };
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            // Dropping the probe unlocks at once.
+            Ok(_probe) => Ok(false),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+            Err((_, errno)) => Err(anyhow::anyhow!(
+                "cannot check whether {} is held: {errno}",
+                path.display()
+            )),
         }
     }
 }
@@ -360,6 +410,48 @@ mod tests {
         drop(running);
         let (_, lines) = Journal::reopen(&path, false).unwrap();
         assert_eq!(lines.len(), 1);
+    }
+
+    #[test]
+    fn a_probe_sees_a_running_journal_without_taking_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Journal::folder(dir.path()).join("r1.jsonl");
+        // Never run: no lock file, and the probe makes none.
+        assert!(!RunLock::is_held(&path).unwrap());
+        assert!(!RunLock::path_for(&path).exists());
+        let running = Journal::create(dir.path(), "r1", false).unwrap();
+        assert!(RunLock::is_held(&path).unwrap());
+        // Probing twice changes nothing for the run: it still holds the
+        // lock, and another run is still refused.
+        assert!(RunLock::is_held(&path).unwrap());
+        let refused = format!("{:#}", RunLock::take(&path).err().unwrap());
+        assert!(refused.contains("in use by reloadctl pid"), "{refused}");
+        drop(running);
+        // The lock file stays, but nobody holds it.
+        assert!(RunLock::path_for(&path).exists());
+        assert!(!RunLock::is_held(&path).unwrap());
+        RunLock::take(&path).unwrap();
+    }
+
+    #[test]
+    fn a_run_that_starts_while_a_probe_holds_the_lock_is_not_refused() {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = tempfile::tempdir().unwrap();
+        drop(Journal::create(dir.path(), "r1", false).unwrap());
+        let path = Journal::folder(dir.path()).join("r1.jsonl");
+        // A probe caught mid-way: its shared lock, given back shortly.
+        let probe = Flock::lock(
+            File::open(RunLock::path_for(&path)).unwrap(),
+            FlockArg::LockSharedNonblock,
+        )
+        .map_err(|(_, errno)| errno)
+        .unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(probe);
+        });
+        RunLock::take(&path).unwrap();
+        release.join().unwrap();
     }
 
     #[test]

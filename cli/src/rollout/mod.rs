@@ -1,4 +1,5 @@
-//! Fleet rollouts: `reloadctl push`, `reloadctl resume`.
+//! Fleet rollouts: `reloadctl push`, `reloadctl resume`, and
+//! `reloadctl rollouts [show ID]` to read them back.
 //!
 //! A rollout is planned (hosts, waves, the signed artifact verified
 //! locally), journaled, fenced (a lease on every agent, taken in host order
@@ -27,7 +28,9 @@
 //!   halt, revert, resume), over the [`fleet::Fleet`] trait, with the
 //!   [`gate::HealthGate`];
 //! - [`grpc_fleet`] and [`agent_upgrade`]: the fleet over tonic;
-//! - [`output`]: what people see.
+//! - [`output`]: what people see;
+//! - [`history`]: `reloadctl rollouts`, the journals read back (without
+//!   their locks) as a list and one rollout's story.
 
 mod agent_upgrade;
 mod causes;
@@ -39,6 +42,7 @@ mod fake_fleet;
 pub mod fleet;
 pub mod gate;
 pub mod grpc_fleet;
+pub mod history;
 pub mod hosts;
 pub mod journal;
 pub mod output;
