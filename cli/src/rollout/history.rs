@@ -43,6 +43,8 @@ pub enum RolloutState {
     /// Its last run ended without a `Finished` record and nobody holds the
     /// lock: the process was killed, crashed, or its machine went down.
     Interrupted,
+    /// A later rollout took a host over: it stopped for good.
+    Superseded,
 }
 
 impl RolloutState {
@@ -55,6 +57,7 @@ impl RolloutState {
             RolloutState::HaltedPartial => "halted-partial",
             RolloutState::NotStarted => "not-started",
             RolloutState::Interrupted => "interrupted-unfinished",
+            RolloutState::Superseded => "superseded",
         }
     }
 
@@ -65,6 +68,7 @@ impl RolloutState {
             Outcome::HaltedPartial => RolloutState::HaltedPartial,
             Outcome::Aborted => RolloutState::Paused,
             Outcome::NotStarted => RolloutState::NotStarted,
+            Outcome::Superseded => RolloutState::Superseded,
         }
     }
 }
@@ -782,6 +786,7 @@ mod tests {
             skipped,
             failed: 0,
             reverted: 0,
+            left: 0,
             bytes_sent: 2048,
             elapsed_seconds: 12.34,
         }
