@@ -826,3 +826,103 @@ fn version_of(typed: &str) -> String {
         _ => typed.to_string(),
     }
 }
+
+/// The fencing issue's sequence: push 1.5, Ctrl-C after the canary
+/// (paused), push 1.6 to every host, then `reloadctl resume`. The agents
+/// granted 1.6's rollout higher fencing tokens, so the resume is refused
+/// as superseded (exit 6) before it takes a lease, and every host stays on
+/// 1.6. Then a push of the older 1.0 is refused by the downgrade floor and
+/// the summary says nothing was changed; `--allow-downgrade` does it, and
+/// it is journaled and in every agent's audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_superseded_by_a_newer_push_is_not_resumed_and_downgrades_are_explicit() {
+    let f = fleet(49, 3, |_| String::new());
+    for version in ["1.0.0", "1.5.0", "1.6.0"] {
+        f.release(version, "");
+    }
+    f.push_ok("1.0.0");
+    let dir: PathBuf = f.dir().to_path_buf();
+    let mut sent = false;
+    let (mut child, events) = push_watching(
+        &dir,
+        &[
+            "--version",
+            "1.5.0",
+            "--canary",
+            "1",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "1",
+        ],
+        |event, _, cli| {
+            if !sent && event["event"] == "host" && event["state"] == "activated" {
+                send_signal(cli, nix::sys::signal::Signal::SIGINT);
+                sent = true;
+            }
+        },
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
+    let paused = events[0]["rollout"].as_str().unwrap().to_string();
+    assert_eq!(f.versions().await, vec!["1.5.0", "1.0.0", "1.0.0"]);
+    f.push_ok("1.6.0");
+    let output = reloadctl(&dir, &["resume", &paused]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("was superseded, so it is not resumed and nothing was changed"),
+        "{text}"
+    );
+    assert_eq!(f.versions().await, vec!["1.6.0"; 3]);
+    for i in 0..3 {
+        assert_eq!(f.activations(i, "1.5.0"), usize::from(i == 0), "host {i}");
+    }
+    // Listed as superseded, and not picked up by a plain `resume`.
+    let listed = reloadctl(&dir, &["rollouts"]);
+    assert_ok(&listed);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let row = listing
+        .lines()
+        .find(|l| l.contains(&paused))
+        .unwrap_or_else(|| panic!("{paused} not listed:\n{listing}"));
+    assert!(row.contains("superseded"), "{row}");
+    let again = reloadctl(&dir, &["resume"]);
+    assert_ne!(again.status.code(), Some(0));
+    assert_eq!(f.versions().await, vec!["1.6.0"; 3]);
+
+    // Below the floor: refused at the canary, and said so truthfully.
+    let refused = f.push(&["--version", "1.0.0"]);
+    let summary = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(3), "{summary}");
+    assert!(
+        summary.contains("halted; no host was changed, nothing to revert"),
+        "{summary}"
+    );
+    assert!(summary.contains("reverted: none"), "{summary}");
+    assert_eq!(f.versions().await, vec!["1.6.0"; 3]);
+    let output = f.push(&[
+        "--version",
+        "1.0.0",
+        "--allow-downgrade",
+        "--canary",
+        "0",
+        "--waves",
+        "100%",
+        "--output",
+        "json",
+    ]);
+    assert_ok(&output);
+    assert_eq!(json_events(&output)[0]["allow_downgrade"], true);
+    assert_eq!(f.versions().await, vec!["1.0.0"; 3]);
+    for host in &f.hosts {
+        let audit = std::fs::read_to_string(host.agent.dir.join("state/audit.log")).unwrap();
+        assert!(
+            audit.contains("Activate (allow_downgrade)"),
+            "the downgrade is audited:\n{audit}"
+        );
+    }
+}
