@@ -15,9 +15,10 @@
 //! - [`upload`]: uploads, verification and the artifact store on disk.
 //! - [`reload`]: socket-preserving reloads of a service under load.
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
+//! - [`rollout_faults`]: racing rollouts under partitions and kills (randomized, seeded).
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
 //! - [`fd_store`]: listeners kept in systemd's fd store across an agent crash.
-//! - [`fencing`]: a rollout's lease checked where the change is committed.
+//! - [`fencing`]: fencing tokens, checked where the change is committed.
 //! - [`outlive`]: services that outlive their agent (crash, kill, restart).
 //! - [`probation`]: a bad release is reverted by the agent, never replacing a good one.
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
@@ -34,6 +35,7 @@ mod outlive;
 mod probation;
 mod reload;
 mod rollout;
+mod rollout_faults;
 mod security;
 mod standalone;
 mod upload;
