@@ -211,7 +211,7 @@ pub enum Command {
     },
     /// Continue a rollout that was paused (Ctrl-C) or whose CLI died.
     #[command(
-        after_help = "Example:\n  reloadctl resume            # the newest unfinished rollout\n  reloadctl resume 3f2a9c...  # a given one"
+        after_help = "Example:\n  reloadctl resume            # the newest unfinished rollout\n  reloadctl resume 3f2a9c...  # a given one\n\nA rollout superseded meanwhile (a host granted a later rollout a higher\nfencing token, or a host it finished runs something else now) is refused\nbefore anything changes, with exit code 6. Other exit codes as for push."
     )]
     Resume {
         /// Rollout id (default: the newest unfinished one).

@@ -378,11 +378,10 @@ impl<F: Fleet> RolloutEngine<F> {
     /// lease (it forbids the revert).
     fn stop_with(&self, stop: Stop) {
         let mut current = self.stop.lock().unwrap_or_else(|p| p.into_inner());
-        let replace = match (&*current, &stop) {
-            (None, _) => true,
-            (Some(Stop::LeaseLost { .. }), Stop::Superseded { .. }) => true,
-            _ => false,
-        };
+        let replace = matches!(
+            (&*current, &stop),
+            (None, _) | (Some(Stop::LeaseLost { .. }), Stop::Superseded { .. })
+        );
         if replace {
             tracing::warn!(stop = ?stop, "the rollout stops touching hosts");
             *current = Some(stop);

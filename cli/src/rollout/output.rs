@@ -272,5 +272,8 @@ pub fn print_plan(plan: &RolloutPlan) {
         if s.auto_revert { "on" } else { "off" },
         s.max_parallel
     );
+    if plan.allow_downgrade {
+        println!("  --allow-downgrade: hosts may go below their downgrade floor");
+    }
     println!("dry run: nothing was changed");
 }

@@ -491,8 +491,47 @@ async fn the_agents_floor_and_the_lease_fence_hold(agent: &Agent, agent_v2: &str
         .unwrap();
     let fenced = roll_back(agent).await.unwrap_err();
     assert_eq!(fenced.code(), tonic::Code::Aborted, "{fenced:?}");
+    // Taken over: the first rollout's token is superseded, for the
+    // agent's own upgrade as for a service.
+    let newer = leases
+        .acquire_lease(pb::AcquireLeaseRequest {
+            r#ref: Some(pb::LeaseRef {
+                rollout_id: "newer-rollout".into(),
+                generation: 1,
+                token: 0,
+            }),
+            holder: "the test, again".into(),
+            ttl: None,
+            force_takeover: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap()
+        .r#ref
+        .unwrap();
+    let superseded = upgrade(
+        agent,
+        pb::UpgradeAgentRequest {
+            rollback: true,
+            lease: Some(lease),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(superseded.code(), tonic::Code::Aborted, "{superseded:?}");
+    assert_eq!(
+        superseded
+            .metadata()
+            .get(pb::FENCE_TRAILER)
+            .map(|v| v.to_str().unwrap()),
+        Some(pb::FENCE_SUPERSEDED),
+        "{superseded:?}"
+    );
     leases
-        .release_lease(pb::ReleaseLeaseRequest { r#ref: Some(lease) })
+        .release_lease(pb::ReleaseLeaseRequest { r#ref: Some(newer) })
         .await
         .unwrap();
 }

@@ -172,8 +172,18 @@ impl Chaos {
             reloadctl_ok(
                 p,
                 &[
-                    "sign", "--key", "release.key", "--service", "demo", "--version", version,
-                    "--os", "any", "--arch", "any", &name,
+                    "sign",
+                    "--key",
+                    "release.key",
+                    "--service",
+                    "demo",
+                    "--version",
+                    version,
+                    "--os",
+                    "any",
+                    "--arch",
+                    "any",
+                    &name,
                 ],
             );
         }
@@ -261,9 +271,7 @@ impl Chaos {
 
     /// The version a rollout's journal planned.
     fn planned_version(&self, id: &str) -> String {
-        let journal = self
-            .dir()
-            .join(format!(".reloadctl/rollouts/{id}.jsonl"));
+        let journal = self.dir().join(format!(".reloadctl/rollouts/{id}.jsonl"));
         let text = std::fs::read_to_string(&journal).unwrap();
         let plan: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         plan["version"].as_str().unwrap().to_string()
@@ -288,7 +296,11 @@ impl Chaos {
         let downgrade = self.rng.chance(40);
         *self
             .operations
-            .entry(if force { "push --force-takeover" } else { "push" })
+            .entry(if force {
+                "push --force-takeover"
+            } else {
+                "push"
+            })
             .or_default() += 1;
         let mut args = vec![
             "push",
@@ -569,8 +581,16 @@ async fn racing_rollouts_under_partitions_and_kills_never_act_on_a_superseded_to
     let first = reloadctl(
         chaos.dir(),
         &[
-            "push", "--version", VERSIONS[0], "--canary", "0", "--waves", "100%",
-            "--max-parallel", "5", "hosts.txt",
+            "push",
+            "--version",
+            VERSIONS[0],
+            "--canary",
+            "0",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "5",
+            "hosts.txt",
         ],
     );
     assert!(first.status.success(), "{first:?}");
@@ -603,8 +623,17 @@ async fn racing_rollouts_under_partitions_and_kills_never_act_on_a_superseded_to
     let last = reloadctl(
         chaos.dir(),
         &[
-            "push", "--version", newest, "--canary", "0", "--waves", "100%",
-            "--max-parallel", "5", "--force-takeover", "hosts.txt",
+            "push",
+            "--version",
+            newest,
+            "--canary",
+            "0",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "5",
+            "--force-takeover",
+            "hosts.txt",
         ],
     );
     if !last.status.success() {
@@ -621,7 +650,9 @@ async fn racing_rollouts_under_partitions_and_kills_never_act_on_a_superseded_to
         if refused.status.code() != Some(6) && !refused.status.success() {
             // Halted rollouts are not resumed at all: also fine.
             if !String::from_utf8_lossy(&refused.stderr).contains("it is not resumed") {
-                chaos.fail(format!("the resume of {id} after the final push: {refused:?}"));
+                chaos.fail(format!(
+                    "the resume of {id} after the final push: {refused:?}"
+                ));
             }
         }
         if chaos.versions().await != vec![newest; HOSTS] {
