@@ -26,6 +26,9 @@ pub struct AuditEntry<'a> {
     pub sha256: &'a str,
     /// `ok`, or the status code and message of a refusal.
     pub result: String,
+    /// What the call asked for beyond the usual, written only when set
+    /// (`allow_downgrade`).
+    pub detail: &'a str,
 }
 
 fn open(path: &Path) -> std::io::Result<File> {
@@ -62,6 +65,10 @@ impl AuditLog {
             "sha256": entry.sha256,
             "result": entry.result,
         });
+        let mut line = line;
+        if !entry.detail.is_empty() {
+            line["detail"] = entry.detail.into();
+        }
         let mut text = line.to_string();
         text.push('\n');
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,6 +107,7 @@ mod tests {
                 version: "1.0.0",
                 sha256: &format!("{i}"),
                 result: "ok".into(),
+                detail: "",
             });
         }
         let current = std::fs::read_to_string(&path).unwrap();

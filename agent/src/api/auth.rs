@@ -134,6 +134,21 @@ impl AgentState {
         sha256: &str,
         result: Result<(), String>,
     ) {
+        self.audit_detailed(identity, call, service, version, sha256, result, "");
+    }
+
+    /// [`Self::audit`], with the call's `detail` (e.g. `allow_downgrade`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn audit_detailed(
+        &self,
+        identity: &str,
+        call: &str,
+        service: &str,
+        version: &str,
+        sha256: &str,
+        result: Result<(), String>,
+        detail: &str,
+    ) {
         self.audit.record(AuditEntry {
             identity,
             call,
@@ -141,6 +156,7 @@ impl AgentState {
             version,
             sha256,
             result: result.err().unwrap_or_else(|| "ok".into()),
+            detail,
         });
     }
 

@@ -18,6 +18,8 @@ struct ReloadCall {
     /// What was asked for; empty for a rollback, which records the
     /// artifact it went back to.
     sha256: String,
+    /// The audit line's `detail`.
+    detail: &'static str,
 }
 
 type Reloaded = (pb::ReloadResult, pb::ServiceStatus);
@@ -57,13 +59,14 @@ impl AgentApi {
                 (Ok((_, status)), true) => status.current_sha256.clone(),
                 _ => call.sha256.clone(),
             };
-            api.audit(
+            api.audit_detailed(
                 &call.identity,
                 call.name,
                 &call.service,
                 &version,
                 &sha256,
                 outcome,
+                call.detail,
             );
             result
         })
@@ -81,11 +84,12 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         let (identity, allowed) = self.authorize(&request, Right::Deploy, "Activate");
         let request = request.into_inner();
         let call = ReloadCall {
+            name: "Activate",
             // An explicit downgrade stands out in the audit log.
-            name: if request.allow_downgrade {
-                "Activate (allow_downgrade)"
+            detail: if request.allow_downgrade {
+                "allow_downgrade"
             } else {
-                "Activate"
+                ""
             },
             identity,
             service: request.service.clone(),
@@ -122,6 +126,7 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             service: request.service.clone(),
             lease: request.lease,
             sha256: String::new(),
+            detail: "",
         };
         let (result, status) = self
             .run_reload(call, allowed, move |services, fence| async move {

@@ -345,5 +345,6 @@ async fn reload_config_on_signal(selfupgrade: &SelfUpgrade, audit: &AuditLog) {
         version: &version,
         sha256: &selfupgrade.image().executable_sha256,
         result,
+        detail: "",
     });
 }

@@ -921,7 +921,10 @@ async fn a_rollout_superseded_by_a_newer_push_is_not_resumed_and_downgrades_are_
     for host in &f.hosts {
         let audit = std::fs::read_to_string(host.agent.dir.join("state/audit.log")).unwrap();
         assert!(
-            audit.contains("Activate (allow_downgrade)"),
+            audit.lines().any(|l| l.contains("\"call\":\"Activate\"")
+                && l.contains("\"detail\":\"allow_downgrade\"")
+                && l.contains("\"version\":\"1.0.0\"")
+                && l.contains("\"result\":\"ok\"")),
             "the downgrade is audited:\n{audit}"
         );
     }

@@ -520,10 +520,11 @@ impl Chaos {
                 }
                 let call = entry["call"].as_str().unwrap_or_default();
                 let version = entry["version"].as_str().unwrap_or_default();
-                if !call.starts_with("Activate") && call != "Rollback" {
+                if call != "Activate" && call != "Rollback" {
                     continue;
                 }
-                if call == "Activate" && version_number(version) < floor {
+                let explicit = entry["detail"] == "allow_downgrade" || call == "Rollback";
+                if !explicit && version_number(version) < floor {
                     self.fail(format!(
                         "{}: {version} was activated below the floor {floor:?} without an explicit downgrade: {entry}",
                         host.endpoint()
