@@ -929,3 +929,45 @@ async fn a_rollout_superseded_by_a_newer_push_is_not_resumed_and_downgrades_are_
         );
     }
 }
+
+/// The fencing issue's last case, for real: the progress deadline passes
+/// while the canary is still activating (its new release takes 3 s to be
+/// ready), so no result comes back. The halt asks the host, waits for the
+/// activation it still runs, finds it on the new version and reverts it:
+/// the summary says so, and seconds later the host still runs the old
+/// version (before, it was reported reverted and then ran the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_deadline_mid_activation_reverts_that_host_too() {
+    let f = fleet(50, 2, |_| String::new());
+    f.release("1.0.0", "");
+    f.release("2.0.0", "--startup-delay 3s");
+    f.push_ok("1.0.0");
+    let output = f.push(&[
+        "--version",
+        "2.0.0",
+        "--canary",
+        "1",
+        "--progress-deadline",
+        "1s",
+    ]);
+    let summary = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{summary}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let canary = f.hosts[0].agent.host();
+    let other = f.hosts[1].agent.host();
+    assert!(
+        summary.contains(&format!(
+            "reverted: {canary}; left on 2.0.0: none; never changed: {other}"
+        )),
+        "{summary}"
+    );
+    assert_eq!(f.activations(0, "2.0.0"), 1, "the canary did take 2.0.0");
+    // And it stays reverted.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(f.versions().await, vec!["1.0.0", "1.0.0"]);
+    assert_eq!(f.activations(1, "2.0.0"), 0);
+}
