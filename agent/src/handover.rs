@@ -211,26 +211,20 @@ pub fn exec_previous(
     let result = passing
         .keep_across_exec()
         .map_err(anyhow::Error::new)
-        .and_then(|()| exec_in_place(Exe::Fd(previous_exe), &description));
+        .and_then(|()| exec_in_place(previous_exe, &description));
     match result {
         Ok(never) => match never {},
         Err(err) => err.context("re-executing the previous agent image failed too"),
     }
 }
 
-/// The program an in-place exec runs.
-pub enum Exe<'a> {
-    Path(&'a std::path::Path),
-    /// An open file: fexecve, for an image that may no longer be on disk
-    /// under its name.
-    Fd(BorrowedFd<'a>),
-}
-
-/// Replaces this process's image with `exe`, keeping the pid, the same
-/// arguments and environment, plus the handover description. Returns only
-/// on failure.
+/// Replaces this process's image with the open image `exe` (fexecve: never
+/// a path, which another writer could swap; a sealed verified image, the
+/// installed binary held since start, or the running one), keeping the
+/// pid, the same arguments and environment, plus the handover description.
+/// Returns only on failure.
 pub fn exec_in_place(
-    exe: Exe<'_>,
+    exe: BorrowedFd<'_>,
     description: &Handover,
 ) -> anyhow::Result<std::convert::Infallible> {
     use std::ffi::CString;
@@ -261,13 +255,16 @@ pub fn exec_in_place(
         env.push(CString::new(entry).context("NOTIFY_SOCKET contains NUL")?);
     }
     env.push(CString::new(format!("{ENV_VAR}={text}"))?);
-    let errno = match exe {
-        Exe::Path(path) => {
-            let path = CString::new(path.as_os_str().as_bytes()).context("a path contains NUL")?;
-            nix::unistd::execve(&path, &args, &env).unwrap_err()
-        }
-        Exe::Fd(fd) => nix::unistd::fexecve(fd, &args, &env).unwrap_err(),
-    };
+    // A `#!` image is read again by its interpreter through /dev/fd/N
+    // after the exec: that fd must survive it.
+    let mut magic = [0u8; 2];
+    if nix::sys::uio::pread(exe, &mut magic, 0) == Ok(2) && magic == *b"#!" {
+        nix::fcntl::fcntl(
+            exe,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
+    }
+    let errno = nix::unistd::fexecve(exe, &args, &env).unwrap_err();
     Err(anyhow::anyhow!("execve failed: {errno}"))
 }
 

@@ -49,6 +49,19 @@ pub struct SpawnSpec<'a> {
     /// Run the child in a process group of its own (a supervised service,
     /// so its whole group can be signalled).
     pub own_process_group: bool,
+    /// Execute this fd (`execveat(fd, "", AT_EMPTY_PATH)`) instead of
+    /// `program`, which is then only the child's argv[0]: a verified image
+    /// that no path can swap. With `script`, the fd stays open across the
+    /// exec (at the fd after the sockets), for the interpreter to read it
+    /// through `/dev/fd/N`.
+    pub image: Option<ExecFd<'a>>,
+}
+
+/// An executable by fd, see [`SpawnSpec::image`].
+#[derive(Clone, Copy, Debug)]
+pub struct ExecFd<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub script: bool,
 }
 
 /// Everything `execve` needs, in memory the child can use without
@@ -67,6 +80,9 @@ struct ExecImage {
     /// The agent's pid: the child exits if it was already orphaned.
     agent_pid: libc::pid_t,
     die_with_parent: bool,
+    /// The image to execute by fd, and whether it must survive the exec.
+    image_fd: Option<RawFd>,
+    image_script: bool,
 }
 
 // SAFETY: the raw pointers only point into buffers owned by the same struct;
@@ -128,6 +144,8 @@ impl ExecImage {
             // SAFETY: getpid has no preconditions.
             agent_pid: unsafe { libc::getpid() },
             die_with_parent: spec.die_with_parent,
+            image_fd: spec.image.map(|i| i.fd.as_raw_fd()),
+            image_script: spec.image.is_some_and(|i| i.script),
         })
     }
 
@@ -137,7 +155,23 @@ impl ExecImage {
         let n = self.socket_fds.len() as RawFd;
         // Move every socket above the target range first, so that placing
         // socket i at fd 3+i never overwrites a socket not yet placed.
-        let floor = 3 + n + self.socket_fds.iter().copied().max().unwrap_or(0);
+        let floor = 3
+            + n
+            + self
+                .socket_fds
+                .iter()
+                .copied()
+                .chain(self.image_fd)
+                .max()
+                .unwrap_or(0);
+        if let Some(fd) = self.image_fd.as_mut() {
+            // SAFETY: fcntl on an fd that is open in this process.
+            let high = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor) };
+            if high < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            *fd = high;
+        }
         for fd in self.socket_fds.iter_mut() {
             // SAFETY: fcntl on an fd that is open in this process.
             let high = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor) };
@@ -159,7 +193,21 @@ impl ExecImage {
         // and did not mark close-on-exec would otherwise leak into every
         // service. Marked close-on-exec rather than closed, so std's
         // exec-error pipe still works until execve.
-        let first_unpassed = 3 + n as libc::c_uint;
+        // The image goes right after the sockets (LISTEN_FDS does not count
+        // it). dup2 clears CLOEXEC; an ELF image gets it back, so only a
+        // script's interpreter sees the fd.
+        let image_at = 3 + n;
+        if let Some(fd) = self.image_fd {
+            // SAFETY: both fds are valid; the target is ours to replace.
+            if unsafe { libc::dup2(fd, image_at) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if !self.image_script {
+                // SAFETY: fcntl on the fd just placed.
+                unsafe { libc::fcntl(image_at, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        let first_unpassed = (3 + n + RawFd::from(self.image_fd.is_some())) as libc::c_uint;
         // SAFETY: close_range only changes flags of fds of this process.
         let marked = unsafe {
             libc::syscall(
@@ -192,6 +240,21 @@ impl ExecImage {
                     libc::_exit(1);
                 }
             }
+        }
+        if self.image_fd.is_some() {
+            // SAFETY: the fd is open; "" with AT_EMPTY_PATH executes it;
+            // argv and envp as below.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    image_at,
+                    c"".as_ptr(),
+                    self.argv_ptrs.as_ptr(),
+                    self.envp_ptrs.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            }
+            return Err(io::Error::last_os_error());
         }
         // SAFETY: program, argv and envp are NUL-terminated strings owned by
         // self, and both pointer arrays end with a null pointer.

@@ -238,6 +238,7 @@ impl SelfUpgrade {
                 .collect(),
             die_with_parent: false,
             own_process_group: false,
+            image: None,
         })
         .map_err(|source| UpgradeError::Spawn {
             path: self.exe.display().to_string(),

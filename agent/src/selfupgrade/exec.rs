@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use super::Target;
-use crate::handover::{exec_in_place, exec_previous, Exe, FdsToPass, Handover, Inherited};
+use crate::handover::{exec_in_place, exec_previous, FdsToPass, Handover, Inherited};
 
 /// After an upgrade, `error` before this image serves is a failed start-up
 /// check: back to the previous image (returns only if that fails).
@@ -57,8 +57,7 @@ impl UpgradeExec {
             self.description.upgrade.to_version, self.description.upgrade.to_sha256
         ));
         let failure = match &self.target {
-            Target::Artifact(path) => exec_in_place(Exe::Path(path), &self.description),
-            Target::Image(fd) => exec_in_place(Exe::Fd(fd.as_fd()), &self.description),
+            Target::Image(fd) => exec_in_place(fd.as_fd(), &self.description),
         }
         .unwrap_err();
         tracing::error!(error = %format!("{failure:#}"), "execve of the new agent image failed; re-executing the previous image");

@@ -28,7 +28,6 @@ pub use versions::AgentVersions;
 pub use crate::handover::AGENT_SERVICE;
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -70,11 +69,10 @@ impl AgentImage {
 
 /// The image to execute.
 pub enum Target {
-    /// A verified artifact in the store (content-addressed and pinned, so
-    /// the path names exactly the verified bytes).
-    Artifact(PathBuf),
-    /// An image by an open fd: the installed binary (held since the
-    /// process started; a rollback), or the running one (a config reload).
+    /// An image by an open fd: a verified agent artifact in a sealed memfd,
+    /// the installed binary (held since the process started; a rollback),
+    /// or the running one (a config reload). Never a path another writer
+    /// could swap.
     Image(OwnedFd),
 }
 

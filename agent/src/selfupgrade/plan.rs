@@ -94,16 +94,13 @@ impl SelfUpgrade {
             if request.sha256.is_empty() {
                 return Err(UpgradeError::NoTarget);
             }
-            let (artifact, _) = self
-                .verifier
-                .check_stored(&request.sha256, Some(AGENT_SERVICE))
-                .await?;
+            let (artifact, image) = self.sealed_target(&request.sha256).await?;
             self.versions
                 .get()
                 .check_floor(&artifact.manifest, request.allow_downgrade)?;
             record.to_version = artifact.manifest.version.clone();
             record.to_sha256 = artifact.manifest.sha256.clone();
-            (Target::Artifact(artifact.path.clone()), artifact.path)
+            image
         };
         if record.to_sha256 == running_sha {
             return Err(UpgradeError::AlreadyRunning {
@@ -115,6 +112,22 @@ impl SelfUpgrade {
             .await
     }
 
+    /// An agent artifact verified into a sealed image (see
+    /// [`crate::store::SealedImage`]): the preflight and the exec run that
+    /// fd, never the store's path, so the bytes that become the agent are
+    /// the bytes that were verified.
+    async fn sealed_target(
+        &self,
+        sha256: &str,
+    ) -> Result<(crate::store::StoredArtifact, (Target, PathBuf)), UpgradeError> {
+        let (artifact, image) = self.verifier.sealed(sha256, Some(AGENT_SERVICE)).await?;
+        let fd = image.try_clone_fd().map_err(|e| {
+            UpgradeError::Internal(format!("cannot duplicate the sealed agent image: {e}"))
+        })?;
+        let path = fd_path(&fd);
+        Ok((artifact, (Target::Image(fd), path)))
+    }
+
     /// What a rollback runs: the previous agent release, or past the first
     /// upgraded image, the installed binary (held open since start).
     async fn rollback_target(
@@ -124,13 +137,10 @@ impl SelfUpgrade {
         let versions = self.versions.get();
         let image = &self.upgrades.image;
         if let Some(previous) = versions.previous() {
-            let (artifact, _) = self
-                .verifier
-                .check_stored(&previous.sha256, Some(AGENT_SERVICE))
-                .await?;
+            let (artifact, image) = self.sealed_target(&previous.sha256).await?;
             record.to_version = artifact.manifest.version.clone();
             record.to_sha256 = artifact.manifest.sha256.clone();
-            return Ok((Target::Artifact(artifact.path.clone()), artifact.path));
+            return Ok(image);
         }
         if versions
             .current

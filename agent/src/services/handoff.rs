@@ -45,7 +45,7 @@ use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
 use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
-use crate::store::{ArtifactVerifier, StoredArtifact};
+use crate::store::{ArtifactVerifier, SealedImage, StoredArtifact};
 
 /// The caller's fence (see [`crate::lease`]): checked under the service's
 /// reload lock, and held across the commit (the agent's own actions pass
@@ -114,21 +114,22 @@ impl Handoff {
         service: &Service,
         sha256: &str,
     ) -> Result<Process, StartFailure> {
-        let artifact = self.verify(service, sha256).await?;
-        self.preflight(service, &artifact).await?;
-        self.spawn_until_ready(service, &artifact).await
+        let (artifact, image) = self.verify(service, sha256).await?;
+        self.preflight(service, &artifact, &image).await?;
+        self.spawn_until_ready(service, &artifact, &image).await
     }
 
-    /// Re-reads and re-verifies a stored artifact as one of this service.
+    /// The stored artifact's envelope checked again as one of this service,
+    /// and its bytes as the sealed image that is executed (verified once;
+    /// see [`crate::store::SealedImage`]).
     async fn verify(
         &self,
         service: &Service,
         sha256: &str,
-    ) -> Result<StoredArtifact, StartFailure> {
+    ) -> Result<(StoredArtifact, Arc<SealedImage>), StartFailure> {
         self.verifier
-            .check_stored(sha256, Some(&service.config.name))
+            .sealed(sha256, Some(&service.config.name))
             .await
-            .map(|(stored, _)| stored)
             .map_err(|err| {
                 StartFailure::new(pb::ReloadOutcome::VerificationFailed, err.to_string())
             })
@@ -158,6 +159,7 @@ impl Handoff {
         &self,
         service: &Service,
         artifact: &StoredArtifact,
+        image: &SealedImage,
     ) -> Result<(), StartFailure> {
         let config = &service.config;
         if config.preflight_args.is_empty() {
@@ -177,13 +179,28 @@ impl Handoff {
                 ),
             },
         );
-        let mut command = tokio::process::Command::new(&artifact.path);
-        command
-            .args(&config.preflight_args)
-            .env_clear()
-            .envs(self.child_env(service, artifact))
-            .current_dir(&config.working_dir);
-        run_preflight(command, config.preflight_timeout)
+        // The sealed image, by its fd (see `SealedImage`), with the
+        // service's environment and nothing else of the agent's.
+        let command = reload_server::spawn::command(reload_server::spawn::SpawnSpec {
+            program: &artifact.path,
+            args: &config.preflight_args,
+            env: self.child_env(service, artifact),
+            working_dir: &config.working_dir,
+            sockets: Vec::new(),
+            die_with_parent: false,
+            own_process_group: true,
+            image: Some(reload_server::spawn::ExecFd {
+                fd: image.fd(),
+                script: image.script,
+            }),
+        })
+        .map_err(|err| {
+            StartFailure::new(
+                pb::ReloadOutcome::PreflightFailed,
+                format!("cannot prepare the preflight: {err}"),
+            )
+        })?;
+        run_preflight(command.into(), config.preflight_timeout)
             .await
             .map(|_| ())
             .map_err(|failure| {
@@ -200,6 +217,7 @@ impl Handoff {
         &self,
         service: &Service,
         artifact: &StoredArtifact,
+        image: &SealedImage,
     ) -> Result<Process, StartFailure> {
         let config = &service.config;
         let n = self.spawn_counter.fetch_add(1, Ordering::Relaxed);
@@ -261,8 +279,13 @@ impl Handoff {
                 &format!("{}-{n}", self.image_started_ms),
             ),
             notify_path: notify.as_ref().map(|(_, path)| path.0.clone()),
+            sealed_image: true,
+            image_script: image.script,
         };
-        let attached = shim::start(&self.launcher, spec, sockets)
+        let image_fd = image
+            .try_clone_fd()
+            .map_err(|err| spawn_failed(format!("cannot duplicate the sealed image: {err}")))?;
+        let attached = shim::start(&self.launcher, spec, sockets, image_fd)
             .await
             .map_err(spawn_failed)?;
         let pid = attached.pid;
@@ -570,6 +593,8 @@ impl Handoff {
             tracing::error!(service = %name, version = %new_ref.version, error = %format!("{err:#}"), "could not persist the new current version");
         }
         self.verifier.store().pin(name, versions.pinned());
+        self.verifier
+            .keep_images(&self.verifier.store().pinned_all());
         service.observe(|o| {
             o.versions = versions;
             o.process = Some(new_process);

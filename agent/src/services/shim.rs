@@ -21,7 +21,8 @@ use super::process::Process;
 use crate::config::PROBE_LISTENER;
 use crate::main_thread::Launcher;
 use crate::shim::protocol::{
-    receive_hello, AgentMessage, ShimMessage, ShimSpec, WaitStatus, SHIM_ARG, SPEC_VAR,
+    receive_hello, AgentMessage, ShimMessage, ShimSpec, WaitStatus, IMAGE_FD_NAME, SHIM_ARG,
+    SPEC_VAR,
 };
 
 /// Lines of a process's stderr kept for failure reasons.
@@ -61,8 +62,11 @@ pub(super) fn socket_path(run_dir: &Path, service: &str, serial: &str) -> PathBu
 pub(super) async fn start(
     launcher: &Launcher,
     spec: ShimSpec,
-    sockets: Vec<(String, OwnedFd)>,
+    mut sockets: Vec<(String, OwnedFd)>,
+    image: OwnedFd,
 ) -> Result<Attached, String> {
+    // After the listeners, by name: the shim takes it apart from them.
+    sockets.push((IMAGE_FD_NAME.to_string(), image));
     let (ours, theirs) =
         UnixStream::pair().map_err(|err| format!("cannot make the shim's socket pair: {err}"))?;
     let env = vec![(
@@ -85,6 +89,7 @@ pub(super) async fn start(
                 // The point of a shim: it does not die with the agent.
                 die_with_parent: false,
                 own_process_group: true,
+                image: None,
             })?;
             command
                 .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))

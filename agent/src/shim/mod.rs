@@ -74,13 +74,22 @@ fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("listener {name:?} was not passed to the shim"))
         })
         .collect::<anyhow::Result<Vec<OwnedFd>>>()?;
+    let image = if spec.sealed_image {
+        Some(
+            passed
+                .take_fd(protocol::IMAGE_FD_NAME)?
+                .context("the agent named a sealed image but did not pass it")?,
+        )
+    } else {
+        None
+    };
     // The agent that started us is at the other end of stdin.
     let first =
         std::os::unix::net::UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(spec, listeners, first))
+    runtime.block_on(serve(spec, listeners, image, first))
 }
 
 /// Output waiting for an agent, bounded.
@@ -151,6 +160,7 @@ impl Shared {
 async fn serve(
     spec: ShimSpec,
     listeners: Vec<OwnedFd>,
+    image: Option<OwnedFd>,
     first: std::os::unix::net::UnixStream,
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&spec.socket_path);
@@ -181,6 +191,10 @@ async fn serve(
         sockets,
         die_with_parent: true,
         own_process_group: true,
+        image: image.as_ref().map(|fd| reload_server::spawn::ExecFd {
+            fd: fd.as_fd(),
+            script: spec.image_script,
+        }),
     });
     let child = match child {
         Ok(child) => child,

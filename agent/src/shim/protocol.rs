@@ -30,6 +30,10 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * MAX_LINE_BYTES;
 /// Most listening sockets a hello carries.
 pub const MAX_LISTENERS: usize = 64;
 
+/// The name (in the shim's LISTEN_FDNAMES) of the fd that carries the
+/// sealed image the shim executes, after the listeners.
+pub const IMAGE_FD_NAME: &str = "reload-sealed-image";
+
 /// What a shim runs, from the agent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ShimSpec {
@@ -47,6 +51,13 @@ pub struct ShimSpec {
     pub socket_path: PathBuf,
     /// The service's NOTIFY_SOCKET, if it has one.
     pub notify_path: Option<PathBuf>,
+    /// The shim got the verified image as the fd [`IMAGE_FD_NAME`] and
+    /// executes that, never `program` (which is only argv[0]).
+    #[serde(default)]
+    pub sealed_image: bool,
+    /// The image starts with `#!`.
+    #[serde(default)]
+    pub image_script: bool,
 }
 
 /// How a process ended, as `waitpid` reports it.

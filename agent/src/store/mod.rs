@@ -29,7 +29,9 @@ use reload_artifact::{Manifest, VerifiedManifest, VerifyError};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+mod sealed;
 mod verifier;
+pub use sealed::SealedImage;
 pub use verifier::{ArtifactRejected, ArtifactVerifier};
 
 /// Chunks queued between the gRPC receiver and the hashing writer thread;
@@ -306,6 +308,12 @@ impl ArtifactStore {
     pub fn pin(&self, service: &str, sha256s: Vec<String>) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         pinned.insert(service.to_string(), sha256s);
+    }
+
+    /// Every artifact some service pins (its current and history).
+    pub fn pinned_all(&self) -> std::collections::HashSet<String> {
+        let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.values().flatten().cloned().collect()
     }
 
     /// Keeps the newest `keep_versions` artifacts of `service`, and always

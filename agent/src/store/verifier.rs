@@ -10,14 +10,19 @@
 //! The signature rules themselves live in `reload-artifact`, shared with
 //! `reloadctl verify`; this type adds what only the agent knows (its
 //! config's limits, what its store holds).
+//!
+//! What is executed comes from [`ArtifactVerifier::sealed`]: the stored
+//! bytes verified into a [`SealedImage`] (see there for why), kept for as
+//! long as a service pins the artifact, so the hash is computed once.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use reload_artifact::verify::check_platform;
 use reload_artifact::{TrustedKeys, VerifiedManifest, VerifyError};
 
-use super::{ArtifactStore, StoreError, StoredArtifact};
+use super::{ArtifactStore, SealedImage, StoreError, StoredArtifact};
 use crate::metrics::SharedMetrics;
 
 /// Why an artifact may not be used.
@@ -96,6 +101,8 @@ pub struct ArtifactVerifier {
     trusted: TrustedKeys,
     max_artifact_bytes: u64,
     metrics: SharedMetrics,
+    /// The sealed images made so far, by sha256 (see [`Self::keep_images`]).
+    images: Mutex<HashMap<String, Arc<SealedImage>>>,
 }
 
 impl ArtifactVerifier {
@@ -110,7 +117,73 @@ impl ArtifactVerifier {
             trusted,
             max_artifact_bytes,
             metrics,
+            images: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A stored artifact as [`Self::check_stored`] checks it (envelope,
+    /// size limit, service), and its bytes as a [`SealedImage`]: the one
+    /// thing the agent executes. The image is made (copied and hashed) the
+    /// first time and kept; a copy whose hash is not the signed one is
+    /// refused as damaged, and nothing is kept.
+    pub async fn sealed(
+        &self,
+        sha256: &str,
+        service: Option<&str>,
+    ) -> Result<(StoredArtifact, Arc<SealedImage>), ArtifactRejected> {
+        let cached = self
+            .images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha256)
+            .cloned();
+        let (store, trusted, limit) = (
+            self.store.clone(),
+            self.trusted.clone(),
+            self.max_artifact_bytes,
+        );
+        let (sha, service) = (sha256.to_string(), service.map(str::to_string));
+        let checked = tokio::task::spawn_blocking(move || {
+            let (stored, _) = check_entry(&store, &trusted, limit, &sha, service)?;
+            if let Some(image) = cached {
+                return Ok((stored, image));
+            }
+            let manifest = &stored.manifest;
+            let name = format!("{}-{}", manifest.service, manifest.version);
+            let copied = SealedImage::copy_verified(&stored.path, &name, &sha, manifest.size)
+                .map_err(|source| StoreError::Io {
+                    doing: format!("copying artifact {sha} into a sealed image"),
+                    source,
+                })?;
+            match copied {
+                Ok(image) => Ok((stored, Arc::new(image))),
+                Err((found, size)) => Err(ArtifactRejected::Store(StoreError::Damaged {
+                    sha256: sha.clone(),
+                    detail: format!(
+                        "the stored file now hashes to {found} ({size} bytes), not the signed {sha} ({} bytes): it was changed after upload",
+                        manifest.size
+                    ),
+                })),
+            }
+        })
+        .await
+        .unwrap_or_else(|err| Err(ArtifactRejected::Task(err.to_string())));
+        let (stored, image) = self.counted(checked)?;
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(sha256.to_string())
+            .or_insert_with(|| image.clone());
+        Ok((stored, image))
+    }
+
+    /// Drops the sealed images of artifacts no service pins any more (they
+    /// hold memory: one copy of each binary).
+    pub fn keep_images(&self, pinned: &HashSet<String>) {
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|sha, _| pinned.contains(sha));
     }
 
     pub fn store(&self) -> &Arc<ArtifactStore> {
@@ -142,20 +215,7 @@ impl ArtifactVerifier {
         );
         let (sha256, service) = (sha256.to_string(), service.map(str::to_string));
         let checked = tokio::task::spawn_blocking(move || {
-            let stored = store
-                .stat(&sha256)?
-                .ok_or_else(|| ArtifactRejected::NotStored(sha256.clone()))?;
-            let verified = check_envelope(&trusted, limit, &store.envelope_bytes(&sha256)?)?;
-            if let Some(expected) = service {
-                if verified.manifest.service != expected {
-                    return Err(ArtifactRejected::WrongService {
-                        sha256,
-                        service: verified.manifest.service,
-                        version: verified.manifest.version,
-                        expected,
-                    });
-                }
-            }
+            let (stored, verified) = check_entry(&store, &trusted, limit, &sha256, service)?;
             store.check_stored_content(&stored)?;
             Ok((stored, verified))
         })
@@ -176,6 +236,31 @@ impl ArtifactVerifier {
         }
         result
     }
+}
+
+/// The stored entry of `sha256` and its envelope, checked (not its bytes).
+fn check_entry(
+    store: &ArtifactStore,
+    trusted: &TrustedKeys,
+    limit: u64,
+    sha256: &str,
+    service: Option<String>,
+) -> Result<(StoredArtifact, VerifiedManifest), ArtifactRejected> {
+    let stored = store
+        .stat(sha256)?
+        .ok_or_else(|| ArtifactRejected::NotStored(sha256.to_string()))?;
+    let verified = check_envelope(trusted, limit, &store.envelope_bytes(sha256)?)?;
+    if let Some(expected) = service {
+        if verified.manifest.service != expected {
+            return Err(ArtifactRejected::WrongService {
+                sha256: sha256.to_string(),
+                service: verified.manifest.service,
+                version: verified.manifest.version,
+                expected,
+            });
+        }
+    }
+    Ok((stored, verified))
 }
 
 fn check_envelope(

@@ -231,6 +231,12 @@ fn fd_inventory(pid: u32) -> std::collections::BTreeMap<String, usize> {
             continue;
         };
         let target = target.display().to_string();
+        if target.starts_with("/memfd:") {
+            // The sealed images of verified artifacts: a cache the agent
+            // rebuilds on demand (a new image starts without it), bounded
+            // by the artifacts its services pin; not a leak.
+            continue;
+        }
         let kind = if target.starts_with("socket:") {
             match sockets.get(&target) {
                 Some(kind) => kind.to_string(),
@@ -409,9 +415,13 @@ async fn upgrade_and_check_what_operators_see(agent: &Agent, agent_v2: &str, age
     assert_eq!(info.pid, agent_pid, "the agent kept its pid");
     assert_eq!(info.executable_sha256, agent_v2, "the new image runs");
     assert_eq!(info.artifact_version, "2.0.0");
+    // The verified image, sealed in memory: never a path in the store
+    // that a writer could have swapped between the check and the exec.
     assert!(
-        exe_of(agent_pid).starts_with(agent.store()),
-        "/proc/{agent_pid}/exe is {:?}, not the stored artifact",
+        exe_of(agent_pid)
+            .to_string_lossy()
+            .starts_with("/memfd:reload-agent-2.0.0"),
+        "/proc/{agent_pid}/exe is {:?}, not the sealed verified image",
         exe_of(agent_pid)
     );
     // What an operator sees.

@@ -124,6 +124,7 @@ fn agent_command(dir: &Path, notify: &Path, stored: &[(String, OwnedFd)]) -> Com
             .collect(),
         die_with_parent: false,
         own_process_group: false,
+        image: None,
     })
     .unwrap()
 }

@@ -25,6 +25,7 @@
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
 //! - [`cli`]: `reloadctl` as a user runs it.
+//! - [`verified_exec`]: only verified bytes run, whatever a writer does to the store.
 
 mod agent_upgrade;
 mod cli;
@@ -39,3 +40,4 @@ mod rollout_faults;
 mod security;
 mod standalone;
 mod upload;
+mod verified_exec;
