@@ -88,6 +88,18 @@ fn create_private_dir(path: &Path) -> Result<(), StoreError> {
         .map_err(io_err(format!("creating {}", path.display())))
 }
 
+/// Removes a file that may already be gone: whatever else touches the
+/// store (another process, an operator) must not keep the agent from
+/// starting.
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("removing {}", path.display()))(err))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn fsync_dir(path: &Path) -> Result<(), StoreError> {
     File::open(path)
         .and_then(|dir| dir.sync_all())
@@ -112,7 +124,7 @@ impl ArtifactStore {
         for entry in fs::read_dir(&store.tmp).map_err(io_err("listing the temp folder"))? {
             let path = entry.map_err(io_err("listing the temp folder"))?.path();
             tracing::info!(path = %path.display(), "removing an upload left by an earlier run");
-            fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            remove_if_present(&path)?;
         }
         for entry in fs::read_dir(&store.objects).map_err(io_err("listing the store"))? {
             let path = entry.map_err(io_err("listing the store"))?.path();
@@ -126,7 +138,7 @@ impl ArtifactStore {
             };
             if validate_sha256_hex(hex).is_err() || !other_half.exists() {
                 tracing::warn!(path = %path.display(), "removing an incomplete store entry");
-                fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+                remove_if_present(&path)?;
             }
         }
         fsync_dir(&store.objects)?;

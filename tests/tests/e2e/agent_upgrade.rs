@@ -950,3 +950,80 @@ async fn sigterm_right_after_an_upgrade_stops_the_agent_cleanly(
         agent.log_text()
     );
 }
+
+/// Only verified bytes become the agent: while a writer swaps the stored
+/// agent artifact (see `verified_exec::attack`), each UpgradeAgent either
+/// runs the verified image, sealed in memory (the agent's executable is
+/// the memfd and hashes to the artifact), or is refused as damaged; the
+/// wrapper, which would leave a marker, never runs. Three upgrades get
+/// through (attempts are bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapped_agent_artifacts_never_become_the_agent() {
+    use super::verified_exec::{attack, Target};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let f = fixture();
+    let agent_pid = f.agent.pid();
+    let marker = f._dir.path().join("the-wrapper-ran");
+    let wrapper = format!(
+        "#!/bin/sh\ntouch '{}'\nexec '{}' \"$@\"\n",
+        marker.display(),
+        bin_path("reload-agent").display()
+    )
+    .into_bytes();
+    let target: Target = Default::default();
+    let (stop, swaps) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let attacker = attack(target.clone(), wrapper, stop.clone(), swaps.clone());
+    let (mut upgraded, mut refused) = (0, 0);
+    for attempt in 0..12 {
+        if upgraded == 3 {
+            break;
+        }
+        let version = format!("{}.0.0", attempt + 2);
+        let sha = f
+            .agent
+            .stage("reload-agent", &version, &agent_bytes(&version))
+            .await;
+        *target.lock().unwrap() = Some(f.agent.store().join("sha256").join(&sha));
+        match upgrade_to(&f.agent, sha.clone()).await {
+            Ok(_) => {
+                let info = wait_for_upgrade(&f.agent, &sha).await;
+                let last = info.last_upgrade.unwrap();
+                assert_eq!(
+                    last.outcome,
+                    pb::AgentUpgradeOutcome::Succeeded as i32,
+                    "{last:?}"
+                );
+                assert_eq!(
+                    (info.pid, info.executable_sha256.as_str()),
+                    (agent_pid, sha.as_str())
+                );
+                assert!(exe_of(agent_pid)
+                    .to_string_lossy()
+                    .starts_with(&format!("/memfd:reload-agent-{version}")));
+                upgraded += 1;
+            }
+            Err(status) => {
+                assert!(
+                    status.message().contains("changed after upload"),
+                    "{status:?}"
+                );
+                refused += 1;
+            }
+        }
+        *target.lock().unwrap() = None;
+        assert!(
+            !marker.exists(),
+            "the swapped bytes ran (attempt {attempt})"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    attacker.join().unwrap();
+    eprintln!(
+        "{} swaps: {upgraded} agent upgrades ran the verified image, {refused} were refused, the wrapper never ran",
+        swaps.load(Ordering::Relaxed)
+    );
+    assert_eq!(upgraded, 3, "{refused} refused in 12 attempts");
+}

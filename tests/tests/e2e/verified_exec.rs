@@ -7,7 +7,7 @@
 //! image the agent holds, whatever the store's files say.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,21 +17,24 @@ use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
 use reload_tests::*;
 
-/// The file under attack and its original bytes.
-type Target = Arc<std::sync::Mutex<Option<(PathBuf, Vec<u8>)>>>;
+/// The file under attack.
+pub(super) type Target = Arc<std::sync::Mutex<Option<PathBuf>>>;
 
-/// Swaps the file `target` names, over and over until `stop`: a rename of
-/// `wrapper` over it then the original back, and an overwrite in place
-/// then the original back, with short random pauses: about half of the
-/// time the path holds the wrapper. Counts the swaps in `swaps`.
-fn attack(
+/// Swaps the file `target` names, over and over until `stop`, with short
+/// random pauses, so that about half of the time the path holds the
+/// wrapper: the original renamed aside and `wrapper` renamed in its place,
+/// then the original renamed back; and the file's first bytes overwritten
+/// in place with `wrapper` (same inode: a `#!` line runs the wrapper, the
+/// rest is never read), then restored. Counts the swaps in `swaps`.
+pub(super) fn attack(
     target: Target,
     wrapper: Vec<u8>,
     stop: Arc<AtomicBool>,
     swaps: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        use std::io::Write;
+        use std::io::{Read, Seek, SeekFrom, Write};
+        use std::os::unix::fs::PermissionsExt;
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut pause = || {
             rng ^= rng << 13;
@@ -39,34 +42,41 @@ fn attack(
             rng ^= rng << 17;
             std::thread::sleep(Duration::from_micros(rng % 2000));
         };
-        let put = |path: &Path, bytes: &[u8]| {
-            use std::os::unix::fs::PermissionsExt;
-            let staged = path.with_extension("swap");
-            std::fs::write(&staged, bytes).unwrap();
-            // Executable, as the stored file is: exec by path would run it.
-            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o500)).unwrap();
-            std::fs::rename(&staged, path).unwrap();
-        };
         while !stop.load(Ordering::SeqCst) {
-            let Some((path, original)) = target.lock().unwrap().clone() else {
+            let Some(path) = target.lock().unwrap().clone() else {
                 pause();
                 continue;
             };
-            put(&path, &wrapper);
+            let (aside, staged) = (path.with_extension("aside"), path.with_extension("swap"));
+            // Errors are ignored, as an attacker would: the agent may prune
+            // or re-check files under our feet (an upgraded agent scans its
+            // store at start).
+            let _ = std::fs::write(&staged, &wrapper);
+            // Executable, as the stored file is: exec by path would run it.
+            let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o500));
+            if std::fs::rename(&path, &aside).is_ok() {
+                let _ = std::fs::rename(&staged, &path);
+                pause();
+                let _ = std::fs::rename(&aside, &path);
+            }
             pause();
-            put(&path, &original);
-            pause();
-            // In place: the same inode, other bytes.
+            // In place. Fails while the file is executed (ETXTBSY), as it
+            // would be by an agent that runs store paths.
             if let Ok(mut file) = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
-                .truncate(true)
                 .open(&path)
             {
-                let _ = file.write_all(&wrapper);
-                pause();
-                let _ = file.set_len(0);
-                let _ = std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0));
-                let _ = file.write_all(&original);
+                let len = file.metadata().unwrap().len();
+                let mut head = vec![0u8; wrapper.len()];
+                let got = file.read(&mut head).unwrap_or(0);
+                head.truncate(got);
+                if file.seek(SeekFrom::Start(0)).is_ok() && file.write_all(&wrapper).is_ok() {
+                    pause();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.write_all(&head);
+                    let _ = file.set_len(len);
+                }
             }
             swaps.fetch_add(2, Ordering::Relaxed);
             pause();
@@ -109,7 +119,7 @@ async fn swapped_store_files_never_run_through_activations_and_crash_restarts() 
     for i in 0..20 {
         shas.push(agent.stage("web", &format!("1.{i}.0"), &release(i)).await);
     }
-    let object = |i: usize| Some((agent.store().join("sha256").join(&shas[i]), release(i)));
+    let object = |i: usize| Some(agent.store().join("sha256").join(&shas[i]));
     let target: Target = Default::default();
     let (stop, swaps) = (
         Arc::new(AtomicBool::new(false)),
