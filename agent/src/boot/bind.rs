@@ -60,6 +60,14 @@ pub async fn bind(config: &AgentConfig, systemd: SystemdSockets) -> anyhow::Resu
         let listener = inherited
             .tcp("grpc", config.listen[0])
             .context("taking the systemd socket named grpc")?;
+        // The rule of `insecure = true` holds for a socket systemd made
+        // too: plaintext, unauthenticated gRPC only on loopback.
+        let addr = listener.local_addr()?;
+        if config.tls.is_none() && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "insecure = true is for loopback only, but systemd passed a gRPC socket on {addr} (reload-agent.socket ListenStream=); listen on 127.0.0.1 there, or configure [tls]"
+            );
+        }
         tracing::info!("using the gRPC socket passed by systemd");
         return Ok(Bound {
             grpc: vec![listener],

@@ -336,6 +336,7 @@ impl AgentConfig {
             }
         };
         let state_dir = base.join(&agent.state_dir);
+        check_socket_paths_fit(&state_dir, &services)?;
         Ok(AgentConfig {
             tls,
             rights: file.rights,
@@ -366,6 +367,36 @@ impl AgentConfig {
     }
 }
 
+/// The longest Unix socket path (sun_path holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Every service gets Unix sockets under `<state_dir>/run` named after it
+/// (`<service>-<start ms>-<spawn n>.notify`, and `.shim`): a name that
+/// makes them too long would pass every other check and then never start.
+/// Refused here, with what to change.
+fn check_socket_paths_fit(state_dir: &Path, services: &[ServiceConfig]) -> anyhow::Result<()> {
+    let absolute = if state_dir.is_absolute() {
+        state_dir.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(state_dir)
+    };
+    let run_dir = absolute.join("run");
+    // "-" + 13 digits of milliseconds + "-" + up to 10 digits + ".notify".
+    const SUFFIX: usize = 1 + 13 + 1 + 10 + ".notify".len();
+    for service in services {
+        let length = run_dir.as_os_str().len() + 1 + service.name.len() + SUFFIX;
+        if length > MAX_SOCKET_PATH {
+            bail!(
+                "[[service]] {:?}: its sockets under {} would be up to {length} bytes long, above the {MAX_SOCKET_PATH} a Unix socket path may have; shorten the service name (by {} characters) or set [agent] state_dir to a shorter path",
+                service.name,
+                run_dir.display(),
+                length - MAX_SOCKET_PATH
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +404,29 @@ mod tests {
     fn with_key(dir: &Path) {
         let key = reload_artifact::SigningKey::generate();
         std::fs::write(dir.join("release.pub"), key.public().to_pem()).unwrap();
+    }
+
+    /// A name that makes the service's Unix socket paths too long passed
+    /// `--check` and then could never start with notify readiness.
+    #[test]
+    fn a_service_name_whose_sockets_would_not_fit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        with_key(dir.path());
+        let config = |name: &str| {
+            format!(
+                "[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\nstate_dir = \"{}\"\n[[service]]\nname = \"{name}\"\n",
+                "s".repeat(20)
+            )
+        };
+        let fits = "w".repeat(10);
+        AgentConfig::parse(&config(&fits), dir.path()).unwrap();
+        let long = "w".repeat(64);
+        let err = AgentConfig::parse(&config(&long), dir.path()).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("shorten the service name") && text.contains(&long),
+            "{text}"
+        );
     }
 
     #[test]

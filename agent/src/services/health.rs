@@ -48,7 +48,16 @@ pub(super) async fn check(config: &ServiceConfig, process: &Process) -> bool {
         },
         HealthProbe::Exec { command } => {
             let mut child = tokio::process::Command::new(&command[0]);
+            // The service's environment, not the agent's (which may hold
+            // credentials, NOTIFY_SOCKET, LISTEN_FDS...).
             child
+                .env_clear()
+                .env(
+                    "PATH",
+                    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                )
+                .envs(config.env.iter().cloned())
+                .env("RELOAD_SERVICE", &config.name)
                 .args(&command[1..])
                 .current_dir(&config.working_dir)
                 .stdin(std::process::Stdio::null())

@@ -296,6 +296,115 @@ fn an_agent_without_tls_or_explicit_insecure_does_not_start() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("loopback only"));
 }
 
+/// The loopback-only rule of `insecure = true` held for `[agent] listen`
+/// but not for a gRPC socket systemd passed (reload-agent.socket): one on
+/// 0.0.0.0 served plaintext AcquireLease to anyone. Now the agent refuses
+/// to start with it, and says what to change.
+#[test]
+fn an_insecure_agent_refuses_a_grpc_socket_from_systemd_that_is_not_loopback() {
+    use std::os::fd::{AsFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    std::fs::write(
+        d.join("agent.toml"),
+        "[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n",
+    )
+    .unwrap();
+    let run = |bind: &str| {
+        let socket = OwnedFd::from(std::net::TcpListener::bind(bind).unwrap());
+        let args: Vec<String> = Agent::ARGS.iter().map(|a| a.to_string()).collect();
+        let mut command = reload_server::spawn::command(reload_server::spawn::SpawnSpec {
+            program: &bin_path("reload-agent"),
+            args: &args,
+            env: vec![("RUST_LOG".into(), "info".into())],
+            working_dir: d,
+            sockets: vec![("grpc".to_string(), socket.as_fd())],
+            die_with_parent: false,
+            own_process_group: false,
+            image: None,
+        })
+        .unwrap();
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        // A refusal ends the agent at once; an accepted socket serves.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+                return Some((status, stderr));
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let (status, stderr) = run("0.0.0.0:0").expect("the agent refuses to start");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("insecure = true is for loopback only")
+            && stderr.contains("systemd passed a gRPC socket on 0.0.0.0"),
+        "{stderr}"
+    );
+    // On loopback, the same agent serves (it is still running when killed).
+    assert!(
+        run("127.0.0.1:0").is_none(),
+        "the agent refused a loopback socket"
+    );
+}
+
+/// Exec health probes ran with the agent's whole environment (credentials,
+/// LISTEN_FDS, NOTIFY_SOCKET...). They get the service's environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_health_probes_do_not_see_the_agents_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let key = Arc::new(SigningKey::generate());
+    std::fs::write(dir.path().join("trusted.pub"), key.public().to_pem()).unwrap();
+    // Healthy only if the agent's secret is not in the probe's environment
+    // and the service's own variable is.
+    let probe = r#"test -z \"$AGENT_SECRET\" && test \"$GREETING\" = hi"#;
+    let service = web_service_toml(addr)
+        .replace("args = [", "env = { GREETING = \"hi\" }\nargs = [")
+        .replace(
+            "kind = \"http\"\npath = \"/healthz\"",
+            &format!("kind = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", \"{probe}\"]"),
+        )
+        .replace("private = true\n", "");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!(
+            "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"trusted.pub\"]\nstore_dir = \"store\"\n{service}"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(bin_path("reload-agent"));
+    command
+        .args(Agent::ARGS)
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env("AGENT_SECRET", "s3cret");
+    let agent = Agent::start_command(dir.path(), key, command);
+    let v1 = agent
+        .stage("web", "1.0.0", &Agent::demo_server_bytes("1.0.0"))
+        .await;
+    agent.activate_ok("web", &v1, Downgrade::NotAllowed).await;
+    let status = eventually(
+        "the exec probe to pass",
+        std::time::Duration::from_secs(10),
+        async || agent.status("web").await,
+        |s| s.health == pb::HealthState::Healthy as i32,
+    )
+    .await;
+    assert_eq!(status.current_version, "1.0.0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_downgrade_floor_holds_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
