@@ -120,7 +120,10 @@ impl SelfUpgrade {
         &self,
         sha256: &str,
     ) -> Result<(crate::store::StoredArtifact, (Target, PathBuf)), UpgradeError> {
-        let (artifact, image) = self.verifier.sealed(sha256, Some(AGENT_SERVICE)).await?;
+        let (artifact, image) = self
+            .verifier
+            .sealed(sha256, Some(AGENT_SERVICE), crate::store::Admission::New)
+            .await?;
         let fd = image.try_clone_fd().map_err(|e| {
             UpgradeError::Internal(format!("cannot duplicate the sealed agent image: {e}"))
         })?;

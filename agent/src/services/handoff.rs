@@ -45,7 +45,7 @@ use crate::main_thread::Launcher;
 use crate::metrics::SharedMetrics;
 use crate::shim::protocol::ShimSpec;
 use crate::state::{ArtifactRef, StateFile};
-use crate::store::{ArtifactVerifier, SealedImage, StoredArtifact};
+use crate::store::{Admission, ArtifactVerifier, SealedImage, StoredArtifact};
 
 /// The caller's fence (see [`crate::lease`]): checked under the service's
 /// reload lock, and held across the commit (the agent's own actions pass
@@ -113,8 +113,9 @@ impl Handoff {
         &self,
         service: &Service,
         sha256: &str,
+        admission: Admission,
     ) -> Result<Process, StartFailure> {
-        let (artifact, image) = self.verify(service, sha256).await?;
+        let (artifact, image) = self.verify(service, sha256, admission).await?;
         self.preflight(service, &artifact, &image).await?;
         self.spawn_until_ready(service, &artifact, &image).await
     }
@@ -126,9 +127,10 @@ impl Handoff {
         &self,
         service: &Service,
         sha256: &str,
+        admission: Admission,
     ) -> Result<(StoredArtifact, Arc<SealedImage>), StartFailure> {
         self.verifier
-            .sealed(sha256, Some(&service.config.name))
+            .sealed(sha256, Some(&service.config.name), admission)
             .await
             .map_err(|err| {
                 StartFailure::new(pb::ReloadOutcome::VerificationFailed, err.to_string())
@@ -348,6 +350,7 @@ impl Handoff {
         rollback: bool,
         allow_downgrade: bool,
         fence: &dyn Fence,
+        admission: Admission,
     ) -> Result<pb::ReloadResult, ServiceError> {
         let name = &service.config.name;
         let store = self.verifier.store().clone();
@@ -379,7 +382,7 @@ impl Handoff {
             .observe(|o| o.versions.clone())
             .check_floor(&artifact.manifest, allow_downgrade)?;
         Ok(self
-            .replace(service, artifact, guard, rollback, fence)
+            .replace(service, artifact, guard, rollback, fence, admission)
             .await)
     }
 
@@ -392,6 +395,7 @@ impl Handoff {
         guard: tokio::sync::OwnedMutexGuard<()>,
         rollback: bool,
         fence: &dyn Fence,
+        admission: Admission,
     ) -> pb::ReloadResult {
         let (old_process, old_versions) =
             service.observe(|o| (o.process.clone(), o.versions.clone()));
@@ -427,7 +431,7 @@ impl Handoff {
         );
 
         // Steps 1-4. A failure leaves the old process serving, untouched.
-        let new_process = match self.start(service, &new_ref.sha256).await {
+        let new_process = match self.start(service, &new_ref.sha256, admission).await {
             Ok(process) => process,
             Err(failure) => {
                 self.record_failure(

@@ -54,6 +54,7 @@ pub use sockets::{fd_store_name, GivenSocket, FD_STORE_PREFIX};
 
 use crate::config::ServiceConfig;
 use crate::handover::{FdsToPass, ServiceHandover};
+use crate::store::Admission;
 use process::drain;
 use service::Observed;
 use sockets::{assign_given, bind_one, BoundListener};
@@ -234,7 +235,14 @@ impl Services {
         let service = self.service(name)?;
         let result = self
             .handoff
-            .activate(service, sha256, false, allow_downgrade, fence)
+            .activate(
+                service,
+                sha256,
+                false,
+                allow_downgrade,
+                fence,
+                Admission::New,
+            )
             .await?;
         Ok((result, service.status()))
     }
@@ -253,7 +261,14 @@ impl Services {
             .ok_or_else(|| ServiceError::NoPreviousVersion(name.to_string()))?;
         let result = self
             .handoff
-            .activate(service, &previous.sha256, true, allow_downgrade, fence)
+            .activate(
+                service,
+                &previous.sha256,
+                true,
+                allow_downgrade,
+                fence,
+                Admission::New,
+            )
             .await?;
         Ok((result, service.status()))
     }

@@ -20,6 +20,7 @@ use super::service::Service;
 use crate::config::Probation;
 use crate::events::EventFields;
 use crate::state::ArtifactRef;
+use crate::store::Admission;
 
 /// A process that ran this long before exiting resets the restart backoff.
 const STABLE_RUN: Duration = Duration::from_secs(10);
@@ -124,7 +125,10 @@ pub(super) async fn monitor(
         let Some(current) = current.filter(|_| process.is_none()) else {
             continue;
         };
-        match handoff.start(&service, &current.sha256).await {
+        match handoff
+            .start(&service, &current.sha256, Admission::Readmitted)
+            .await
+        {
             Ok(process) => {
                 let pid = process.pid;
                 service.observe(|o| o.process = Some(process));
@@ -204,7 +208,16 @@ async fn revert(
 ) {
     tracing::warn!(service = %service.config.name, from = %current.version, to = %previous.version, "crash loop: reverting to the previous release");
     match handoff
-        .activate(service, &previous.sha256, true, true, UNFENCED)
+        // The previous release was admitted before: its expiry is not
+        // checked again (see `Admission`).
+        .activate(
+            service,
+            &previous.sha256,
+            true,
+            true,
+            UNFENCED,
+            Admission::Readmitted,
+        )
         .await
     {
         Ok(result) if result.outcome == pb::ReloadOutcome::Succeeded as i32 => {}

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 mod sealed;
 mod verifier;
 pub use sealed::SealedImage;
-pub use verifier::{ArtifactRejected, ArtifactVerifier};
+pub use verifier::{Admission, ArtifactRejected, ArtifactVerifier};
 
 /// Chunks queued between the gRPC receiver and the hashing writer thread;
 /// enough to keep both busy, small enough to bound memory per upload.

@@ -25,6 +25,21 @@ use reload_artifact::{TrustedKeys, VerifiedManifest, VerifyError};
 use super::{ArtifactStore, SealedImage, StoreError, StoredArtifact};
 use crate::metrics::SharedMetrics;
 
+/// Why the agent is about to run an artifact: expiry is an admission rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// An upload, an activation, an upgrade: every rule, expiry included.
+    New,
+    /// A version this agent admitted before, started again by the agent
+    /// itself (a crash restart, a start after an agent restart or a
+    /// reboot, a crash-loop revert): every rule but expiry. A manifest's
+    /// expiry bounds how long a signed release may be *admitted* (so a
+    /// frozen or replayed old release cannot be pushed), not how long an
+    /// admitted one may keep serving: otherwise a healthy service becomes
+    /// an outage at its first crash after the expiry.
+    Readmitted,
+}
+
 /// Why an artifact may not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactRejected {
@@ -130,6 +145,7 @@ impl ArtifactVerifier {
         &self,
         sha256: &str,
         service: Option<&str>,
+        admission: Admission,
     ) -> Result<(StoredArtifact, Arc<SealedImage>), ArtifactRejected> {
         let cached = self
             .images
@@ -144,7 +160,7 @@ impl ArtifactVerifier {
         );
         let (sha, service) = (sha256.to_string(), service.map(str::to_string));
         let checked = tokio::task::spawn_blocking(move || {
-            let (stored, _) = check_entry(&store, &trusted, limit, &sha, service)?;
+            let (stored, _) = check_entry(&store, &trusted, limit, &sha, service, admission)?;
             if let Some(image) = cached {
                 return Ok((stored, image));
             }
@@ -215,7 +231,8 @@ impl ArtifactVerifier {
         );
         let (sha256, service) = (sha256.to_string(), service.map(str::to_string));
         let checked = tokio::task::spawn_blocking(move || {
-            let (stored, verified) = check_entry(&store, &trusted, limit, &sha256, service)?;
+            let (stored, verified) =
+                check_entry(&store, &trusted, limit, &sha256, service, Admission::New)?;
             store.check_stored_content(&stored)?;
             Ok((stored, verified))
         })
@@ -245,11 +262,26 @@ fn check_entry(
     limit: u64,
     sha256: &str,
     service: Option<String>,
+    admission: Admission,
 ) -> Result<(StoredArtifact, VerifiedManifest), ArtifactRejected> {
     let stored = store
         .stat(sha256)?
         .ok_or_else(|| ArtifactRejected::NotStored(sha256.to_string()))?;
-    let verified = check_envelope(trusted, limit, &store.envelope_bytes(sha256)?)?;
+    let envelope = store.envelope_bytes(sha256)?;
+    let verified = match check_envelope(trusted, limit, &envelope) {
+        Err(ArtifactRejected::Verify(VerifyError::Expired {
+            ref service,
+            ref version,
+            ref expires,
+            ..
+        })) if admission == Admission::Readmitted && humantime::parse_rfc3339(expires).is_ok() => {
+            // Every other rule again, as of the instant it expired.
+            let at = humantime::parse_rfc3339(expires).expect("checked in the guard");
+            tracing::info!(%service, %version, %expires, "starting an admitted release again although its manifest has expired since (expiry is checked when a release is admitted)");
+            check_envelope_at(trusted, limit, &envelope, at)?
+        }
+        other => other?,
+    };
     if let Some(expected) = service {
         if verified.manifest.service != expected {
             return Err(ArtifactRejected::WrongService {
@@ -268,7 +300,16 @@ fn check_envelope(
     limit: u64,
     envelope: &[u8],
 ) -> Result<VerifiedManifest, ArtifactRejected> {
-    let verified = trusted.verify_envelope(envelope, SystemTime::now())?;
+    check_envelope_at(trusted, limit, envelope, SystemTime::now())
+}
+
+fn check_envelope_at(
+    trusted: &TrustedKeys,
+    limit: u64,
+    envelope: &[u8],
+    now: SystemTime,
+) -> Result<VerifiedManifest, ArtifactRejected> {
+    let verified = trusted.verify_envelope(envelope, now)?;
     check_platform(&verified.manifest)?;
     if verified.manifest.size > limit {
         return Err(ArtifactRejected::TooLarge {

@@ -359,6 +359,56 @@ fn an_insecure_agent_refuses_a_grpc_socket_from_systemd_that_is_not_loopback() {
     );
 }
 
+/// A manifest's expiry blocked crash restarts of a version admitted long
+/// before: a healthy service became an outage at its first crash after
+/// the expiry. Expiry is an admission rule: an expired release is not
+/// activated, but one already admitted restarts after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_release_restarts_after_its_manifest_expired_but_is_not_activated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // No clock-skew allowance, so the manifests expire within the test.
+    let agent = Agent::start(
+        dir.path(),
+        Arc::new(SigningKey::generate()),
+        &format!("clock_skew = \"0s\"\n{}", web_service_toml(addr)),
+    );
+    let expiring = |version: &str| {
+        let bytes = Agent::demo_server_bytes(version);
+        let mut manifest = manifest_for("web", version, &bytes);
+        (manifest.os, manifest.arch) = ("any".into(), "any".into());
+        manifest.expires = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(4),
+        )
+        .to_string();
+        (manifest, bytes)
+    };
+    let (m1, b1) = expiring("1.0.0");
+    let (m2, b2) = expiring("2.0.0");
+    let v1 = agent.stage_manifest(m1, &b1).await;
+    let v2 = agent.stage_manifest(m2, &b2).await;
+    agent.activate_ok("web", &v1, Downgrade::NotAllowed).await;
+    let serving = agent.status("web").await.pid;
+    // Both manifests expire (plus the agent's clock-skew allowance).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    send_signal(serving, nix::sys::signal::Signal::SIGKILL);
+    let restarted = eventually(
+        "the admitted, now expired, release to be restarted",
+        std::time::Duration::from_secs(20),
+        async || agent.status("web").await,
+        |s| s.pid != 0 && s.pid != serving && s.state == pb::ServiceState::Running as i32,
+    )
+    .await;
+    assert_eq!(restarted.current_sha256, v1);
+    let reply = http_get(addr, "/").await.unwrap();
+    assert_eq!((reply.code, reply.pid), (200, restarted.pid));
+    // A new activation of an expired release is still refused.
+    let refused = agent.activate("web", &v2, Downgrade::NotAllowed).await;
+    let text = format!("{refused:?}");
+    assert!(text.contains("expired"), "{text}");
+    assert_eq!(agent.status("web").await.current_sha256, v1);
+}
+
 /// Exec health probes ran with the agent's whole environment (credentials,
 /// LISTEN_FDS, NOTIFY_SOCKET...). They get the service's environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
