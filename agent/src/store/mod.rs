@@ -78,6 +78,8 @@ pub struct ArtifactStore {
     /// Per service, artifacts pruning must keep whatever their age: the
     /// current and previous versions (the service registry says which).
     pinned: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Damaged entries set aside (see [`ArtifactStore::quarantine`]).
+    quarantined: std::sync::atomic::AtomicU64,
 }
 
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
@@ -117,6 +119,7 @@ impl ArtifactStore {
             commit_lock: Mutex::new(()),
             temp_counter: AtomicU64::new(0),
             pinned: Mutex::new(Default::default()),
+            quarantined: Default::default(),
         };
         create_private_dir(root)?;
         create_private_dir(&store.objects)?;
@@ -207,10 +210,17 @@ impl ArtifactStore {
             let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".dsse.json")) else {
                 continue;
             };
-            if let Some(artifact) = self.stat(hex)? {
-                if service.is_none_or(|s| s == artifact.manifest.service) {
-                    found.push(artifact);
+            match self.stat(hex) {
+                Ok(Some(artifact)) => {
+                    if service.is_none_or(|s| s == artifact.manifest.service) {
+                        found.push(artifact);
+                    }
                 }
+                Ok(None) => {}
+                // One damaged entry must not take every upload and listing
+                // down with it: set aside, and the rest goes on.
+                Err(StoreError::Damaged { sha256, detail }) => self.quarantine(&sha256, &detail)?,
+                Err(err) => return Err(err),
             }
         }
         found.sort_by(|a, b| {
@@ -219,6 +229,37 @@ impl ArtifactStore {
                 .then_with(|| b.manifest.semver().cmp(&a.manifest.semver()))
         });
         Ok(found)
+    }
+
+    /// Moves a damaged entry (its envelope and its file) to
+    /// `<store>/quarantine/`, where an operator can look at it; the agent
+    /// no longer sees it (upload the release again to use it).
+    fn quarantine(&self, sha256: &str, detail: &str) -> Result<(), StoreError> {
+        let folder = self
+            .objects
+            .parent()
+            .expect("the objects folder is in the store")
+            .join("quarantine");
+        create_private_dir(&folder)?;
+        for name in [format!("{sha256}.dsse.json"), sha256.to_string()] {
+            let from = self.objects.join(&name);
+            match fs::rename(&from, folder.join(&name)) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err(format!("quarantining {}", from.display()))(err))
+                }
+                _ => {}
+            }
+        }
+        fsync_dir(&self.objects)?;
+        self.quarantined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(sha256, detail, folder = %folder.display(), "a damaged store entry was moved to quarantine; upload that release again to use it");
+        Ok(())
+    }
+
+    /// How many damaged entries were set aside since the agent started.
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Re-reads a stored file and checks its bytes against its manifest.

@@ -732,3 +732,41 @@ async fn health_reflection_and_agent_calls_answer() {
     assert_eq!(info.trusted_key_ids, vec![f.agent.key.id().to_string()]);
     assert_eq!(info.limits.unwrap().max_chunk_bytes, MIB as u64);
 }
+
+/// One damaged envelope file made every upload and ListArtifacts fail with
+/// DATA_LOSS. It is moved to `store/quarantine/` (logged), and only its own
+/// artifact is affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_envelope_is_quarantined_and_affects_only_its_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), "");
+    let good = agent.stage("web", "1.0.0", b"good release").await;
+    let damaged = agent.stage("web", "2.0.0", b"soon damaged").await;
+    let envelope = agent
+        .store()
+        .join("sha256")
+        .join(format!("{damaged}.dsse.json"));
+    std::fs::write(&envelope, b"{ not an envelope").unwrap();
+    let listed = agent
+        .artifacts()
+        .await
+        .list_artifacts(pb::ListArtifactsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<String> = listed
+        .artifacts
+        .iter()
+        .map(|a| a.manifest.as_ref().unwrap().sha256.clone())
+        .collect();
+    assert_eq!(listed, vec![good.clone()]);
+    // Uploads go on.
+    let third = agent.stage("web", "3.0.0", b"third release").await;
+    assert!(agent.store().join("sha256").join(&third).exists());
+    // Set aside where an operator can look, both halves.
+    let quarantine = agent.store().join("quarantine");
+    assert!(quarantine.join(format!("{damaged}.dsse.json")).exists());
+    assert!(quarantine.join(&damaged).exists());
+    assert!(!envelope.exists());
+    assert!(agent.log_text().contains("moved to quarantine"));
+}
