@@ -41,6 +41,7 @@ mod health_http;
 pub mod lease;
 pub mod main_thread;
 pub mod metrics;
+pub mod redact;
 pub mod selfupgrade;
 pub mod services;
 pub mod shim;

@@ -72,6 +72,13 @@ impl AgentApi {
         })
         .await
         .map_err(|err| Status::internal(format!("the reload task failed: {err}")))?
+        .map(|(mut result, mut status)| {
+            crate::redact::reload_result(&mut result);
+            if let Some(last) = status.last_reload.as_mut() {
+                crate::redact::reload_result(last);
+            }
+            (result, status)
+        })
     }
 }
 
@@ -191,11 +198,16 @@ impl pb::service_control_server::ServiceControl for AgentApi {
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         self.check_read(&request, "GetStatus")?;
         let name = request.into_inner().service;
-        let services = if name.is_empty() {
+        let mut services: Vec<pb::ServiceStatus> = if name.is_empty() {
             self.services.services().map(|s| s.status()).collect()
         } else {
             vec![self.services.service(&name)?.status()]
         };
+        for status in &mut services {
+            if let Some(last) = status.last_reload.as_mut() {
+                crate::redact::reload_result(last);
+            }
+        }
         Ok(Response::new(pb::GetStatusResponse { services }))
     }
 
@@ -214,7 +226,10 @@ impl pb::service_control_server::ServiceControl for AgentApi {
         }
         let events = tokio_stream::wrappers::BroadcastStream::new(self.services.events().subscribe())
             .filter_map(move |event| match event {
-                Ok(event) if service.is_empty() || event.service == service => Some(Ok(event)),
+                Ok(mut event) if service.is_empty() || event.service == service => {
+                    event.message = crate::redact::for_client(&event.message);
+                    Some(Ok(event))
+                }
                 Ok(_) => None,
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
                     Some(Err(Status::resource_exhausted(format!(

@@ -60,7 +60,8 @@ fn logged(code: Code, message: String) -> Status {
     if code == Code::Internal {
         tracing::error!(error = %message, "agent failure");
     }
-    Status::new(code, message)
+    // The log above has the paths; the caller gets the folders by role.
+    Status::new(code, crate::redact::for_client(&message))
 }
 
 impl From<StoreError> for Status {

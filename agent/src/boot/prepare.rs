@@ -86,6 +86,7 @@ pub(super) async fn prepare(
 
     let metrics: SharedMetrics = Arc::new(Metrics::default());
     let events = Arc::new(EventBus::default());
+    crate::redact::set_folders(&config.store_dir, &config.state_dir);
     let state = Arc::new(StateFile::open(&config.state_dir)?);
     let verifier = Arc::new(ArtifactVerifier::new(
         store.clone(),

@@ -846,3 +846,45 @@ mod limits_and_keys {
         );
     }
 }
+
+/// Error texts sent to clients carried the agent's absolute paths (how the
+/// host is laid out). Clients get the folders by role (`<store>`); the
+/// agent's log keeps the full path for the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_facing_errors_name_the_store_by_role_not_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), "");
+    let sha = agent.stage("web", "1.0.0", b"a release").await;
+    // The file becomes a folder (root reads anything, so no chmod):
+    // re-verifying it fails reading it, an I/O error that names the path.
+    let object = agent.store().join("sha256").join(&sha);
+    std::fs::remove_file(&object).unwrap();
+    std::fs::create_dir(&object).unwrap();
+    let err = agent
+        .artifacts()
+        .await
+        .validate_artifact(pb::ValidateArtifactRequest {
+            target: Some(pb::validate_artifact_request::Target::Sha256(sha.clone())),
+        })
+        .await
+        .unwrap_err();
+    let message = err.message();
+    let home = dir.path().display().to_string();
+    assert!(!message.contains(&home), "{message}");
+    assert!(
+        message.contains(&format!("<store>/sha256/{sha}")),
+        "{message}"
+    );
+    // The operator's log has where.
+    let store = std::fs::canonicalize(agent.store()).unwrap();
+    assert!(
+        agent
+            .log_text()
+            .contains(&format!("{}/sha256/{sha}", store.display()))
+            || agent
+                .log_text()
+                .contains(&format!("{}/sha256/{sha}", agent.store().display())),
+        "{}",
+        agent.log_text()
+    );
+}
