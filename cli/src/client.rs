@@ -188,9 +188,17 @@ pub async fn upload(
 ) -> anyhow::Result<UploadOutcome> {
     let mut client =
         ArtifactServiceClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
+    // Present for *this* service: the same bytes signed for another one
+    // still need this envelope (the agent keeps one per service).
+    let service = serde_json::from_slice::<reload_artifact::dsse::Envelope>(&envelope)
+        .ok()
+        .and_then(|e| e.unverified_manifest().ok())
+        .map(|m| m.service)
+        .unwrap_or_default();
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
             sha256: sha256.to_string(),
+            service,
         })
         .await
         .map_err(|s| describe_status(host, "look up the artifact", &s))?

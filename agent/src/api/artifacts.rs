@@ -181,8 +181,13 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         request: Request<pb::StatArtifactRequest>,
     ) -> Result<Response<pb::StatArtifactResponse>, Status> {
         self.check_read(&request, "StatArtifact")?;
-        let sha256 = request.into_inner().sha256;
-        let found = self.with_store(move |store| store.stat(&sha256)).await?;
+        let request = request.into_inner();
+        let (sha256, service) = (request.sha256, request.service);
+        let found = self
+            .with_store(move |store| {
+                store.stat(&sha256, (!service.is_empty()).then_some(service.as_str()))
+            })
+            .await?;
         Ok(Response::new(pb::StatArtifactResponse {
             present: found.is_some(),
             artifact: found.as_ref().map(artifact_info),

@@ -355,11 +355,18 @@ impl Handoff {
         let name = &service.config.name;
         let store = self.verifier.store().clone();
         let sha = sha256.to_string();
-        let artifact = tokio::task::spawn_blocking(move || store.stat(&sha))
-            .await
-            .map_err(|e| ServiceError::Task(e.to_string()))?
-            .map_err(ServiceError::Lookup)?
-            .ok_or_else(|| ServiceError::ArtifactNotStored(sha256.to_string()))?;
+        let wanted = name.clone();
+        let artifact = tokio::task::spawn_blocking(move || {
+            // This service's envelope, or else any (for the refusal).
+            match store.stat(&sha, Some(&wanted))? {
+                Some(mine) => Ok(Some(mine)),
+                None => store.stat(&sha, None),
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Task(e.to_string()))?
+        .map_err(ServiceError::Lookup)?
+        .ok_or_else(|| ServiceError::ArtifactNotStored(sha256.to_string()))?;
         if artifact.manifest.service != *name {
             return Err(ServiceError::WrongService {
                 sha256: sha256.to_string(),

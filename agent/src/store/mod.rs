@@ -3,8 +3,11 @@
 //! Layout inside `store_dir` (mode 0700):
 //! - `sha256/<hex>`: the file's bytes, mode 0500, only ever created by an
 //!   atomic rename after every check passed;
-//! - `sha256/<hex>.dsse.json`: the envelope that admitted it (re-verified
-//!   before activation); its mtime is when the artifact was last stored;
+//! - `sha256/<hex>.<service>.dsse.json`: the envelope that admitted it for
+//!   `service` (re-verified before activation), one per service the same
+//!   bytes were signed for, so a second service's signature never replaces
+//!   the first's; its mtime is when the artifact was last stored for that
+//!   service. (`<hex>.dsse.json`, from before, is renamed at start.);
 //! - `tmp/`: uploads in progress, each an `O_EXCL` 0600 file, removed when the
 //!   upload fails or its client goes away, and emptied at start.
 //!
@@ -129,17 +132,18 @@ impl ArtifactStore {
             tracing::info!(path = %path.display(), "removing an upload left by an earlier run");
             remove_if_present(&path)?;
         }
+        store.migrate_envelope_names()?;
         for entry in fs::read_dir(&store.objects).map_err(io_err("listing the store"))? {
             let path = entry.map_err(io_err("listing the store"))?.path();
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let (hex, other_half) = match name.strip_suffix(".dsse.json") {
-                Some(hex) => (hex, store.objects.join(hex)),
-                None => (name, store.envelope_path(name)),
+            let complete = match parse_envelope_name(name) {
+                Some((hex, _)) => store.objects.join(hex).exists(),
+                None => validate_sha256_hex(name).is_ok() && !store.services_of(name)?.is_empty(),
             };
-            if validate_sha256_hex(hex).is_err() || !other_half.exists() {
+            if !complete {
                 tracing::warn!(path = %path.display(), "removing an incomplete store entry");
                 remove_if_present(&path)?;
             }
@@ -148,22 +152,82 @@ impl ArtifactStore {
         Ok(store)
     }
 
-    fn envelope_path(&self, sha256: &str) -> PathBuf {
-        self.objects.join(format!("{sha256}.dsse.json"))
+    /// `<hex>.dsse.json` (one envelope per file, before envelopes were kept
+    /// per service) becomes `<hex>.<service>.dsse.json`.
+    fn migrate_envelope_names(&self) -> Result<(), StoreError> {
+        for entry in fs::read_dir(&self.objects).map_err(io_err("listing the store"))? {
+            let path = entry.map_err(io_err("listing the store"))?.path();
+            let Some(hex) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".dsse.json"))
+                .filter(|hex| validate_sha256_hex(hex).is_ok())
+            else {
+                continue;
+            };
+            let service = fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Envelope>(&bytes).ok())
+                .and_then(|envelope| envelope.unverified_manifest().ok())
+                .map(|manifest| manifest.service);
+            match service {
+                Some(service) => {
+                    let target = self.envelope_path(hex, &service);
+                    fs::rename(&path, &target)
+                        .map_err(io_err(format!("renaming to {}", target.display())))?;
+                }
+                // Unreadable: the scan after this removes it as incomplete
+                // (its file then has no envelope, and goes too).
+                None => remove_if_present(&path)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn envelope_path(&self, sha256: &str, service: &str) -> PathBuf {
+        self.objects.join(format!("{sha256}.{service}.dsse.json"))
+    }
+
+    /// The services the file `sha256` holds an envelope for, sorted.
+    fn services_of(&self, sha256: &str) -> Result<Vec<String>, StoreError> {
+        let mut services = Vec::new();
+        for entry in fs::read_dir(&self.objects).map_err(io_err("listing the store"))? {
+            let name = entry.map_err(io_err("listing the store"))?.file_name();
+            if let Some((hex, service)) = name.to_str().and_then(parse_envelope_name) {
+                if hex == sha256 {
+                    services.push(service.to_string());
+                }
+            }
+        }
+        services.sort();
+        Ok(services)
     }
 
     pub fn temp_dir(&self) -> &Path {
         &self.tmp
     }
 
-    /// The stored artifact with this sha256, if the store holds it.
-    pub fn stat(&self, sha256: &str) -> Result<Option<StoredArtifact>, StoreError> {
+    /// The stored artifact with this sha256, as signed for `service` (or,
+    /// with `None`, for the first service it was stored for), if the store
+    /// holds it.
+    pub fn stat(
+        &self,
+        sha256: &str,
+        service: Option<&str>,
+    ) -> Result<Option<StoredArtifact>, StoreError> {
         validate_sha256_hex(sha256).map_err(|e| StoreError::BadRequest(e.to_string()))?;
         let path = self.objects.join(sha256);
         if !path.exists() {
             return Ok(None);
         }
-        match self.read_entry(sha256) {
+        let service = match service {
+            Some(service) => service.to_string(),
+            None => match self.services_of(sha256)?.into_iter().next() {
+                Some(first) => first,
+                None => return Ok(None),
+            },
+        };
+        match self.read_entry(sha256, &service) {
             Ok(found) => Ok(Some(found)),
             // Pruned between the exists() check and the read.
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -173,8 +237,14 @@ impl ArtifactStore {
         }
     }
 
-    fn read_entry(&self, sha256: &str) -> Result<StoredArtifact, StoreError> {
-        let envelope_path = self.envelope_path(sha256);
+    /// The services `sha256` is stored for.
+    pub fn stored_for(&self, sha256: &str) -> Result<Vec<String>, StoreError> {
+        validate_sha256_hex(sha256).map_err(|e| StoreError::BadRequest(e.to_string()))?;
+        self.services_of(sha256)
+    }
+
+    fn read_entry(&self, sha256: &str, service: &str) -> Result<StoredArtifact, StoreError> {
+        let envelope_path = self.envelope_path(sha256, service);
         let bytes = fs::read(&envelope_path)
             .map_err(io_err(format!("reading {}", envelope_path.display())))?;
         let stored_at = fs::metadata(&envelope_path)
@@ -188,6 +258,12 @@ impl ArtifactStore {
         let envelope: Envelope =
             serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
         let manifest = envelope.unverified_manifest().map_err(damaged)?;
+        if manifest.service != service || manifest.sha256 != sha256 {
+            return Err(damaged(format!(
+                "the envelope stored for {service} is signed for {} {}",
+                manifest.service, manifest.sha256
+            )));
+        }
         Ok(StoredArtifact {
             manifest,
             key_ids: envelope.signatures.into_iter().map(|s| s.keyid).collect(),
@@ -196,9 +272,9 @@ impl ArtifactStore {
         })
     }
 
-    /// The stored envelope bytes, for re-verification.
-    pub fn envelope_bytes(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
-        let path = self.envelope_path(sha256);
+    /// The stored envelope bytes for `service`, for re-verification.
+    pub fn envelope_bytes(&self, sha256: &str, service: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.envelope_path(sha256, service);
         fs::read(&path).map_err(io_err(format!("reading {}", path.display())))
     }
 
@@ -207,10 +283,13 @@ impl ArtifactStore {
         let mut found = Vec::new();
         for entry in fs::read_dir(&self.objects).map_err(io_err("listing the store"))? {
             let name = entry.map_err(io_err("listing the store"))?.file_name();
-            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".dsse.json")) else {
+            let Some((hex, stored_for)) = name.to_str().and_then(parse_envelope_name) else {
                 continue;
             };
-            match self.stat(hex) {
+            if service.is_some_and(|s| s != stored_for) {
+                continue;
+            }
+            match self.stat(hex, Some(stored_for)) {
                 Ok(Some(artifact)) => {
                     if service.is_none_or(|s| s == artifact.manifest.service) {
                         found.push(artifact);
@@ -219,7 +298,9 @@ impl ArtifactStore {
                 Ok(None) => {}
                 // One damaged entry must not take every upload and listing
                 // down with it: set aside, and the rest goes on.
-                Err(StoreError::Damaged { sha256, detail }) => self.quarantine(&sha256, &detail)?,
+                Err(StoreError::Damaged { sha256, detail }) => {
+                    self.quarantine(&sha256, stored_for, &detail)?
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -234,14 +315,21 @@ impl ArtifactStore {
     /// Moves a damaged entry (its envelope and its file) to
     /// `<store>/quarantine/`, where an operator can look at it; the agent
     /// no longer sees it (upload the release again to use it).
-    fn quarantine(&self, sha256: &str, detail: &str) -> Result<(), StoreError> {
+    fn quarantine(&self, sha256: &str, service: &str, detail: &str) -> Result<(), StoreError> {
         let folder = self
             .objects
             .parent()
             .expect("the objects folder is in the store")
             .join("quarantine");
         create_private_dir(&folder)?;
-        for name in [format!("{sha256}.dsse.json"), sha256.to_string()] {
+        let envelope = format!("{sha256}.{service}.dsse.json");
+        let mut names = vec![envelope.clone()];
+        // The file too, unless another service's envelope still vouches
+        // for it.
+        if self.services_of(sha256)?.iter().all(|s| s == service) {
+            names.push(sha256.to_string());
+        }
+        for name in names {
             let from = self.objects.join(&name);
             match fs::rename(&from, folder.join(&name)) {
                 Err(err) if err.kind() != io::ErrorKind::NotFound => {
@@ -272,16 +360,20 @@ impl ArtifactStore {
         })
     }
 
-    /// The artifact is already stored: keep the newer envelope (it may carry
-    /// a later expiry) and mark it as just stored, so pruning keeps it.
+    /// The file is already stored (for this service or another): the
+    /// envelope for this service is added, or replaces the stored one
+    /// unless that would shorten its expiry (a re-upload must not turn a
+    /// release that runs into one that cannot be admitted sooner); either
+    /// way it is marked as just stored, so pruning keeps it. `None`: the
+    /// file must be uploaded.
     pub fn restore_existing(
         &self,
         verified: &VerifiedManifest,
         envelope: &[u8],
     ) -> Result<Option<StoredArtifact>, StoreError> {
-        let sha256 = &verified.manifest.sha256;
+        let (sha256, service) = (&verified.manifest.sha256, &verified.manifest.service);
         let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(existing) = self.stat(sha256)? else {
+        let Some(existing) = self.stat(sha256, None)? else {
             return Ok(None);
         };
         if existing.manifest.size != verified.manifest.size {
@@ -289,10 +381,19 @@ impl ArtifactStore {
             // hashing the upload would show it; let the upload run and fail.
             return Ok(None);
         }
-        if self.envelope_bytes(sha256)? != envelope {
-            self.write_envelope(sha256, envelope)?;
+        let replace = match self.stat(sha256, Some(service)) {
+            Ok(Some(mine)) => {
+                let expiry = |m: &Manifest| m.expires_at().ok();
+                expiry(&verified.manifest) >= expiry(&mine.manifest)
+                    && self.envelope_bytes(sha256, service)? != envelope
+            }
+            Ok(None) | Err(StoreError::Damaged { .. }) => true,
+            Err(err) => return Err(err),
+        };
+        if replace {
+            self.write_envelope(sha256, service, envelope)?;
         } else {
-            let path = self.envelope_path(sha256);
+            let path = self.envelope_path(sha256, service);
             File::options()
                 .write(true)
                 .open(&path)
@@ -300,8 +401,8 @@ impl ArtifactStore {
                 .map_err(io_err(format!("touching {}", path.display())))?;
         }
         fsync_dir(&self.objects)?;
-        self.prune(&verified.manifest.service)?;
-        self.stat(sha256)
+        self.prune(service)?;
+        self.stat(sha256, Some(service))
     }
 
     fn new_temp_path(&self, label: &str) -> PathBuf {
@@ -309,13 +410,18 @@ impl ArtifactStore {
         self.tmp.join(format!("{label}.{}.{n}", std::process::id()))
     }
 
-    fn write_envelope(&self, sha256: &str, envelope: &[u8]) -> Result<(), StoreError> {
-        let temp = TempPath(self.new_temp_path(&format!("{sha256}.dsse.json")));
+    fn write_envelope(
+        &self,
+        sha256: &str,
+        service: &str,
+        envelope: &[u8],
+    ) -> Result<(), StoreError> {
+        let temp = TempPath(self.new_temp_path(&format!("{sha256}.{service}.dsse.json")));
         let mut file = create_exclusive(&temp.0)?;
         file.write_all(envelope)
             .and_then(|_| file.sync_all())
             .map_err(io_err(format!("writing {}", temp.0.display())))?;
-        let target = self.envelope_path(sha256);
+        let target = self.envelope_path(sha256, service);
         fs::rename(&temp.0, &target)
             .map_err(io_err(format!("renaming to {}", target.display())))?;
         temp.keep();
@@ -347,14 +453,14 @@ impl ArtifactStore {
         let manifest = &upload.verified.manifest;
         let sha256 = manifest.sha256.clone();
         let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_envelope(&sha256, &upload.envelope)?;
+        self.write_envelope(&sha256, &manifest.service, &upload.envelope)?;
         let target = self.objects.join(&sha256);
         fs::rename(&upload.temp.0, &target)
             .map_err(io_err(format!("renaming to {}", target.display())))?;
         upload.temp.keep_ref();
         fsync_dir(&self.objects)?;
         self.prune(&manifest.service)?;
-        self.read_entry(&sha256)
+        self.read_entry(&sha256, &manifest.service)
     }
 
     /// Marks the artifacts of `service` that pruning must keep.
@@ -393,11 +499,15 @@ impl ArtifactStore {
                 "pruning an old artifact (keep_versions = {})",
                 self.keep_versions
             );
-            // The file first: an envelope alone is cleaned up at start, a
+            // The file first (unless another service's envelope still
+            // vouches for it): an envelope alone is cleaned up at start, a
             // file without its envelope could not be re-verified.
-            fs::remove_file(&old.path)
-                .map_err(io_err(format!("removing {}", old.path.display())))?;
-            let envelope = self.envelope_path(&old.manifest.sha256);
+            let sha256 = &old.manifest.sha256;
+            if self.services_of(sha256)?.iter().all(|s| s == service) {
+                fs::remove_file(&old.path)
+                    .map_err(io_err(format!("removing {}", old.path.display())))?;
+            }
+            let envelope = self.envelope_path(sha256, service);
             fs::remove_file(&envelope)
                 .map_err(io_err(format!("removing {}", envelope.display())))?;
             removed = true;
@@ -407,6 +517,13 @@ impl ArtifactStore {
         }
         Ok(())
     }
+}
+
+/// `<hex>.<service>.dsse.json` → (hex, service).
+fn parse_envelope_name(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_suffix(".dsse.json")?;
+    let (hex, service) = (rest.get(..64)?, rest.get(64..)?.strip_prefix('.')?);
+    (validate_sha256_hex(hex).is_ok() && !service.is_empty()).then_some((hex, service))
 }
 
 fn create_exclusive(path: &Path) -> Result<File, StoreError> {

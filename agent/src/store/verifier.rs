@@ -264,10 +264,23 @@ fn check_entry(
     service: Option<String>,
     admission: Admission,
 ) -> Result<(StoredArtifact, VerifiedManifest), ArtifactRejected> {
-    let stored = store
-        .stat(sha256)?
-        .ok_or_else(|| ArtifactRejected::NotStored(sha256.to_string()))?;
-    let envelope = store.envelope_bytes(sha256)?;
+    let stored = match store.stat(sha256, service.as_deref())? {
+        Some(stored) => stored,
+        None => {
+            // Stored for another service only: say so.
+            let other = store.stat(sha256, None)?;
+            return Err(match (other, service) {
+                (Some(other), Some(expected)) => ArtifactRejected::WrongService {
+                    sha256: sha256.to_string(),
+                    service: other.manifest.service,
+                    version: other.manifest.version,
+                    expected,
+                },
+                _ => ArtifactRejected::NotStored(sha256.to_string()),
+            });
+        }
+    };
+    let envelope = store.envelope_bytes(sha256, &stored.manifest.service)?;
     let verified = match check_envelope(trusted, limit, &envelope) {
         Err(ArtifactRejected::Verify(VerifyError::Expired {
             ref service,

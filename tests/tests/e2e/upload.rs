@@ -102,6 +102,7 @@ async fn fifty_mib_artifact_is_stored_verified_and_not_uploaded_twice() {
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
             sha256: sha.clone(),
+            service: String::new(),
         })
         .await
         .unwrap()
@@ -127,6 +128,7 @@ async fn fifty_mib_artifact_is_stored_verified_and_not_uploaded_twice() {
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
             sha256: sha.clone(),
+            service: String::new(),
         })
         .await
         .unwrap()
@@ -461,7 +463,10 @@ async fn concurrent_uploads_of_one_artifact_store_it_once() {
     let sha = sha256_hex(&bytes);
     assert_eq!(
         files.keys().cloned().collect::<Vec<_>>(),
-        vec![format!("sha256/{sha}"), format!("sha256/{sha}.dsse.json")]
+        vec![
+            format!("sha256/{sha}"),
+            format!("sha256/{sha}.web.dsse.json")
+        ]
     );
     assert_eq!(files[&format!("sha256/{sha}")].1, sha);
 }
@@ -524,7 +529,7 @@ async fn only_the_newest_versions_are_kept() {
         let envelope = f
             .agent
             .store()
-            .join(format!("sha256/{}.dsse.json", shas[i]));
+            .join(format!("sha256/{}.web.dsse.json", shas[i]));
         let probe = f.agent.dir.join("mtime-probe");
         eventually(
             "the file system's clock to pass the stored envelope's mtime",
@@ -564,7 +569,7 @@ async fn only_the_newest_versions_are_kept() {
         "the oldest version is still on disk: {:?} {shas:?}",
         snapshot(&f.agent.store())
     );
-    assert!(!objects.join(format!("{}.dsse.json", shas[0])).exists());
+    assert!(!objects.join(format!("{}.web.dsse.json", shas[0])).exists());
     assert!(objects.join(&shas[2]).exists());
     assert!(objects.join(sha256_hex(&other)).exists());
 }
@@ -594,6 +599,7 @@ async fn restart_removes_leftovers_and_keeps_artifacts() {
     let stat = client
         .stat_artifact(pb::StatArtifactRequest {
             sha256: sha256_hex(&bytes),
+            service: String::new(),
         })
         .await
         .unwrap()
@@ -745,7 +751,7 @@ async fn a_damaged_envelope_is_quarantined_and_affects_only_its_artifact() {
     let envelope = agent
         .store()
         .join("sha256")
-        .join(format!("{damaged}.dsse.json"));
+        .join(format!("{damaged}.web.dsse.json"));
     std::fs::write(&envelope, b"{ not an envelope").unwrap();
     let listed = agent
         .artifacts()
@@ -765,8 +771,125 @@ async fn a_damaged_envelope_is_quarantined_and_affects_only_its_artifact() {
     assert!(agent.store().join("sha256").join(&third).exists());
     // Set aside where an operator can look, both halves.
     let quarantine = agent.store().join("quarantine");
-    assert!(quarantine.join(format!("{damaged}.dsse.json")).exists());
+    assert!(quarantine.join(format!("{damaged}.web.dsse.json")).exists());
     assert!(quarantine.join(&damaged).exists());
     assert!(!envelope.exists());
     assert!(agent.log_text().contains("moved to quarantine"));
+}
+
+/// Kills `service`'s process and waits until the agent restarted it on the
+/// same artifact.
+async fn crash_and_restart(agent: &Agent, service: &str) {
+    let before = agent.status(service).await;
+    send_signal(before.pid, nix::sys::signal::Signal::SIGKILL);
+    eventually(
+        format!("{service} to be restarted after a crash"),
+        Duration::from_secs(20),
+        async || agent.status(service).await,
+        |s| {
+            s.pid != 0
+                && s.pid != before.pid
+                && s.state == pb::ServiceState::Running as i32
+                && s.current_sha256 == before.current_sha256
+        },
+    )
+    .await;
+}
+
+/// The same bytes signed for two services: the second envelope replaced
+/// the first, so the first service could not restart after its next crash
+/// ("signed for service worker, not web"). Envelopes are kept per service;
+/// a re-upload that would shorten an expiry keeps the stored one; a store
+/// from before (one `<hex>.dsse.json`) is migrated at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_bytes_signed_for_two_services_keep_both_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (web_addr, worker_addr): (std::net::SocketAddr, std::net::SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
+    let config = format!(
+        "{}{}",
+        web_service_toml(web_addr),
+        web_service_toml(worker_addr).replace("name = \"web\"", "name = \"worker\"")
+    );
+    let key = Arc::new(SigningKey::generate());
+    let mut agent = Agent::start(dir.path(), key.clone(), &config);
+    let bytes = Agent::demo_server_bytes("1.0.0");
+    let sha = agent.stage("web", "1.0.0", &bytes).await;
+    assert_eq!(agent.stage("worker", "1.0.0", &bytes).await, sha);
+    for service in ["web", "worker"] {
+        agent
+            .activate_ok(service, &sha, Downgrade::NotAllowed)
+            .await;
+    }
+    crash_and_restart(&agent, "web").await;
+    crash_and_restart(&agent, "worker").await;
+    let stat = |service: &str| pb::StatArtifactRequest {
+        sha256: sha.clone(),
+        service: service.into(),
+    };
+    let mut artifacts = agent.artifacts().await;
+    for service in ["web", "worker"] {
+        let found = artifacts
+            .stat_artifact(stat(service))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(found.present, "{service}");
+        assert_eq!(found.artifact.unwrap().manifest.unwrap().service, service);
+    }
+    assert!(
+        !artifacts
+            .stat_artifact(stat("other"))
+            .await
+            .unwrap()
+            .into_inner()
+            .present
+    );
+    // A re-upload for web with an earlier expiry keeps the stored envelope.
+    let stored_expiry = artifacts
+        .stat_artifact(stat("web"))
+        .await
+        .unwrap()
+        .into_inner()
+        .artifact
+        .unwrap()
+        .manifest
+        .unwrap()
+        .expires;
+    let mut shorter = manifest_for("web", "1.0.0", &bytes);
+    (shorter.os, shorter.arch) = ("any".into(), "any".into());
+    // Well before the stored one (test manifests expire in an hour).
+    shorter.expires =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(600))
+            .to_string();
+    let shorter_expiry = humantime::parse_rfc3339(&shorter.expires).unwrap();
+    agent.stage_manifest(shorter, &bytes).await;
+    let kept = artifacts
+        .stat_artifact(stat("web"))
+        .await
+        .unwrap()
+        .into_inner()
+        .artifact
+        .unwrap()
+        .manifest
+        .unwrap()
+        .expires;
+    assert_eq!(kept, stored_expiry);
+    let kept = std::time::SystemTime::try_from(kept.unwrap()).unwrap();
+    assert!(kept > shorter_expiry, "the longer expiry was kept");
+    // A store from before: one envelope named `<hex>.dsse.json`.
+    agent.kill();
+    let objects = agent.store().join("sha256");
+    std::fs::rename(
+        objects.join(format!("{sha}.web.dsse.json")),
+        objects.join(format!("{sha}.dsse.json")),
+    )
+    .unwrap();
+    let restarted = Agent::start(dir.path(), key, &config);
+    drop(std::mem::replace(&mut agent, restarted));
+    assert!(objects.join(format!("{sha}.web.dsse.json")).exists());
+    assert!(!objects.join(format!("{sha}.dsse.json")).exists());
+    crash_and_restart(&agent, "web").await;
 }
