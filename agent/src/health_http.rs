@@ -3,17 +3,24 @@
 //! `/healthz/<service>` (200 only when that service is healthy, 503
 //! otherwise, 404 for an unknown name), for load balancers and monitoring.
 //! With [tls] configured it speaks HTTPS and requires a client certificate
-//! from the agent's CA, like the gRPC API.
+//! from the agent's CA, like the gRPC API. Its connections are held to the
+//! same caps and handshake timeout as the gRPC port's (see
+//! [`crate::connections`]), each port with a budget of its own, and closed
+//! after 10 s without a request.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use reload_proto::v1 as pb;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::connections::{Admission, CloseReason, ConnectionBudget};
 
 use crate::lease::Leases;
 use crate::metrics::Metrics;
@@ -100,78 +107,91 @@ fn route(sources: &HealthSources, path: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// Mutual TLS for the health endpoint, with the agent's [tls] files: any
-/// client certificate from the CA may read health (load balancers get one
-/// from the same CA; rights are not checked for this read-only endpoint).
-pub fn tls_acceptor(tls: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = CertificateDer::pem_slice_iter(&tls.cert)
-        .collect::<Result<Vec<_>, _>>()
-        .context("[tls] cert is not PEM certificates")?;
-    let key =
-        PrivateKeyDer::from_pem_slice(&tls.key).context("[tls] key is not a PEM private key")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&tls.ca) {
-        roots.add(ca.context("[tls] ca is not PEM certificates")?)?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .context("[tls] ca cannot verify client certificates")?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .context("[tls] cert and key do not match")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
+/// How long a health connection may wait between requests, the first
+/// included, before the agent closes it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serves the endpoint on `listener` (with mutual TLS when `tls` is given:
+/// any client certificate from the CA may read health; load balancers get
+/// one from the same CA). Each connection takes a slot in `budget` first,
+/// and must finish its TLS handshake within `handshake_timeout`.
 pub async fn serve(
     listener: TcpListener,
     sources: HealthSources,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    budget: Arc<ConnectionBudget>,
+    handshake_timeout: Duration,
 ) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Over a cap: the stream is dropped here, closed at once.
+        let Some(admission) = budget.admit(peer) else {
             continue;
         };
         let (sources, tls) = (sources.clone(), tls.clone());
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(&sources, request.uri().path());
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            let http = hyper::server::conn::http1::Builder::new();
-            match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "health endpoint: TLS handshake refused")
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "health endpoint: TLS handshake timed out")
-                        }
-                    }
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            admission,
+            sources,
+            tls,
+            handshake_timeout,
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut admission: Admission,
+    sources: HealthSources,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+) {
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let response = route(&sources, request.uri().path());
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT);
+    let served = match tls {
+        Some(acceptor) => {
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => accepted,
+                () = admission.evicted() => {
+                    tracing::debug!(%peer, "health endpoint: TLS handshake cut short, the port is full");
+                    admission.closing(CloseReason::Evicted);
+                    return;
                 }
-                None => {
-                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            };
+            match accepted {
+                Ok(Ok(stream)) => {
+                    admission.established();
+                    http.serve_connection(TokioIo::new(stream), service).await
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "health endpoint: TLS handshake refused");
+                    admission.closing(CloseReason::HandshakeFailed);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "health endpoint: TLS handshake timed out");
+                    admission.closing(CloseReason::HandshakeTimeout);
+                    return;
                 }
             }
-        });
+        }
+        None => {
+            admission.established();
+            http.serve_connection(TokioIo::new(stream), service).await
+        }
+    };
+    if served.is_err_and(|err| err.is_timeout()) {
+        admission.closing(CloseReason::Idle);
     }
 }

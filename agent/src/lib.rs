@@ -21,6 +21,8 @@
 //! - [`shim`]: `reload-agent --shim`, the small parent of each service
 //!   process that keeps it, its sockets, output and exit status alive
 //!   while no agent runs.
+//! - [`connections`]: what a client may hold on the agent's own ports
+//!   (handshake deadline, caps per peer and in all, idle connections).
 //! - [`lease`]: rollout leases, the fencing between rollouts.
 //! - [`state`]: current/previous versions persisted across restarts.
 //! - [`audit`], [`events`], [`metrics`], `health_http`: what the agent
@@ -35,6 +37,7 @@ pub mod api;
 pub mod audit;
 pub mod boot;
 pub mod config;
+pub mod connections;
 pub mod events;
 pub mod handover;
 mod health_http;

@@ -63,6 +63,20 @@ pub struct AgentImage {
     pub last_upgrade: String,
 }
 
+/// One of the agent's own ports: `grpc` or `health`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Port {
+    pub port: String,
+}
+
+/// Why the agent closed a connection on one of its ports (see
+/// `crate::connections::CloseReason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReason {
+    pub port: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaseHolder {
     pub rollout: String,
@@ -86,6 +100,8 @@ pub struct Metrics {
     service_info: Family<ServiceVersion, Gauge>,
     lease: Family<LeaseHolder, Gauge>,
     pub agent_image: Family<AgentImage, Gauge>,
+    pub connections_open: Family<Port, Gauge>,
+    pub connections_closed: Family<PortReason, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,6 +118,8 @@ impl Default for Metrics {
             service_info: Family::default(),
             lease: Family::default(),
             agent_image: Family::default(),
+            connections_open: Family::default(),
+            connections_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +171,16 @@ impl Default for Metrics {
             "agent_image_info",
             "The executable this agent process runs, its release, and how its last in-place upgrade ended (value 1); alert on last_upgrade=\"fell_back\"",
             metrics.agent_image.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections open now on the agent's own ports (grpc, health), handshakes in progress included",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the agent closed on its own ports, by reason: per_peer_limit and total_limit (refused at accept), evicted (an unfinished handshake closed to make room), handshake_timeout, handshake_failed, idle",
+            metrics.connections_closed.clone(),
         );
         let agent: Family<Version, Gauge> = Family::default();
         agent

@@ -11,10 +11,9 @@ use reload_proto::v1 as pb;
 use tokio::net::TcpListener;
 
 use super::bind::Bound;
-use super::check_tls;
 use crate::api::{AgentApi, ApiRooms};
 use crate::audit::AuditLog;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ConnectionLimits};
 use crate::events::{EventBus, EventFields};
 use crate::handover::{Handover, Inherited};
 use crate::lease::Leases;
@@ -37,9 +36,13 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 pub(super) struct ControlListeners {
     pub grpc: Vec<TcpListener>,
     pub grpc_fds: Vec<OwnedFd>,
+    /// Mutual TLS on gRPC; `None` with `insecure = true`.
+    pub grpc_tls: Option<tokio_rustls::TlsAcceptor>,
     pub health: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
     pub health_fd: Option<OwnedFd>,
-    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// `[limits]` for connections to both ports, `max_total` fitted to
+    /// the open-file limit.
+    pub connections: ConnectionLimits,
     pub max_message: usize,
 }
 
@@ -312,9 +315,8 @@ fn grpc_listeners(
     Ok(grpc)
 }
 
-/// The health listener (bound, or the previous image's), TLS parsed now
-/// (tonic would only at the first handshake), and duplicates for a
-/// handover.
+/// The health listener (bound, or the previous image's), TLS parsed now,
+/// the connection limits, and duplicates for a handover.
 async fn control_listeners(
     config: &AgentConfig,
     grpc: Vec<TcpListener>,
@@ -332,31 +334,24 @@ async fn control_listeners(
         ),
         (_, None) => None,
     };
+    // Parsed now, so a broken key fails the start-up (tonic would only
+    // have found out at the first handshake).
+    let acceptors = config
+        .tls
+        .as_ref()
+        .map(crate::connections::tls::acceptors)
+        .transpose()
+        .context("the [tls] certificate or key")?;
     let health = match health_listener {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "serving HTTP /healthz");
-            let acceptor = config
-                .tls
-                .as_ref()
-                .map(crate::health_http::tls_acceptor)
-                .transpose()?;
-            Some((listener, acceptor))
+            Some((listener, acceptors.as_ref().map(|a| a.health.clone())))
         }
         None => None,
     };
-    let server_tls = match &config.tls {
-        Some(tls) => {
-            check_tls(config)?;
-            Some(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
-                    // Mutual TLS: a client without a certificate from this CA
-                    // does not get past the handshake.
-                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.ca)),
-            )
-        }
-        None => None,
-    };
+    let ports = 1 + usize::from(health.is_some());
+    let connections =
+        crate::connections::fit_to_open_files(config.limits.connections.clone(), ports);
     let grpc_fds = grpc
         .iter()
         .map(|l| l.as_fd().try_clone_to_owned())
@@ -368,9 +363,10 @@ async fn control_listeners(
     Ok(ControlListeners {
         grpc,
         grpc_fds,
+        grpc_tls: acceptors.map(|a| a.grpc),
         health,
         health_fd,
-        server_tls,
+        connections,
         max_message: config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES,
     })
 }

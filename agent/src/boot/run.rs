@@ -3,18 +3,27 @@
 //! an accepted upgrade (the handover for the next image is built, services
 //! untouched).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::Context;
 use reload_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::server::Connected;
 
 use super::prepare::{ControlListeners, NextImage, Prepared};
 use super::Exit;
 use crate::api::AgentApi;
 use crate::audit::{AuditEntry, AuditLog};
+use crate::config::ConnectionLimits;
+use crate::connections::grpc::{CountCalls, GrpcPort, Handshake, MutualTls, Plaintext};
+use crate::connections::ConnectionBudget;
 use crate::handover::{FdsToPass, Handover};
 use crate::health_http::HealthSources;
 use crate::selfupgrade::{Accepted, SelfUpgrade, UpgradeExec, AGENT_SERVICE, DRAIN_CALLS_TIMEOUT};
@@ -70,19 +79,27 @@ impl Prepared {
         let ControlListeners {
             grpc,
             grpc_fds,
+            grpc_tls,
             health,
             health_fd,
-            server_tls,
+            connections,
             max_message,
         } = listeners;
         if let Some((listener, acceptor)) = health {
             let mut accepting = accepting.clone();
+            let budget = ConnectionBudget::new("health", &connections, metrics.clone());
             let sources = HealthSources {
                 services: services.clone(),
                 leases,
-                metrics,
+                metrics: metrics.clone(),
             };
-            let serving = crate::health_http::serve(listener, sources, acceptor);
+            let serving = crate::health_http::serve(
+                listener,
+                sources,
+                acceptor,
+                budget,
+                connections.handshake_timeout,
+            );
             background.spawn(async move {
                 tokio::select! {
                     _ = serving => {}
@@ -107,14 +124,6 @@ impl Prepared {
                 .set_service_status(status, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let incoming = accept_connections(grpc, &accepting, &mut background)?;
-
-        // systemd Type=notify: serving from here on (no-op without
-        // NOTIFY_SOCKET). After an upgrade this tells systemd the same pid
-        // is ready again.
-        let _ = reload_server::notify::ready();
-        let _ = reload_server::notify::status("serving");
-
         // The server stops on SIGTERM/SIGINT or on an accepted upgrade; on
         // an upgrade the stop signals come back to be watched to the exec.
         let NextImage {
@@ -145,9 +154,30 @@ impl Prepared {
                 }
             }
         };
-        let serving = grpc_server(api, health_service, server_tls, max_message)?
-            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stop);
-        tokio::pin!(serving);
+        let budget = ConnectionBudget::new("grpc", &connections, metrics.clone());
+        let server = GrpcServer {
+            listeners: grpc,
+            server: grpc_server(&connections),
+            routes: grpc_routes(api, health_service, max_message)?,
+        };
+        let mut serving = match grpc_tls {
+            Some(acceptor) => {
+                let port = GrpcPort::new(MutualTls(acceptor), budget, &connections);
+                server.serve(port, &accepting, &mut background, stop)?
+            }
+            None => {
+                tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development");
+                let port = GrpcPort::new(Plaintext, budget, &connections);
+                server.serve(port, &accepting, &mut background, stop)?
+            }
+        };
+
+        // systemd Type=notify: serving from here on (no-op without
+        // NOTIFY_SOCKET). After an upgrade this tells systemd the same pid
+        // is ready again.
+        let _ = reload_server::notify::ready();
+        let _ = reload_server::notify::status("serving");
+
         let mut upgrade_rx = upgrade_rx;
         let stop_request = StopRequest::default();
         let accepted = tokio::select! {
@@ -241,49 +271,74 @@ impl Prepared {
     }
 }
 
-/// Several listeners feed one server through a channel of accepted
-/// connections; each accept loop ends when `accepting` says stop.
-fn accept_connections(
-    grpc: Vec<TcpListener>,
-    accepting: &tokio::sync::watch::Receiver<bool>,
-    background: &mut JoinSet<()>,
-) -> anyhow::Result<tokio::sync::mpsc::Receiver<std::io::Result<tokio::net::TcpStream>>> {
-    let (connections, incoming) = tokio::sync::mpsc::channel(64);
-    for listener in grpc {
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, "serving gRPC");
-        let connections = connections.clone();
-        let mut accepting = accepting.clone();
-        background.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted.map(|(stream, _)| stream),
-                    _ = accepting.wait_for(|stop| *stop) => return,
-                };
-                if let Err(err) = &accepted {
-                    tracing::warn!(%addr, error = %err, "accept failed");
-                    // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-                if connections.send(accepted).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Ok(incoming)
+/// The gRPC server, running until `stop`.
+type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// The gRPC server, not yet serving: its listeners, HTTP/2 settings and
+/// routes.
+struct GrpcServer {
+    listeners: Vec<TcpListener>,
+    server: tonic::transport::Server,
+    routes: tonic::service::Routes,
 }
 
-/// The gRPC server with every service of the API, health and reflection.
-fn grpc_server(
+impl GrpcServer {
+    /// Serves on every listener until `stop`: each listener's accept loop
+    /// (in `background`, ended when `accepting` says stop) runs the
+    /// handshakes through `port` and feeds the connections that finished
+    /// one to the server through a channel. Bound listeners are logged
+    /// here, as tests and operators look for "serving gRPC".
+    fn serve<H: Handshake>(
+        self,
+        port: Arc<GrpcPort<H>>,
+        accepting: &tokio::sync::watch::Receiver<bool>,
+        background: &mut JoinSet<()>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Serving> {
+        let (established, incoming) = tokio::sync::mpsc::channel(64);
+        for listener in self.listeners {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "serving gRPC");
+            let mut accepting = accepting.clone();
+            let stop_accepting = async move {
+                let _ = accepting.wait_for(|stop| *stop).await;
+            };
+            background.spawn(
+                port.clone()
+                    .accept(listener, established.clone(), stop_accepting),
+            );
+        }
+        let incoming = ReceiverStream::new(incoming).map(Ok::<_, Infallible>);
+        let service =
+            CountCalls::<_, <H::Stream as Connected>::ConnectInfo>::new(self.routes.prepare());
+        Ok(Box::pin(
+            self.server
+                .serve_with_incoming_shutdown(service, incoming, stop),
+        ))
+    }
+}
+
+/// The HTTP/2 settings of the gRPC server.
+fn grpc_server(limits: &ConnectionLimits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))
+        .initial_connection_window_size(Some(UPLOAD_WINDOW_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        // A peer that vanished (host gone, cable pulled) never closes its
+        // end, and a watch stream would hold its connection for ever: a
+        // quiet connection is pinged, and closed when no answer comes.
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+}
+
+/// Every service of the API, health and reflection.
+fn grpc_routes(
     api: AgentApi,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    server_tls: Option<tonic::transport::ServerTlsConfig>,
     max_message: usize,
-) -> anyhow::Result<tonic::transport::server::Router> {
+) -> anyhow::Result<tonic::service::Routes> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -292,20 +347,7 @@ fn grpc_server(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let mut server = tonic::transport::Server::builder();
-    match server_tls {
-        Some(tls) => {
-            server = server
-                .tls_config(tls)
-                .context("the [tls] certificate or key is not valid PEM")?;
-        }
-        None => tracing::warn!("insecure = true: plaintext gRPC without client authentication; anyone on this machine can deploy. Configure [tls] for anything but development"),
-    }
-    Ok(server
-        .initial_stream_window_size(Some(UPLOAD_WINDOW_BYTES))
-        .initial_connection_window_size(Some(UPLOAD_WINDOW_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES))
-        .add_service(health_service)
+    Ok(tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(

@@ -142,6 +142,23 @@ struct LimitsSection {
     min_free_space: ByteSize,
     /// Calls per second per client identity (a token bucket of twice this).
     requests_per_second: u32,
+    /// From accept to a finished TLS handshake and, on the gRPC port, the
+    /// HTTP/2 preface: a connection that takes longer is closed.
+    #[serde(with = "humantime_serde")]
+    handshake_timeout: Duration,
+    /// A gRPC connection with no call open for this long is closed.
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    /// Open connections per client address (IPv6: per /64), on each port.
+    max_connections_per_peer: usize,
+    /// Open connections in all, on each port.
+    max_connections: usize,
+    /// The agent pings a gRPC client this often when the connection is quiet...
+    #[serde(with = "humantime_serde")]
+    keepalive_interval: Duration,
+    /// ...and closes the connection if the answer takes longer than this.
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -154,6 +171,12 @@ impl Default for LimitsSection {
             upload_max_duration: Duration::from_secs(30 * 60),
             min_free_space: ByteSize::mib(64),
             requests_per_second: 100,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_connections_per_peer: 64,
+            max_connections: 4096,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -219,6 +242,19 @@ pub struct Limits {
     pub upload_max_duration: Duration,
     pub min_free_bytes: u64,
     pub requests_per_second: u32,
+    pub connections: ConnectionLimits,
+}
+
+/// What a connection to the gRPC or the health port may hold (see
+/// `crate::connections`); every field is above zero.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_per_peer: usize,
+    pub max_total: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -292,6 +328,19 @@ impl AgentConfig {
         if limits.requests_per_second == 0 {
             bail!("[limits] requests_per_second must be at least 1");
         }
+        for (name, value) in [
+            ("handshake_timeout", limits.handshake_timeout),
+            ("idle_timeout", limits.idle_timeout),
+            ("keepalive_interval", limits.keepalive_interval),
+            ("keepalive_timeout", limits.keepalive_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("[limits] {name} must be above zero");
+            }
+        }
+        if limits.max_connections_per_peer == 0 || limits.max_connections == 0 {
+            bail!("[limits] max_connections_per_peer and max_connections must be at least 1");
+        }
         let mut services = Vec::new();
         for section in file.services {
             let service = check_service(section, base)?;
@@ -362,6 +411,14 @@ impl AgentConfig {
                 upload_max_duration: limits.upload_max_duration,
                 min_free_bytes: limits.min_free_space.as_u64(),
                 requests_per_second: limits.requests_per_second,
+                connections: ConnectionLimits {
+                    handshake_timeout: limits.handshake_timeout,
+                    idle_timeout: limits.idle_timeout,
+                    max_per_peer: limits.max_connections_per_peer,
+                    max_total: limits.max_connections,
+                    keepalive_interval: limits.keepalive_interval,
+                    keepalive_timeout: limits.keepalive_timeout,
+                },
             },
         })
     }
@@ -441,6 +498,12 @@ mod tests {
         assert_eq!(config.listen, vec!["127.0.0.1:7700".parse().unwrap()]);
         assert_eq!(config.store_dir, dir.path().join("store"));
         assert_eq!(config.limits.max_chunk_bytes, 1024 * 1024);
+        let connections = &config.limits.connections;
+        assert_eq!(connections.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (connections.max_per_peer, connections.max_total),
+            (64, 4096)
+        );
         assert_eq!(config.trusted_keys.ids().len(), 1);
     }
 
@@ -552,5 +615,11 @@ timeout = "5s"
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("max_chunk_size"), "{err:#}");
+        let err = AgentConfig::parse(
+            "[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n[limits]\nhandshake_timeout = \"0s\"\n",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("handshake_timeout"), "{err:#}");
     }
 }
