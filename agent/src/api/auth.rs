@@ -50,15 +50,31 @@ fn certificate_names(der: &[u8]) -> Vec<String> {
     names
 }
 
+/// Who is calling.
+struct Caller {
+    /// For messages and the audit log: the certificate's first name, or
+    /// `insecure:<address>:<port>`.
+    shown: String,
+    /// Every name the certificate carries, matched against `[rights]`.
+    names: Vec<String>,
+    /// Whose request-rate bucket the call takes a token from: the client
+    /// identity with TLS, the peer's IP address in insecure mode. Never the
+    /// connection: a client must not get a fresh bucket by reconnecting.
+    rate_key: String,
+}
+
 impl AgentState {
-    /// Who is calling, for checks and the audit log.
-    fn caller<T>(&self, request: &Request<T>) -> (String, Vec<String>) {
+    /// Who is calling, for checks, the rate limit and the audit log.
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
         if self.config.tls.is_none() {
-            let peer = request
-                .remote_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            return (format!("insecure:{peer}"), Vec::new());
+            let peer = request.remote_addr();
+            let ip = peer.map(|a| a.ip().to_string()).unwrap_or_default();
+            let shown = peer.map(|a| a.to_string()).unwrap_or_default();
+            return Caller {
+                shown: format!("insecure:{shown}"),
+                names: Vec::new(),
+                rate_key: format!("address {ip}"),
+            };
         }
         let names = request
             .peer_certs()
@@ -68,12 +84,17 @@ impl AgentState {
             .first()
             .cloned()
             .unwrap_or_else(|| "unknown-certificate".into());
-        (shown, names)
+        Caller {
+            rate_key: format!("identity {shown:?}"),
+            shown,
+            names,
+        }
     }
 
-    /// A token bucket per identity: `requests_per_second`, bursts of twice
-    /// that. A runaway script cannot starve the agent or other callers.
-    fn take_token(&self, identity: &str) -> Result<(), Status> {
+    /// A token bucket per caller (see [`Caller::rate_key`]):
+    /// `requests_per_second`, bursts of twice that. A runaway script cannot
+    /// starve the agent or other callers.
+    fn take_token(&self, rate_key: &str) -> Result<(), Status> {
         let rate = self.config.limits.requests_per_second as f64;
         let now = std::time::Instant::now();
         let mut buckets = self.rate.lock().unwrap_or_else(|p| p.into_inner());
@@ -81,13 +102,13 @@ impl AgentState {
             buckets.retain(|_, (_, seen)| now.duration_since(*seen) < Duration::from_secs(60));
         }
         let (tokens, seen) = buckets
-            .entry(identity.to_string())
+            .entry(rate_key.to_string())
             .or_insert((2.0 * rate, now));
         *tokens = (*tokens + now.duration_since(*seen).as_secs_f64() * rate).min(2.0 * rate);
         *seen = now;
         if *tokens < 1.0 {
             return Err(Status::resource_exhausted(format!(
-                "{identity:?} is over {rate} calls per second ([limits] requests_per_second); slow down and retry"
+                "calls from {rate_key} are over {rate} per second ([limits] requests_per_second, counted across all its connections); slow down and retry"
             )));
         }
         *tokens -= 1.0;
@@ -101,8 +122,12 @@ impl AgentState {
         right: Right,
         call: &str,
     ) -> (String, Result<(), Status>) {
-        let (shown, names) = self.caller(request);
-        if let Err(status) = self.take_token(&shown) {
+        let Caller {
+            shown,
+            names,
+            rate_key,
+        } = self.caller(request);
+        if let Err(status) = self.take_token(&rate_key) {
             return (shown, Err(status));
         }
         if self.config.tls.is_none() {

@@ -68,7 +68,8 @@ pub struct AgentState {
     audit: Arc<AuditLog>,
     selfupgrade: Arc<SelfUpgrade>,
     metrics: SharedMetrics,
-    /// Per client identity: tokens left and when they were counted.
+    /// Per client identity (per IP address in insecure mode): tokens left
+    /// and when they were counted.
     rate: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
