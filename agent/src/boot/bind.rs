@@ -4,10 +4,11 @@
 //! restart.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::AgentConfig;
 use crate::services::FD_STORE_PREFIX;
@@ -32,6 +33,28 @@ pub struct Bound {
     /// `reload-svc/<service>/<listener>`), from before an agent crash or
     /// restart: used instead of binding again.
     pub stored: BTreeMap<String, OwnedFd>,
+}
+
+/// Connections the kernel holds for the agent to accept (also capped by
+/// `net.core.somaxconn`). A burst beyond the queue (a fleet-wide rollout, a
+/// flood of connections that will never finish a handshake) has its
+/// handshakes dropped, and the clients retry a second or more later, the
+/// legitimate ones among them; the default of 1024 is small next to
+/// `[limits] max_connections`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening TCP socket on `addr` for the agent's own ports (gRPC,
+/// health), with [`LISTEN_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As TcpListener::bind does: a restarted agent rebinds at once, past
+    // the previous one's connections in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Binds every configured gRPC address, and takes what systemd passed: the
@@ -76,9 +99,8 @@ pub async fn bind(config: &AgentConfig, systemd: SystemdSockets) -> anyhow::Resu
     }
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} ([agent] listen)"))?;
+        let listener =
+            listen(*addr).with_context(|| format!("cannot listen on {addr} ([agent] listen)"))?;
         listeners.push(listener);
     }
     Ok(Bound {

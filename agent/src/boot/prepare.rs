@@ -328,8 +328,7 @@ async fn control_listeners(
     ) {
         (Some((inherited, fd)), Some(_)) => Some(inherited_tcp(inherited, fd)?),
         (_, Some(addr)) => Some(
-            TcpListener::bind(addr)
-                .await
+            super::bind::listen(addr)
                 .with_context(|| format!("cannot listen on {addr} ([agent] health_listen)"))?,
         ),
         (_, None) => None,
