@@ -158,6 +158,22 @@ impl Agent {
             .unwrap_or_else(|err| panic!("connecting to the agent: {err}\n{}", self.log_text()))
     }
 
+    /// A channel whose connection comes from the loopback address `source`
+    /// (the agent counts connections and requests per peer address).
+    pub async fn channel_from(&self, source: std::net::IpAddr) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .local_address(Some(source))
+            .connect()
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "connecting to the agent from {source}: {err}\n{}",
+                    self.log_text()
+                )
+            })
+    }
+
     pub async fn artifacts(&self) -> pb::artifact_service_client::ArtifactServiceClient<Channel> {
         pb::artifact_service_client::ArtifactServiceClient::new(self.channel().await)
             .max_decoding_message_size(64 * 1024 * 1024)

@@ -20,8 +20,11 @@
 //!   (upload, [`Agent::activate`], status).
 //! - [`wait`]: [`eventually`], [`wait_for`], [`settled`].
 //! - [`load`]: a load client that never retries and counts every failure.
+//! - [`hostile`]: clients that hold connections without speaking (from
+//!   chosen 127.x source addresses), and what tells they were closed.
 
 pub mod agent;
+pub mod hostile;
 pub mod load;
 pub mod wait;
 

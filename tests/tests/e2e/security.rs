@@ -16,6 +16,12 @@ struct TlsAgent {
 /// An agent with mutual TLS from `reloadctl certs`: `deployer` may deploy,
 /// `monitor` may only read; one service `web`.
 fn tls_agent() -> TlsAgent {
+    tls_agent_with("")
+}
+
+/// [`tls_agent`], with `extra` (e.g. a `[limits]` table) at the end of its
+/// config.
+fn tls_agent_with(extra: &str) -> TlsAgent {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     reloadctl_ok(
@@ -43,7 +49,7 @@ fn tls_agent() -> TlsAgent {
              [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n\
              [rights]\ndeploy = [\"deployer\"]\nread = [\"monitor\"]\n\
              [[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
-             [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+             [[service.listener]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n{extra}"
         ),
     )
     .unwrap();
@@ -887,4 +893,514 @@ async fn client_facing_errors_name_the_store_by_role_not_by_path() {
         "{}",
         agent.log_text()
     );
+}
+
+/// Connection hygiene on the agent's own ports: handshake deadline, caps
+/// per peer and in all, and the request rate per peer in insecure mode.
+mod connections {
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use reload_tests::hostile::*;
+    use tokio::task::JoinSet;
+    use tokio::time::Instant;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    use super::*;
+
+    /// TCP connections that never start TLS, and TLS sessions (a valid
+    /// client certificate) that never start HTTP/2. A tenth of the issue's
+    /// 20,000 + 2,000: those need an open-file limit above 22,000 in both
+    /// processes, more than a test can count on being allowed to set.
+    const NEVER_TLS: usize = 2_000;
+    const SILENT_TLS: usize = 200;
+    /// Room for the flood and everything else, in this process and the
+    /// agent (which takes at most half of it per port, see
+    /// `reload_agent::connections::fit_to_open_files`).
+    const OPEN_FILE_LIMIT: u64 = 8_192;
+    /// Connections per source address: under the default per-peer cap
+    /// (64), so the caps close none of them and the timeout is what is
+    /// tested.
+    const PER_SOURCE: usize = 50;
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How late after its deadline a connection may be closed, on a loaded
+    /// 2-core machine.
+    const CLOSE_SLACK: Duration = Duration::from_secs(3);
+    /// What a normal client's GetStatus must never take.
+    const STATUS_BOUND: Duration = Duration::from_secs(1);
+
+    /// A `GetStatus` the way `reloadctl status` makes it: a fresh mutual-TLS
+    /// connection as `monitor`, one call.
+    async fn status_over_a_fresh_connection(
+        tls: &ClientTlsConfig,
+        target: SocketAddr,
+    ) -> Result<(), String> {
+        let channel = Endpoint::from_shared(format!("https://{target}"))
+            .unwrap()
+            .tls_config(tls.clone())
+            .map_err(|e| format!("{e:?}"))?
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        pb::service_control_client::ServiceControlClient::new(channel)
+            .get_status(pb::GetStatusRequest {
+                service: "web".into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("GetStatus: {s:?}"))
+    }
+
+    /// One probe: when it started (since the flood began), how long it
+    /// took, and whether it was answered.
+    type Probe = (Duration, Duration, Result<(), String>);
+
+    /// Probes every 100 ms until `stop`, on a thread and runtime of its own:
+    /// what is measured is the agent's answer, not how busy the flood keeps
+    /// this process's runtime.
+    fn probe_status_until(
+        dir: PathBuf,
+        target: SocketAddr,
+        since: Instant,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::thread::JoinHandle<Vec<Probe>> {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let read = |name: &str| std::fs::read(dir.join("certs").join(name)).unwrap();
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read("ca.pem")))
+                    .identity(Identity::from_pem(read("monitor.pem"), read("monitor.key")));
+                let mut probes = Vec::new();
+                while !*stop.borrow() {
+                    let began = Instant::now();
+                    // Bounded well above the assertion, so a lock-out shows
+                    // as a slow probe rather than a hung test.
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        status_over_a_fresh_connection(&tls, target),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 20 s".into()));
+                    probes.push((began - since, began.elapsed(), answer));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                probes
+            })
+        })
+    }
+
+    /// How one flood connection ended: when it was opened (its connect
+    /// began, since the flood began), how long after that the agent closed
+    /// it (`None`: still open at its deadline).
+    #[derive(Debug)]
+    struct Watched {
+        kind: &'static str,
+        opened: Duration,
+        closed_after: Option<Duration>,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_closed_at_the_handshake_timeout_and_never_lock_out_status() {
+        // The issue's attack: connections that never start TLS (and, worse
+        // for a naive fix, TLS sessions that never start HTTP/2) held open
+        // until the agent runs out of descriptors. Both ends hold every
+        // connection: the agent inherits the limit raised here.
+        raise_open_file_limit(OPEN_FILE_LIMIT);
+        let t = tls_agent_with(&format!(
+            "[limits]\nhandshake_timeout = \"{}s\"\nmax_connections = {}\n",
+            HANDSHAKE_TIMEOUT.as_secs(),
+            // Above the flood: the caps close none of it.
+            2 * (NEVER_TLS + SILENT_TLS)
+        ));
+        let (dir, target, pid) = (t.dir.path().to_path_buf(), t.agent.addr, t.agent.pid());
+        let files_before = open_files(pid);
+        let since = Instant::now();
+        let (stop_probing, stop) = tokio::sync::watch::channel(false);
+        let prober = probe_status_until(dir.clone(), target, since, stop);
+
+        // The flood: every connection watched from its opening until the
+        // agent closes it, or its deadline passes.
+        let mut watched = JoinSet::new();
+        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(256));
+        for i in 0..NEVER_TLS {
+            let slots = tcp_slots.clone();
+            watched.spawn(async move {
+                let slot = slots.acquire_owned().await.unwrap();
+                // The agent's deadline runs from its accept: after
+                // `connecting`, and normally just before `connected`.
+                let connecting = Instant::now();
+                let stream = connect_from(source_address(i / PER_SOURCE), target)
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i} of the flood: {e}"));
+                let connected = Instant::now();
+                drop(slot);
+                let closed =
+                    closed_by_peer(stream, connected + HANDSHAKE_TIMEOUT + CLOSE_SLACK).await;
+                Watched {
+                    kind: "never TLS",
+                    opened: connecting - since,
+                    closed_after: closed.ok().map(|at| at - connecting),
+                }
+            });
+        }
+        let client = tls_client_config(&dir, "monitor", &[b"h2"]);
+        let tls_slots = Arc::new(tokio::sync::Semaphore::new(64));
+        for i in 0..SILENT_TLS {
+            let (slots, client) = (tls_slots.clone(), client.clone());
+            watched.spawn(async move {
+                let slot = slots.acquire_owned().await.unwrap();
+                // The agent's deadline runs from its accept, just after this.
+                let opened = Instant::now();
+                let session = tls_from(
+                    &client,
+                    source_address((NEVER_TLS + i) / PER_SOURCE),
+                    target,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("TLS session {i}: {e}"));
+                drop(slot);
+                let closed =
+                    closed_by_peer(session, opened + HANDSHAKE_TIMEOUT + CLOSE_SLACK).await;
+                Watched {
+                    kind: "TLS, then silent",
+                    opened: opened - since,
+                    closed_after: closed.ok().map(|at| at - opened),
+                }
+            });
+        }
+        let mut all = Vec::new();
+        let mut peak_files = 0;
+        while let Some(done) = watched.join_next().await {
+            if all.is_empty() {
+                peak_files = open_files(pid);
+            }
+            all.push(done.expect("a flood connection's task failed"));
+        }
+        let _ = stop_probing.send(true);
+        let probes = tokio::task::spawn_blocking(move || prober.join().unwrap())
+            .await
+            .unwrap();
+
+        let opened_by = |kind: &str| {
+            all.iter()
+                .filter(|w| w.kind == kind)
+                .map(|w| w.opened)
+                .max()
+                .unwrap_or_default()
+        };
+        let closed: Vec<Duration> = all.iter().filter_map(|w| w.closed_after).collect();
+        let (fastest, slowest) = (
+            closed.iter().min().copied().unwrap_or_default(),
+            closed.iter().max().copied().unwrap_or_default(),
+        );
+        let mut latencies: Vec<Duration> = probes.iter().map(|p| p.1).collect();
+        latencies.sort();
+        println!(
+            "{NEVER_TLS} connections that never start TLS opened within {:?}, {SILENT_TLS} silent TLS sessions within {:?}; \
+             agent open files: {files_before} before, {peak_files} at the first close; \
+             closed by the agent {:?} to {:?} after opening (handshake_timeout {HANDSHAKE_TIMEOUT:?}); \
+             {} GetStatus over fresh connections during the flood: median {:?}, slowest {:?}",
+            opened_by("never TLS"),
+            opened_by("TLS, then silent"),
+            fastest,
+            slowest,
+            probes.len(),
+            latencies.get(latencies.len() / 2).copied().unwrap_or_default(),
+            latencies.last().copied().unwrap_or_default(),
+        );
+
+        // Every idle connection was closed by the agent, by the timeout
+        // (not earlier, which would be some other cause), within slack.
+        let still_open: Vec<&Watched> = all.iter().filter(|w| w.closed_after.is_none()).collect();
+        assert!(
+            still_open.is_empty(),
+            "{} of {} idle connections were still open {CLOSE_SLACK:?} past the handshake timeout: {still_open:?}",
+            still_open.len(),
+            all.len(),
+        );
+        for w in &all {
+            let after = w.closed_after.unwrap();
+            assert!(
+                after >= HANDSHAKE_TIMEOUT - Duration::from_millis(250),
+                "a {} connection opened at {:?} was closed {after:?} after, before the handshake timeout",
+                w.kind,
+                w.opened
+            );
+        }
+        // The normal client was answered throughout, every time, quickly.
+        assert!(
+            probes.len() >= 10,
+            "only {} GetStatus probes ran during the flood",
+            probes.len()
+        );
+        for (at, took, answer) in &probes {
+            assert!(
+                answer.is_ok(),
+                "GetStatus at {at:?} into the flood failed: {answer:?}"
+            );
+            assert!(
+                *took < STATUS_BOUND,
+                "GetStatus at {at:?} into the flood took {took:?}"
+            );
+        }
+        // The descriptors came back, and the closures were counted.
+        eventually(
+            "the agent's open files back to where they were",
+            Duration::from_secs(10),
+            async || open_files(pid),
+            |files| *files <= files_before + 16,
+        )
+        .await;
+        let health = t.agent.health_addr.expect("health endpoint");
+        let health_client = tls_client_config(&dir, "monitor", &[]);
+        let metrics = https_get(&health_client, health, "/metrics").await.unwrap();
+        let timed_out = metric(
+            &metrics,
+            "reload_connections_closed_total",
+            &[("port", "grpc"), ("reason", "handshake_timeout")],
+        );
+        assert!(
+            timed_out >= (NEVER_TLS + SILENT_TLS) as f64,
+            "reload_connections_closed_total{{port=grpc,reason=handshake_timeout}} is {timed_out}"
+        );
+    }
+
+    /// An insecure agent on 127.0.0.1 with `limits` as its [limits] table.
+    fn insecure_agent(dir: &Path, limits: &str) -> Agent {
+        Agent::start(
+            dir,
+            Arc::new(SigningKey::generate()),
+            &format!("[limits]\n{limits}\n"),
+        )
+    }
+
+    /// ListArtifacts over a fresh connection from `source`.
+    async fn list_from(agent: &Agent, source: IpAddr) -> Result<(), tonic::Status> {
+        pb::artifact_service_client::ArtifactServiceClient::new(agent.channel_from(source).await)
+            .list_artifacts(pb::ListArtifactsRequest::default())
+            .await
+            .map(|_| ())
+    }
+
+    async fn metrics_of(agent: &Agent) -> String {
+        http_get(agent.health_addr.unwrap(), "/metrics")
+            .await
+            .unwrap()
+            .body
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn over_the_per_peer_cap_new_connections_are_closed_at_once_and_other_addresses_get_through(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        // A long handshake timeout: what closes connections here is the cap.
+        let agent = insecure_agent(
+            dir.path(),
+            "max_connections_per_peer = 8\nhandshake_timeout = \"60s\"",
+        );
+        let crowded: IpAddr = [127, 0, 0, 2].into();
+        let other: IpAddr = [127, 0, 0, 3].into();
+        for (port, target) in [("grpc", agent.addr), ("health", agent.health_addr.unwrap())] {
+            let mut held = Vec::new();
+            for _ in 0..8 {
+                held.push(connect_from(crowded, target).await.unwrap());
+            }
+            for attempt in 1..=4 {
+                let began = Instant::now();
+                let over = connect_from(crowded, target).await.unwrap();
+                assert!(
+                    closed_within(over, Duration::from_secs(1)).await,
+                    "{port}: connection {} from {crowded} (cap 8) was not closed within 1 s",
+                    8 + attempt
+                );
+                println!(
+                    "{port}: connection {} from {crowded} closed {:?} after connecting",
+                    8 + attempt,
+                    began.elapsed()
+                );
+            }
+            for (i, stream) in held.iter_mut().enumerate() {
+                assert!(
+                    !closed_within(stream, Duration::from_millis(100)).await,
+                    "{port}: connection {} of 8 from {crowded}, within the cap, was closed",
+                    i + 1
+                );
+            }
+            // Another address is not affected.
+            match port {
+                "grpc" => list_from(&agent, other).await.unwrap(),
+                _ => assert_eq!(
+                    http_status_from(other, target, "/healthz").await.unwrap(),
+                    "HTTP/1.1 200 OK"
+                ),
+            }
+            // Slots given back are taken again, once the agent has seen
+            // the connections close (the scrape itself holds one on the
+            // health port).
+            drop(held);
+            let scrape = usize::from(port == "health") as f64;
+            eventually(
+                format!("{port}: the agent to see the held connections close"),
+                Duration::from_secs(5),
+                async || {
+                    metric(
+                        &metrics_of(&agent).await,
+                        "reload_connections_open",
+                        &[("port", port)],
+                    )
+                },
+                |open| *open == scrape,
+            )
+            .await;
+            eventually(
+                format!("{port}: a connection from {crowded} once its others closed"),
+                Duration::from_secs(5),
+                async || match port {
+                    "grpc" => list_from(&agent, crowded).await.map_err(|s| s.to_string()),
+                    _ => http_status_from(crowded, target, "/healthz")
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| if s.contains("200") { Ok(()) } else { Err(s) }),
+                },
+                Result::is_ok,
+            )
+            .await
+            .unwrap();
+        }
+        let metrics = metrics_of(&agent).await;
+        for port in ["grpc", "health"] {
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "reload_connections_closed_total",
+                    &[("port", port), ("reason", "per_peer_limit")]
+                ),
+                4.0,
+                "{port}:\n{metrics}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_port_closes_its_oldest_unfinished_handshake_to_let_a_client_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = insecure_agent(
+            dir.path(),
+            "max_connections = 16\nmax_connections_per_peer = 8\nhandshake_timeout = \"60s\"",
+        );
+        let open_now = async || {
+            metric(
+                &metrics_of(&agent).await,
+                "reload_connections_open",
+                &[("port", "grpc")],
+            )
+        };
+        // The port full of connections that never finish a handshake, from
+        // two addresses, in a known order.
+        let mut idle = Vec::new();
+        for i in 0..16 {
+            idle.push(
+                connect_from(source_address(i / 8), agent.addr)
+                    .await
+                    .unwrap(),
+            );
+            eventually(
+                format!("the agent to have accepted {} connections", i + 1),
+                Duration::from_secs(5),
+                open_now,
+                |open| *open == (i + 1) as f64,
+            )
+            .await;
+        }
+        // A client that finishes its handshake gets in at once; the oldest
+        // unfinished one made room.
+        let began = Instant::now();
+        let client = agent.channel_from([127, 0, 0, 3].into()).await;
+        pb::artifact_service_client::ArtifactServiceClient::new(client.clone())
+            .list_artifacts(pb::ListArtifactsRequest::default())
+            .await
+            .unwrap();
+        let took = began.elapsed();
+        println!("a client on a full port was answered {took:?} after connecting");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let oldest = idle.remove(0);
+        assert!(
+            closed_within(oldest, Duration::from_secs(1)).await,
+            "the oldest unfinished handshake was not closed to make room"
+        );
+        for stream in idle.iter_mut() {
+            assert!(!closed_within(stream, Duration::from_millis(50)).await);
+        }
+        // With every connection past its handshake, nothing can be evicted:
+        // a newcomer is refused at once instead.
+        drop(idle);
+        eventually(
+            "the idle connections to be gone",
+            Duration::from_secs(5),
+            open_now,
+            |open| *open == 1.0,
+        )
+        .await;
+        let mut established = Vec::new();
+        for i in 0..15 {
+            established.push(established_http2_from(source_address(i / 8), agent.addr).await);
+        }
+        let newcomer = connect_from([127, 0, 0, 4].into(), agent.addr)
+            .await
+            .unwrap();
+        assert!(
+            closed_within(newcomer, Duration::from_secs(1)).await,
+            "a connection over max_connections was not closed at once"
+        );
+        for stream in established.iter_mut() {
+            assert!(!closed_within(stream, Duration::from_millis(50)).await);
+        }
+        let metrics = metrics_of(&agent).await;
+        for reason in ["evicted", "total_limit"] {
+            assert_eq!(
+                metric(
+                    &metrics,
+                    "reload_connections_closed_total",
+                    &[("port", "grpc"), ("reason", reason)]
+                ),
+                1.0,
+                "{reason}:\n{metrics}"
+            );
+        }
+        drop(client);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn insecure_mode_limits_the_request_rate_per_address_across_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = insecure_agent(dir.path(), "requests_per_second = 2");
+        let local: IpAddr = [127, 0, 0, 1].into();
+        let mut refused = 0;
+        for _ in 0..20 {
+            // A new connection for every call: reconnecting must not buy a
+            // fresh bucket.
+            if let Err(status) = list_from(&agent, local).await {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("requests_per_second")
+                        && status.message().contains("127.0.0.1"),
+                    "{}",
+                    status.message()
+                );
+                refused += 1;
+            }
+        }
+        println!("{refused} of 20 calls over 20 connections from {local} refused (2 per second, bursts of 4)");
+        assert!(refused >= 10, "only {refused} of 20 calls were refused");
+        // Another address has a bucket of its own.
+        list_from(&agent, [127, 0, 0, 2].into()).await.unwrap();
+    }
 }
