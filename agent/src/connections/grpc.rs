@@ -14,8 +14,8 @@
 //!    closed like one that never starts it);
 //! 3. the result, a [`GrpcConnection`], goes to tonic through a channel.
 //!    It replays the preface it consumed, closes itself once no call has
-//!    been open for `idle_timeout`, and gives its budget slot back when
-//!    tonic drops it.
+//!    been open for `idle_timeout` (and nothing has come for
+//!    [`READ_GRACE`]), and gives its budget slot back when tonic drops it.
 //!
 //! Two things must still reach the handlers: the client certificate
 //! (`Request::peer_certs`, read by `api::auth`) and the peer address
@@ -52,6 +52,16 @@ use crate::config::ConnectionLimits;
 
 /// What every HTTP/2 client sends first (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An idle connection is closed by ending its byte stream, not with a
+/// GOAWAY (tonic keeps hyper's graceful shutdown to itself), so a request
+/// that arrived just as the idle timeout ran out would be lost with it.
+/// Hence bytes received are always handed to hyper first, and a connection
+/// counts as idle only once nothing has come for this long either: by then
+/// a call those bytes opened is counted. (A client that sends something,
+/// pings included, at least this often keeps its connection; it has a
+/// certificate, and its connections count against its per-peer cap.)
+const READ_GRACE: Duration = Duration::from_millis(500);
 
 /// Accept errors (EMFILE and friends) are retried after this, instead of
 /// spinning.
@@ -244,6 +254,8 @@ pub struct GrpcConnection<S> {
     idle_timeout: Duration,
     /// When to look at `calls` again.
     idle_check: Pin<Box<Sleep>>,
+    /// When bytes last came from the peer.
+    last_read: Instant,
     /// Closed for idleness: every read from now on is the end of stream.
     closed_idle: bool,
     admission: Admission,
@@ -257,29 +269,28 @@ impl<S> GrpcConnection<S> {
             calls: CallCount::new(),
             idle_timeout,
             idle_check: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_read: Instant::now(),
             closed_idle: false,
             admission,
         }
     }
 
-    /// Whether the connection has had no call open for the idle timeout.
-    /// Checked on every read: HTTP/2 always has a read pending, so the
+    /// Whether the connection is idle: no call open for the idle timeout,
+    /// and nothing received for [`READ_GRACE`]. Looked at only when the
+    /// socket has nothing to read: HTTP/2 always has a read pending, so the
     /// timer's wake-up reaches here, and an end of stream makes hyper close
     /// the connection (and drop this, closing the socket).
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.closed_idle {
-            return true;
-        }
         while self.idle_check.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             let next = match self.calls.idle_since() {
-                Some(since) if now >= since + self.idle_timeout => {
-                    tracing::debug!("gRPC: closing a connection with no call for the idle timeout");
-                    self.admission.closing(CloseReason::Idle);
-                    self.closed_idle = true;
-                    return true;
+                Some(since) => {
+                    let idle_at = (since + self.idle_timeout).max(self.last_read + READ_GRACE);
+                    if now >= idle_at {
+                        return true;
+                    }
+                    idle_at
                 }
-                Some(since) => since + self.idle_timeout,
                 None => now + self.idle_timeout,
             };
             self.idle_check.as_mut().reset(next);
@@ -302,10 +313,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for GrpcConnection<S> {
             this.preface_left -= n;
             return Poll::Ready(Ok(()));
         }
-        if this.idle_expired(cx) {
+        if this.closed_idle {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.last_read = Instant::now();
+                read
+            }
+            // The peer's end of stream, or an error: hyper closes.
+            Poll::Ready(_) => read,
+            Poll::Pending if this.idle_expired(cx) => {
+                tracing::debug!("gRPC: closing a connection with no call for the idle timeout");
+                this.admission.closing(CloseReason::Idle);
+                this.closed_idle = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
