@@ -1379,6 +1379,79 @@ mod connections {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grpc_connection_without_a_call_open_is_closed_after_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let idle_timeout = Duration::from_secs(1);
+        let agent = insecure_agent(dir.path(), "idle_timeout = \"1s\"");
+        // A watch stream is a call open for as long as it lasts: its
+        // connection must outlive several idle timeouts.
+        let watching = Instant::now();
+        let mut events = pb::service_control_client::ServiceControlClient::new(
+            agent.channel_from([127, 0, 0, 2].into()).await,
+        )
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+        // Past its handshake, then silent: closed once idle for 1 s (the
+        // 5 s handshake timeout is over for it).
+        let began = Instant::now();
+        let silent = established_http2_from([127, 0, 0, 3].into(), agent.addr).await;
+        assert!(
+            closed_within(silent, Duration::from_secs(5)).await,
+            "a connection with no call open was not closed within 5 s (idle_timeout 1s)"
+        );
+        let took = began.elapsed();
+        println!("an established connection with no call was closed {took:?} after it connected");
+        assert!(
+            took >= idle_timeout - Duration::from_millis(100),
+            "closed after {took:?}, before the idle timeout"
+        );
+        // A client's connection after its call ended: closed too; the
+        // client reconnects for its next call.
+        let mut client = pb::artifact_service_client::ArtifactServiceClient::new(
+            agent.channel_from([127, 0, 0, 4].into()).await,
+        );
+        client
+            .list_artifacts(pb::ListArtifactsRequest::default())
+            .await
+            .unwrap();
+        eventually(
+            "both connections without a call counted as closed for idleness",
+            Duration::from_secs(5),
+            async || {
+                metric(
+                    &metrics_of(&agent).await,
+                    "reload_connections_closed_total",
+                    &[("port", "grpc"), ("reason", "idle")],
+                )
+            },
+            |closed| *closed >= 2.0,
+        )
+        .await;
+        let quiet_until = watching + 3 * idle_timeout;
+        let watched = tokio::time::timeout_at(quiet_until, events.message()).await;
+        assert!(
+            watched.is_err(),
+            "the watch stream ended while open, {:?} after it started: {watched:?}",
+            watching.elapsed()
+        );
+        assert_eq!(
+            metric(
+                &metrics_of(&agent).await,
+                "reload_connections_closed_total",
+                &[("port", "grpc"), ("reason", "idle")],
+            ),
+            2.0,
+            "only the two connections without a call were closed"
+        );
+        client
+            .list_artifacts(pb::ListArtifactsRequest::default())
+            .await
+            .expect("a client whose idle connection was closed reconnects for its next call");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn insecure_mode_limits_the_request_rate_per_address_across_connections() {
         let dir = tempfile::tempdir().unwrap();
         let agent = insecure_agent(dir.path(), "requests_per_second = 2");
