@@ -915,6 +915,8 @@ mod connections {
     /// processes, more than a test can count on being allowed to set.
     const NEVER_TLS: usize = 2_000;
     const SILENT_TLS: usize = 200;
+    /// Connections to the health port that never start TLS.
+    const NEVER_TLS_HEALTH: usize = 100;
     /// Room for the flood and everything else, in this process and the
     /// agent (which takes at most half of it per port, see
     /// `reload_agent::connections::fit_to_open_files`).
@@ -1051,6 +1053,23 @@ mod connections {
                 }
             });
         }
+        let health = t.agent.health_addr.expect("health endpoint");
+        for i in 0..NEVER_TLS_HEALTH {
+            watched.spawn(async move {
+                let connecting = Instant::now();
+                let stream = connect_from(source_address(i / PER_SOURCE), health)
+                    .await
+                    .unwrap_or_else(|e| panic!("health connection {i} of the flood: {e}"));
+                let connected = Instant::now();
+                let closed =
+                    closed_by_peer(stream, connected + HANDSHAKE_TIMEOUT + CLOSE_SLACK).await;
+                Watched {
+                    kind: "never TLS, health port",
+                    opened: connecting - since,
+                    closed_after: closed.ok().map(|at| at - connecting),
+                }
+            });
+        }
         let client = tls_client_config(&dir, "monitor", &[b"h2"]);
         let tls_slots = Arc::new(tokio::sync::Semaphore::new(64));
         for i in 0..SILENT_TLS {
@@ -1104,7 +1123,8 @@ mod connections {
         let mut latencies: Vec<Duration> = probes.iter().map(|p| p.1).collect();
         latencies.sort();
         println!(
-            "{NEVER_TLS} connections that never start TLS opened within {:?}, {SILENT_TLS} silent TLS sessions within {:?}; \
+            "{NEVER_TLS} connections that never start TLS opened within {:?}, {SILENT_TLS} silent TLS sessions within {:?} \
+             (and {NEVER_TLS_HEALTH} never-TLS ones to the health port); \
              agent open files: {files_before} before, {peak_files} at the first close; \
              closed by the agent {:?} to {:?} after opening (handshake_timeout {HANDSHAKE_TIMEOUT:?}); \
              {} GetStatus over fresh connections during the flood: median {:?}, slowest {:?}",
@@ -1159,7 +1179,6 @@ mod connections {
             |files| *files <= files_before + 16,
         )
         .await;
-        let health = t.agent.health_addr.expect("health endpoint");
         let health_client = tls_client_config(&dir, "monitor", &[]);
         let metrics = https_get(&health_client, health, "/metrics").await.unwrap();
         let timed_out = metric(
@@ -1170,6 +1189,15 @@ mod connections {
         assert!(
             timed_out >= (NEVER_TLS + SILENT_TLS) as f64,
             "reload_connections_closed_total{{port=grpc,reason=handshake_timeout}} is {timed_out}"
+        );
+        let timed_out = metric(
+            &metrics,
+            "reload_connections_closed_total",
+            &[("port", "health"), ("reason", "handshake_timeout")],
+        );
+        assert!(
+            timed_out >= NEVER_TLS_HEALTH as f64,
+            "reload_connections_closed_total{{port=health,reason=handshake_timeout}} is {timed_out}"
         );
     }
 
