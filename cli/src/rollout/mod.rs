@@ -185,7 +185,8 @@ fn find_journal(base: &Path, id: Option<&str>) -> anyhow::Result<PathBuf> {
             continue;
         }
         let lines = journal::read_lines(&path)?;
-        if !finished(&lines) {
+        // An empty journal: its push died before the plan; nothing to go on.
+        if !lines.is_empty() && !finished(&lines) {
             let modified = std::fs::metadata(&path)?.modified()?;
             unfinished.push((modified, path));
         }
@@ -211,7 +212,13 @@ pub async fn resume(
     project.configure_transport()?;
     let path = find_journal(&project.base, id)?;
     let (journal, lines) = Journal::reopen(&path, json)?;
-    let rollout = lines[0].rollout.clone();
+    let Some(first) = lines.first() else {
+        bail!(
+            "journal {} is empty: the push that made it ended before it wrote its plan, so it changed nothing and there is nothing to resume (remove the file)",
+            path.display()
+        );
+    };
+    let rollout = first.rollout.clone();
     let Some(Record::Plan {
         service,
         version,

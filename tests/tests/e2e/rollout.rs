@@ -614,6 +614,17 @@ not a host
     );
     assert_ok(&output);
     assert!(String::from_utf8_lossy(&output.stdout).contains("nothing was changed"));
+    // A journal a killed push left empty (before its plan): resume says
+    // so instead of crashing.
+    let rollouts = f.dir().join(".reloadctl/rollouts");
+    std::fs::create_dir_all(&rollouts).unwrap();
+    std::fs::write(rollouts.join("0123456789abcdef.jsonl"), b"").unwrap();
+    let output = reloadctl(f.dir(), &["resume", "0123456789abcdef"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is empty"),
+        "{output:?}"
+    );
     let _ = &f.key;
 }
 

@@ -131,10 +131,17 @@ async fn swapped_store_files_never_run_through_activations_and_crash_restarts() 
     for (i, sha) in shas.iter().enumerate() {
         // The release being activated is the one under attack.
         *target.lock().unwrap() = object(i);
-        let result = agent
-            .activate("web", sha, Downgrade::NotAllowed)
-            .await
-            .unwrap();
+        // Refused before it started (the file was renamed aside at that
+        // instant, so the store does not hold it): a refusal too.
+        let result = match agent.activate("web", sha, Downgrade::NotAllowed).await {
+            Ok(result) => result,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+                refused += 1;
+                assert!(!marker.exists(), "the swapped bytes ran (activation {i})");
+                continue;
+            }
+        };
         let outcome = pb::ReloadOutcome::try_from(result.outcome).unwrap();
         match outcome {
             pb::ReloadOutcome::Succeeded => {
@@ -145,10 +152,9 @@ async fn swapped_store_files_never_run_through_activations_and_crash_restarts() 
                 let reply = http_get(addr, "/").await.unwrap();
                 assert_eq!((reply.code, reply.pid), (200, status.pid));
             }
-            pb::ReloadOutcome::VerificationFailed => {
-                refused += 1;
-                assert!(result.reason.contains("changed after upload"), "{result:?}");
-            }
+            // The copy saw other bytes (or none: the path was empty for
+            // an instant): refused, nothing started.
+            pb::ReloadOutcome::VerificationFailed => refused += 1,
             other => panic!(
                 "activation {i} ended {other:?}: {result:?} (the wrapper ran: {})",
                 marker.exists()
