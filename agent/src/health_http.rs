@@ -32,6 +32,8 @@ pub struct HealthSources {
     pub services: Arc<Services>,
     pub leases: Arc<Leases>,
     pub metrics: Arc<Metrics>,
+    /// Who may read, with TLS: a certificate from the CA is not enough.
+    pub rights: crate::config::RightsSection,
 }
 
 fn status_json(status: &pb::ServiceStatus) -> serde_json::Value {
@@ -152,10 +154,17 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
 ) {
-    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-        let response = route(&sources, request.uri().path());
-        async move { Ok::<_, Infallible>(response) }
-    });
+    // `refusal`: why this client may not read (set once its certificate
+    // is known); every request on the connection is then answered 403.
+    let service = |sources: HealthSources, refusal: Option<String>| {
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let response = match &refusal {
+                Some(why) => respond(StatusCode::FORBIDDEN, serde_json::json!({ "error": why })),
+                None => route(&sources, request.uri().path()),
+            };
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(IDLE_TIMEOUT);
@@ -172,7 +181,20 @@ async fn serve_connection(
             match accepted {
                 Ok(Ok(stream)) => {
                     admission.established();
-                    http.serve_connection(TokioIo::new(stream), service).await
+                    let names = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .map(|leaf| crate::api::certificate_names(leaf.as_ref()))
+                        .unwrap_or_default();
+                    let refusal = (!sources.rights.may_read(&names)).then(|| {
+                        format!(
+                            "the certificate names {names:?} lack the read right needed for the health endpoint and /metrics; the agent config's [rights] read or deploy grants it"
+                        )
+                    });
+                    http.serve_connection(TokioIo::new(stream), service(sources, refusal))
+                        .await
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(%peer, error = %err, "health endpoint: TLS handshake refused");
@@ -187,8 +209,10 @@ async fn serve_connection(
             }
         }
         None => {
+            // Plaintext is loopback-only by config (as for gRPC).
             admission.established();
-            http.serve_connection(TokioIo::new(stream), service).await
+            http.serve_connection(TokioIo::new(stream), service(sources, None))
+                .await
         }
     };
     if served.is_err_and(|err| err.is_timeout()) {

@@ -29,7 +29,7 @@ impl Right {
 
 /// The names a TLS client certificate carries: its common name and its
 /// DNS and URI subject alternative names.
-fn certificate_names(der: &[u8]) -> Vec<String> {
+pub(crate) fn certificate_names(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };

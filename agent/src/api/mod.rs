@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 pub use artifacts::artifact_info;
+pub(crate) use auth::certificate_names;
 pub use auth::{audit_refusal, Right};
 
 use crate::audit::AuditLog;

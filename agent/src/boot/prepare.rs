@@ -44,6 +44,8 @@ pub(super) struct ControlListeners {
     /// the open-file limit.
     pub connections: ConnectionLimits,
     pub max_message: usize,
+    /// Who may read the health endpoint and /metrics (with TLS).
+    pub rights: crate::config::RightsSection,
 }
 
 /// What the serve loop needs to build the next image's handover.
@@ -367,6 +369,7 @@ async fn control_listeners(
         health_fd,
         connections,
         max_message: config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES,
+        rights: config.rights.clone(),
     })
 }
 

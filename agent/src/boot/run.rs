@@ -84,6 +84,7 @@ impl Prepared {
             health_fd,
             connections,
             max_message,
+            rights,
         } = listeners;
         if let Some((listener, acceptor)) = health {
             let mut accepting = accepting.clone();
@@ -92,6 +93,7 @@ impl Prepared {
                 services: services.clone(),
                 leases,
                 metrics: metrics.clone(),
+                rights,
             };
             let serving = crate::health_http::serve(
                 listener,

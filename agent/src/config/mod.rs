@@ -58,6 +58,16 @@ pub struct RightsSection {
     pub read: Vec<String>,
 }
 
+impl RightsSection {
+    /// A client certificate carrying one of `names` may read (status,
+    /// health, metrics): it has the read or the deploy right.
+    pub fn may_read(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .any(|n| self.read.contains(n) || self.deploy.contains(n))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct AuditSection {

@@ -232,6 +232,55 @@ except Exception as e:
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
+/// `https://<health><path>` from Python as the client certificate
+/// `client`: the HTTP status code, or "refused <error>".
+fn health_get_as(d: &Path, health: &str, client: &str, path: &str) -> String {
+    let script = r#"
+import ssl, sys, urllib.request, urllib.error
+ctx = ssl.create_default_context(cafile="certs/ca.pem")
+ctx.load_cert_chain(f"certs/{sys.argv[2]}.pem", f"certs/{sys.argv[2]}.key")
+try:
+    with urllib.request.urlopen(f"https://{sys.argv[1]}{sys.argv[3]}", context=ctx, timeout=10) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+except Exception as e:
+    print("refused", type(e).__name__)
+"#;
+    let output = Command::new("python3")
+        .args(["-c", script, health, client, path])
+        .current_dir(d)
+        .output()
+        .expect("python3 is part of the test toolchain");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// `/metrics` and `/healthz` answered any certificate from the CA, whatever
+/// `[rights]` said. They need the read right (read or deploy); a
+/// certificate without it gets 403 saying which right.
+#[test]
+fn the_health_endpoint_and_metrics_need_the_read_right() {
+    let f = tls_agent();
+    let d = f.dir.path();
+    let health = f.agent.health_addr.unwrap().to_string();
+    for client in ["monitor", "deployer"] {
+        for path in ["/metrics", "/healthz"] {
+            assert_eq!(
+                health_get_as(d, &health, client, path),
+                "200",
+                "{client} {path}"
+            );
+        }
+    }
+    for path in ["/metrics", "/healthz", "/healthz/web"] {
+        let stranger = health_get_as(d, &health, "stranger", path);
+        assert!(
+            stranger.starts_with("403") && stranger.contains("read right"),
+            "{path}: {stranger}"
+        );
+    }
+}
+
 /// The audit log has the accepted and the refused mutating calls, with
 /// who made them, and only its owner may read it.
 fn assert_every_call_audited(d: &Path) {
