@@ -432,6 +432,33 @@ fn push_watching(
     (child, events)
 }
 
+/// `reloadctl push VERSION` (canary 1, one host at a time) with Ctrl-C
+/// while the canary is being gated: the CLI pauses (exit 5). Its events.
+fn push_paused_at_the_canary(dir: &Path, version: &str) -> Vec<serde_json::Value> {
+    let mut sent = false;
+    let (mut child, events) = push_watching(
+        dir,
+        &[
+            "--version",
+            version,
+            "--canary",
+            "1",
+            "--waves",
+            "100%",
+            "--max-parallel",
+            "1",
+        ],
+        |event, _, cli| {
+            if !sent && event["event"] == "host" && event["state"] == "activated" {
+                send_signal(cli, nix::sys::signal::Signal::SIGINT);
+                sent = true;
+            }
+        },
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
+    events
+}
+
 fn sigkill(pid: u32) {
     send_signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
@@ -635,32 +662,7 @@ async fn ctrl_c_pauses_after_the_hosts_in_flight_and_resume_finishes() {
     f.release("2.0.0", "");
     f.push_ok("1.0.0");
     let dir: PathBuf = f.dir().to_path_buf();
-    let mut sent = false;
-    let (mut child, events) = push_watching(
-        &dir,
-        &[
-            "--version",
-            "2.0.0",
-            "--canary",
-            "1",
-            "--waves",
-            "100%",
-            "--max-parallel",
-            "1",
-        ],
-        |event, _, cli| {
-            // Ctrl-C while the canary is being gated.
-            if !sent && event["event"] == "host" && event["state"] == "activated" {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(cli as i32),
-                    nix::sys::signal::Signal::SIGINT,
-                )
-                .unwrap();
-                sent = true;
-            }
-        },
-    );
-    assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
+    let events = push_paused_at_the_canary(&dir, "2.0.0");
     // The host in flight finished its step; nothing after it started.
     assert!(events.iter().any(|e| e["event"] == "paused"));
     assert_eq!(events.last().unwrap()["outcome"], "aborted");
@@ -853,27 +855,7 @@ async fn a_rollout_superseded_by_a_newer_push_is_not_resumed_and_downgrades_are_
     }
     f.push_ok("1.0.0");
     let dir: PathBuf = f.dir().to_path_buf();
-    let mut sent = false;
-    let (mut child, events) = push_watching(
-        &dir,
-        &[
-            "--version",
-            "1.5.0",
-            "--canary",
-            "1",
-            "--waves",
-            "100%",
-            "--max-parallel",
-            "1",
-        ],
-        |event, _, cli| {
-            if !sent && event["event"] == "host" && event["state"] == "activated" {
-                send_signal(cli, nix::sys::signal::Signal::SIGINT);
-                sent = true;
-            }
-        },
-    );
-    assert_eq!(child.wait().unwrap().code(), Some(5), "{events:#?}");
+    let events = push_paused_at_the_canary(&dir, "1.5.0");
     let paused = events[0]["rollout"].as_str().unwrap().to_string();
     assert_eq!(f.versions().await, vec!["1.5.0", "1.0.0", "1.0.0"]);
     f.push_ok("1.6.0");

@@ -848,16 +848,19 @@ async fn the_same_bytes_signed_for_two_services_keep_both_envelopes() {
             .present
     );
     // A re-upload for web with an earlier expiry keeps the stored envelope.
-    let stored_expiry = artifacts
-        .stat_artifact(stat("web"))
-        .await
-        .unwrap()
-        .into_inner()
-        .artifact
-        .unwrap()
-        .manifest
-        .unwrap()
-        .expires;
+    let mut web_expiry = async || {
+        artifacts
+            .stat_artifact(stat("web"))
+            .await
+            .unwrap()
+            .into_inner()
+            .artifact
+            .unwrap()
+            .manifest
+            .unwrap()
+            .expires
+    };
+    let stored_expiry = web_expiry().await;
     let mut shorter = manifest_for("web", "1.0.0", &bytes);
     (shorter.os, shorter.arch) = ("any".into(), "any".into());
     // Well before the stored one (test manifests expire in an hour).
@@ -866,16 +869,7 @@ async fn the_same_bytes_signed_for_two_services_keep_both_envelopes() {
             .to_string();
     let shorter_expiry = humantime::parse_rfc3339(&shorter.expires).unwrap();
     agent.stage_manifest(shorter, &bytes).await;
-    let kept = artifacts
-        .stat_artifact(stat("web"))
-        .await
-        .unwrap()
-        .into_inner()
-        .artifact
-        .unwrap()
-        .manifest
-        .unwrap()
-        .expires;
+    let kept = web_expiry().await;
     assert_eq!(kept, stored_expiry);
     let kept = std::time::SystemTime::try_from(kept.unwrap()).unwrap();
     assert!(kept > shorter_expiry, "the longer expiry was kept");
