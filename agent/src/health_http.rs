@@ -3,7 +3,11 @@
 //! `/healthz/<service>` (200 only when that service is healthy, 503
 //! otherwise, 404 for an unknown name), for load balancers and monitoring.
 //! With [tls] configured it speaks HTTPS and requires a client certificate
-//! from the agent's CA, like the gRPC API. Its connections are held to the
+//! from the agent's CA with the read right, like the gRPC API; only the
+//! services an operator lists in `[agent] anonymous_health` answer
+//! `/healthz/<service>` to a client without one (a load balancer's check),
+//! and to those with the verdict alone: no version, hash or pid, which
+//! would tell a stranger what to attack. Its connections are held to the
 //! same caps and handshake timeout as the gRPC port's (see
 //! [`crate::connections`]), each port with a budget of its own, and closed
 //! after 10 s without a request.
@@ -34,6 +38,9 @@ pub struct HealthSources {
     pub metrics: Arc<Metrics>,
     /// Who may read, with TLS: a certificate from the CA is not enough.
     pub rights: crate::config::RightsSection,
+    /// `[agent] anonymous_health`: the services whose `/healthz/<service>`
+    /// a client without a certificate may read.
+    pub anonymous_health: Arc<Vec<String>>,
 }
 
 fn status_json(status: &pb::ServiceStatus) -> serde_json::Value {
@@ -60,6 +67,41 @@ fn respond(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>>
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(text)))
         .expect("static response parts")
+}
+
+/// What a client without a certificate gets: the verdict on a service
+/// listed in `[agent] anonymous_health`, 403 for anything else.
+fn route_anonymous(sources: &HealthSources, path: &str) -> Response<Full<Bytes>> {
+    let listed = path
+        .strip_prefix("/healthz/")
+        .filter(|name| sources.anonymous_health.iter().any(|listed| listed == name));
+    let Some(name) = listed else {
+        return respond(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": format!(
+                "{path} needs a client certificate from the agent's CA with the read right; without one, only /healthz/<service> of the services in [agent] anonymous_health ({}) may be read",
+                if sources.anonymous_health.is_empty() { "none".to_string() } else { sources.anonymous_health.join(", ") }
+            ) }),
+        );
+    };
+    match sources.services.service(name) {
+        Ok(service) => {
+            let healthy = service.status().health == pb::HealthState::Healthy as i32;
+            let code = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            respond(
+                code,
+                serde_json::json!({ "service": name, "healthy": healthy }),
+            )
+        }
+        Err(err) => respond(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": err.to_string() }),
+        ),
+    }
 }
 
 fn route(sources: &HealthSources, path: &str) -> Response<Full<Bytes>> {
@@ -109,6 +151,17 @@ fn route(sources: &HealthSources, path: &str) -> Response<Full<Bytes>> {
     )
 }
 
+/// What one client of the endpoint may read.
+enum Reader {
+    /// Everything: plaintext on loopback, or a certificate with the read
+    /// right.
+    Allowed,
+    /// No certificate: see [`route_anonymous`].
+    Anonymous,
+    /// A certificate without the read right: 403 with this reason.
+    Refused(String),
+}
+
 /// How long a health connection may wait between requests, the first
 /// included, before the agent closes it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,13 +207,15 @@ async fn serve_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
 ) {
-    // `refusal`: why this client may not read (set once its certificate
-    // is known); every request on the connection is then answered 403.
-    let service = |sources: HealthSources, refusal: Option<String>| {
+    // What this client may read, decided once its certificate is known.
+    let service = |sources: HealthSources, reader: Reader| {
         hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-            let response = match &refusal {
-                Some(why) => respond(StatusCode::FORBIDDEN, serde_json::json!({ "error": why })),
-                None => route(&sources, request.uri().path()),
+            let response = match &reader {
+                Reader::Refused(why) => {
+                    respond(StatusCode::FORBIDDEN, serde_json::json!({ "error": why }))
+                }
+                Reader::Anonymous => route_anonymous(&sources, request.uri().path()),
+                Reader::Allowed => route(&sources, request.uri().path()),
             };
             async move { Ok::<_, Infallible>(response) }
         })
@@ -186,14 +241,17 @@ async fn serve_connection(
                         .1
                         .peer_certificates()
                         .and_then(|certs| certs.first())
-                        .map(|leaf| crate::api::certificate_names(leaf.as_ref()))
-                        .unwrap_or_default();
-                    let refusal = (!sources.rights.may_read(&names)).then(|| {
-                        format!(
+                        .map(|leaf| crate::api::certificate_names(leaf.as_ref()));
+                    // No certificate at all: the acceptor only lets that
+                    // through with `[agent] anonymous_health` set.
+                    let reader = match names {
+                        None => Reader::Anonymous,
+                        Some(names) if sources.rights.may_read(&names) => Reader::Allowed,
+                        Some(names) => Reader::Refused(format!(
                             "the certificate names {names:?} lack the read right needed for the health endpoint and /metrics; the agent config's [rights] read or deploy grants it"
-                        )
-                    });
-                    http.serve_connection(TokioIo::new(stream), service(sources, refusal))
+                        )),
+                    };
+                    http.serve_connection(TokioIo::new(stream), service(sources, reader))
                         .await
                 }
                 Ok(Err(err)) => {
@@ -211,7 +269,7 @@ async fn serve_connection(
         None => {
             // Plaintext is loopback-only by config (as for gRPC).
             admission.established();
-            http.serve_connection(TokioIo::new(stream), service(sources, None))
+            http.serve_connection(TokioIo::new(stream), service(sources, Reader::Allowed))
                 .await
         }
     };

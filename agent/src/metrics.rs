@@ -106,6 +106,15 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(Counter::default())
+    }
+}
+
+impl Metrics {
+    /// The agent's metrics; `store_quarantined` is the artifact store's
+    /// own count of damaged entries it set aside (it counts from its
+    /// opening, before the metrics exist).
+    pub fn new(store_quarantined: Counter) -> Self {
         let mut registry = Registry::with_prefix("reload");
         let metrics = Metrics {
             reloads: Family::default(),
@@ -181,6 +190,11 @@ impl Default for Metrics {
             "connections_closed",
             "Connections the agent closed on its own ports, by reason: per_peer_limit and total_limit (refused at accept), evicted (an unfinished handshake closed to make room), handshake_timeout, handshake_failed, idle",
             metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "store_quarantined",
+            "Damaged store entries (an envelope that does not parse, a file without its envelope's hash) moved to the store's quarantine folder since the agent started; each is logged with its hash",
+            store_quarantined,
         );
         let agent: Family<Version, Gauge> = Family::default();
         agent

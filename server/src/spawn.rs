@@ -373,6 +373,90 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }
 
+/// `PIDFD_SIGNAL_PROCESS_GROUP` (Linux 6.9): signal the process group the
+/// pidfd's process leads. Not in the libc crate yet.
+const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+
+/// Sends `signal` to the process group led by the process behind `pidfd`.
+///
+/// A process group's id is its leader's pid, and `killpg(pid)` after the
+/// leader was reaped may reach a stranger's group that got the pid since.
+/// A pidfd names the process itself, never its number: the kernel resolves
+/// the group through the pidfd's own `struct pid`, which is never reused,
+/// so a group whose leader is gone is still the right one (its workers get
+/// the signal) and a new process with the same number is never touched.
+///
+/// Kernels before 6.9 do not know the flag (EINVAL): there the pidfd is
+/// used to check the leader has not been reaped, then `killpg` is called;
+/// the leaders this is used for are reaped only by their own shim, which
+/// signals the group itself before it reaps, so the gap is the time
+/// between the two calls. `ESRCH` (the whole group is gone) is `Ok`.
+pub fn signal_group(pidfd: BorrowedFd<'_>, signal: nix::sys::signal::Signal) -> io::Result<()> {
+    let send = |sig: libc::c_int, flags: libc::c_uint| -> io::Result<()> {
+        // SAFETY: pidfd_send_signal takes an fd we borrow for the call, a
+        // signal number, a null siginfo (the kernel fills one in as for
+        // kill) and flags; it touches no memory of ours.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                flags,
+            )
+        };
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let gone = |err: &io::Error| err.raw_os_error() == Some(libc::ESRCH);
+    match send(signal as libc::c_int, PIDFD_SIGNAL_PROCESS_GROUP) {
+        Ok(()) => Ok(()),
+        Err(err) if gone(&err) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            // An older kernel. Signal 0 checks the leader is not reaped
+            // (a zombie still answers), so its pid is still its own.
+            match send(0, 0) {
+                Ok(()) => {}
+                Err(err) if gone(&err) => return Ok(()),
+                Err(err) => return Err(err),
+            }
+            let pgid = pidfd_pid(pidfd)?;
+            match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+                Err(errno) => Err(errno.into()),
+            }
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// The pid a pidfd refers to, from `/proc/self/fdinfo` (`Pid:` is -1 once
+/// the process was reaped).
+pub fn pidfd_pid(pidfd: BorrowedFd<'_>) -> io::Result<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("Pid:"))
+        .and_then(|pid| pid.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// Opens a pidfd for `pid` and checks it is the process that started at
+/// `start_time` (see [`start_time`]): a pid read from elsewhere (a shim's
+/// message) may have been reused by the time it is opened. The check runs
+/// after the open: a process alive at the check was alive at the open, so
+/// a match proves the pidfd names that process.
+pub fn pidfd_open_checked(pid: u32, started_at: u64) -> io::Result<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
+    if start_time(pid)? != started_at {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(pidfd)
+}
+
 /// Waits for the process behind `pidfd` (our child) to exit and reaps it.
 /// Must run inside a tokio runtime.
 pub async fn reap(pidfd: OwnedFd) -> io::Result<std::process::ExitStatus> {
@@ -459,6 +543,127 @@ mod tests {
         assert!(own > 0);
         assert_eq!(super::start_time(std::process::id()).unwrap(), own);
         assert!(super::start_time(u32::MAX / 2).is_err());
+    }
+
+    /// A `sleep 60` in a process group of its own.
+    fn group_leader() -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts group leaders until one gets `pid`, by setting the last pid
+    /// the kernel gave out (root only); `None` if another process keeps
+    /// taking it first.
+    fn leader_with_pid(pid: u32) -> Option<std::process::Child> {
+        for _ in 0..50 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+                .expect("setting ns_last_pid (needs root)");
+            let mut child = group_leader();
+            if child.id() == pid {
+                return Some(child);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        None
+    }
+
+    fn running(child: &mut std::process::Child) -> bool {
+        child.try_wait().unwrap().is_none()
+    }
+
+    #[test]
+    fn a_group_signal_through_a_pidfd_never_reaches_the_process_that_reused_the_pid() {
+        let may_choose_pids = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/kernel/ns_last_pid")
+            .is_ok();
+        if !may_choose_pids {
+            eprintln!(
+                "SKIPPED: a_group_signal_through_a_pidfd_never_reaches_the_process_that_reused_the_pid \
+                 needs root to choose the next pid (/proc/sys/kernel/ns_last_pid)"
+            );
+            return;
+        }
+        // The stale handle: a leader that ended and was reaped.
+        let mut first = group_leader();
+        let pid = first.id();
+        let pidfd = super::pidfd_open(pid).unwrap();
+        first.kill().unwrap();
+        first.wait().unwrap();
+        // A stranger's group takes the number: `killpg(pid)` would hit it.
+        let mut stranger = leader_with_pid(pid).expect("no process got the reused pid in 50 tries");
+        assert_eq!(
+            nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32)))
+                .unwrap()
+                .as_raw(),
+            pid as i32
+        );
+
+        use std::os::fd::AsFd;
+        super::signal_group(pidfd.as_fd(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        // SIGKILL takes effect before kill(2) returns to its sender; give
+        // a loaded machine a margin all the same before looking.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let survived = running(&mut stranger);
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        assert!(
+            survived,
+            "the signal for a reaped process's group killed the process that reused its pid"
+        );
+    }
+
+    #[test]
+    fn a_group_signal_through_a_pidfd_reaches_every_process_of_a_live_group() {
+        use std::os::unix::process::CommandExt;
+        // A leader with a worker in its group, like gunicorn and its workers.
+        let dir = tempfile::tempdir().unwrap();
+        let worker_pid = dir.path().join("worker");
+        let mut leader = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep 60 & echo $! > {}; wait",
+                worker_pid.display()
+            ))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pidfd = super::pidfd_open(leader.id()).unwrap();
+        let worker: i32 = loop {
+            match std::fs::read_to_string(&worker_pid) {
+                Ok(text) if text.ends_with('\n') => break text.trim().parse().unwrap(),
+                _ => std::thread::yield_now(),
+            }
+        };
+        use std::os::fd::AsFd;
+        super::signal_group(pidfd.as_fd(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let status = leader.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        // The worker is gone too (reparented and reaped, or a zombie).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap_or_default();
+            if state.is_empty()
+                || state
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker {worker} outlived the group signal"
+            );
+            std::thread::yield_now();
+        }
     }
 
     #[test]

@@ -48,7 +48,8 @@ pub enum Exit {
 /// broken key is refused before anything changes).
 pub fn check_tls(config: &AgentConfig) -> anyhow::Result<()> {
     if let Some(tls) = &config.tls {
-        crate::connections::tls::acceptors(tls).context("the [tls] certificate or key")?;
+        crate::connections::tls::acceptors(tls, !config.anonymous_health.is_empty())
+            .context("the [tls] certificate or key")?;
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub(super) struct ControlListeners {
     pub max_message: usize,
     /// Who may read the health endpoint and /metrics (with TLS).
     pub rights: crate::config::RightsSection,
+    /// `[agent] anonymous_health`.
+    pub anonymous_health: Vec<String>,
 }
 
 /// What the serve loop needs to build the next image's handover.
@@ -89,7 +91,7 @@ pub(super) async fn prepare(
     let given = given_sockets(stored, inherited)?;
     let grpc = grpc_listeners(&config, grpc, inherited)?;
 
-    let metrics: SharedMetrics = Arc::new(Metrics::default());
+    let metrics: SharedMetrics = Arc::new(Metrics::new(store.quarantined_counter()));
     let events = Arc::new(EventBus::default());
     crate::redact::set_folders(&config.store_dir, &config.state_dir);
     let state = Arc::new(StateFile::open(&config.state_dir)?);
@@ -340,7 +342,7 @@ async fn control_listeners(
     let acceptors = config
         .tls
         .as_ref()
-        .map(crate::connections::tls::acceptors)
+        .map(|tls| crate::connections::tls::acceptors(tls, !config.anonymous_health.is_empty()))
         .transpose()
         .context("the [tls] certificate or key")?;
     let health = match health_listener {
@@ -370,6 +372,7 @@ async fn control_listeners(
         connections,
         max_message: config.limits.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES,
         rights: config.rights.clone(),
+        anonymous_health: config.anonymous_health.clone(),
     })
 }
 

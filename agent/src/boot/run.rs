@@ -85,6 +85,7 @@ impl Prepared {
             connections,
             max_message,
             rights,
+            anonymous_health,
         } = listeners;
         if let Some((listener, acceptor)) = health {
             let mut accepting = accepting.clone();
@@ -94,6 +95,7 @@ impl Prepared {
                 leases,
                 metrics: metrics.clone(),
                 rights,
+                anonymous_health: Arc::new(anonymous_health),
             };
             let serving = crate::health_http::serve(
                 listener,

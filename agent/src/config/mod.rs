@@ -107,6 +107,10 @@ struct AgentSection {
     state_dir: PathBuf,
     /// HTTP address of `/healthz` for load balancers and the CLI.
     health_listen: Option<SocketAddr>,
+    /// Services whose `/healthz/<service>` a client without a certificate
+    /// may read (load balancers that cannot present one); empty by
+    /// default: with [tls], every request needs a certificate.
+    anonymous_health: Vec<String>,
     /// Plaintext gRPC without client authentication: only on loopback,
     /// for development, and said loudly at start.
     insecure: bool,
@@ -124,6 +128,7 @@ impl Default for AgentSection {
             store_dir: PathBuf::from("store"),
             state_dir: PathBuf::from("state"),
             health_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7701))),
+            anonymous_health: Vec::new(),
             insecure: false,
             stop_services_on_exit: false,
             trusted_keys: Vec::new(),
@@ -235,6 +240,8 @@ pub struct AgentConfig {
     pub store_dir: PathBuf,
     pub state_dir: PathBuf,
     pub health_listen: Option<SocketAddr>,
+    /// See `[agent] anonymous_health`; checked to name configured services.
+    pub anonymous_health: Vec<String>,
     pub services: Vec<ServiceConfig>,
     pub trusted_keys: TrustedKeys,
     pub keep_versions: usize,
@@ -396,6 +403,14 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         check_socket_paths_fit(&state_dir, &services)?;
+        for name in &agent.anonymous_health {
+            if !services.iter().any(|service| &service.name == name) {
+                bail!("[agent] anonymous_health names {name:?}, which is not a [[service]] here: list only configured services");
+            }
+        }
+        if !agent.anonymous_health.is_empty() && agent.health_listen.is_none() {
+            bail!("[agent] anonymous_health is set but health_listen is off: set health_listen, or remove anonymous_health");
+        }
         Ok(AgentConfig {
             tls,
             rights: file.rights,
@@ -409,6 +424,7 @@ impl AgentConfig {
             store_dir: base.join(agent.store_dir),
             state_dir,
             health_listen: agent.health_listen,
+            anonymous_health: agent.anonymous_health,
             services,
             trusted_keys,
             keep_versions: agent.keep_versions,

@@ -21,9 +21,13 @@ pub struct Acceptors {
 
 /// Parses the `[tls]` files (`--check` runs this too, so a broken key is
 /// refused before an upgrade or a config reload changes anything).
-pub fn acceptors(tls: &TlsFiles) -> anyhow::Result<Acceptors> {
-    let health = server_config(tls)?;
-    let mut grpc = health.clone();
+/// `anonymous_health`: the health port also finishes handshakes with
+/// clients that present no certificate (`[agent] anonymous_health`); what
+/// those may read is decided per request (see [`crate::health_http`]).
+/// A certificate that is presented must still chain to the CA.
+pub fn acceptors(tls: &TlsFiles, anonymous_health: bool) -> anyhow::Result<Acceptors> {
+    let health = server_config(tls, anonymous_health)?;
+    let mut grpc = server_config(tls, false)?;
     // gRPC is HTTP/2 only; a client that offers ALPN must be able to pick it.
     grpc.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Acceptors {
@@ -32,7 +36,7 @@ pub fn acceptors(tls: &TlsFiles) -> anyhow::Result<Acceptors> {
     })
 }
 
-fn server_config(tls: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
+fn server_config(tls: &TlsFiles, anonymous: bool) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = CertificateDer::pem_slice_iter(&tls.cert)
         .collect::<Result<Vec<_>, _>>()
@@ -44,11 +48,16 @@ fn server_config(tls: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
         roots.add(ca.context("[tls] ca is not PEM certificates")?)?;
     }
     // Any certificate from the CA finishes the handshake; what it may do is
-    // decided per call by [rights] (gRPC), and any may read health.
+    // decided per call by [rights].
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
+    );
+    let verifier = if anonymous {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    }
     .build()
     .context("[tls] ca cannot verify client certificates")?;
     rustls::ServerConfig::builder_with_provider(provider)

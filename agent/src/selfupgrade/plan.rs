@@ -253,7 +253,7 @@ impl SelfUpgrade {
 /// files), or cannot take over this agent's state is refused while the
 /// agent still runs.
 async fn preflight(program: &Path, args: &[String]) -> Result<(), UpgradeError> {
-    let mut command = tokio::process::Command::new(program);
+    let mut command = std::process::Command::new(program);
     command
         .args(args)
         .arg("--check")

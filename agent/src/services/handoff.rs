@@ -202,7 +202,7 @@ impl Handoff {
                 format!("cannot prepare the preflight: {err}"),
             )
         })?;
-        run_preflight(command.into(), config.preflight_timeout)
+        run_preflight(command, config.preflight_timeout)
             .await
             .map(|_| ())
             .map_err(|failure| {

@@ -24,31 +24,74 @@ pub enum PreflightFailure {
     Failed { status: ExitStatus, stderr: String },
 }
 
-/// Runs `command` (stdin closed, killed when dropped) for at most `timeout`
-/// and requires exit status 0; on success its output.
+/// Reads a child's pipe to its end, on a task of its own.
+fn read_all(pipe: Option<impl Into<std::os::fd::OwnedFd>>) -> tokio::task::JoinHandle<Vec<u8>> {
+    let pipe = pipe.map(|pipe| tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into()));
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(Ok(mut pipe)) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut bytes).await;
+        }
+        bytes
+    })
+}
+
+/// Runs `command` (stdin closed, in a process group of its own) for at
+/// most `timeout` and requires exit status 0; on success its output.
+///
+/// The child is reaped through a pidfd by this function alone (std's
+/// `Child` does not reap on drop, tokio is not involved), and its group
+/// is killed while its leader is an unreaped zombie or, on a timeout,
+/// still running: so the kill cannot reach a process that took its
+/// number, and nothing it started (gunicorn's workers, a launcher's
+/// children) outlives the preflight.
 pub async fn run_preflight(
-    mut command: tokio::process::Command,
+    mut command: std::process::Command,
     timeout: Duration,
 ) -> Result<Output, PreflightFailure> {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
     command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        // Its own process group: what it started (gunicorn's workers, a
-        // launcher's children) goes with it on a timeout.
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = command.spawn().map_err(PreflightFailure::CouldNotRun)?;
-    let group = child.id();
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(output) => output.map_err(PreflightFailure::CouldNotRun)?,
+        .process_group(0);
+    let mut child = command.spawn().map_err(PreflightFailure::CouldNotRun)?;
+    let kill_group = |pidfd: &std::os::fd::OwnedFd| {
+        if let Err(err) =
+            reload_server::spawn::signal_group(pidfd.as_fd(), nix::sys::signal::Signal::SIGKILL)
+        {
+            tracing::error!(error = %err, "cannot kill the preflight's process group");
+        }
+    };
+    let pidfd = match reload_server::spawn::pidfd_open(child.id()) {
+        Ok(pidfd) => pidfd,
+        Err(err) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(PreflightFailure::CouldNotRun(err));
+        }
+    };
+    let reaper = pidfd.try_clone().map_err(PreflightFailure::CouldNotRun)?;
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let finished = tokio::time::timeout(timeout, async {
+        let status = reload_server::spawn::reap_after(reaper, || kill_group(&pidfd)).await;
+        // With the whole group gone, every writer of the pipes is too.
+        let (stdout, stderr) = (stdout.await, stderr.await);
+        (status, stdout, stderr)
+    })
+    .await;
+    let output = match finished {
+        Ok((status, stdout, stderr)) => Output {
+            status: status.map_err(PreflightFailure::CouldNotRun)?,
+            stdout: stdout.unwrap_or_default(),
+            stderr: stderr.unwrap_or_default(),
+        },
         Err(_) => {
-            if let Some(group) = group {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(group as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            // Not reaped: the leader's number is still its own.
+            kill_group(&pidfd);
+            let _ = reload_server::spawn::reap(pidfd).await;
             return Err(PreflightFailure::TimedOut(timeout));
         }
     };
@@ -85,7 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_binary_is_refused_with_its_stderr() {
-        let mut command = tokio::process::Command::new("sh");
+        let mut command = std::process::Command::new("sh");
         command.args(["-c", "echo broken build >&2; exit 3"]);
         let err = run_preflight(command, Duration::from_secs(10))
             .await
@@ -97,7 +140,7 @@ mod tests {
     async fn a_binary_that_hangs_is_cut_off_with_what_it_started() {
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("child");
-        let mut command = tokio::process::Command::new("sh");
+        let mut command = std::process::Command::new("sh");
         command.args([
             "-c",
             &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),

@@ -1,15 +1,18 @@
 //! One process of a service as the agent tracks it: its pid, the shim that
 //! is its parent (see [`crate::shim`]; the exit status and the output come
 //! from there, see [`super::shim`]), and the signals that drain or kill its
-//! whole process group.
+//! whole process group: sent through a pidfd, never by pid number, because
+//! the agent is not the process's parent and cannot know when its number
+//! is free for another process (see [`reload_server::spawn::signal_group`]).
 
 use std::collections::VecDeque;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use super::readiness::NotifyPath;
@@ -24,6 +27,9 @@ pub struct Process {
     /// listens on.
     pub probe: Option<std::net::SocketAddr>,
     pub(super) started: Instant,
+    /// A pidfd of the process, checked against its start time when opened;
+    /// `None` when it had already ended then (its shim killed its group).
+    pidfd: Option<Arc<OwnedFd>>,
     /// `Some(status)` once the process has exited (and its shim reaped it).
     exited: watch::Receiver<Option<ExitStatus>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -35,6 +41,7 @@ impl Process {
         shim_pid: u32,
         probe: Option<std::net::SocketAddr>,
         started: Instant,
+        pidfd: Option<Arc<OwnedFd>>,
         exited: watch::Receiver<Option<ExitStatus>>,
         stderr_tail: Arc<Mutex<VecDeque<String>>>,
     ) -> Process {
@@ -43,6 +50,7 @@ impl Process {
             shim_pid,
             probe,
             started,
+            pidfd,
             exited,
             stderr_tail,
         }
@@ -96,14 +104,24 @@ impl Process {
     }
 
     pub(super) fn signal_group(&self, signal: Signal) {
-        // ESRCH: the whole group is gone already.
-        let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        if let Some(pidfd) = &self.pidfd {
+            signal_group_of(self.pid, pidfd.as_fd(), signal);
+        }
     }
 
     /// Kills the whole process group and waits until the leader is reaped.
     pub(super) async fn kill(&self) {
         self.signal_group(Signal::SIGKILL);
         self.wait().await;
+    }
+}
+
+/// Signals the group led by the process behind `pidfd` (a gone group is
+/// fine; anything else is logged: the service may outlive what was meant
+/// to end it).
+pub(super) fn signal_group_of(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>, signal: Signal) {
+    if let Err(err) = reload_server::spawn::signal_group(pidfd, signal) {
+        tracing::error!(pid, signal = signal.as_str(), error = %err, "cannot signal the process group");
     }
 }
 

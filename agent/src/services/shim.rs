@@ -243,11 +243,21 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         pid,
         shim_pid,
         probe,
+        start_time,
         running_ms,
         exited,
         stream,
         ..
     } = attached;
+    // Opened now, while the shim (the only one that reaps the process)
+    // has not reported its exit, and checked against the start time the
+    // shim read right after the fork: every later signal goes to this
+    // process's group and cannot reach a process that reuses its number.
+    let pidfd = exited
+        .is_none()
+        .then(|| reload_server::spawn::pidfd_open_checked(pid, start_time).ok())
+        .flatten()
+        .map(Arc::new);
     let version = spec.version;
     let started = Instant::now()
         .checked_sub(Duration::from_millis(running_ms))
@@ -256,7 +266,7 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     stream.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(stream)?;
-    let (service, task_tail) = (service.to_string(), tail.clone());
+    let (service, task_tail, task_pidfd) = (service.to_string(), tail.clone(), pidfd.clone());
     tokio::spawn(async move {
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
@@ -310,10 +320,13 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
                     shim_pid,
                     "the shim ended without reporting the exit; killing the process group"
                 );
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                if let Some(pidfd) = &task_pidfd {
+                    super::process::signal_group_of(
+                        pid,
+                        pidfd.as_fd(),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
                 // A "stopped" wait status never comes from an exit: it
                 // stands for "ended, status unknown" (see describe_exit).
                 WaitStatus(0x7f)
@@ -321,7 +334,9 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
         };
         let _ = exit_tx.send(Some(status.exit_status()));
     });
-    Ok(Process::new(pid, shim_pid, probe, started, exit_rx, tail))
+    Ok(Process::new(
+        pid, shim_pid, probe, started, pidfd, exit_rx, tail,
+    ))
 }
 
 #[cfg(test)]

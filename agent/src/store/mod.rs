@@ -82,7 +82,8 @@ pub struct ArtifactStore {
     /// current and previous versions (the service registry says which).
     pinned: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     /// Damaged entries set aside (see [`ArtifactStore::quarantine`]).
-    quarantined: std::sync::atomic::AtomicU64,
+    /// Shared with the metrics (`reload_store_quarantined_total`).
+    quarantined: prometheus_client::metrics::counter::Counter,
 }
 
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
@@ -339,15 +340,15 @@ impl ArtifactStore {
             }
         }
         fsync_dir(&self.objects)?;
-        self.quarantined
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.quarantined.inc();
         tracing::error!(sha256, detail, folder = %folder.display(), "a damaged store entry was moved to quarantine; upload that release again to use it");
         Ok(())
     }
 
-    /// How many damaged entries were set aside since the agent started.
-    pub fn quarantined(&self) -> u64 {
-        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
+    /// The count of damaged entries set aside since the agent started,
+    /// for the metrics to share.
+    pub fn quarantined_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.quarantined.clone()
     }
 
     /// Re-reads a stored file and checks its bytes against its manifest.

@@ -775,6 +775,16 @@ async fn a_damaged_envelope_is_quarantined_and_affects_only_its_artifact() {
     assert!(quarantine.join(&damaged).exists());
     assert!(!envelope.exists());
     assert!(agent.log_text().contains("moved to quarantine"));
+    // Counted, for an alert.
+    let metrics = http_get(agent.health_addr.unwrap(), "/metrics")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(
+        reload_tests::hostile::metric(&metrics, "reload_store_quarantined_total", &[]),
+        1.0,
+        "{metrics}"
+    );
 }
 
 /// Kills `service`'s process and waits until the agent restarted it on the
