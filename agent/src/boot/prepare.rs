@@ -212,25 +212,32 @@ async fn check_own_image(inherited: Option<&Inherited>) -> anyhow::Result<String
 }
 
 /// A folder others may write to could have its artifacts or state swapped
-/// under the agent: refuse to start on one.
-fn refuse_world_writable(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+/// or removed under the agent: refuse to start on one. Its group counts as
+/// others (a store mode 0770 was accepted, and a deploy group's member is
+/// not meant to be able to edit what the agent keeps).
+fn refuse_writable_by_others(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if let Ok(meta) = std::fs::metadata(dir) {
         let mode = meta.permissions().mode();
-        if mode & 0o002 != 0 {
-            anyhow::bail!(
-                "{} is writable by everyone (mode {:o}); run chmod 700 on it",
-                dir.display(),
-                mode & 0o777
-            );
-        }
+        let who = if mode & 0o002 != 0 {
+            "everyone".to_string()
+        } else if mode & 0o020 != 0 {
+            format!("its group (gid {})", meta.gid())
+        } else {
+            return Ok(());
+        };
+        anyhow::bail!(
+            "{} is writable by {who} (mode {:o}); only the agent's user may write it: run chmod 700 on it",
+            dir.display(),
+            mode & 0o777
+        );
     }
     Ok(())
 }
 
 async fn open_store(config: &AgentConfig) -> anyhow::Result<Arc<ArtifactStore>> {
     for dir in [&config.store_dir, &config.state_dir] {
-        refuse_world_writable(dir)?;
+        refuse_writable_by_others(dir)?;
     }
     let (store_dir, keep_versions) = (config.store_dir.clone(), config.keep_versions);
     let store = tokio::task::spawn_blocking(move || ArtifactStore::open(&store_dir, keep_versions))

@@ -970,33 +970,38 @@ mod limits_and_keys {
     }
 
     #[test]
-    fn a_world_writable_store_is_refused_at_start() {
+    fn a_group_or_world_writable_store_is_refused_at_start() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let key = SigningKey::generate();
-        std::fs::write(dir.path().join("a.pub"), key.public().to_pem()).unwrap();
-        std::fs::create_dir(dir.path().join("store")).unwrap();
-        std::fs::set_permissions(
-            dir.path().join("store"),
-            std::fs::Permissions::from_mode(0o777),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("agent.toml"),
-            "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"a.pub\"]\n",
-        )
-        .unwrap();
-        let output = Command::new(bin_path("reload-agent"))
-            .args(["--config", "agent.toml"])
-            .current_dir(dir.path())
-            .output()
+        for (mode, who) in [
+            (0o777, "writable by everyone"),
+            (0o770, "writable by its group"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let key = SigningKey::generate();
+            std::fs::write(dir.path().join("a.pub"), key.public().to_pem()).unwrap();
+            std::fs::create_dir(dir.path().join("store")).unwrap();
+            std::fs::set_permissions(
+                dir.path().join("store"),
+                std::fs::Permissions::from_mode(mode),
+            )
             .unwrap();
-        assert!(!output.status.success());
-        assert!(
-            String::from_utf8_lossy(&output.stderr).contains("writable by everyone"),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+            std::fs::write(
+                dir.path().join("agent.toml"),
+                "[agent]\ninsecure = true\nlisten = [\"127.0.0.1:0\"]\nhealth_listen = \"127.0.0.1:0\"\ntrusted_keys = [\"a.pub\"]\n",
+            )
+            .unwrap();
+            let output = Command::new(bin_path("reload-agent"))
+                .args(["--config", "agent.toml"])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "mode {mode:o}: {said}");
+            assert!(
+                said.contains(who) && said.contains("chmod 700"),
+                "mode {mode:o}: {said}"
+            );
+        }
     }
 }
 
