@@ -39,6 +39,7 @@ pub mod boot;
 pub mod config;
 pub mod connections;
 pub mod events;
+pub mod fetch;
 pub mod handover;
 mod health_http;
 pub mod lease;

@@ -125,6 +125,231 @@ impl AgentState {
     }
 }
 
+impl AgentState {
+    /// FetchArtifact: the envelope checked as for an upload, then the bytes
+    /// from the repository (resuming what an earlier fetch of the same file
+    /// got), into the store by the same path an upload takes.
+    async fn fetch(
+        &self,
+        request: pb::FetchArtifactRequest,
+    ) -> Result<pb::UploadArtifactResponse, Status> {
+        let pb::FetchArtifactRequest { envelope, url } = request;
+        self.fetcher.check_allowed(&url).map_err(fetch_status)?;
+        let verified = self.verifier.check_envelope(&envelope)?;
+        let manifest = verified.manifest.clone();
+        let span = tracing::info_span!(
+            "fetch",
+            service = %manifest.service,
+            version = %manifest.version,
+            sha256 = %manifest.sha256,
+            %url,
+        );
+        let (check, check_envelope) = (verified.clone(), envelope.clone());
+        if let Some(existing) = self
+            .with_store(move |store| store.restore_existing(&check, &check_envelope))
+            .await?
+        {
+            span.in_scope(|| tracing::info!("artifact already stored; fetch skipped"));
+            return Ok(pb::UploadArtifactResponse {
+                artifact: Some(artifact_info(&existing)),
+                already_present: true,
+                bytes_received: 0,
+            });
+        }
+        self.check_free_space(manifest.size)?;
+        // One fetch of a file at a time: they would share its partial file.
+        let _fetching = FetchingGuard::take(&self.fetching, &manifest.sha256).ok_or_else(|| {
+            Status::aborted(format!(
+                "a fetch of {} is already running on this agent; retry when it ends",
+                manifest.sha256
+            ))
+        })?;
+        let limits = &self.config.limits;
+        let deadline = tokio::time::Instant::now() + limits.upload_max_duration;
+        let (v, e) = (verified.clone(), envelope.clone());
+        let (mut upload, mut held) = self
+            .with_store(move |store| store.resume_fetch(v, e))
+            .await?;
+        let mut fetched = match self
+            .fetcher
+            .get(&url, held, limits.upload_idle_timeout)
+            .await
+        {
+            Ok(fetched) => fetched,
+            Err(err) => {
+                upload.suspend().await;
+                return Err(fetch_status(err));
+            }
+        };
+        if fetched.from != held {
+            // The repository sent the whole file instead of the rest of it.
+            drop(upload);
+            let (v, e) = (verified, envelope);
+            (upload, held) = self
+                .with_store(move |store| store.resume_fetch(v, e))
+                .await?;
+        }
+        let resumed = held;
+        loop {
+            let wait = limits
+                .upload_idle_timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let frame = match tokio::time::timeout(
+                wait,
+                http_body_util::BodyExt::frame(&mut fetched.body),
+            )
+            .await
+            {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(err))) => {
+                    let got = upload.received();
+                    upload.suspend().await;
+                    return Err(Status::data_loss(format!(
+                        "the connection to {} ended after {got} of {} bytes ({err}); they are kept: fetch again to resume",
+                        fetched.url, manifest.size
+                    )));
+                }
+                Err(_) => {
+                    let got = upload.received();
+                    upload.suspend().await;
+                    let why = if tokio::time::Instant::now() >= deadline {
+                        format!(
+                            "the fetch took longer than {} in all ([limits] upload_max_duration)",
+                            humantime::format_duration(limits.upload_max_duration)
+                        )
+                    } else {
+                        format!(
+                            "{} sent nothing for {} ([limits] upload_idle_timeout)",
+                            fetched.url,
+                            humantime::format_duration(limits.upload_idle_timeout)
+                        )
+                    };
+                    return Err(Status::deadline_exceeded(format!(
+                        "{why}; the {got} of {} bytes fetched are kept: fetch again to resume",
+                        manifest.size
+                    )));
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                // More than the manifest's size: not the signed file; its
+                // bytes go (the upload is dropped).
+                upload.write_chunk(data).await?;
+            }
+        }
+        let received = upload.received() - resumed;
+        let stored = upload.finish(&self.store).await?;
+        span.in_scope(|| {
+            tracing::info!(
+                bytes = received,
+                resumed_from = resumed,
+                "artifact fetched, verified and stored"
+            )
+        });
+        self.services.events().emit(
+            pb::EventKind::ArtifactStored,
+            EventFields {
+                service: &stored.manifest.service,
+                version: &stored.manifest.version,
+                sha256: &stored.manifest.sha256,
+                pid: 0,
+                message: format!(
+                    "fetched {} {} ({received} bytes{})",
+                    stored.manifest.service,
+                    stored.manifest.version,
+                    if resumed > 0 {
+                        format!(", resumed after {resumed}")
+                    } else {
+                        String::new()
+                    }
+                ),
+            },
+        );
+        Ok(pb::UploadArtifactResponse {
+            artifact: Some(artifact_info(&stored)),
+            already_present: false,
+            bytes_received: received,
+        })
+    }
+
+    /// What an upload or a fetch counts and audits.
+    fn count_and_audit(
+        &self,
+        identity: &str,
+        call: &str,
+        result: &Result<pb::UploadArtifactResponse, Status>,
+    ) {
+        let manifest = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.artifact.as_ref())
+            .and_then(|a| a.manifest.clone())
+            .unwrap_or_default();
+        let (label, bytes) = match result {
+            Ok(r) if r.already_present => ("already_present", 0),
+            Ok(r) => ("stored", r.bytes_received),
+            Err(_) => ("refused", 0),
+        };
+        let label = crate::metrics::Result_ {
+            result: label.into(),
+        };
+        self.metrics.uploads.get_or_create(&label).inc();
+        self.metrics
+            .upload_bytes
+            .get_or_create(&label)
+            .inc_by(bytes);
+        self.audit(
+            identity,
+            call,
+            &manifest.service,
+            &manifest.version,
+            &manifest.sha256,
+            audit_result(result),
+        );
+    }
+}
+
+/// A fetch's repository error as a status (see the proto's codes).
+fn fetch_status(err: crate::fetch::FetchError) -> Status {
+    use crate::fetch::FetchError;
+    match err {
+        FetchError::NotAllowed(why) => Status::failed_precondition(why),
+        FetchError::Unavailable(why) => Status::unavailable(why),
+        FetchError::TimedOut(why) => Status::deadline_exceeded(format!(
+            "{why}; fetch again to retry (bytes already fetched are kept)"
+        )),
+    }
+}
+
+/// The sha256 of a file being fetched, taken from the set while the fetch
+/// runs.
+pub(super) struct FetchingGuard<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    sha256: String,
+}
+
+impl<'a> FetchingGuard<'a> {
+    fn take(
+        set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+        sha256: &str,
+    ) -> Option<FetchingGuard<'a>> {
+        let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
+        held.insert(sha256.to_string()).then(|| FetchingGuard {
+            set,
+            sha256: sha256.to_string(),
+        })
+    }
+}
+
+impl Drop for FetchingGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.sha256);
+    }
+}
+
 /// The next message, or a DEADLINE_EXCEEDED if the client stalls: a slow
 /// or stuck client must not hold an upload slot and a temp file forever.
 async fn next_message(
@@ -218,33 +443,26 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
                 }
             },
         };
-        let manifest = result
-            .as_ref()
-            .ok()
-            .and_then(|r| r.artifact.as_ref())
-            .and_then(|a| a.manifest.clone())
-            .unwrap_or_default();
-        let (label, bytes) = match &result {
-            Ok(r) if r.already_present => ("already_present", 0),
-            Ok(r) => ("stored", r.bytes_received),
-            Err(_) => ("refused", 0),
+        self.count_and_audit(&identity, "UploadArtifact", &result);
+        result.map(Response::new)
+    }
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<pb::UploadArtifactResponse>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Deploy, "FetchArtifact");
+        let result = match allowed {
+            Err(status) => Err(status),
+            Ok(()) => match self.upload_slots.clone().try_acquire_owned() {
+                Err(_) => Err(Status::resource_exhausted(format!(
+                    "{} uploads or fetches are already running on this agent (max_concurrent_uploads); retry when one finishes",
+                    self.config.limits.max_concurrent_uploads
+                ))),
+                Ok(_slot) => self.fetch(request.into_inner()).await,
+            },
         };
-        let label = crate::metrics::Result_ {
-            result: label.into(),
-        };
-        self.metrics.uploads.get_or_create(&label).inc();
-        self.metrics
-            .upload_bytes
-            .get_or_create(&label)
-            .inc_by(bytes);
-        self.audit(
-            &identity,
-            "UploadArtifact",
-            &manifest.service,
-            &manifest.version,
-            &manifest.sha256,
-            audit_result(&result),
-        );
+        self.count_and_audit(&identity, "FetchArtifact", &result);
         result.map(Response::new)
     }
 

@@ -54,6 +54,8 @@ pub struct ApiRooms {
     pub audit: Arc<AuditLog>,
     pub selfupgrade: Arc<SelfUpgrade>,
     pub metrics: SharedMetrics,
+    /// FetchArtifact's repository client (`[fetch]`).
+    pub fetcher: Arc<crate::fetch::Fetcher>,
 }
 
 /// Everything the handlers share.
@@ -69,6 +71,9 @@ pub struct AgentState {
     audit: Arc<AuditLog>,
     selfupgrade: Arc<SelfUpgrade>,
     metrics: SharedMetrics,
+    fetcher: Arc<crate::fetch::Fetcher>,
+    /// The sha256s being fetched now (see `artifacts::FetchingGuard`).
+    fetching: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per client identity (per IP address in insecure mode): tokens left
     /// and when they were counted.
     rate: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
@@ -84,6 +89,7 @@ impl AgentApi {
             audit,
             selfupgrade,
             metrics,
+            fetcher,
         } = rooms;
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
         AgentApi(Arc::new(AgentState {
@@ -97,6 +103,8 @@ impl AgentApi {
             audit,
             selfupgrade,
             metrics,
+            fetcher,
+            fetching: Default::default(),
             rate: Default::default(),
         }))
     }

@@ -166,6 +166,7 @@ pub(super) async fn prepare(
         longest_drain,
     ));
     let stop_services_on_exit = config.stop_services_on_exit;
+    let fetcher = Arc::new(crate::fetch::Fetcher::new(&config.fetch).context("[fetch]")?);
     let api = AgentApi::new(ApiRooms {
         config,
         verifier,
@@ -174,6 +175,7 @@ pub(super) async fn prepare(
         audit: audit.clone(),
         selfupgrade: selfupgrade.clone(),
         metrics: metrics.clone(),
+        fetcher,
     });
     Ok(Prepared {
         api,

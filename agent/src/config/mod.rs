@@ -35,6 +35,30 @@ struct ConfigFile {
     rights: RightsSection,
     #[serde(default)]
     audit: AuditSection,
+    #[serde(default)]
+    fetch: FetchSection,
+}
+
+/// `[fetch]`: where FetchArtifact may fetch from. Off until configured: a
+/// deploy identity must not be able to make the agent open any URL of its
+/// network.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FetchSection {
+    /// URL prefixes (`https://artifacts.example.com/releases/`); a fetch's
+    /// URL must start with one.
+    allow: Vec<String>,
+    /// PEM CA certificates an https repository's certificate must chain to,
+    /// instead of the host's own trusted roots.
+    ca: Option<PathBuf>,
+}
+
+/// The checked `[fetch]` settings.
+#[derive(Debug, Clone, Default)]
+pub struct FetchConfig {
+    pub allow: Vec<String>,
+    /// PEM bytes of `[fetch] ca`, read at start.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Mutual TLS for the gRPC API: clients must present a certificate that
@@ -248,6 +272,8 @@ pub struct AgentConfig {
     /// See `[agent] stop_services_on_exit`.
     pub stop_services_on_exit: bool,
     pub limits: Limits,
+    /// `[fetch]`: FetchArtifact's allowed repositories.
+    pub fetch: FetchConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +429,7 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         check_socket_paths_fit(&state_dir, &services)?;
+        let fetch = check_fetch(file.fetch, &base)?;
         for name in &agent.anonymous_health {
             if !services.iter().any(|service| &service.name == name) {
                 bail!("[agent] anonymous_health names {name:?}, which is not a [[service]] here: list only configured services");
@@ -446,8 +473,38 @@ impl AgentConfig {
                     keepalive_timeout: limits.keepalive_timeout,
                 },
             },
+            fetch,
         })
     }
+}
+
+/// `[fetch]` checked: each prefix an http(s) URL with a host and a path
+/// (so `https://a.example` cannot be passed by `https://a.example.evil`),
+/// the CA file read now.
+fn check_fetch(fetch: FetchSection, base: &Path) -> anyhow::Result<FetchConfig> {
+    for prefix in &fetch.allow {
+        let rest = prefix
+            .strip_prefix("https://")
+            .or_else(|| prefix.strip_prefix("http://"));
+        let ok = rest.is_some_and(|rest| rest.find('/').is_some_and(|slash| slash > 0));
+        if !ok {
+            bail!("[fetch] allow: {prefix:?} is not an http:// or https:// URL prefix ending its host with a slash (e.g. \"https://artifacts.example.com/\")");
+        }
+    }
+    let ca = match fetch.ca {
+        Some(path) => {
+            let path = base.join(path);
+            Some(
+                std::fs::read(&path)
+                    .with_context(|| format!("[fetch] ca: cannot read {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(FetchConfig {
+        allow: fetch.allow,
+        ca,
+    })
 }
 
 /// The longest Unix socket path (sun_path holds 108 bytes with the NUL).

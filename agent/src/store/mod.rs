@@ -17,7 +17,7 @@
 //! prune never races a commit of the same service.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -438,7 +438,8 @@ impl ArtifactStore {
         let temp = TempPath(self.new_temp_path(&verified.manifest.sha256));
         let file = create_exclusive(&temp.0)?;
         let (sender, receiver) = mpsc::channel(WRITER_QUEUE_CHUNKS);
-        let writer = tokio::task::spawn_blocking(move || write_and_hash(file, receiver));
+        let writer =
+            tokio::task::spawn_blocking(move || write_and_hash(file, receiver, Sha256::new(), 0));
         Ok(Upload {
             verified,
             envelope,
@@ -447,6 +448,61 @@ impl ArtifactStore {
             writer: Some(writer),
             received: 0,
         })
+    }
+
+    /// Starts or resumes a fetch of a verified manifest's file. A fetch's
+    /// bytes so far live in `tmp/fetch-<sha256>.part`, which is kept when a
+    /// fetch is cut short ([`Upload::suspend`]) and removed when its bytes
+    /// are refused; here they are hashed again (a file in the store folder
+    /// proves nothing by itself) and the returned upload continues after
+    /// them. Returns the upload and how many bytes it already holds.
+    /// Blocking: it reads the partial file.
+    pub fn resume_fetch(
+        &self,
+        verified: VerifiedManifest,
+        envelope: Vec<u8>,
+    ) -> Result<(Upload, u64), StoreError> {
+        let path = self
+            .tmp
+            .join(format!("fetch-{}.part", verified.manifest.sha256));
+        let doing = || format!("resuming {}", path.display());
+        let mut hasher = Sha256::new();
+        let mut held = 0u64;
+        let file = match OpenOptions::new().read(true).append(true).open(&path) {
+            Ok(mut file) => {
+                // Its writer left it read-only when it stopped.
+                file.set_permissions(fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(doing()))?;
+                held = io::copy(
+                    &mut (&mut file).take(verified.manifest.size + 1),
+                    &mut HashWriter(&mut hasher),
+                )
+                .map_err(io_err(doing()))?;
+                if held > verified.manifest.size {
+                    // Not a prefix of this file: start again.
+                    file.set_len(0).map_err(io_err(doing()))?;
+                    hasher = Sha256::new();
+                    held = 0;
+                }
+                file
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => create_exclusive(&path)?,
+            Err(err) => return Err(io_err(doing())(err)),
+        };
+        let (sender, receiver) = mpsc::channel(WRITER_QUEUE_CHUNKS);
+        let writer =
+            tokio::task::spawn_blocking(move || write_and_hash(file, receiver, hasher, held));
+        Ok((
+            Upload {
+                verified,
+                envelope,
+                temp: TempPath(path),
+                sender: Some(sender),
+                writer: Some(writer),
+                received: held,
+            },
+            held,
+        ))
     }
 
     /// Makes a fully received, checked upload visible under its final name.
@@ -538,9 +594,14 @@ fn create_exclusive(path: &Path) -> Result<File, StoreError> {
 
 /// Runs on a blocking thread: hashes and writes each chunk as it arrives,
 /// so the whole file is never in memory and hashing overlaps receiving.
-fn write_and_hash(mut file: File, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+/// `hasher` and `size` already hold the bytes the file starts with (a
+/// resumed fetch).
+fn write_and_hash(
+    mut file: File,
+    mut chunks: mpsc::Receiver<Bytes>,
+    mut hasher: Sha256,
+    mut size: u64,
+) -> io::Result<(String, u64)> {
     while let Some(chunk) = chunks.blocking_recv() {
         hasher.update(&chunk);
         file.write_all(&chunk)?;
@@ -549,6 +610,19 @@ fn write_and_hash(mut file: File, mut chunks: mpsc::Receiver<Bytes>) -> io::Resu
     file.set_permissions(fs::Permissions::from_mode(0o500))?;
     file.sync_all()?;
     Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// Feeds what is written to it to a hasher (for `io::copy`).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A path in `tmp/` removed on drop unless kept: every early return, error
@@ -589,6 +663,13 @@ impl Upload {
 
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// Stops a fetch cut short and keeps its bytes (flushed and synced)
+    /// for [`ArtifactStore::resume_fetch`].
+    pub async fn suspend(mut self) {
+        let _ = self.join_writer().await;
+        self.temp.keep_ref();
     }
 
     /// Queues the next chunk; refuses it if it would pass the manifest's size.

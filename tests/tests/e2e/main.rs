@@ -13,6 +13,7 @@
 //!
 //! Layout:
 //! - [`upload`]: uploads, verification and the artifact store on disk.
+//! - [`fetch`]: agents fetching releases from an HTTP artifact repository (nginx).
 //! - [`reload`]: socket-preserving reloads of a service under load.
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
 //! - [`rollout_faults`]: racing rollouts under partitions and kills (randomized, seeded).
@@ -31,6 +32,7 @@ mod agent_upgrade;
 mod cli;
 mod fd_store;
 mod fencing;
+mod fetch;
 mod operability;
 mod outlive;
 mod probation;
