@@ -429,7 +429,7 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         check_socket_paths_fit(&state_dir, &services)?;
-        let fetch = check_fetch(file.fetch, &base)?;
+        let fetch = check_fetch(file.fetch, base)?;
         for name in &agent.anonymous_health {
             if !services.iter().any(|service| &service.name == name) {
                 bail!("[agent] anonymous_health names {name:?}, which is not a [[service]] here: list only configured services");
