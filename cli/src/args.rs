@@ -13,9 +13,6 @@ use crate::rollout;
 /// `push` settings; unset ones come from the project file.
 #[derive(clap::Args)]
 pub struct RolloutFlags {
-    /// Project file with the service, releases and trusted keys.
-    #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
-    pub config: PathBuf,
     #[command(flatten)]
     pub overrides: rollout::RolloutOverrides,
     /// Take the leases even from another rollout (written to the agents' logs).
@@ -31,6 +28,12 @@ pub struct RolloutFlags {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Project file: the service, its releases, trusted keys, rollout
+    /// defaults and the [tls] every command uses to reach the agents (paths
+    /// in it are relative to its folder). Default: reloadctl.toml in the
+    /// current folder, if there is one.
+    #[arg(long, global = true, env = "RELOADCTL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// CA that signed the agents' certificates (mutual TLS).
     #[arg(long, global = true, env = "RELOADCTL_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
@@ -216,8 +219,6 @@ pub enum Command {
     Resume {
         /// Rollout id (default: the newest unfinished one).
         id: Option<String>,
-        #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
-        config: PathBuf,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
         /// Take the leases even from another rollout.
@@ -232,8 +233,6 @@ pub enum Command {
     Rollouts {
         #[command(subcommand)]
         show: Option<RolloutsCommand>,
-        #[arg(long, global = true, default_value = rollout::project::DEFAULT_FILE)]
-        config: PathBuf,
         /// `text` for people, `json` (one object a line) for scripts.
         #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
         output: String,
@@ -299,4 +298,28 @@ pub enum RolloutsCommand {
         /// Rollout id, as `reloadctl rollouts` lists it.
         id: String,
     },
+}
+
+impl Command {
+    /// Commands that connect to agents: they read the connection settings
+    /// (flags, environment, the project file's [tls]) before they run.
+    pub fn talks_to_agents(&self) -> bool {
+        match self {
+            Command::Keygen { .. }
+            | Command::Sign { .. }
+            | Command::Verify { .. }
+            | Command::Rollouts { .. }
+            | Command::Init { .. }
+            | Command::Completions { .. }
+            | Command::Certs { .. } => false,
+            Command::Upload { .. }
+            | Command::Activate { .. }
+            | Command::Rollback { .. }
+            | Command::Stop { .. }
+            | Command::Status { .. }
+            | Command::Push { .. }
+            | Command::Resume { .. }
+            | Command::Artifacts { .. } => true,
+        }
+    }
 }

@@ -180,7 +180,8 @@ fn hosts_of(
 ) -> anyhow::Result<Vec<String>> {
     match (host, hosts_file) {
         (Some(host), None) => Ok(vec![host]),
-        (None, Some(file)) => crate::rollout::hosts::read_hosts(&file),
+        (None, Some(file)) => crate::rollout::hosts::read_hosts(&file)
+            .map_err(|e| anyhow::Error::new(crate::rollout::UsageError(e))),
         (Some(_), Some(_)) => bail!("give either --host or a hosts file, not both"),
         (None, None) => bail!("give --host HOST or a hosts file"),
     }

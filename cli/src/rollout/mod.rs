@@ -98,7 +98,6 @@ impl std::error::Error for UsageError {}
 pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(e));
     let project = project::Project::load(&args.config).map_err(usage)?;
-    project.configure_transport()?;
     let hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
     let settings = project.rollout.with(&args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
@@ -209,7 +208,6 @@ pub async fn resume(
     force_takeover: bool,
 ) -> anyhow::Result<u8> {
     let project = project::Project::load(config).map_err(|e| anyhow::Error::new(UsageError(e)))?;
-    project.configure_transport()?;
     let path = find_journal(&project.base, id)?;
     let (journal, lines) = Journal::reopen(&path, json)?;
     let Some(first) = lines.first() else {
@@ -378,7 +376,8 @@ fn resolve_release(
     let keys = keys
         .iter()
         .map(|p| PublicKey::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .context("a trusted_keys entry of the project file (paths are relative to its folder)")?;
     let envelope_path = envelope_path_for(&artifact);
     let envelope = std::fs::read(&envelope_path).with_context(|| {
         format!(

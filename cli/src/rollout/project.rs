@@ -13,26 +13,71 @@ pub const DEFAULT_FILE: &str = "reloadctl.toml";
 /// The service name agent releases are signed for.
 pub const AGENT_SERVICE: &str = "reload-agent";
 
-#[derive(Debug, Deserialize)]
+/// `reloadctl.toml` as written: every key optional, so that a file with
+/// only `[tls]` serves the commands that just talk to agents (`status`,
+/// `rollback`, `logs`...). [`ProjectFile::load`] is the one reader of the
+/// file; [`Project`] is what `push` and `resume` need of it.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Project {
-    pub service: String,
-    /// Path of a release, `{version}` replaced by the version as typed, or
-    /// else as normalized (`1.4` then `1.4.0`). Relative to this file.
-    pub artifact: String,
-    /// Where agent releases are, for `push --agent`, in the same form (e.g.
-    /// "releases/reload-agent-{version}").
+pub struct ProjectFile {
+    pub service: Option<String>,
+    pub artifact: Option<String>,
     #[serde(default)]
     pub agent_artifact: Option<String>,
-    /// Public keys a release must be signed by, checked before any agent
-    /// is contacted. Relative to this file.
     #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     #[serde(default)]
     pub rollout: RolloutSettings,
-    /// Mutual TLS to the agents; paths relative to this file.
     pub tls: Option<TlsSection>,
+    /// The file's folder: relative paths in the file are relative to it,
+    /// whatever folder reloadctl runs in.
     #[serde(skip)]
+    pub base: PathBuf,
+}
+
+impl ProjectFile {
+    /// Reads and parses the file; relative paths are resolved against its
+    /// folder by the accessors.
+    pub fn load(path: &Path) -> anyhow::Result<ProjectFile> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the project file {}; write one (`reloadctl init`, or see README, \"Rollouts\") or pass --config", path.display())
+        })?;
+        let mut file: ProjectFile = toml::from_str(&text)
+            .with_context(|| format!("project file {} is not valid", path.display()))?;
+        file.base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(file)
+    }
+
+    /// `[tls]` with its paths resolved against the file's folder.
+    pub fn tls_settings(&self) -> Option<crate::client::TlsSettings> {
+        self.tls.as_ref().map(|tls| crate::client::TlsSettings {
+            ca: Some(self.base.join(&tls.ca)),
+            cert: Some(self.base.join(&tls.cert)),
+            key: Some(self.base.join(&tls.key)),
+            server_name: tls.server_name.clone(),
+        })
+    }
+}
+
+/// The project as `push`, `resume` and `rollouts` need it: a service and
+/// where its releases are.
+#[derive(Debug)]
+pub struct Project {
+    pub service: String,
+    /// Path of a release, `{version}` replaced by the version (see
+    /// [`Project::artifact_path`]). Relative to this file.
+    pub artifact: String,
+    /// Where agent releases are, for `push --agent`, in the same form (e.g.
+    /// "releases/reload-agent-{version}").
+    pub agent_artifact: Option<String>,
+    /// Public keys a release must be signed by, checked before any agent
+    /// is contacted. Relative to this file.
+    pub trusted_keys: Vec<PathBuf>,
+    pub rollout: RolloutSettings,
     pub base: PathBuf,
 }
 
@@ -47,16 +92,23 @@ pub struct TlsSection {
 
 impl Project {
     pub fn load(path: &Path) -> anyhow::Result<Project> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read the project file {}; write one (see README, \"Rollouts\") or pass --config", path.display())
-        })?;
-        let mut project: Project = toml::from_str(&text)
-            .with_context(|| format!("project file {} is not valid", path.display()))?;
-        project.base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let file = ProjectFile::load(path)?;
+        let missing = |key: &str, example: &str| {
+            anyhow::anyhow!(
+                "{}: {key} is missing; rollouts need it, e.g. {key} = {example}",
+                path.display()
+            )
+        };
+        let project = Project {
+            service: file.service.ok_or_else(|| missing("service", "\"web\""))?,
+            artifact: file
+                .artifact
+                .ok_or_else(|| missing("artifact", "\"releases/web-{version}\""))?,
+            agent_artifact: file.agent_artifact,
+            trusted_keys: file.trusted_keys,
+            rollout: file.rollout,
+            base: file.base,
+        };
         reload_artifact::manifest::validate_service_name(&project.service)
             .with_context(|| format!("{}: service", path.display()))?;
         if project.service == AGENT_SERVICE {
@@ -109,22 +161,6 @@ impl Project {
                 candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             )
         })
-    }
-
-    /// Applies the file's [tls] unless flags set the transport already.
-    pub fn configure_transport(&self) -> anyhow::Result<()> {
-        if let Some(tls) = &self.tls {
-            crate::client::configure_transport(
-                &crate::client::TlsSettings {
-                    ca: Some(self.base.join(&tls.ca)),
-                    cert: Some(self.base.join(&tls.cert)),
-                    key: Some(self.base.join(&tls.key)),
-                    server_name: tls.server_name.clone(),
-                },
-                false,
-            )?;
-        }
-        Ok(())
     }
 
     pub fn trusted_key_paths(&self) -> Vec<PathBuf> {

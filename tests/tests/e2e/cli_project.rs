@@ -1,0 +1,202 @@
+//! End-to-end: what an operator types against a fleet, from the project
+//! folder or any other: `reloadctl.toml` read by every command that talks
+//! to agents, hosts-file mistakes named by line.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use reload_artifact::SigningKey;
+use reload_tests::*;
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// An agent on `ip` with mutual TLS (`deployer` deploys, `monitor` reads)
+/// and one service `web`, in `d`, with `web-1.0` and `web-1.1` signed
+/// there; `certs/` holds the CA and the client certificates.
+fn tls_agent_at(d: &Path, ip: &str) -> Agent {
+    reloadctl_ok(
+        d,
+        &[
+            "certs",
+            "--out",
+            "certs",
+            "--agent-name",
+            ip,
+            "--client",
+            "deployer",
+            "--client",
+            "monitor",
+        ],
+    );
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    let service_addr =
+        std::net::SocketAddr::new(ip.parse().unwrap(), free_port_on(ip.parse().unwrap()));
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "[agent]\nlisten = [\"{ip}:0\"]\nhealth_listen = \"{ip}:0\"\ntrusted_keys = [\"release.pub\"]\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n\
+             [rights]\ndeploy = [\"deployer\"]\nread = [\"monitor\"]\n{}",
+            web_service_toml(service_addr)
+        ),
+    )
+    .unwrap();
+    for version in ["1.0", "1.1"] {
+        let file = format!("web-{version}");
+        std::fs::write(d.join(&file), Agent::demo_server_bytes(version)).unwrap();
+        reloadctl_ok(
+            d,
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "web",
+                "--version",
+                version,
+                &file,
+            ],
+        );
+    }
+    let key = Arc::new(SigningKey::load(&d.join("release.key")).unwrap());
+    Agent::start_with_config(d, key)
+}
+
+#[test]
+fn every_command_reads_tls_from_the_project_file_relative_to_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = tls_agent_at(d, "127.0.17.1");
+    let host = agent.host();
+    // A project file with nothing but [tls], its paths relative to its own
+    // folder, not to where reloadctl runs.
+    let proj = d.join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(
+        proj.join("reloadctl.toml"),
+        "[tls]\nca = \"../certs/ca.pem\"\ncert = \"../certs/deployer.pem\"\nkey = \"../certs/deployer.key\"\n",
+    )
+    .unwrap();
+    std::fs::write(proj.join("hosts.txt"), format!("{host}\n")).unwrap();
+    for version in ["1.0", "1.1"] {
+        let artifact = format!("../web-{version}");
+        reloadctl_ok(
+            &proj,
+            &[
+                "activate",
+                "--host",
+                &host,
+                "--service",
+                "web",
+                "--version",
+                version,
+                "--artifact",
+                &artifact,
+            ],
+        );
+    }
+    let status = reloadctl_ok(&proj, &["status", "hosts.txt"]);
+    assert!(status.contains("1.1.0"), "{status}");
+    // From another folder, the file named by --config (paths still
+    // relative to the file).
+    let out = reloadctl_ok(
+        d,
+        &[
+            "--config",
+            "proj/reloadctl.toml",
+            "rollback",
+            "proj/hosts.txt",
+            "--service",
+            "web",
+        ],
+    );
+    assert!(out.contains("1.1.0 -> 1.0.0"), "{out}");
+    let status = reloadctl_ok(
+        d,
+        &[
+            "status",
+            "proj/hosts.txt",
+            "--output",
+            "json",
+            "--config",
+            "proj/reloadctl.toml",
+        ],
+    );
+    assert!(status.contains("\"version\":\"1.0.0\""), "{status}");
+
+    // No [tls] anywhere: the mismatch is named, and it is no refusal.
+    let out = reloadctl(d, &["status", "--host", &host]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{host} speaks TLS, this client sent plaintext: set [tls] in reloadctl.toml or --tls-"
+        )),
+        "{said}"
+    );
+    assert!(!said.contains("refused"), "{said}");
+    let out = reloadctl(d, &["rollback", "--host", &host, "--service", "web"]);
+    assert!(
+        text(&out).contains("speaks TLS") && !text(&out).contains("refused"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_hosts_file_typo_and_a_missing_trusted_key_are_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("hosts.txt"), "# fleet\n\n127.0.17.9.7700\n").unwrap();
+    for command in [
+        &["status", "hosts.txt"][..],
+        &["rollback", "hosts.txt", "--service", "web"],
+    ] {
+        let out = reloadctl(d, command);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(
+            text(&out).contains(
+                "line 3 of hosts.txt: `127.0.17.9.7700` is not host[:port]: not an IPv4 address (did you mean 127.0.17.9:7700?)"
+            ),
+            "{}",
+            text(&out)
+        );
+    }
+
+    reloadctl_ok(d, &["keygen", "--out", "release"]);
+    std::fs::write(d.join("web-1.0"), b"#!/bin/sh\n").unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "1.0",
+            "web-1.0",
+        ],
+    );
+    std::fs::write(
+        d.join("reloadctl.toml"),
+        "service = \"web\"\nartifact = \"web-{version}\"\ntrusted_keys = [\"missing.pub\"]\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("hosts.txt"), "127.0.17.9\n").unwrap();
+    let out = reloadctl(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert_eq!(said.matches("missing.pub").count(), 1, "{said}");
+    assert_eq!(
+        said.matches("No such file or directory").count(),
+        1,
+        "{said}"
+    );
+}
