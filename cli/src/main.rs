@@ -86,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Push {
             version,
             hosts_file,
+            limit,
             rollout: flags,
             dry_run,
             agent,
@@ -96,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             config: project_file,
             version,
             hosts_file,
+            limit,
             overrides: flags.overrides,
             json: flags.output == "json",
             dry_run,
@@ -195,30 +197,24 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             artifact.as_deref(),
             allow_downgrade,
         )),
-        Command::Rollback {
-            host,
-            service,
-            hosts_file,
-        } => runtime()?.block_on(reload::rollback_fleet(host, hosts_file, &service)),
-        Command::Stop {
-            host,
-            service,
-            hosts_file,
-        } => runtime()?.block_on(reload::stop_fleet(host, hosts_file, &service)),
+        Command::Rollback { hosts, service } => {
+            runtime()?.block_on(reload::rollback_fleet(hosts, &service))
+        }
+        Command::Stop { hosts, service } => {
+            runtime()?.block_on(reload::stop_fleet(hosts, &service))
+        }
         Command::Status {
-            host,
-            hosts_file,
+            hosts,
             agents: true,
             output,
             ..
-        } => runtime()?.block_on(reload::status_agents(host, hosts_file, &output)),
+        } => runtime()?.block_on(reload::status_agents(hosts, &output)),
         Command::Status {
-            host,
-            hosts_file,
+            hosts,
             service,
             output,
             agents: false,
-        } => runtime()?.block_on(reload::status_fleet(host, hosts_file, &service, &output)),
+        } => runtime()?.block_on(reload::status_fleet(hosts, &service, &output)),
     }
 }
 

@@ -72,6 +72,8 @@ pub struct PushArgs {
     pub config: PathBuf,
     pub version: String,
     pub hosts_file: PathBuf,
+    /// `--limit`: only these hosts of the file.
+    pub limit: Option<String>,
     pub overrides: RolloutOverrides,
     pub json: bool,
     pub dry_run: bool,
@@ -98,7 +100,11 @@ impl std::error::Error for UsageError {}
 pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(e));
     let project = project::Project::load(&args.config).map_err(usage)?;
-    let hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
+    let mut hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
+    if let Some(limit) = &args.limit {
+        hosts =
+            hosts::limit(hosts, limit, &args.hosts_file.display().to_string()).map_err(usage)?;
+    }
     let settings = project.rollout.with(&args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
     let budget = plan::failure_budget(&settings.max_failures, hosts.len()).map_err(usage)?;

@@ -200,3 +200,141 @@ fn a_hosts_file_typo_and_a_missing_trusted_key_are_named_once() {
         "{said}"
     );
 }
+
+/// Plaintext agents on 127.0.17.`first`, `first+1`, ... each with service
+/// `web`, and a project in `project` (`reloadctl.toml`, `hosts.txt`,
+/// `releases/web-1.0` and `web-1.1` signed).
+struct Fleet {
+    agents: Vec<Agent>,
+    project: tempfile::TempDir,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn fleet(first: u8, count: u8) -> Fleet {
+    let key = Arc::new(SigningKey::generate());
+    let project = tempfile::tempdir().unwrap();
+    let p = project.path();
+    std::fs::write(p.join("release.key"), key.to_pem()).unwrap();
+    std::fs::write(p.join("release.pub"), key.public().to_pem()).unwrap();
+    std::fs::write(
+        p.join("reloadctl.toml"),
+        "service = \"web\"\nartifact = \"releases/web-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
+         [rollout]\ncanary = 0\nwaves = \"100%\"\nhealthy_checks = 1\nmin_healthy_time = \"0s\"\nhealthy_deadline = \"10s\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(p.join("releases")).unwrap();
+    for version in ["1.0", "1.1"] {
+        let file = format!("releases/web-{version}");
+        std::fs::write(p.join(&file), Agent::demo_server_bytes(version)).unwrap();
+        reloadctl_ok(
+            p,
+            &[
+                "sign",
+                "--key",
+                "release.key",
+                "--service",
+                "web",
+                "--version",
+                version,
+                &file,
+            ],
+        );
+    }
+    let (mut agents, mut dirs, mut hosts) = (Vec::new(), Vec::new(), String::new());
+    for i in 0..count {
+        let ip: std::net::IpAddr = format!("127.0.17.{}", first + i).parse().unwrap();
+        let service_addr = std::net::SocketAddr::new(ip, free_port_on(ip));
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start_at(ip, dir.path(), key.clone(), &web_service_toml(service_addr));
+        hosts.push_str(&format!("{}\n", agent.host()));
+        agents.push(agent);
+        dirs.push(dir);
+    }
+    std::fs::write(p.join("hosts.txt"), hosts).unwrap();
+    Fleet {
+        agents,
+        project,
+        _dirs: dirs,
+    }
+}
+
+impl Fleet {
+    fn dir(&self) -> &Path {
+        self.project.path()
+    }
+
+    async fn versions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for agent in &self.agents {
+            out.push(agent.status("web").await.current_version);
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_narrows_push_status_and_rollback_to_the_hosts_it_names() {
+    let f = fleet(11, 3);
+    let d = f.dir();
+    let hosts: Vec<String> = f.agents.iter().map(Agent::host).collect();
+    let push = |version: &str, limit: &str| {
+        reloadctl_ok(
+            d,
+            &["push", "--version", version, "--limit", limit, "hosts.txt"],
+        )
+    };
+    // A list (host without port: any port of it), then a glob.
+    push("1.0", "127.0.17.11,127.0.17.12");
+    assert_eq!(f.versions().await, ["1.0.0", "1.0.0", ""]);
+    push("1.1", "*.11:*");
+    push("1.1", "*.12");
+    assert_eq!(f.versions().await, ["1.1.0", "1.1.0", ""]);
+
+    let status = reloadctl_ok(
+        d,
+        &[
+            "status",
+            "hosts.txt",
+            "--limit",
+            &hosts[2],
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(status.lines().count(), 1, "{status}");
+    assert!(status.contains(&hosts[2]), "{status}");
+
+    let out = reloadctl_ok(
+        d,
+        &[
+            "rollback",
+            "hosts.txt",
+            "--limit",
+            "127.0.17.12",
+            "--service",
+            "web",
+        ],
+    );
+    assert!(out.contains("1.1.0 -> 1.0.0"), "{out}");
+    assert_eq!(f.versions().await, ["1.1.0", "1.0.0", ""]);
+
+    // An entry that matches nothing stops the command before any host.
+    let out = reloadctl(
+        d,
+        &[
+            "push",
+            "--version",
+            "1.0",
+            "--limit",
+            "127.0.17.19",
+            "hosts.txt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("--limit \"127.0.17.19\" matches no host of hosts.txt"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(f.versions().await, ["1.1.0", "1.0.0", ""]);
+}
