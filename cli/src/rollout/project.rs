@@ -133,9 +133,13 @@ impl Project {
         Ok(project)
     }
 
-    /// The release file of `version` (typed form first, then normalized).
-    /// The release file of `service` (the project's, or the agent's) at a
-    /// version, as typed or else normalized.
+    /// The release file of `service` (the project's, or the agent's) whose
+    /// envelope is signed for `normalized` (the version typed, as semver).
+    /// People name files as they typed the version when signing (`web-1.5`,
+    /// `web-v1.5`, `web-1.5.0`), and type it differently at push; so every
+    /// spelling of the version is tried, and the first file whose envelope
+    /// says this service at this version wins. A file there signed as
+    /// another version is passed over and named in the error.
     pub fn artifact_path(
         &self,
         service: &str,
@@ -151,16 +155,38 @@ impl Project {
         } else {
             &self.artifact
         };
-        let candidates: Vec<PathBuf> = [typed, normalized]
-            .iter()
-            .map(|v| self.base.join(template.replace("{version}", v)))
-            .collect();
-        candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
-            anyhow::anyhow!(
-                "no release {normalized} of {service}: none of {} exists; sign it there with `reloadctl sign`",
-                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            )
-        })
+        let mut tried: Vec<PathBuf> = Vec::new();
+        let mut signed_otherwise: Vec<String> = Vec::new();
+        for spelling in version_spellings(typed, normalized) {
+            let path = self.base.join(template.replace("{version}", &spelling));
+            if tried.contains(&path) {
+                continue;
+            }
+            tried.push(path.clone());
+            if !path.exists() {
+                continue;
+            }
+            match signed_as(&path) {
+                Some((s, v)) if s == service && v == normalized => return Ok(path),
+                Some((s, v)) => {
+                    signed_otherwise.push(format!("{} is signed as {s} {v}", path.display()))
+                }
+                None => signed_otherwise.push(format!(
+                    "{} has no readable envelope ({})",
+                    path.display(),
+                    reload_artifact::envelope_path_for(&path).display()
+                )),
+            }
+        }
+        let otherwise = if signed_otherwise.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", signed_otherwise.join("; "))
+        };
+        bail!(
+            "no release {normalized} of {service}: tried {}{otherwise}; sign it there with `reloadctl sign --service {service} --version {normalized} FILE`",
+            tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        )
     }
 
     pub fn trusted_key_paths(&self) -> Vec<PathBuf> {
@@ -168,5 +194,64 @@ impl Project {
             .iter()
             .map(|p| self.base.join(p))
             .collect()
+    }
+}
+
+/// Every way a version may be written in a file name, most literal first:
+/// as typed, without a leading `v`, the semver form, its short forms
+/// (`1.5` for `1.5.0`, `1` for `1.0.0`), and each with a `v`. Each once.
+pub fn version_spellings(typed: &str, normalized: &str) -> Vec<String> {
+    let typed = typed.trim();
+    let bare = typed.strip_prefix('v').unwrap_or(typed);
+    let mut forms = vec![typed.to_string(), bare.to_string(), normalized.to_string()];
+    if let Some(short) = normalized.strip_suffix(".0") {
+        if !short.contains(['-', '+']) {
+            forms.push(short.to_string());
+            if let Some(shorter) = short.strip_suffix(".0") {
+                forms.push(shorter.to_string());
+            }
+        }
+    }
+    let with_v: Vec<String> = forms.iter().map(|f| format!("v{f}")).collect();
+    forms.extend(with_v);
+    let mut unique = Vec::new();
+    for form in forms {
+        if !form.starts_with("vv") && !unique.contains(&form) {
+            unique.push(form);
+        }
+    }
+    unique
+}
+
+/// The service and version a file's envelope names (not verified: the
+/// release is verified once chosen).
+fn signed_as(path: &Path) -> Option<(String, String)> {
+    let bytes = std::fs::read(reload_artifact::envelope_path_for(path)).ok()?;
+    let manifest = serde_json::from_slice::<reload_artifact::Envelope>(&bytes)
+        .ok()?
+        .unverified_manifest()
+        .ok()?;
+    Some((manifest.service, manifest.version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_once_most_literal_first() {
+        assert_eq!(
+            version_spellings("v1.5", "1.5.0"),
+            ["v1.5", "1.5", "1.5.0", "v1.5.0"]
+        );
+        assert_eq!(
+            version_spellings("1.5.0", "1.5.0"),
+            ["1.5.0", "1.5", "v1.5.0", "v1.5"]
+        );
+        assert_eq!(version_spellings("2", "2.0.0")[..3], ["2", "2.0.0", "2.0"]);
+        assert_eq!(
+            version_spellings("1.5.0-rc.1", "1.5.0-rc.1"),
+            ["1.5.0-rc.1", "v1.5.0-rc.1"]
+        );
     }
 }

@@ -338,3 +338,42 @@ async fn limit_narrows_push_status_and_rollback_to_the_hosts_it_names() {
     );
     assert_eq!(f.versions().await, ["1.1.0", "1.0.0", ""]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_found_by_its_signed_version_however_it_is_typed() {
+    let f = fleet(21, 1);
+    let d = f.dir();
+    // Files named as the version was typed at signing: web-1.0, web-1.1.
+    reloadctl_ok(d, &["push", "--version", "1.0.0", "hosts.txt"]);
+    assert_eq!(f.versions().await, ["1.0.0"]);
+    reloadctl_ok(d, &["push", "--version", "v1.1", "hosts.txt"]);
+    assert_eq!(f.versions().await, ["1.1.0"]);
+
+    // A file under one spelling signed as another version is passed over,
+    // and every path tried is named once.
+    std::fs::copy(d.join("releases/web-1.0"), d.join("releases/web-v1.2")).unwrap();
+    std::fs::copy(
+        d.join("releases/web-1.0.dsse.json"),
+        d.join("releases/web-v1.2.dsse.json"),
+    )
+    .unwrap();
+    let out = reloadctl(d, &["push", "--version", "1.2.0", "hosts.txt"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let tried: Vec<&str> = said
+        .split_once("tried ")
+        .and_then(|(_, rest)| rest.split_once(" ("))
+        .map(|(list, _)| list.split(", ").collect())
+        .unwrap_or_default();
+    let names: Vec<&str> = tried
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["web-1.2.0", "web-1.2", "web-v1.2.0", "web-v1.2"],
+        "{said}"
+    );
+    assert!(said.contains("web-v1.2 is signed as web 1.0.0"), "{said}");
+    assert_eq!(f.versions().await, ["1.1.0"]);
+}
