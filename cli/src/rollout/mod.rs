@@ -29,11 +29,13 @@
 //!   [`gate::HealthGate`];
 //! - [`grpc_fleet`] and [`agent_upgrade`]: the fleet over tonic;
 //! - [`output`]: what people see;
+//! - [`dry_run`]: `push --dry-run`, every host asked with the read right;
 //! - [`history`]: `reloadctl rollouts`, the journals read back (without
 //!   their locks) as a list and one rollout's story.
 
 mod agent_upgrade;
 mod causes;
+pub mod dry_run;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
@@ -127,8 +129,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         allow_downgrade: args.allow_downgrade,
     };
     if args.dry_run {
-        output::print_plan(&plan);
-        return Ok(0);
+        return dry_run::run(&plan, args.json, args.force_takeover).await;
     }
     let rollout = random_id();
     let mut journal = Journal::create(&project.base, &rollout, args.json)?;

@@ -275,5 +275,4 @@ pub fn print_plan(plan: &RolloutPlan) {
     if plan.allow_downgrade {
         println!("  --allow-downgrade: hosts may go below their downgrade floor");
     }
-    println!("dry run: nothing was changed");
 }

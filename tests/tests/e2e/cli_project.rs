@@ -377,3 +377,143 @@ async fn a_release_is_found_by_its_signed_version_however_it_is_typed() {
     assert!(said.contains("web-v1.2 is signed as web 1.0.0"), "{said}");
     assert_eq!(f.versions().await, ["1.1.0"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_asks_every_host_and_fails_when_the_push_could_not_start() {
+    use reload_proto::v1 as pb;
+    let f = fleet(31, 2);
+    let d = f.dir();
+    let hosts: Vec<String> = f.agents.iter().map(Agent::host).collect();
+    reloadctl_ok(
+        d,
+        &[
+            "push",
+            "--version",
+            "1.1",
+            "--limit",
+            &hosts[0],
+            "hosts.txt",
+        ],
+    );
+    // Another rollout holds the second host's lease.
+    let mut leases = pb::lease_service_client::LeaseServiceClient::new(f.agents[1].channel().await);
+    leases
+        .acquire_lease(pb::AcquireLeaseRequest {
+            r#ref: Some(pb::LeaseRef {
+                rollout_id: "other".into(),
+                generation: 1,
+                token: 0,
+            }),
+            holder: "alice@ci".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+            force_takeover: false,
+        })
+        .await
+        .unwrap();
+    // And a third host where nothing listens.
+    let down = format!(
+        "127.0.17.39:{}",
+        free_port_on("127.0.17.39".parse().unwrap())
+    );
+    std::fs::write(
+        d.join("hosts.txt"),
+        format!("{}\n{}\n{down}\n", hosts[0], hosts[1]),
+    )
+    .unwrap();
+
+    let out = reloadctl(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let line_of = |host: &str| {
+        said.lines()
+            .find(|l| l.trim_start().starts_with(host))
+            .unwrap_or_else(|| panic!("no line for {host}: {said}"))
+            .to_string()
+    };
+    let first = line_of(&hosts[0]);
+    assert!(
+        first.contains("runs 1.1.0")
+            && first.contains("is below 1.1.0")
+            && first.contains("--allow-downgrade"),
+        "{first}"
+    );
+    let second = line_of(&hosts[1]);
+    assert!(second.contains("lease is held by \"alice@ci\""), "{second}");
+    assert!(second.contains("release not staged"), "{second}");
+    assert!(line_of(&down).contains("unreachable"), "{said}");
+    assert!(
+        said.contains("the push would not get past 3 host(s)"),
+        "{said}"
+    );
+
+    // The same as JSON lines, and nothing else on stdout.
+    let out = reloadctl(
+        d,
+        &[
+            "push",
+            "--version",
+            "1.0",
+            "--dry-run",
+            "--output",
+            "json",
+            "hosts.txt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[0]["current_version"], "1.1.0");
+    assert_eq!(lines[0]["downgrade_refused"], true);
+    assert_eq!(lines[1]["lease_holder"], "alice@ci");
+    assert_eq!(lines[1]["staged"], false);
+    assert_eq!(lines[2]["reachable"], false);
+    assert_eq!(
+        (lines[3]["event"].as_str(), lines[3]["can_start"].as_bool()),
+        (Some("dry_run_plan"), Some(false))
+    );
+
+    // Where the push could start, the dry run says so and exits 0.
+    let out = reloadctl_ok(
+        d,
+        &[
+            "push",
+            "--version",
+            "1.1",
+            "--dry-run",
+            "--limit",
+            &hosts[0],
+            "hosts.txt",
+        ],
+    );
+    assert!(
+        out.contains("runs 1.1.0 already") && out.contains("the push can start"),
+        "{out}"
+    );
+    // A typo in the hosts file stops it before any host is asked.
+    std::fs::write(d.join("hosts.txt"), "127.0.17.31.7700\n").unwrap();
+    let out = reloadctl(
+        d,
+        &[
+            "push",
+            "--version",
+            "1.1",
+            "--dry-run",
+            "--output",
+            "json",
+            "hosts.txt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("line 1 of hosts.txt: `127.0.17.31.7700` is not host[:port]"),
+        "{}",
+        text(&out)
+    );
+    assert!(out.stdout.is_empty());
+}
