@@ -726,7 +726,8 @@ impl<F: Fleet> RolloutEngine<F> {
             }
         };
         let gate = HealthGate::new(&self.plan.settings);
-        match gate.wait_healthy(&*self.fleet, host, pid).await {
+        let progress = |text: String| self.report.phase(host, &text);
+        match gate.wait_healthy(&*self.fleet, host, pid, &progress).await {
             Ok(()) => self.host(index, HostState::Healthy, None, ""),
             Err(failure) => self.fail(index, failure),
         }

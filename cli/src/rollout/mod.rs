@@ -324,7 +324,8 @@ async fn run(
     force_takeover: bool,
     resumed_tokens: Option<std::collections::BTreeMap<String, u64>>,
 ) -> anyhow::Result<u8> {
-    let report = output::Reporter::new(human);
+    let live = output::LiveView::new(human);
+    let report = output::Reporter::new(live.clone());
     let fleet = GrpcFleet::new(
         Target {
             service: plan.service.clone(),
@@ -334,17 +335,25 @@ async fn run(
             allow_downgrade: plan.allow_downgrade,
         },
         &plan.hosts,
+        live.clone(),
     )?;
     let holder = holder_name(&plan, &lease.rollout);
     let mut start = RunStart::new(lease, holder, force_takeover, resumed_tokens.is_none());
     start.resumed_tokens = resumed_tokens;
     let engine = RolloutEngine::new(plan, fleet, journal, hosts, start, report);
     // Registered only once the engine polls it (after staging): until
-    // then Ctrl-C simply ends the process, nothing having changed.
-    let ctrl_c = async {
+    // then Ctrl-C simply ends the process, nothing having changed. After
+    // the first, each further Ctrl-C says what the pause still waits for
+    // (a host in its health gate may take a while) instead of nothing.
+    let ctrl_c = async move {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                live.print_waiting();
+            }
+        });
     };
     Ok(engine.run(ctrl_c).await?.exit_code())
 }

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use reload_artifact::SigningKey;
 use reload_tests::*;
@@ -516,4 +517,88 @@ async fn a_dry_run_asks_every_host_and_fails_when_the_push_could_not_start() {
         text(&out)
     );
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_health_gate_waits_progress_shows_and_a_second_ctrl_c_says_what_it_waits_for() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::sync::Mutex;
+    let f = fleet(41, 1);
+    let host = f.agents[0].host();
+    // A gate that takes 30 s on a healthy host: the push waits there.
+    let mut child = KillOnDrop(
+        Command::new(bin_path("reloadctl"))
+            .args([
+                "push",
+                "--version",
+                "1.0",
+                "--healthy-checks",
+                "2",
+                "--min-healthy-time",
+                "30s",
+                "--healthy-deadline",
+                "60s",
+                "hosts.txt",
+            ])
+            .current_dir(f.dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    });
+    let said = || stderr.lock().unwrap().clone();
+    // Not a terminal: plain lines, the gate's progress among them.
+    eventually(
+        "the health gate's progress",
+        Duration::from_secs(30),
+        async || said(),
+        |s| {
+            s.contains(&host)
+                && s.contains("health gate: healthy")
+                && s.contains("min-healthy-time to go")
+        },
+    )
+    .await;
+    send_signal(child.id(), nix::sys::signal::Signal::SIGINT);
+    eventually(
+        "the first Ctrl-C noticed",
+        Duration::from_secs(10),
+        async || said(),
+        |s| s.contains("interrupted: finishing the hosts in flight"),
+    )
+    .await;
+    send_signal(child.id(), nix::sys::signal::Signal::SIGINT);
+    let told = eventually(
+        "the second Ctrl-C answered",
+        Duration::from_secs(10),
+        async || said(),
+        |s| s.contains("still waiting for 1 host(s) in flight before pausing"),
+    )
+    .await;
+    let line = told
+        .lines()
+        .find(|l| l.contains("still waiting for"))
+        .unwrap();
+    assert!(
+        line.contains(&host) && line.contains("health gate"),
+        "{line}"
+    );
+    // The rollout still pauses once the gate is through, not before.
+    assert!(child.try_wait().unwrap().is_none(), "{told}");
 }
