@@ -182,6 +182,28 @@ pub enum Command {
         #[arg(long)]
         service: String,
     },
+    /// Show a service's recent output (stdout and stderr of its processes),
+    /// as the agent kept it, across agent restarts too; --follow for new
+    /// lines as they come.
+    #[command(
+        after_help = "Example:\n  reloadctl logs --host 127.0.0.1:7700 --service web\n  reloadctl logs --host 127.0.0.1:7700 --service web --lines 20 --follow\n\nNeeds the read right; the agent audits who read a service's output."
+    )]
+    Logs {
+        /// Agent address, host[:port] (default port 7700).
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        service: String,
+        /// How many of the most recent lines; 0 for all the agent kept.
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+        /// Then print new lines as they come, until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// `text` for people, `json` (one object a line) for scripts.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Show every service of an agent: state, health, version, pid.
     #[command(
         after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700\n  reloadctl status hosts.txt --limit 'web-1,web-2'"
@@ -342,7 +364,8 @@ impl Command {
             | Command::Status { .. }
             | Command::Push { .. }
             | Command::Resume { .. }
-            | Command::Artifacts { .. } => true,
+            | Command::Artifacts { .. }
+            | Command::Logs { .. } => true,
         }
     }
 }

@@ -197,6 +197,13 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             artifact.as_deref(),
             allow_downgrade,
         )),
+        Command::Logs {
+            host,
+            service,
+            lines,
+            follow,
+            output,
+        } => runtime()?.block_on(reload::logs(&host, &service, lines, follow, &output)),
         Command::Rollback { hosts, service } => {
             runtime()?.block_on(reload::rollback_fleet(hosts, &service))
         }

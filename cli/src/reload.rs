@@ -525,3 +525,53 @@ pub async fn status_fleet(hosts: HostsArgs, service: &str, output: &str) -> anyh
     }
     Ok(())
 }
+
+/// `reloadctl logs`: a service's recent output as the agent kept it, then
+/// (with `follow`) new lines until the stream or the process ends.
+pub async fn logs(
+    host: &str,
+    service: &str,
+    lines: u32,
+    follow: bool,
+    output: &str,
+) -> anyhow::Result<()> {
+    let channel = connect(host).await?;
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    let mut stream = control
+        .read_logs(pb::ReadLogsRequest {
+            service: service.to_string(),
+            lines,
+            follow,
+        })
+        .await
+        .map_err(|s| describe_status(host, "show its output", &s))?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let line = match stream.message().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(status) => return Err(describe_status(host, "go on showing its output", &status)),
+        };
+        let time = crate::format_timestamp(line.time.as_ref());
+        if output == "json" {
+            let json = serde_json::json!({
+                "time": time, "service": service, "version": line.version, "pid": line.pid,
+                "stream": line.stream, "line": line.line,
+            });
+            writeln!(out, "{json}")?;
+        } else {
+            writeln!(
+                out,
+                "{time} {} pid {} {}: {}",
+                line.version, line.pid, line.stream, line.line
+            )?;
+        }
+        // Followed lines are seen as they come, not when a buffer fills.
+        out.flush()?;
+    }
+    if follow {
+        eprintln!("the agent at {host} ended the stream (it restarted or upgraded itself); run again to go on");
+    }
+    Ok(())
+}

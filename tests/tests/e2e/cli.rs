@@ -320,6 +320,7 @@ fn every_subcommand_help_has_an_example_and_init_and_completions_work() {
         "push",
         "resume",
         "artifacts",
+        "logs",
         "certs",
         "init",
         "completions",

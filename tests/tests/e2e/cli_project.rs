@@ -602,3 +602,123 @@ async fn while_the_health_gate_waits_progress_shows_and_a_second_ctrl_c_says_wha
     // The rollout still pauses once the gate is through, not before.
     assert!(child.try_wait().unwrap().is_none(), "{told}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_show_a_services_output_after_an_agent_restart_and_follow_new_lines() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut f = fleet(51, 1);
+    let d = f.dir().to_path_buf();
+    let host = f.agents[0].host();
+    reloadctl_ok(&d, &["push", "--version", "1.0", "hosts.txt"]);
+    let pid = f.agents[0].status("web").await.pid;
+    let logs = |extra: &[&str]| {
+        let mut args = vec!["logs", "--host", host.as_str(), "--service", "web"];
+        args.extend_from_slice(extra);
+        reloadctl_ok(&d, &args)
+    };
+    // The demo server says where it serves, on stderr, when it starts.
+    let serving = format!("1.0.0 pid {pid} stderr:");
+    eventually(
+        "the service's first lines",
+        Duration::from_secs(10),
+        async || logs(&[]),
+        |out| {
+            out.lines()
+                .any(|l| l.contains(&serving) && l.contains("serving on"))
+        },
+    )
+    .await;
+    assert_eq!(logs(&["--lines", "1"]).lines().count(), 1);
+
+    // The agent is killed and started again: what it kept is still there.
+    let dir = f.agents[0].dir.clone();
+    let key = f.agents[0].key.clone();
+    f.agents[0].kill();
+    let restarted = Agent::start_with_config(&dir, key);
+    let host = restarted.host();
+    let out = reloadctl_ok(
+        &d,
+        &[
+            "logs",
+            "--host",
+            &host,
+            "--service",
+            "web",
+            "--output",
+            "json",
+        ],
+    );
+    let kept: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        kept.iter()
+            .any(|l| l["pid"] == pid && l["line"].as_str().unwrap().contains("serving on")),
+        "{out}"
+    );
+    drop(std::mem::replace(&mut f.agents[0], restarted));
+
+    // --follow prints what comes next: the lines of a reload to 1.1.
+    std::fs::write(d.join("hosts.txt"), format!("{host}\n")).unwrap();
+    let mut follower = KillOnDrop(
+        Command::new(bin_path("reloadctl"))
+            .args([
+                "logs",
+                "--host",
+                &host,
+                "--service",
+                "web",
+                "--lines",
+                "1",
+                "--follow",
+            ])
+            .current_dir(&d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pipe = follower.stdout.take().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    });
+    reloadctl_ok(&d, &["push", "--version", "1.1", "hosts.txt"]);
+    eventually(
+        "the followed lines of 1.1",
+        Duration::from_secs(10),
+        async || seen.lock().unwrap().clone(),
+        |s| {
+            s.lines()
+                .any(|l| l.contains(" 1.1.0 pid ") && l.contains("serving on"))
+        },
+    )
+    .await;
+
+    // Reading is audited, and an unknown service is named.
+    let audit = std::fs::read_to_string(dir.join("state/audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"ReadLogs\"") && l.contains("follow")),
+        "{audit}"
+    );
+    let out = reloadctl(&d, &["logs", "--host", &host, "--service", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("NotFound") && text(&out).contains("nope"),
+        "{}",
+        text(&out)
+    );
+}
