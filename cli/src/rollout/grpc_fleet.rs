@@ -384,7 +384,18 @@ impl Fleet for GrpcFleet {
         if target.agent() {
             let info = agent_info(self.channel(host)).await.map_err(failure)?;
             if info.executable_sha256 == target.sha256 {
-                return Ok(Staged::AlreadyOnTarget);
+                // Started from the signed release (an earlier push): it is
+                // on the target, and says so. Otherwise it is an installed
+                // binary with the same bytes, which reports its own version.
+                if info.artifact_version == target.version {
+                    return Ok(Staged::AlreadyOnTarget);
+                }
+                let reported_as = if info.artifact_version.is_empty() {
+                    format!("{} (installed)", info.agent_version)
+                } else {
+                    info.artifact_version
+                };
+                return Ok(Staged::SameBytesAs { reported_as });
             }
             return self.upload_release(host).await;
         }

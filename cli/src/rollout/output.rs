@@ -398,6 +398,25 @@ impl Reporter {
                 format!("; failures: {}", causes.join(", "))
             }
         );
+        // Hosts that run the release's bytes under another version (an
+        // agent whose installed binary is the release) are not "on" it as
+        // `status` shows: said, so "done" is not read as more than it is.
+        let elsewhere: Vec<String> = plan
+            .hosts
+            .iter()
+            .zip(hosts)
+            .filter_map(|(host, record)| {
+                let reported = record.message.strip_prefix(SAME_BYTES)?;
+                let reported = reported.split(':').next().unwrap_or_default().trim();
+                Some(format!("{host} ({reported})"))
+            })
+            .collect();
+        if !elsewhere.is_empty() {
+            println!(
+                "not upgraded, already running these exact bytes and still reporting another version: {}",
+                elsewhere.join(", ")
+            );
+        }
         if matches!(
             outcome,
             Outcome::HaltedReverted | Outcome::HaltedPartial | Outcome::Superseded
@@ -407,9 +426,16 @@ impl Reporter {
     }
 }
 
-/// The summary's first word(s): never "reverted" when nothing was.
+/// How the engine words a host skipped because it runs the release's bytes
+/// under another version ([`super::fleet::Staged::SameBytesAs`]); the
+/// summary finds those hosts by it.
+pub const SAME_BYTES: &str = "runs these exact bytes already, as ";
+
+/// The summary's first word(s): never "reverted" when nothing was, never a
+/// plain "done" when no host changed.
 pub fn verdict(outcome: Outcome, changes: &Changes) -> &'static str {
     match outcome {
+        Outcome::Done if changes.left.is_empty() => "done, nothing changed",
         Outcome::Done => "done",
         Outcome::HaltedReverted if changes.reverted.is_empty() => {
             "halted; no host was changed, nothing to revert"

@@ -219,7 +219,7 @@ fn fleet(first: u8, count: u8) -> Fleet {
     std::fs::write(p.join("release.pub"), key.public().to_pem()).unwrap();
     std::fs::write(
         p.join("reloadctl.toml"),
-        "service = \"web\"\nartifact = \"releases/web-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
+        "service = \"web\"\nartifact = \"releases/web-{version}\"\nagent_artifact = \"releases/reload-agent-{version}\"\ntrusted_keys = [\"release.pub\"]\n\
          [rollout]\ncanary = 0\nwaves = \"100%\"\nhealthy_checks = 1\nmin_healthy_time = \"0s\"\nhealthy_deadline = \"10s\"\n",
     )
     .unwrap();
@@ -721,4 +721,41 @@ async fn logs_show_a_services_output_after_an_agent_restart_and_follow_new_lines
         "{}",
         text(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushing_an_agent_release_identical_to_the_installed_binary_says_what_runs() {
+    let f = fleet(61, 1);
+    let d = f.dir();
+    // The agent release is the very binary the agent runs, signed as 0.2.0.
+    std::fs::copy(
+        bin_path("reload-agent"),
+        d.join("releases/reload-agent-0.2.0"),
+    )
+    .unwrap();
+    reloadctl_ok(
+        d,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "reload-agent",
+            "--version",
+            "0.2.0",
+            "releases/reload-agent-0.2.0",
+        ],
+    );
+    let out = reloadctl_ok(d, &["push", "--agent", "--version", "0.2", "hosts.txt"]);
+    let installed = format!("{} (installed)", env!("CARGO_PKG_VERSION"));
+    assert!(
+        out.contains("done, nothing changed: reload-agent 0.2.0")
+            && out.contains("not upgraded, already running these exact bytes and still reporting another version")
+            && out.contains(&installed),
+        "{out}"
+    );
+    assert!(!out.contains("done: reload-agent 0.2.0"), "{out}");
+    // And that is what status says.
+    let status = reloadctl_ok(d, &["status", "--agents", "hosts.txt"]);
+    assert!(status.contains(&installed), "{status}");
 }
