@@ -314,6 +314,14 @@ impl Fleet for GrpcFleet {
             Ok(Err(status)) if status.code() == Code::Aborted => {
                 Err(LeaseRefusal(status.message().to_string()))
             }
+            // Below gRPC (a TLS/plaintext mismatch is the usual one on a
+            // first push): said as what it is, not as a lease refusal.
+            Ok(Err(status)) if crate::client::is_transport_failure(&status) => {
+                Err(LeaseRefusal(format!(
+                    "{:#}",
+                    crate::client::describe_status(host, "grant a lease", &status)
+                )))
+            }
             Ok(Err(status)) => Err(LeaseRefusal(format!(
                 "cannot take the lease ({:?}): {}",
                 status.code(),
