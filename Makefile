@@ -1,16 +1,24 @@
 # Everyday targets. `make test` is the command CI runs (through .ci/run).
 CARGO ?= cargo
 
-.PHONY: build test demo bench fmt lint check
+.PHONY: build test guide demo bench fmt lint check
 
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests run the real binaries, so build them first.
+# The end-to-end tests run the real binaries, so build them first; then
+# the operator's guide, run top to bottom on loopback agents.
 test: build
 	$(CARGO) nextest run --workspace --no-fail-fast
+	bash scripts/operator-guide.sh
 
-# Two agents on loopback, a signed artifact uploaded to both.
+# docs/operator-guide.md, every step, on loopback agents (about 2 minutes).
+guide: build
+	bash scripts/operator-guide.sh
+
+# Three agents on loopback (127.0.0.2-4) over mutual TLS: a signed release
+# pushed under load, a bad one halted and reverted, a fleet rollback, the
+# agents upgrading themselves, a tampered artifact refused (scripts/demo.sh).
 demo:
 	bash scripts/demo.sh
 

@@ -22,8 +22,10 @@ trap cleanup EXIT
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "building (cargo build --workspace --bins)"
-cargo build --quiet --workspace --bins --manifest-path "$root/Cargo.toml"
+# Cargo's own progress is shown: on a fresh machine the first build takes
+# minutes, and a bare "building" line for that long looks like a hang.
+step "building (cargo build --workspace --bins; minutes on a fresh machine)"
+cargo build --workspace --bins --manifest-path "$root/Cargo.toml"
 bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
 reloadctl="$bin/reloadctl"

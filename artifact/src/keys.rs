@@ -18,11 +18,10 @@ const OID_ED25519: &str = "1.3.101.112";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message and deliberately not a
+    /// `source`: an error chain printed whole (`{:#}`) would say it twice.
+    #[error("cannot read key file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is not a PEM file ({detail}); expected a file starting with -----BEGIN {expected}-----")]
     NotPem {
         path: String,
@@ -181,9 +180,9 @@ impl SigningKey {
 
     pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| KeyError::Read {
             path: shown.clone(),
-            source,
+            error,
         })?;
         SigningKey::from_pem(&shown, &text)
     }
@@ -254,9 +253,9 @@ impl PublicKey {
 
     pub fn load(path: &Path) -> Result<PublicKey, KeyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| KeyError::Read {
             path: shown.clone(),
-            source,
+            error,
         })?;
         PublicKey::from_pem(&shown, &text)
     }

@@ -13,9 +13,6 @@ use crate::rollout;
 /// `push` settings; unset ones come from the project file.
 #[derive(clap::Args)]
 pub struct RolloutFlags {
-    /// Project file with the service, releases and trusted keys.
-    #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
-    pub config: PathBuf,
     #[command(flatten)]
     pub overrides: rollout::RolloutOverrides,
     /// Take the leases even from another rollout (written to the agents' logs).
@@ -26,11 +23,38 @@ pub struct RolloutFlags {
     pub output: String,
 }
 
+/// Which agents a command acts on: one `--host`, or the hosts of a file,
+/// optionally narrowed by `--limit`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct HostsArgs {
+    /// One agent, host[:port] (default port 7700); or give a hosts file.
+    #[arg(
+        long,
+        required_unless_present = "hosts_file",
+        conflicts_with = "hosts_file"
+    )]
+    pub host: Option<String>,
+    /// One host[:port] a line, `#` comments: every host of it, in parallel
+    /// (unreachable ones are reported, not fatal).
+    pub hosts_file: Option<PathBuf>,
+    /// Only these hosts of the file: a comma-separated list of hosts
+    /// (without a port: any port of that host) or globs with `*` and `?`,
+    /// e.g. --limit 'web-1,web-2' or --limit 'web-*'. Each entry must match.
+    #[arg(long, requires = "hosts_file", value_name = "HOSTS")]
+    pub limit: Option<String>,
+}
+
 #[derive(Parser)]
 #[command(version, about = "Sign artifacts and roll them out to reload agents")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Project file: the service, its releases, trusted keys, rollout
+    /// defaults and the [tls] every command uses to reach the agents (paths
+    /// in it are relative to its folder). Default: reloadctl.toml in the
+    /// current folder, if there is one.
+    #[arg(long, global = true, env = "RELOADCTL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// CA that signed the agents' certificates (mutual TLS).
     #[arg(long, global = true, env = "RELOADCTL_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
@@ -139,37 +163,54 @@ pub enum Command {
         allow_downgrade: bool,
     },
     /// Activate the version a service ran before the current one.
-    #[command(after_help = "Example:\n  reloadctl rollback --host 127.0.0.1:7700 --service web")]
+    #[command(
+        after_help = "Example:\n  reloadctl rollback --host 127.0.0.1:7700 --service web\n  reloadctl rollback hosts.txt --limit 'web-*' --service web"
+    )]
     Rollback {
-        /// One agent; or give a hosts file to roll back every host of it.
-        #[arg(long, required_unless_present = "hosts_file")]
-        host: Option<String>,
+        #[command(flatten)]
+        hosts: HostsArgs,
         #[arg(long)]
         service: String,
-        /// Roll back every host of this file, in parallel.
-        hosts_file: Option<PathBuf>,
     },
     /// Stop a service: drain its process and keep it stopped (across agent
     /// restarts too) until the next activate or rollback. Stopping the
     /// agent does not stop its services; this does.
     #[command(after_help = "Example:\n  reloadctl stop --host 127.0.0.1:7700 --service web")]
     Stop {
-        /// One agent; or give a hosts file to stop the service on every host of it.
-        #[arg(long, required_unless_present = "hosts_file")]
-        host: Option<String>,
+        #[command(flatten)]
+        hosts: HostsArgs,
         #[arg(long)]
         service: String,
-        /// Stop it on every host of this file, in parallel.
-        hosts_file: Option<PathBuf>,
+    },
+    /// Show a service's recent output (stdout and stderr of its processes),
+    /// as the agent kept it, across agent restarts too; --follow for new
+    /// lines as they come.
+    #[command(
+        after_help = "Example:\n  reloadctl logs --host 127.0.0.1:7700 --service web\n  reloadctl logs --host 127.0.0.1:7700 --service web --lines 20 --follow\n\nNeeds the read right; the agent audits who read a service's output."
+    )]
+    Logs {
+        /// Agent address, host[:port] (default port 7700).
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        service: String,
+        /// How many of the most recent lines; 0 for all the agent kept.
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+        /// Then print new lines as they come, until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// `text` for people, `json` (one object a line) for scripts.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
     /// Show every service of an agent: state, health, version, pid.
-    #[command(after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700")]
+    #[command(
+        after_help = "Example:\n  reloadctl status --host 127.0.0.1:7700\n  reloadctl status hosts.txt --limit 'web-1,web-2'"
+    )]
     Status {
-        /// One agent; or give a hosts file for the whole fleet.
-        #[arg(long, required_unless_present = "hosts_file")]
-        host: Option<String>,
-        /// Every host of this file (unreachable ones are shown, not fatal).
-        hosts_file: Option<PathBuf>,
+        #[command(flatten)]
+        hosts: HostsArgs,
         /// Only this service.
         #[arg(long, default_value = "")]
         service: String,
@@ -184,7 +225,7 @@ pub enum Command {
     /// Roll VERSION out to every host of HOSTS_FILE: staged, fenced, in
     /// waves, health-gated, halted and reverted on failure, resumable.
     #[command(
-        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted, and every host it changed was reverted (the summary\nlists reverted, left and never-changed hosts); 4 halted, not (fully)\nreverted; 5 paused by Ctrl-C (continue with `reloadctl resume`); 6\nsuperseded: a later rollout took a host over, this one stopped and reverted\nnothing."
+        after_help = "Example:\n  reloadctl push --version 1.4 hosts.txt\n  reloadctl push --version 1.4 --canary 1 --waves 1,25%,100% --max-failures 10% hosts.txt\n  reloadctl push --agent --version 0.2 hosts.txt   # upgrade the agents themselves\n  reloadctl push --version 1.4 --limit 'web-1,web-2' hosts.txt   # only those hosts\n\nThe service, the release files and the trusted keys come from reloadctl.toml\n(--config to point elsewhere). Exit codes: 0 done; 1 not started (lease held\nby another rollout, a host could not be staged, other errors); 2 usage or\nconfig error; 3 halted, and every host it changed was reverted (the summary\nlists reverted, left and never-changed hosts); 4 halted, not (fully)\nreverted; 5 paused by Ctrl-C (continue with `reloadctl resume`); 6\nsuperseded: a later rollout took a host over, this one stopped and reverted\nnothing."
     )]
     Push {
         /// Version to roll out; `1.4` means `1.4.0`.
@@ -192,6 +233,13 @@ pub enum Command {
         version: String,
         /// One host[:port] a line; `#` comments.
         hosts_file: PathBuf,
+        /// Only these hosts of the file: a comma-separated list of hosts
+        /// (without a port: any port of that host) or globs with `*` and
+        /// `?`, e.g. --limit 'web-1,web-2' or --limit 'web-*'. Each entry
+        /// must match a host. The rollout (waves, budget, journal) is over
+        /// these hosts only.
+        #[arg(long, value_name = "HOSTS")]
+        limit: Option<String>,
         #[command(flatten)]
         rollout: RolloutFlags,
         /// Print the plan (waves, gate, budget) and change nothing.
@@ -216,8 +264,6 @@ pub enum Command {
     Resume {
         /// Rollout id (default: the newest unfinished one).
         id: Option<String>,
-        #[arg(long, default_value = rollout::project::DEFAULT_FILE)]
-        config: PathBuf,
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
         /// Take the leases even from another rollout.
@@ -232,8 +278,6 @@ pub enum Command {
     Rollouts {
         #[command(subcommand)]
         show: Option<RolloutsCommand>,
-        #[arg(long, global = true, default_value = rollout::project::DEFAULT_FILE)]
-        config: PathBuf,
         /// `text` for people, `json` (one object a line) for scripts.
         #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
         output: String,
@@ -299,4 +343,29 @@ pub enum RolloutsCommand {
         /// Rollout id, as `reloadctl rollouts` lists it.
         id: String,
     },
+}
+
+impl Command {
+    /// Commands that connect to agents: they read the connection settings
+    /// (flags, environment, the project file's [tls]) before they run.
+    pub fn talks_to_agents(&self) -> bool {
+        match self {
+            Command::Keygen { .. }
+            | Command::Sign { .. }
+            | Command::Verify { .. }
+            | Command::Rollouts { .. }
+            | Command::Init { .. }
+            | Command::Completions { .. }
+            | Command::Certs { .. } => false,
+            Command::Upload { .. }
+            | Command::Activate { .. }
+            | Command::Rollback { .. }
+            | Command::Stop { .. }
+            | Command::Status { .. }
+            | Command::Push { .. }
+            | Command::Resume { .. }
+            | Command::Artifacts { .. }
+            | Command::Logs { .. } => true,
+        }
+    }
 }

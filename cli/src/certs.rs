@@ -99,7 +99,40 @@ pub fn make_certs(
         )?;
     }
     println!("wrote {}: ca.pem (+ ca.key), agent.pem (+ agent.key) for {agent_names:?}, and client certificates for {clients:?}", out.display());
-    println!("agent config:  [tls] ca = \"ca.pem\", cert = \"agent.pem\", key = \"agent.key\"; [rights] deploy = {clients:?}");
-    println!("reloadctl:     --tls-ca ca.pem --tls-cert {0}.pem --tls-key {0}.key (or [tls] in reloadctl.toml)", clients[0]);
+    println!(
+        "agent config:  [tls] ca = \"ca.pem\", cert = \"agent.pem\", key = \"agent.key\"; {}",
+        suggested_rights(clients)
+    );
+    println!("reloadctl:     [tls] ca = \"{0}/ca.pem\", cert = \"{0}/{1}.pem\", key = \"{0}/{1}.key\" in reloadctl.toml (or --tls-ca, --tls-cert, --tls-key)", out.display(), clients[0]);
     Ok(())
+}
+
+/// The `[rights]` to suggest: the first client deploys (it is the one
+/// `reloadctl` is shown with), every other only reads, as the operator's
+/// guide has it (`deployer` deploys, `monitor` reads): a monitoring
+/// certificate with deploy rights could roll out anything signed.
+fn suggested_rights(clients: &[String]) -> String {
+    let (deploy, read) = clients.split_at(1);
+    if read.is_empty() {
+        format!("[rights] deploy = {deploy:?}")
+    } else {
+        format!("[rights] deploy = {deploy:?}, read = {read:?} (the first --client deploys, the others read; move names as you need)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_first_client_is_suggested_the_deploy_right() {
+        let clients = ["deployer".to_string(), "monitor".to_string()];
+        let rights = super::suggested_rights(&clients);
+        assert!(
+            rights.starts_with("[rights] deploy = [\"deployer\"], read = [\"monitor\"]"),
+            "{rights}"
+        );
+        assert_eq!(
+            super::suggested_rights(&clients[..1]),
+            "[rights] deploy = [\"deployer\"]"
+        );
+    }
 }

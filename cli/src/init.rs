@@ -13,8 +13,9 @@ fn project_file(service: &str) -> String {
 # The service the agents know this program as (their [[service]] name).
 service = "{service}"
 
-# Where signed releases are: {{version}} is replaced by the version you type
-# (then by its normalized form: 1.4 -> 1.4.0). Sign with:
+# Where signed releases are: {{version}} is replaced by each spelling of the
+# version you type (1.4, 1.4.0, v1.4...), and the file whose signature says
+# that version is the release. Sign with:
 #   reloadctl sign --key release.key --service {service} --version 1.4 releases/{service}-1.4
 artifact = "releases/{service}-{{version}}"
 

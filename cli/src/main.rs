@@ -15,6 +15,7 @@
 mod args;
 mod certs;
 mod client;
+mod config;
 mod init;
 mod reload;
 mod rollout;
@@ -63,21 +64,29 @@ fn init_logging(format: &str) {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     init_logging(&cli.log_format);
-    let tls = client::TlsSettings {
-        ca: cli.tls_ca,
-        cert: cli.tls_cert,
-        key: cli.tls_key,
-        server_name: cli.tls_server_name,
-    };
-    // Flags and environment first; push and resume fall back to the
-    // project file's [tls].
-    if tls.is_set() || cli.insecure {
-        client::configure_transport(&tls, cli.insecure)?;
+    let config = config::ConfigPath::new(cli.config.clone());
+    if cli.command.talks_to_agents() {
+        // One loader for every command that reaches agents: flags, then
+        // RELOADCTL_TLS_*, then the project file's [tls].
+        let file = config
+            .load_optional()
+            .map_err(|e| anyhow::Error::new(rollout::UsageError(e)))?;
+        let flags = client::TlsSettings {
+            ca: cli.tls_ca.clone(),
+            cert: cli.tls_cert.clone(),
+            key: cli.tls_key.clone(),
+            server_name: cli.tls_server_name.clone(),
+        };
+        let tls = config::connection_settings(flags, file.as_ref());
+        client::configure_transport(&tls, cli.insecure)
+            .map_err(|e| anyhow::Error::new(rollout::UsageError(e)))?;
     }
+    let project_file = config.path.clone();
     match cli.command {
         Command::Push {
             version,
             hosts_file,
+            limit,
             rollout: flags,
             dry_run,
             agent,
@@ -85,9 +94,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => runtime()?.block_on(rollout::push(rollout::PushArgs {
             allow_downgrade,
             agent,
-            config: flags.config,
+            config: project_file,
             version,
             hosts_file,
+            limit,
             overrides: flags.overrides,
             json: flags.output == "json",
             dry_run,
@@ -95,23 +105,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         })),
         Command::Resume {
             id,
-            config,
             output,
             force_takeover,
         } => runtime()?.block_on(rollout::resume(
-            &config,
+            &project_file,
             id.as_deref(),
             output == "json",
             force_takeover,
         )),
-        Command::Rollouts {
-            show,
-            config,
-            output,
-        } => match show {
-            None => rollout::history::list(&config, output == "json"),
+        Command::Rollouts { show, output } => match show {
+            None => rollout::history::list(&project_file, output == "json"),
             Some(args::RolloutsCommand::Show { id }) => {
-                rollout::history::show(&config, &id, output == "json")
+                rollout::history::show(&project_file, &id, output == "json")
             }
         },
         other => run_simple(other).map(|()| 0),
@@ -192,30 +197,31 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
             artifact.as_deref(),
             allow_downgrade,
         )),
-        Command::Rollback {
+        Command::Logs {
             host,
             service,
-            hosts_file,
-        } => runtime()?.block_on(reload::rollback_fleet(host, hosts_file, &service)),
-        Command::Stop {
-            host,
-            service,
-            hosts_file,
-        } => runtime()?.block_on(reload::stop_fleet(host, hosts_file, &service)),
+            lines,
+            follow,
+            output,
+        } => runtime()?.block_on(reload::logs(&host, &service, lines, follow, &output)),
+        Command::Rollback { hosts, service } => {
+            runtime()?.block_on(reload::rollback_fleet(hosts, &service))
+        }
+        Command::Stop { hosts, service } => {
+            runtime()?.block_on(reload::stop_fleet(hosts, &service))
+        }
         Command::Status {
-            host,
-            hosts_file,
+            hosts,
             agents: true,
             output,
             ..
-        } => runtime()?.block_on(reload::status_agents(host, hosts_file, &output)),
+        } => runtime()?.block_on(reload::status_agents(hosts, &output)),
         Command::Status {
-            host,
-            hosts_file,
+            hosts,
             service,
             output,
             agents: false,
-        } => runtime()?.block_on(reload::status_fleet(host, hosts_file, &service, &output)),
+        } => runtime()?.block_on(reload::status_fleet(hosts, &service, &output)),
     }
 }
 

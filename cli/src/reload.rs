@@ -14,6 +14,7 @@ use reload_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use crate::args::HostsArgs;
 use crate::client::{connect, describe_status};
 
 /// The stored artifact of `service` at `version`, if the agent holds it.
@@ -174,25 +175,30 @@ fn short(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_lowercase()
 }
 
-fn hosts_of(
-    host: Option<String>,
-    hosts_file: Option<std::path::PathBuf>,
-) -> anyhow::Result<Vec<String>> {
-    match (host, hosts_file) {
+/// The hosts a command acts on: `--host`, or the hosts file narrowed by
+/// `--limit`. Mistakes in either are usage errors (exit code 2).
+fn hosts_of(args: HostsArgs) -> anyhow::Result<Vec<String>> {
+    let usage = |e: anyhow::Error| anyhow::Error::new(crate::rollout::UsageError(e));
+    match (args.host, args.hosts_file) {
         (Some(host), None) => Ok(vec![host]),
-        (None, Some(file)) => crate::rollout::hosts::read_hosts(&file),
+        (None, Some(file)) => {
+            let hosts = crate::rollout::hosts::read_hosts(&file).map_err(usage)?;
+            match args.limit {
+                Some(limit) => {
+                    crate::rollout::hosts::limit(hosts, &limit, &file.display().to_string())
+                        .map_err(usage)
+                }
+                None => Ok(hosts),
+            }
+        }
         (Some(_), Some(_)) => bail!("give either --host or a hosts file, not both"),
         (None, None) => bail!("give --host HOST or a hosts file"),
     }
 }
 
 /// Rolls back one host, or every host of a file in parallel.
-pub async fn rollback_fleet(
-    host: Option<String>,
-    hosts_file: Option<std::path::PathBuf>,
-    service: &str,
-) -> anyhow::Result<()> {
-    let hosts = hosts_of(host, hosts_file)?;
+pub async fn rollback_fleet(hosts: HostsArgs, service: &str) -> anyhow::Result<()> {
+    let hosts = hosts_of(hosts)?;
     if hosts.len() == 1 {
         return rollback(&hosts[0], service).await;
     }
@@ -224,12 +230,8 @@ pub async fn rollback_fleet(
 /// `reloadctl stop`: stops a service on one host or every host of a file
 /// (in parallel). It stays stopped, across agent restarts too, until the
 /// next activation; its listening sockets stay open.
-pub async fn stop_fleet(
-    host: Option<String>,
-    hosts_file: Option<std::path::PathBuf>,
-    service: &str,
-) -> anyhow::Result<()> {
-    let hosts = hosts_of(host, hosts_file)?;
+pub async fn stop_fleet(hosts: HostsArgs, service: &str) -> anyhow::Result<()> {
+    let hosts = hosts_of(hosts)?;
     let service = service.to_string();
     on_each_host(hosts, "stopped", move |host| {
         let service = service.clone();
@@ -336,12 +338,8 @@ fn print_unreachable(
 }
 
 /// `status --agents`: one line per agent.
-pub async fn status_agents(
-    host: Option<String>,
-    hosts_file: Option<std::path::PathBuf>,
-    output: &str,
-) -> anyhow::Result<()> {
-    let hosts = hosts_of(host, hosts_file)?;
+pub async fn status_agents(hosts: HostsArgs, output: &str) -> anyhow::Result<()> {
+    let hosts = hosts_of(hosts)?;
     let rows = ask_each_host(&hosts, |host, channel| async move {
         let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
         Ok(agent
@@ -426,13 +424,8 @@ pub async fn status_agents(
     Ok(())
 }
 
-pub async fn status_fleet(
-    host: Option<String>,
-    hosts_file: Option<std::path::PathBuf>,
-    service: &str,
-    output: &str,
-) -> anyhow::Result<()> {
-    let hosts = hosts_of(host, hosts_file)?;
+pub async fn status_fleet(hosts: HostsArgs, service: &str, output: &str) -> anyhow::Result<()> {
+    let hosts = hosts_of(hosts)?;
     let service = service.to_string();
     let rows = ask_each_host(&hosts, move |host, channel| {
         let service = service.clone();
@@ -529,6 +522,56 @@ pub async fn status_fleet(
     }
     if unreachable == hosts.len() {
         bail!("no host answered");
+    }
+    Ok(())
+}
+
+/// `reloadctl logs`: a service's recent output as the agent kept it, then
+/// (with `follow`) new lines until the stream or the process ends.
+pub async fn logs(
+    host: &str,
+    service: &str,
+    lines: u32,
+    follow: bool,
+    output: &str,
+) -> anyhow::Result<()> {
+    let channel = connect(host).await?;
+    let mut control = pb::service_control_client::ServiceControlClient::new(channel);
+    let mut stream = control
+        .read_logs(pb::ReadLogsRequest {
+            service: service.to_string(),
+            lines,
+            follow,
+        })
+        .await
+        .map_err(|s| describe_status(host, "show its output", &s))?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let line = match stream.message().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(status) => return Err(describe_status(host, "go on showing its output", &status)),
+        };
+        let time = crate::format_timestamp(line.time.as_ref());
+        if output == "json" {
+            let json = serde_json::json!({
+                "time": time, "service": service, "version": line.version, "pid": line.pid,
+                "stream": line.stream, "line": line.line,
+            });
+            writeln!(out, "{json}")?;
+        } else {
+            writeln!(
+                out,
+                "{time} {} pid {} {}: {}",
+                line.version, line.pid, line.stream, line.line
+            )?;
+        }
+        // Followed lines are seen as they come, not when a buffer fills.
+        out.flush()?;
+    }
+    if follow {
+        eprintln!("the agent at {host} ended the stream (it restarted or upgraded itself); run again to go on");
     }
     Ok(())
 }

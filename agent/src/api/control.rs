@@ -259,4 +259,71 @@ impl pb::service_control_server::ServiceControl for AgentApi {
             .map_while(|item| item);
         Ok(Response::new(Box::pin(events)))
     }
+
+    type ReadLogsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::OutputLine, Status>> + Send>>;
+
+    async fn read_logs(
+        &self,
+        request: Request<pb::ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        use tokio_stream::StreamExt;
+        // A read, but audited: a service's output may carry what it logs
+        // about its users, and who read it is worth knowing.
+        let (identity, allowed) = self.authorize(&request, Right::Read, "ReadLogs");
+        let pb::ReadLogsRequest {
+            service,
+            lines,
+            follow,
+        } = request.into_inner();
+        let detail = format!(
+            "read: {lines} lines{}",
+            if follow { ", follow" } else { "" }
+        );
+        let output = allowed.and_then(|()| Ok(self.services.output(&service)?));
+        self.audit_detailed(
+            &identity,
+            "ReadLogs",
+            &service,
+            "",
+            "",
+            audit_result(&output),
+            &detail,
+        );
+        let (recent, receiver) = output?.recent_and_follow(lines as usize);
+        let recent = tokio_stream::iter(recent.into_iter().map(|l| Ok(l.to_proto())));
+        if !follow {
+            return Ok(Response::new(Box::pin(recent)));
+        }
+        let new_lines = tokio_stream::wrappers::BroadcastStream::new(receiver)
+            .map(|line| match line {
+                Ok(line) => Ok(line.to_proto()),
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Err(Status::resource_exhausted(format!(
+                        "this follower fell {n} lines behind and was dropped; read again"
+                    )))
+                }
+            })
+            // After a lag the stream ends: a reader must not believe it saw
+            // every line.
+            .map_while({
+                let mut ended = false;
+                move |item| {
+                    if ended {
+                        return None;
+                    }
+                    ended = item.is_err();
+                    Some(item)
+                }
+            })
+            .map(Some)
+            // The agent re-executing itself ends the stream.
+            .merge(
+                tokio_stream::wrappers::WatchStream::new(self.services.events().closing())
+                    .filter(|closing| *closing)
+                    .map(|_| None),
+            )
+            .map_while(|item| item);
+        Ok(Response::new(Box::pin(recent.chain(new_lines))))
+    }
 }

@@ -108,6 +108,7 @@ pub(super) async fn prepare(
         metrics.clone(),
         launcher.clone(),
         config.state_dir.join("run"),
+        crate::services::OutputLogs::open(&config.state_dir.join("logs"))?,
     );
     let services = Arc::new(Services::new(&config.services, Arc::new(handoff), given)?);
     let listeners = control_listeners(&config, grpc, inherited).await?;

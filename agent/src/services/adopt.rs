@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use super::output::OutputLogs;
 use super::process::{describe_exit, drain, Process};
 use super::readiness::NotifyPath;
 use super::service::Service;
@@ -59,6 +60,7 @@ pub(super) fn adopt(
     current: Option<&ArtifactRef>,
     should_run: bool,
     mut found: Vec<Attached>,
+    output: &OutputLogs,
 ) -> Adopted {
     let mut adopted = Adopted::default();
     // Newest first: of two running processes of the current version (a
@@ -68,7 +70,7 @@ pub(super) fn adopt(
         let (pid, exited) = (attached.pid, attached.exited);
         let is_current = current.is_some_and(|c| c.sha256 == attached.spec.sha256);
         let notify_path = attached.spec.notify_path.clone();
-        let process = match watch(&config.name, attached) {
+        let process = match watch(&config.name, attached, output.service(&config.name)) {
             Ok(process) => process,
             Err(err) => {
                 tracing::error!(service = %config.name, pid, error = %err, "cannot attach to the shim");
@@ -113,11 +115,11 @@ pub(super) fn adopt(
 
 /// Shims of a service the config no longer declares: drained rather than
 /// left running with nobody to supervise them.
-pub(super) fn drain_undeclared(found: Vec<Attached>) {
+pub(super) fn drain_undeclared(found: Vec<Attached>, output: &OutputLogs) {
     for attached in found {
         let (service, pid) = (attached.spec.service.clone(), attached.pid);
         let exited = attached.exited.is_some();
-        let Ok(process) = watch(&service, attached) else {
+        let Ok(process) = watch(&service, attached, output.service(&service)) else {
             continue;
         };
         if exited {

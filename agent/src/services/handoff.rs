@@ -33,6 +33,7 @@ use std::time::{Instant, SystemTime};
 use reload_proto::v1 as pb;
 
 use super::error::{ServiceError, StartFailure};
+use super::output::OutputLogs;
 use super::preflight::run_preflight;
 use super::probation;
 use super::process::{describe_exit, drain, Process};
@@ -66,6 +67,8 @@ pub struct Handoff {
     /// Names this agent image's notify sockets apart from those of the
     /// image before an in-place upgrade (still in use by adopted processes).
     image_started_ms: u128,
+    /// Where every process's output is kept for `ReadLogs`.
+    output: Arc<OutputLogs>,
 }
 
 impl Handoff {
@@ -76,8 +79,10 @@ impl Handoff {
         metrics: SharedMetrics,
         launcher: Launcher,
         run_dir: PathBuf,
+        output: Arc<OutputLogs>,
     ) -> Handoff {
         Handoff {
+            output,
             verifier,
             state,
             events,
@@ -102,6 +107,10 @@ impl Handoff {
 
     pub(super) fn verifier(&self) -> &ArtifactVerifier {
         &self.verifier
+    }
+
+    pub(super) fn output(&self) -> &OutputLogs {
+        &self.output
     }
 
     pub(super) fn run_dir(&self) -> &std::path::Path {
@@ -291,7 +300,7 @@ impl Handoff {
             .await
             .map_err(spawn_failed)?;
         let pid = attached.pid;
-        let process = shim::watch(&config.name, attached)
+        let process = shim::watch(&config.name, attached, self.output.service(&config.name))
             .map_err(|err| spawn_failed(format!("cannot watch pid {pid}: {err}")))?;
         let spawned = Instant::now();
         let ready = tokio::time::timeout(config.ready_timeout, async {

@@ -17,6 +17,7 @@
 //!   store or the previous image, and giving them back to the fd store.
 //! - [`adopt`]: what crosses the agent's in-place re-exec, both ways.
 //! - [`health`]: the steady-state health probes.
+//! - [`output`]: each service's recent output, kept on disk for `ReadLogs`.
 //!
 //! Nothing here speaks gRPC: refusals are [`ServiceError`]s, which the API
 //! turns into status codes.
@@ -26,6 +27,7 @@ mod error;
 mod handoff;
 mod health;
 mod monitor;
+mod output;
 mod preflight;
 mod probation;
 mod process;
@@ -46,6 +48,7 @@ use tokio::sync::watch;
 pub use error::ServiceError;
 pub use handoff::{Fence, Handoff, UNFENCED};
 pub use health::start_probes;
+pub use output::{OutputLogs, ServiceOutput};
 pub use preflight::{run_preflight, PreflightFailure};
 pub use process::describe_exit;
 pub use readiness::http_get_ok;
@@ -144,6 +147,7 @@ impl Services {
                 versions.current.as_ref(),
                 versions.should_run(),
                 mine,
+                handoff.output(),
             );
             let state = match (&adopted.serving, versions.should_run()) {
                 (Some(_), _) => pb::ServiceState::Running,
@@ -189,7 +193,7 @@ impl Services {
             }
             by_name.insert(config.name.clone(), Arc::new(service));
         }
-        adopt::drain_undeclared(found);
+        adopt::drain_undeclared(found, handoff.output());
         Ok(Services {
             by_name,
             handoff,
@@ -207,6 +211,12 @@ impl Services {
             name: name.to_string(),
             declared: self.by_name.keys().cloned().collect(),
         })
+    }
+
+    /// The kept output of service `name` (see [`output`]).
+    pub fn output(&self, name: &str) -> Result<Arc<ServiceOutput>, ServiceError> {
+        self.service(name)?;
+        Ok(self.handoff.output().service(name))
     }
 
     pub fn events(&self) -> &Arc<crate::events::EventBus> {

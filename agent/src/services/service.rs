@@ -107,6 +107,7 @@ impl Service {
             restarts: o.restarts,
             last_reload: o.last_reload.clone(),
             state_since: Some(o.state_since.into()),
+            downgrade_floor: o.versions.highest_version.clone().unwrap_or_default(),
         })
     }
 

@@ -237,7 +237,11 @@ fn same_process(attached: &Attached) -> bool {
 
 /// A process from its shim: its output goes to the agent's log (the tail of
 /// stderr kept for failure reasons), its exit to [`Process::wait`].
-pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Process> {
+pub(super) fn watch(
+    service: &str,
+    attached: Attached,
+    output: Arc<super::ServiceOutput>,
+) -> std::io::Result<Process> {
     let Attached {
         spec,
         pid,
@@ -283,6 +287,9 @@ pub(super) fn watch(service: &str, attached: Attached) -> std::io::Result<Proces
             match serde_json::from_str::<ShimMessage>(&line) {
                 Ok(ShimMessage::Output { stream, line }) => {
                     tracing::info!(service, version, pid, stream, "{line}");
+                    output.push(super::output::OutputLine::new(
+                        pid, &version, &stream, &line,
+                    ));
                     if stream == "stderr" {
                         let mut tail = task_tail.lock().unwrap_or_else(|p| p.into_inner());
                         if tail.len() == STDERR_TAIL_LINES {

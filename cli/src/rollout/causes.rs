@@ -11,6 +11,11 @@ pub fn cause_of(status: &Status) -> Cause {
     if fence.is_some_and(|v| v == reload_proto::v1::FENCE_SUPERSEDED) {
         return Cause::Superseded;
     }
+    // Made on this side from a broken connection (an "h2 protocol error",
+    // a TLS/plaintext mismatch): the agent said nothing.
+    if crate::client::is_transport_failure(status) {
+        return Cause::Unreachable;
+    }
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             Cause::Unreachable

@@ -497,6 +497,15 @@ impl<F: Fleet> RolloutEngine<F> {
             let (i, result) = done?;
             match result {
                 Ok(Staged::AlreadyOnTarget) => self.host(i, HostState::Skipped, None, "")?,
+                Ok(Staged::SameBytesAs { reported_as }) => self.host(
+                    i,
+                    HostState::Skipped,
+                    None,
+                    format!(
+                        "{}{reported_as}: nothing to upgrade, and it goes on reporting {reported_as} (the agent does not re-execute the executable it runs)",
+                        super::output::SAME_BYTES
+                    ),
+                )?,
                 Ok(Staged::Uploaded { bytes_sent }) => {
                     self.bytes_sent.fetch_add(bytes_sent, Ordering::SeqCst);
                     self.host(i, HostState::Staged, None, "")?
@@ -726,7 +735,8 @@ impl<F: Fleet> RolloutEngine<F> {
             }
         };
         let gate = HealthGate::new(&self.plan.settings);
-        match gate.wait_healthy(&*self.fleet, host, pid).await {
+        let progress = |text: String| self.report.phase(host, &text);
+        match gate.wait_healthy(&*self.fleet, host, pid, &progress).await {
             Ok(()) => self.host(index, HostState::Healthy, None, ""),
             Err(failure) => self.fail(index, failure),
         }

@@ -149,7 +149,7 @@ async fn run_custom(
         journal,
         records,
         start,
-        Reporter::new(false),
+        Reporter::quiet(),
     );
     let outcome = tokio::time::timeout(Duration::from_secs(20), engine.run(interrupt))
         .await

@@ -84,10 +84,16 @@ pub struct FenceState {
 }
 
 /// What staging found or did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Staged {
     /// The host already runs the target: it is left alone.
     AlreadyOnTarget,
+    /// The host runs these exact bytes already, but not as the target
+    /// release: an agent whose installed binary is byte-identical to the
+    /// agent release. It is left alone (the agent refuses to re-execute
+    /// the executable it runs), and it goes on reporting `reported_as`;
+    /// the summary must say so rather than claim the target version.
+    SameBytesAs { reported_as: String },
     /// The host holds the release now (`bytes_sent` is 0 when it had it).
     Uploaded { bytes_sent: u64 },
 }

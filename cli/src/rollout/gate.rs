@@ -32,6 +32,7 @@ impl<'a> HealthGate<'a> {
         fleet: &F,
         host: &str,
         pid: u32,
+        progress: &(dyn Fn(String) + Sync),
     ) -> Result<(), HostFailure> {
         let s = self.settings;
         let poll = (s.min_healthy_time / s.healthy_checks)
@@ -63,6 +64,25 @@ impl<'a> HealthGate<'a> {
                     false
                 }
             };
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            progress(if healthy {
+                // The streak counting this result; the window since the first.
+                let (n, window) = (streak + 1, since.map(|t| t.elapsed()).unwrap_or_default());
+                if n >= s.healthy_checks {
+                    format!(
+                        "health gate: healthy {n} times in a row; {}s of the {} min-healthy-time to go, {left}s left",
+                        s.min_healthy_time.saturating_sub(window).as_secs(),
+                        humantime::format_duration(s.min_healthy_time)
+                    )
+                } else {
+                    format!(
+                        "health gate: {n}/{} healthy in a row, {left}s left",
+                        s.healthy_checks
+                    )
+                }
+            } else {
+                format!("health gate: not healthy yet ({last}), {left}s left")
+            });
             let mut wait = poll;
             if healthy {
                 streak += 1;

@@ -24,6 +24,7 @@ use super::fleet::{
     LEASE_TTL,
 };
 use super::journal::Cause;
+use super::output::LiveView;
 use crate::client::upload;
 
 /// What the fleet is moved to; fixed at plan time.
@@ -53,19 +54,23 @@ pub struct GrpcFleet {
     target: Arc<Target>,
     /// One lazily connected channel per host, by its `host:port`.
     channels: HashMap<String, Channel>,
+    /// Where the agents' activation steps are shown.
+    live: Arc<LiveView>,
 }
 
 fn failure((cause, message): (Cause, String)) -> HostFailure {
     HostFailure { cause, message }
 }
 
-/// While a host's new process is on probation, its progress (check n/N,
-/// time left) on stderr: the activation waits for it, and a person should
-/// see why. `None` if the agent does not let us watch.
-async fn probation_progress(
+/// While a host's activation runs on the agent, its steps (verifying,
+/// preflight, spawning, ready, probation check n/N) become the host's
+/// phase in the live view: the activation waits for them, and a person
+/// should see why. `None` if the agent does not let us watch.
+async fn activation_progress(
     mut control: pb::service_control_client::ServiceControlClient<Channel>,
     host: &str,
     service: &str,
+    live: Arc<LiveView>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let mut events = control
         .watch_events(pb::WatchEventsRequest {
@@ -76,9 +81,21 @@ async fn probation_progress(
         .into_inner();
     let host = host.to_string();
     Some(tokio::spawn(async move {
+        use pb::EventKind as K;
         while let Ok(Some(event)) = events.message().await {
-            if event.kind == pb::EventKind::Probation as i32 {
-                eprintln!("  {host:<24} {}", event.message);
+            let kind = pb::EventKind::try_from(event.kind).unwrap_or_default();
+            let step = match kind {
+                K::Verifying | K::Spawning | K::Ready | K::Draining => "activating",
+                K::Preflight => "preflight",
+                K::Probation => "probation",
+                _ => continue,
+            };
+            // Agent messages already name the step ("probation of 1.1.0:
+            // check 1/2 passed"); only prefix those that do not.
+            if event.message.starts_with(step) {
+                live.phase(&host, &event.message);
+            } else {
+                live.phase(&host, &format!("{step}: {}", event.message));
             }
         }
     }))
@@ -95,7 +112,7 @@ fn pb_lease(lease: &Lease) -> pb::LeaseRef {
 impl GrpcFleet {
     /// Channels connect on first use, so an unreachable host fails its own
     /// calls and not the construction.
-    pub fn new(target: Target, hosts: &[String]) -> anyhow::Result<GrpcFleet> {
+    pub fn new(target: Target, hosts: &[String], live: Arc<LiveView>) -> anyhow::Result<GrpcFleet> {
         let channels = hosts
             .iter()
             .map(|h| Ok((h.clone(), crate::client::endpoint(h)?.connect_lazy())))
@@ -103,6 +120,7 @@ impl GrpcFleet {
         Ok(GrpcFleet {
             target: Arc::new(target),
             channels,
+            live,
         })
     }
 
@@ -296,6 +314,14 @@ impl Fleet for GrpcFleet {
             Ok(Err(status)) if status.code() == Code::Aborted => {
                 Err(LeaseRefusal(status.message().to_string()))
             }
+            // Below gRPC (a TLS/plaintext mismatch is the usual one on a
+            // first push): said as what it is, not as a lease refusal.
+            Ok(Err(status)) if crate::client::is_transport_failure(&status) => {
+                Err(LeaseRefusal(format!(
+                    "{:#}",
+                    crate::client::describe_status(host, "grant a lease", &status)
+                )))
+            }
             Ok(Err(status)) => Err(LeaseRefusal(format!(
                 "cannot take the lease ({:?}): {}",
                 status.code(),
@@ -366,7 +392,18 @@ impl Fleet for GrpcFleet {
         if target.agent() {
             let info = agent_info(self.channel(host)).await.map_err(failure)?;
             if info.executable_sha256 == target.sha256 {
-                return Ok(Staged::AlreadyOnTarget);
+                // Started from the signed release (an earlier push): it is
+                // on the target, and says so. Otherwise it is an installed
+                // binary with the same bytes, which reports its own version.
+                if info.artifact_version == target.version {
+                    return Ok(Staged::AlreadyOnTarget);
+                }
+                let reported_as = if info.artifact_version.is_empty() {
+                    format!("{} (installed)", info.agent_version)
+                } else {
+                    info.artifact_version
+                };
+                return Ok(Staged::SameBytesAs { reported_as });
             }
             return self.upload_release(host).await;
         }
@@ -412,7 +449,8 @@ impl Fleet for GrpcFleet {
             allow_downgrade: target.allow_downgrade,
         };
         let mut control = self.control(host);
-        let progress = probation_progress(control.clone(), host, &target.service).await;
+        let progress =
+            activation_progress(control.clone(), host, &target.service, self.live.clone()).await;
         let response =
             tokio::time::timeout(Duration::from_secs(300), control.activate(request)).await;
         if let Some(progress) = progress {

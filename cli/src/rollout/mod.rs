@@ -29,11 +29,13 @@
 //!   [`gate::HealthGate`];
 //! - [`grpc_fleet`] and [`agent_upgrade`]: the fleet over tonic;
 //! - [`output`]: what people see;
+//! - [`dry_run`]: `push --dry-run`, every host asked with the read right;
 //! - [`history`]: `reloadctl rollouts`, the journals read back (without
 //!   their locks) as a list and one rollout's story.
 
 mod agent_upgrade;
 mod causes;
+pub mod dry_run;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
@@ -72,6 +74,8 @@ pub struct PushArgs {
     pub config: PathBuf,
     pub version: String,
     pub hosts_file: PathBuf,
+    /// `--limit`: only these hosts of the file.
+    pub limit: Option<String>,
     pub overrides: RolloutOverrides,
     pub json: bool,
     pub dry_run: bool,
@@ -98,8 +102,11 @@ impl std::error::Error for UsageError {}
 pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
     let usage = |e: anyhow::Error| anyhow::Error::new(UsageError(e));
     let project = project::Project::load(&args.config).map_err(usage)?;
-    project.configure_transport()?;
-    let hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
+    let mut hosts = hosts::read_hosts(&args.hosts_file).map_err(usage)?;
+    if let Some(limit) = &args.limit {
+        hosts =
+            hosts::limit(hosts, limit, &args.hosts_file.display().to_string()).map_err(usage)?;
+    }
     let settings = project.rollout.with(&args.overrides);
     let waves = plan::parse_waves(&settings.waves).map_err(usage)?;
     let budget = plan::failure_budget(&settings.max_failures, hosts.len()).map_err(usage)?;
@@ -122,8 +129,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         allow_downgrade: args.allow_downgrade,
     };
     if args.dry_run {
-        output::print_plan(&plan);
-        return Ok(0);
+        return dry_run::run(&plan, args.json, args.force_takeover).await;
     }
     let rollout = random_id();
     let mut journal = Journal::create(&project.base, &rollout, args.json)?;
@@ -209,7 +215,6 @@ pub async fn resume(
     force_takeover: bool,
 ) -> anyhow::Result<u8> {
     let project = project::Project::load(config).map_err(|e| anyhow::Error::new(UsageError(e)))?;
-    project.configure_transport()?;
     let path = find_journal(&project.base, id)?;
     let (journal, lines) = Journal::reopen(&path, json)?;
     let Some(first) = lines.first() else {
@@ -319,7 +324,8 @@ async fn run(
     force_takeover: bool,
     resumed_tokens: Option<std::collections::BTreeMap<String, u64>>,
 ) -> anyhow::Result<u8> {
-    let report = output::Reporter::new(human);
+    let live = output::LiveView::new(human);
+    let report = output::Reporter::new(live.clone());
     let fleet = GrpcFleet::new(
         Target {
             service: plan.service.clone(),
@@ -329,17 +335,25 @@ async fn run(
             allow_downgrade: plan.allow_downgrade,
         },
         &plan.hosts,
+        live.clone(),
     )?;
     let holder = holder_name(&plan, &lease.rollout);
     let mut start = RunStart::new(lease, holder, force_takeover, resumed_tokens.is_none());
     start.resumed_tokens = resumed_tokens;
     let engine = RolloutEngine::new(plan, fleet, journal, hosts, start, report);
     // Registered only once the engine polls it (after staging): until
-    // then Ctrl-C simply ends the process, nothing having changed.
-    let ctrl_c = async {
+    // then Ctrl-C simply ends the process, nothing having changed. After
+    // the first, each further Ctrl-C says what the pause still waits for
+    // (a host in its health gate may take a while) instead of nothing.
+    let ctrl_c = async move {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                live.print_waiting();
+            }
+        });
     };
     Ok(engine.run(ctrl_c).await?.exit_code())
 }
@@ -378,7 +392,8 @@ fn resolve_release(
     let keys = keys
         .iter()
         .map(|p| PublicKey::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .context("a trusted_keys entry of the project file (paths are relative to its folder)")?;
     let envelope_path = envelope_path_for(&artifact);
     let envelope = std::fs::read(&envelope_path).with_context(|| {
         format!(

@@ -320,6 +320,7 @@ fn every_subcommand_help_has_an_example_and_init_and_completions_work() {
         "push",
         "resume",
         "artifacts",
+        "logs",
         "certs",
         "init",
         "completions",
@@ -339,15 +340,21 @@ fn every_subcommand_help_has_an_example_and_init_and_completions_work() {
     );
     assert!(d.join("hosts.txt").exists() && d.join("releases").is_dir());
     // The written files are what push reads: a dry run plans over them once
-    // a release is signed.
+    // a release is signed (and, no agent running there, says the push
+    // could not start).
     reloadctl_ok(d, &["keygen", "--out", "release"]);
     std::fs::write(d.join("releases/web-1.0"), b"#!/bin/sh\n").unwrap();
     reloadctl_ok(
         d,
         &sign_args("release.key", "web", "1.0", "releases/web-1.0"),
     );
-    let plan = reloadctl_ok(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
-    assert!(plan.contains("to 3 hosts"), "{plan}");
+    let output = reloadctl(d, &["push", "--version", "1.0", "--dry-run", "hosts.txt"]);
+    let plan = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{plan}");
+    assert!(
+        plan.contains("to 3 hosts") && plan.contains("unreachable"),
+        "{plan}"
+    );
     for shell in ["bash", "zsh", "fish"] {
         let script = reloadctl_ok(d, &["completions", shell]);
         assert!(

@@ -26,10 +26,12 @@
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
 //! - [`cli`]: `reloadctl` as a user runs it.
+//! - [`cli_project`]: `reloadctl` against a fleet: the project file, hosts files, `--limit`, dry runs, progress, logs.
 //! - [`verified_exec`]: only verified bytes run, whatever a writer does to the store.
 
 mod agent_upgrade;
 mod cli;
+mod cli_project;
 mod fd_store;
 mod fencing;
 mod fetch;
