@@ -21,6 +21,7 @@
 //! - [`fencing`]: fencing tokens, checked where the change is committed.
 //! - [`outlive`]: services that outlive their agent (crash, kill, restart).
 //! - [`probation`]: a bad release is reverted by the agent, never replacing a good one.
+//! - [`recipes`]: gunicorn, uvicorn, Node, Go, nginx and HAProxy under the agent, as docs/recipes/ configures them.
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
@@ -34,6 +35,7 @@ mod fencing;
 mod operability;
 mod outlive;
 mod probation;
+mod recipes;
 mod reload;
 mod rollout;
 mod rollout_faults;
