@@ -380,11 +380,23 @@ async fn go_net_http_loses_no_request() {
     .await;
 }
 
-/// The ASGI app of the uvicorn test: says READY=1 from its lifespan
-/// startup (uvicorn does not), as the recipe shows.
-const ASGI_APP: &str = r#"import os, socket
+/// The ASGI app of the uvicorn test, with the recipe's few lines: READY=1
+/// from its lifespan startup (uvicorn says nothing), and `Connection:
+/// close` on every answer once the agent's pre-drain signal (SIGUSR1)
+/// came, so keep-alive clients leave before uvicorn's SIGTERM closes what
+/// is idle.
+const ASGI_APP: &str = r#"import os, signal, socket
 
 VERSION = os.environ.get("RELOAD_SERVICE_VERSION", "").encode()
+draining = False
+
+
+def start_draining(signum, frame):
+    global draining
+    draining = True
+
+
+signal.signal(signal.SIGUSR1, start_draining)
 
 
 def notify(state):
@@ -405,15 +417,18 @@ async def app(scope, receive, send):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     await receive()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"x-version", VERSION)]})
+    headers = [(b"content-type", b"text/plain"), (b"x-version", VERSION)]
+    if draining:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"ok\n"})
 "#;
 
-/// uvicorn closes idle keep-alive connections (and accepted connections
-/// not yet read) when it stops: the documented bound.
+/// uvicorn with the agent's pre-drain signal: keep-alive loses nothing;
+/// at SIGTERM uvicorn closes connections it accepted and has not read yet,
+/// at most one per connecting client per reload (the documented bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uvicorn_loses_at_most_one_request_per_keep_alive_connection() {
+async fn uvicorn_with_a_pre_drain_loses_no_keep_alive_request() {
     let python = debian_python();
     reload_recipe(
         "uvicorn",
@@ -435,7 +450,7 @@ async fn uvicorn_loses_at_most_one_request_per_keep_alive_connection() {
             .into_bytes()
         },
         Bound {
-            keep_alive: (KEEP_ALIVE_CONNECTIONS * RELOADS) as u64,
+            keep_alive: 0,
             new_connection: (NEW_CONNECTION_WORKERS * RELOADS) as u64,
         },
     )
