@@ -8,8 +8,9 @@
 //! `reload_tests` (`tests/src/`): build them first with
 //! `cargo build --workspace --bins` (`make test` does), then
 //! `cargo nextest run -p reload-tests`. A tool a test needs (openssl,
-//! systemd-socket-activate, python3 with grpcio) that is missing fails that
-//! test, saying what to install; nothing is skipped silently.
+//! systemd-socket-activate, python3 with grpcio, and the recipes' gunicorn,
+//! uvicorn, node, go, nginx and haproxy) that is missing fails that test,
+//! saying what to install; nothing is skipped silently.
 //!
 //! Layout:
 //! - [`upload`]: uploads, verification and the artifact store on disk.
