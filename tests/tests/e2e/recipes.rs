@@ -536,3 +536,83 @@ async fn haproxy_loses_no_request() {
     )
     .await;
 }
+
+/// `[service.drain] pre_signal`/`pre_wait`, which the uvicorn recipe uses:
+/// the old process gets the first signal, then, `pre_wait` later, the
+/// drain signal; one that exits on the first signal is not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pre_drain_signal_comes_a_pre_wait_before_the_drain_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("signals.log");
+    let config = "[[service]]\nname = \"web\"\n\
+         [service.readiness]\nkind = \"delay\"\ndelay = \"100ms\"\n\
+         [service.probation]\nhealthy_for = \"0s\"\n\
+         [service.drain]\npre_signal = \"SIGUSR1\"\npre_wait = \"1s\"\nsignal = \"SIGTERM\"\ntimeout = \"10s\"\n";
+    let agent = Agent::start(dir.path(), Arc::new(SigningKey::generate()), config);
+    // A shell that writes down each signal with the time; `traps = false`
+    // makes one that SIGUSR1 kills (no handler).
+    let release = |version: &str, traps: bool| {
+        let traps = if traps {
+            format!(
+                "trap 'echo \"$$ SIGUSR1 $(date +%s%N)\" >> {log}' USR1\n\
+                 trap 'echo \"$$ SIGTERM $(date +%s%N)\" >> {log}; exit 0' TERM\n",
+                log = log.display()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "#!/bin/sh\n# release {version}\n[ \"$1\" = --version ] && exit 0\n{traps}while :; do sleep 0.1; done\n"
+        )
+        .into_bytes()
+    };
+    let v1 = agent.stage("web", "1.0.0", &release("1.0.0", true)).await;
+    let v2 = agent.stage("web", "2.0.0", &release("2.0.0", true)).await;
+    let v3 = agent.stage("web", "3.0.0", &release("3.0.0", false)).await;
+    agent.activate_ok("web", &v1, Downgrade::Allowed).await;
+    let old = agent
+        .activate_ok("web", &v2, Downgrade::Allowed)
+        .await
+        .old_pid;
+    wait_for("the old process to drain", Duration::from_secs(20), || {
+        process_gone(old)
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let times: Vec<(String, u128)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == old.to_string())
+                .then(|| Some((fields.next()?.to_string(), fields.next()?.parse().ok()?)))?
+        })
+        .collect();
+    assert_eq!(
+        times.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["SIGUSR1", "SIGTERM"],
+        "{text}"
+    );
+    let waited = Duration::from_nanos((times[1].1 - times[0].1) as u64);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "SIGTERM came {waited:?} after SIGUSR1 (pre_wait = 1s)"
+    );
+
+    // 3.0.0 dies on SIGUSR1: its drain ends there.
+    agent.activate_ok("web", &v3, Downgrade::Allowed).await;
+    let old = agent
+        .activate_ok("web", &v1, Downgrade::Allowed)
+        .await
+        .old_pid;
+    eventually(
+        "the drain of the process SIGUSR1 ended to be reported",
+        Duration::from_secs(20),
+        async || agent.log_text(),
+        |log| {
+            log.contains(&format!(
+                "old pid {old} exited on SIGUSR1 (killed by SIGUSR1)"
+            ))
+        },
+    )
+    .await;
+}
