@@ -284,13 +284,17 @@ pub enum Command {
     },
     /// Write a commented reloadctl.toml and a hosts.txt to start from.
     #[command(
-        after_help = "Example:\n  reloadctl init --service web\n  reloadctl init --dir deploy/web --service web --force"
+        after_help = "Example:\n  reloadctl init --service web\n  reloadctl init --dir deploy/web --service web --force\n  reloadctl init --service web --recipe gunicorn-sync"
     )]
     Init {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
         #[arg(long, default_value = "demo")]
         service: String,
+        /// Also write SERVICE.service.toml: the agent's [[service]] section
+        /// for this program, tested as docs/recipes/README.md shows.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::init::RECIPES.iter().map(|(name, _)| *name)))]
+        recipe: Option<String>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,

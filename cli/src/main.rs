@@ -131,8 +131,9 @@ fn run_simple(command: Command) -> anyhow::Result<()> {
         Command::Init {
             dir,
             service,
+            recipe,
             force,
-        } => init::init(&dir, &service, force),
+        } => init::init(&dir, &service, recipe.as_deref(), force),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -156,7 +156,7 @@ pub(super) async fn prepare(
     let longest_drain = config
         .services
         .iter()
-        .map(|s| s.drain_timeout)
+        .map(|s| s.drain.bound())
         .max()
         .unwrap_or_default();
     let selfupgrade = Arc::new(SelfUpgrade::new(

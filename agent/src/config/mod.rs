@@ -17,7 +17,8 @@ use serde::Deserialize;
 mod service;
 use service::{check_service, ServiceSection};
 pub use service::{
-    HealthProbe, ListenerConfig, ListenerKind, Probation, Readiness, ServiceConfig, PROBE_LISTENER,
+    DrainPlan, HealthProbe, ListenerConfig, ListenerKind, Probation, Readiness, ServiceConfig,
+    PROBE_LISTENER,
 };
 
 /// The file as written.
@@ -620,7 +621,8 @@ timeout = "5s"
         let web = &config.services[0];
         assert_eq!(web.readiness, Readiness::Notify);
         assert_eq!(web.preflight_args, vec!["--version".to_string()]);
-        assert_eq!(web.drain_signal, nix::sys::signal::Signal::SIGQUIT);
+        assert_eq!(web.drain.signal, nix::sys::signal::Signal::SIGQUIT);
+        assert_eq!(web.drain.pre, None);
         assert_eq!(
             web.tcp_address(None),
             Some("127.0.0.1:8080".parse().unwrap())
@@ -704,5 +706,40 @@ timeout = "5s"
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("handshake_timeout"), "{err:#}");
+    }
+
+    #[test]
+    fn a_pre_drain_signal_comes_with_its_wait() {
+        use nix::sys::signal::Signal;
+        let dir = tempfile::tempdir().unwrap();
+        with_key(dir.path());
+        let config = |drain: &str| {
+            AgentConfig::parse(
+                &format!("[agent]\ninsecure = true\ntrusted_keys = [\"release.pub\"]\n[[service]]\nname = \"web\"\n[service.drain]\n{drain}"),
+                dir.path(),
+            )
+        };
+        let web = config("pre_signal = \"SIGUSR1\"\npre_wait = \"1s\"\ntimeout = \"10s\"\n")
+            .unwrap()
+            .services
+            .remove(0);
+        assert_eq!(
+            web.drain,
+            DrainPlan {
+                pre: Some((Signal::SIGUSR1, Duration::from_secs(1))),
+                signal: Signal::SIGTERM,
+                timeout: Duration::from_secs(10),
+            }
+        );
+        assert_eq!(web.drain.bound(), Duration::from_secs(11));
+        assert_eq!(web.drain.describe(), "SIGUSR1, 1s later SIGTERM");
+        for (drain, named) in [
+            ("pre_signal = \"SIGUSR1\"\n", "pre_wait"),
+            ("pre_wait = \"1s\"\n", "pre_signal"),
+            ("pre_signal = \"USR9\"\npre_wait = \"1s\"\n", "USR9"),
+        ] {
+            let err = config(drain).unwrap_err();
+            assert!(format!("{err:#}").contains(named), "{drain}: {err:#}");
+        }
     }
 }

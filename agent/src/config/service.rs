@@ -281,6 +281,13 @@ struct DrainConfig {
     /// After this the old process group gets SIGKILL.
     #[serde(with = "humantime_serde")]
     timeout: Duration,
+    /// A first signal, `pre_wait` before `signal`: for programs that can
+    /// be told to stop keep-alive (answer `Connection: close`) apart from
+    /// being told to stop, so that their clients move to the new process
+    /// before the drain closes idle connections under them.
+    pre_signal: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pre_wait: Duration,
 }
 
 impl Default for DrainConfig {
@@ -288,6 +295,37 @@ impl Default for DrainConfig {
         DrainConfig {
             signal: "SIGTERM".into(),
             timeout: Duration::from_secs(30),
+            pre_signal: None,
+            pre_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// How a process is drained (`[service.drain]`): the optional first
+/// signal and its wait, then the drain signal and its timeout, then
+/// SIGKILL of the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPlan {
+    pub pre: Option<(nix::sys::signal::Signal, Duration)>,
+    pub signal: nix::sys::signal::Signal,
+    pub timeout: Duration,
+}
+
+impl DrainPlan {
+    /// The longest a drain can take before the SIGKILL.
+    pub fn bound(&self) -> Duration {
+        self.pre.map(|(_, wait)| wait).unwrap_or_default() + self.timeout
+    }
+
+    /// What the drain does, for people: "SIGUSR1, 1s later SIGTERM".
+    pub fn describe(&self) -> String {
+        match self.pre {
+            Some((pre, wait)) => format!(
+                "{pre}, {} later {}",
+                humantime::format_duration(wait),
+                self.signal
+            ),
+            None => self.signal.to_string(),
         }
     }
 }
@@ -329,8 +367,7 @@ pub struct ServiceConfig {
     pub probation: Probation,
     pub preflight_args: Vec<String>,
     pub preflight_timeout: Duration,
-    pub drain_signal: nix::sys::signal::Signal,
-    pub drain_timeout: Duration,
+    pub drain: DrainPlan,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -399,15 +436,27 @@ pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Res
             );
         }
     }
-    let drain_signal: nix::sys::signal::Signal = section.drain.signal.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "service {name:?}: drain signal {:?} is not a signal name such as SIGTERM or SIGQUIT",
-            section.drain.signal
-        )
-    })?;
+    let signal_named = |signal: &str| -> anyhow::Result<nix::sys::signal::Signal> {
+        signal.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "service {name:?}: drain signal {signal:?} is not a signal name such as SIGTERM or SIGQUIT"
+            )
+        })
+    };
+    let drain_signal = signal_named(&section.drain.signal)?;
     if section.readiness.timeout.is_zero() || section.drain.timeout.is_zero() {
         bail!("service {name:?}: readiness and drain timeouts must be above zero");
     }
+    let pre_drain = match (&section.drain.pre_signal, section.drain.pre_wait.is_zero()) {
+        (Some(pre), false) => Some((signal_named(pre)?, section.drain.pre_wait)),
+        (Some(_), true) => bail!(
+            "service {name:?}: [service.drain] pre_signal needs pre_wait = \"1s\" (how long before the drain signal)"
+        ),
+        (None, false) => bail!(
+            "service {name:?}: [service.drain] pre_wait needs pre_signal = \"SIGUSR1\" (the signal it waits after)"
+        ),
+        (None, true) => None,
+    };
     Ok(ServiceConfig {
         listeners: section
             .listeners
@@ -435,8 +484,11 @@ pub(super) fn check_service(section: ServiceSection, base: &Path) -> anyhow::Res
         health_timeout: section.health.timeout,
         preflight_args: section.preflight.args,
         preflight_timeout: section.preflight.timeout,
-        drain_signal,
-        drain_timeout: section.drain.timeout,
+        drain: DrainPlan {
+            pre: pre_drain,
+            signal: drain_signal,
+            timeout: section.drain.timeout,
+        },
         initial_backoff: section.restart.initial_backoff,
         max_backoff: section
             .restart

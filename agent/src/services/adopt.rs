@@ -105,9 +105,9 @@ pub(super) fn adopt(
             continue;
         }
         tracing::warn!(service = %config.name, pid, "a process that is not the current one still runs (it was draining, or its release is no longer current); draining it");
-        let (signal, timeout) = (config.drain_signal, config.drain_timeout);
+        let plan = config.drain;
         tokio::spawn(async move {
-            drain(&process, signal, timeout).await;
+            drain(&process, plan).await;
         });
     }
     adopted
@@ -127,7 +127,12 @@ pub(super) fn drain_undeclared(found: Vec<Attached>, output: &OutputLogs) {
         }
         tracing::warn!(%service, pid, "the config no longer declares this service; draining its process");
         tokio::spawn(async move {
-            drain(&process, Signal::SIGTERM, Duration::from_secs(30)).await;
+            let plan = crate::config::DrainPlan {
+                pre: None,
+                signal: Signal::SIGTERM,
+                timeout: Duration::from_secs(30),
+            };
+            drain(&process, plan).await;
         });
     }
 }

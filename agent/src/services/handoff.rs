@@ -503,7 +503,7 @@ impl Handoff {
             // the shared socket during probation, whose requests it answers
             // (with `Connection: close`) before it goes.
             let config = &service.config;
-            drain(&new_process, config.drain_signal, config.drain_timeout).await;
+            drain(&new_process, config.drain).await;
             self.record_failure(
                 service,
                 &new_ref,
@@ -640,13 +640,13 @@ impl Handoff {
         let message = format!(
             "draining pid {} with {} (up to {})",
             old.pid,
-            config.drain_signal,
-            humantime::format_duration(config.drain_timeout)
+            config.drain.describe(),
+            humantime::format_duration(config.drain.bound())
         );
         self.emit(service, new_ref, pb::EventKind::Draining, old.pid, message);
         let events = self.events.clone();
         let metrics = self.metrics.clone();
-        let (signal, timeout) = (config.drain_signal, config.drain_timeout);
+        let plan = config.drain;
         let (name, version, sha) = (
             config.name.clone(),
             new_ref.version.clone(),
@@ -654,7 +654,7 @@ impl Handoff {
         );
         tokio::spawn(async move {
             let draining = Instant::now();
-            let outcome = drain(&old, signal, timeout).await;
+            let outcome = drain(&old, plan).await;
             metrics
                 .handoff_seconds
                 .get_or_create(&crate::metrics::ServicePhase {

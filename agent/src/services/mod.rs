@@ -326,8 +326,7 @@ impl Services {
         let (pid, outcome) = match process {
             Some(process) => {
                 let pid = process.pid;
-                let (signal, timeout) = (service.config.drain_signal, service.config.drain_timeout);
-                (pid, drain(&process, signal, timeout).await)
+                (pid, drain(&process, service.config.drain).await)
             }
             None => (0, "nothing was running".to_string()),
         };
@@ -376,8 +375,8 @@ impl Services {
             service.set_state(pb::ServiceState::Stopped);
             service.bump();
             if let Some(process) = process {
-                let (signal, timeout) = (service.config.drain_signal, service.config.drain_timeout);
-                drains.push(async move { drain(&process, signal, timeout).await });
+                let plan = service.config.drain;
+                drains.push(async move { drain(&process, plan).await });
             }
         }
         for drain in drains {

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -16,6 +16,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use super::readiness::NotifyPath;
+use crate::config::DrainPlan;
 
 /// One process of a service, as the agent tracks it.
 #[derive(Clone)]
@@ -125,9 +126,19 @@ pub(super) fn signal_group_of(pid: u32, pidfd: std::os::fd::BorrowedFd<'_>, sign
     }
 }
 
-/// Signals the process group, waits up to `timeout` for the leader, then
-/// SIGKILLs whatever of the group is left. Returns what happened, for people.
-pub(super) async fn drain(process: &Process, signal: Signal, timeout: Duration) -> String {
+/// Drains as `plan` says: the first signal (if any) and its wait, cut
+/// short if the process exits; then the drain signal, up to its timeout
+/// for the leader; then SIGKILL to whatever of the group is left. Returns
+/// what happened, for people.
+pub(super) async fn drain(process: &Process, plan: DrainPlan) -> String {
+    if let Some((pre, wait)) = plan.pre {
+        process.signal_group(pre);
+        if let Ok(status) = tokio::time::timeout(wait, process.wait()).await {
+            process.signal_group(Signal::SIGKILL);
+            return format!("exited on {pre} ({})", describe_exit(status));
+        }
+    }
+    let (signal, timeout) = (plan.signal, plan.timeout);
     process.signal_group(signal);
     let outcome = match tokio::time::timeout(timeout, process.wait()).await {
         Ok(status) => format!("drained and {}", describe_exit(status)),

@@ -62,7 +62,7 @@ impl Service {
     pub(super) async fn reload_lock(
         &self,
     ) -> Result<tokio::sync::OwnedMutexGuard<()>, ServiceError> {
-        let bound = self.config.drain_timeout + Duration::from_secs(5);
+        let bound = self.config.drain.bound() + Duration::from_secs(5);
         tokio::time::timeout(bound, self.reload.clone().lock_owned())
             .await
             .map_err(|_| ServiceError::PreviousReloadStuck {

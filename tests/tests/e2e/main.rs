@@ -8,8 +8,9 @@
 //! `reload_tests` (`tests/src/`): build them first with
 //! `cargo build --workspace --bins` (`make test` does), then
 //! `cargo nextest run -p reload-tests`. A tool a test needs (openssl,
-//! systemd-socket-activate, python3 with grpcio) that is missing fails that
-//! test, saying what to install; nothing is skipped silently.
+//! systemd-socket-activate, python3 with grpcio, and the recipes' gunicorn,
+//! uvicorn, node, go, nginx and haproxy) that is missing fails that test,
+//! saying what to install; nothing is skipped silently.
 //!
 //! Layout:
 //! - [`upload`]: uploads, verification and the artifact store on disk.
@@ -22,6 +23,7 @@
 //! - [`fencing`]: fencing tokens, checked where the change is committed.
 //! - [`outlive`]: services that outlive their agent (crash, kill, restart).
 //! - [`probation`]: a bad release is reverted by the agent, never replacing a good one.
+//! - [`recipes`]: gunicorn, uvicorn, Node, Go, nginx and HAProxy under the agent, as docs/recipes/ configures them.
 //! - [`standalone`]: the demo server upgrading itself, and under systemd.
 //! - [`security`]: mutual TLS, rights, the audit log, limits and keys.
 //! - [`operability`]: metrics, gRPC reflection, the Python example.
@@ -38,6 +40,7 @@ mod fetch;
 mod operability;
 mod outlive;
 mod probation;
+mod recipes;
 mod reload;
 mod rollout;
 mod rollout_faults;

@@ -1,0 +1,3 @@
+module example.com/reload-go-server
+
+go 1.19
