@@ -46,6 +46,7 @@ fn plan(hosts: Vec<String>, settings: RolloutSettings) -> RolloutPlan {
         hosts,
         settings,
         allow_downgrade: false,
+        fetch_url: None,
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Target {
     /// `push --allow-downgrade`: the operator accepts going below the
     /// agents' downgrade floor.
     pub allow_downgrade: bool,
+    /// Where the agents fetch the release (FetchArtifact); `None`: upload.
+    pub fetch_url: Option<String>,
 }
 
 impl Target {
@@ -139,11 +141,15 @@ impl GrpcFleet {
         pb::lease_service_client::LeaseServiceClient::new(self.channel(host))
     }
 
-    /// Uploads the release unless the host has it.
+    /// Uploads the release unless the host has it, or has the host fetch
+    /// it from the repository (`artifact_url`).
     async fn upload_release(&self, host: &str) -> Result<Staged, HostFailure> {
         let target = &self.target;
         let envelope = std::fs::read(envelope_path_for(&target.artifact))
             .map_err(|e| HostFailure::new(Cause::Rejected, e.to_string()))?;
+        if let Some(url) = &target.fetch_url {
+            return self.fetch_release(host, envelope, url).await;
+        }
         let outcome = upload(
             host,
             self.channel(host),
@@ -164,6 +170,35 @@ impl GrpcFleet {
         })?;
         Ok(Staged::Uploaded {
             bytes_sent: outcome.bytes_sent,
+        })
+    }
+
+    /// FetchArtifact: the host takes the bytes from the repository; only
+    /// the envelope leaves this process.
+    async fn fetch_release(
+        &self,
+        host: &str,
+        envelope: Vec<u8>,
+        url: &str,
+    ) -> Result<Staged, HostFailure> {
+        let sent = envelope.len() as u64;
+        let mut client =
+            pb::artifact_service_client::ArtifactServiceClient::new(self.channel(host));
+        let answer = client
+            .fetch_artifact(pb::FetchArtifactRequest {
+                envelope,
+                url: url.to_string(),
+            })
+            .await
+            .map_err(|s| {
+                HostFailure::new(
+                    cause_of(&s),
+                    format!("fetching {url} ({:?}): {}", s.code(), s.message()),
+                )
+            })?
+            .into_inner();
+        Ok(Staged::Uploaded {
+            bytes_sent: if answer.already_present { 0 } else { sent },
         })
     }
 

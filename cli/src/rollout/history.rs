@@ -143,6 +143,7 @@ impl History {
                 waves,
                 settings,
                 allow_downgrade,
+                ..
             } => Some(PlanView {
                 service,
                 version,
@@ -758,6 +759,7 @@ mod tests {
             waves: vec![vec![0], vec![1, 2]],
             settings: Box::new(RolloutSettings::default()),
             allow_downgrade: false,
+            fetch_url: None,
         }
     }
 

@@ -97,6 +97,9 @@ pub enum Record {
         /// agents' downgrade floor.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         allow_downgrade: bool,
+        /// Where the agents fetch the release, if not from the CLI.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fetch_url: Option<String>,
     },
     /// A new generation took the leases (a start or a resume).
     Leased {

@@ -116,6 +116,11 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         project.service.clone()
     };
     let (artifact, manifest) = resolve_release(&project, &service, &args.version)?;
+    // Agent releases are uploaded: `artifact_url` names the service's.
+    let fetch_url = match &project.artifact_url {
+        Some(template) if !args.agent => Some(template.replace("{version}", &manifest.version)),
+        _ => None,
+    };
     let plan = RolloutPlan {
         service,
         version: manifest.version.clone(),
@@ -127,6 +132,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         settings,
         budget,
         allow_downgrade: args.allow_downgrade,
+        fetch_url,
     };
     if args.dry_run {
         return dry_run::run(&plan, args.json, args.force_takeover).await;
@@ -143,6 +149,7 @@ pub async fn push(args: PushArgs) -> anyhow::Result<u8> {
         waves: plan.waves.clone(),
         settings: Box::new(plan.settings.clone()),
         allow_downgrade: plan.allow_downgrade,
+        fetch_url: plan.fetch_url.clone(),
     })?;
     if !args.json {
         output::print_start(&rollout, &plan, &journal.path);
@@ -234,6 +241,7 @@ pub async fn resume(
         waves,
         settings,
         allow_downgrade,
+        fetch_url,
     }) = lines.first().map(|l| l.record.clone())
     else {
         bail!("journal {} does not start with a plan", path.display());
@@ -284,6 +292,7 @@ pub async fn resume(
         settings: *settings,
         budget,
         allow_downgrade,
+        fetch_url,
     };
     let records = HostRecord::from_journal(&plan.hosts, &lines);
     // A failed host stays failed; a halted rollout is not resumed into
@@ -333,6 +342,7 @@ async fn run(
             sha256: plan.sha256.clone(),
             artifact: plan.artifact.clone(),
             allow_downgrade: plan.allow_downgrade,
+            fetch_url: plan.fetch_url.clone(),
         },
         &plan.hosts,
         live.clone(),

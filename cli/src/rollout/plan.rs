@@ -28,6 +28,9 @@ pub struct RolloutPlan {
     /// `push --allow-downgrade`: asked explicitly, journaled, and sent
     /// with every activation (the agents audit it).
     pub allow_downgrade: bool,
+    /// Where the agents fetch the release (`artifact_url` with the
+    /// version); `None`: the CLI uploads it.
+    pub fetch_url: Option<String>,
 }
 
 /// How many hosts a wave spec reaches in total (cumulative).

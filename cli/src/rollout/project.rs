@@ -24,6 +24,11 @@ pub struct ProjectFile {
     pub artifact: Option<String>,
     #[serde(default)]
     pub agent_artifact: Option<String>,
+    /// Where the agents fetch the release themselves (`FetchArtifact`),
+    /// `{version}` replaced by the signed version (`1.5.0`): the CLI then
+    /// sends each agent the envelope only.
+    #[serde(default)]
+    pub artifact_url: Option<String>,
     #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     #[serde(default)]
@@ -74,6 +79,8 @@ pub struct Project {
     /// Where agent releases are, for `push --agent`, in the same form (e.g.
     /// "releases/reload-agent-{version}").
     pub agent_artifact: Option<String>,
+    /// See [`ProjectFile::artifact_url`].
+    pub artifact_url: Option<String>,
     /// Public keys a release must be signed by, checked before any agent
     /// is contacted. Relative to this file.
     pub trusted_keys: Vec<PathBuf>,
@@ -105,6 +112,7 @@ impl Project {
                 .artifact
                 .ok_or_else(|| missing("artifact", "\"releases/web-{version}\""))?,
             agent_artifact: file.agent_artifact,
+            artifact_url: file.artifact_url,
             trusted_keys: file.trusted_keys,
             rollout: file.rollout,
             base: file.base,

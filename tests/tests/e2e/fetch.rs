@@ -322,3 +322,97 @@ async fn a_stalled_fetch_times_out_keeps_its_bytes_and_the_next_fetch_resumes_wi
     );
     assert!(temp_files(&agent).is_empty(), "{:?}", temp_files(&agent));
 }
+
+/// `reloadctl push` with `artifact_url` in the project file: every agent
+/// fetches the release from the repository itself, and the CLI sends each
+/// only the envelope (the issue's "CLI egress / artifact size" at most 2;
+/// here it is a few kilobytes against the release's megabytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_with_artifact_url_has_every_agent_fetch_and_the_cli_sends_only_envelopes() {
+    const HOSTS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start(&dir.path().join("repository"));
+    let key = Arc::new(SigningKey::generate());
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(project.join("releases")).unwrap();
+    std::fs::write(project.join("release.key"), key.to_pem()).unwrap();
+    std::fs::write(project.join("release.pub"), key.public().to_pem()).unwrap();
+    std::fs::write(
+        project.join("reloadctl.toml"),
+        format!(
+            "service = \"web\"\nartifact = \"releases/web-{{version}}\"\nartifact_url = \"{}web-{{version}}\"\n\
+             trusted_keys = [\"release.pub\"]\n\
+             [rollout]\ncanary = 1\nhealthy_checks = 2\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"10s\"\n",
+            repository.prefix()
+        ),
+    )
+    .unwrap();
+    let bytes = Agent::demo_server_bytes("1.5.0");
+    std::fs::write(project.join("releases/web-1.5.0"), &bytes).unwrap();
+    reloadctl_ok(
+        &project,
+        &[
+            "sign",
+            "--key",
+            "release.key",
+            "--service",
+            "web",
+            "--version",
+            "1.5",
+            "releases/web-1.5.0",
+        ],
+    );
+    repository.publish("web-1.5.0", &bytes);
+
+    let mut agents = Vec::new();
+    let mut hosts = String::new();
+    for i in 0..HOSTS {
+        let ip: std::net::IpAddr = format!("127.0.19.{}", i + 1).parse().unwrap();
+        let agent_dir = dir.path().join(format!("agent-{i}"));
+        std::fs::create_dir_all(&agent_dir).unwrap();
+        let agent = Agent::start_at(
+            ip,
+            &agent_dir,
+            key.clone(),
+            &format!(
+                "{}\n[fetch]\nallow = [{:?}]\n",
+                web_service_toml((ip, free_port_on(ip)).into()),
+                repository.prefix()
+            ),
+        );
+        hosts.push_str(&format!("{}\n", agent.host()));
+        agents.push(agent);
+    }
+    std::fs::write(project.join("hosts.txt"), hosts).unwrap();
+
+    let output = reloadctl(
+        &project,
+        &["push", "--version", "1.5", "--output", "json", "hosts.txt"],
+    );
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{said}");
+    let finished: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "finished")
+        .unwrap_or_else(|| panic!("no finished event: {said}"));
+    let sent = finished["bytes_sent"].as_u64().unwrap();
+    let egress = sent as f64 / bytes.len() as f64;
+    println!(
+        "CLI egress: {sent} bytes for a {}-byte release on {HOSTS} hosts = {egress:.5} × the artifact",
+        bytes.len()
+    );
+    assert!(sent > 0 && egress <= 2.0, "{finished}");
+    assert!(sent < 64 * 1024, "more than envelopes went out: {finished}");
+    // Each agent fetched the whole file once, and runs it.
+    assert_eq!(repository.requests(), vec!["200 -".to_string(); HOSTS]);
+    for agent in &agents {
+        let status = agent.status("web").await;
+        assert_eq!(status.current_version, "1.5.0", "{}", agent.host());
+        assert_eq!(status.current_sha256, sha256_hex(&bytes));
+    }
+}
