@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+mod shutdown_ping;
 
 pub use connection::Protocol;
 

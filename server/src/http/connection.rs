@@ -22,7 +22,10 @@
 //!   only once the PING is answered the GOAWAY with the real last stream id.
 //!   A stream the client opened before it saw the first GOAWAY reached us
 //!   before its PING answer, so it is below the final last stream id and is
-//!   served. The streams in flight finish, then the connection closes. A
+//!   served (and so is one the Rust `h2` client queued before it read the
+//!   GOAWAY but writes after its PING answer: `shutdown_ping` holds that
+//!   answer back a moment). The streams in flight finish, then the
+//!   connection closes. A
 //!   one-step GOAWAY with the current last stream id would refuse the
 //!   streams already on the wire, and a client that does not retry loses
 //!   them. `tests::http2_drain_is_a_two_step_goaway` watches the frames.
@@ -45,6 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
+use super::shutdown_ping::HoldShutdownPong;
 use super::Phase;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -223,6 +227,8 @@ pub(super) async fn serve<IO, S, B>(
             report_end(conn.await);
         }
         Protocol::Http2 => {
+            // The PING answer is held back a moment (see `shutdown_ping`).
+            let io = HoldShutdownPong::new(io);
             let conn = http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = pin!(conn);

@@ -476,6 +476,32 @@ mod h2_frames {
         }
     }
 
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut frame = len.to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// The HEADERS frame of a GET of `path` on stream `id`, with no body.
+    /// The header block is HPACK without the dynamic table or Huffman
+    /// coding.
+    pub fn headers(id: u32, path: &str) -> Vec<u8> {
+        // :method GET, :scheme http (static table entries 2 and 6), then
+        // :path and :authority as literals with indexed names.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x01, 4]);
+        block.extend_from_slice(b"test");
+        frame(HEADERS, END_STREAM | END_HEADERS, id, &block)
+    }
+
+    pub fn ping_ack(payload: &[u8]) -> Vec<u8> {
+        frame(PING, ACK, 0, payload)
+    }
+
     pub struct H2Client {
         stream: TcpStream,
     }
@@ -496,25 +522,16 @@ mod h2_frames {
         }
 
         pub async fn write(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-            let len = payload.len() as u32;
-            let mut frame = len.to_be_bytes()[1..].to_vec();
-            frame.extend_from_slice(&[kind, flags]);
-            frame.extend_from_slice(&stream.to_be_bytes());
-            frame.extend_from_slice(payload);
-            self.stream.write_all(&frame).await.unwrap();
+            self.write_all(&frame(kind, flags, stream, payload)).await;
         }
 
-        /// GET `path` on stream `id`, with no body. The header block is
-        /// HPACK without the dynamic table or Huffman coding.
+        pub async fn write_all(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+
+        /// GET `path` on stream `id`, with no body.
         pub async fn get(&mut self, id: u32, path: &str) {
-            // :method GET, :scheme http (static table entries 2 and 6),
-            // then :path and :authority as literals with indexed names.
-            let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-            block.extend_from_slice(path.as_bytes());
-            block.extend_from_slice(&[0x01, 4]);
-            block.extend_from_slice(b"test");
-            self.write(HEADERS, END_STREAM | END_HEADERS, id, &block)
-                .await;
+            self.write_all(&headers(id, path)).await;
         }
 
         /// The next frame other than SETTINGS and WINDOW_UPDATE (a SETTINGS
@@ -552,7 +569,8 @@ mod h2_frames {
 /// The HTTP/2 drain is the two-step GOAWAY, observed frame by frame: first
 /// GOAWAY with last stream id 2^31-1 and a PING; a stream the client opens
 /// before it answers the PING (it was on the wire when the server decided
-/// to go) is still served; only after the PING answer comes the GOAWAY with
+/// to go) is still served, and so is one written right behind the answer
+/// (see `shutdown_ping`); only after the PING answer comes the GOAWAY with
 /// the real last stream id; the stream that was in flight when the drain
 /// began completes; then the connection closes.
 #[tokio::test]
@@ -586,9 +604,14 @@ async fn http2_drain_is_a_two_step_goaway() {
     let ping = client.next().await.expect("a PING after the first GOAWAY");
     assert_eq!((ping.kind, ping.flags & ACK), (PING, 0), "{ping:?}");
 
-    // Stream 3 left the client before it read the GOAWAY.
+    // Stream 3 left the client before it read the GOAWAY. Stream 5 was
+    // opened before too but is written right behind the PING answer, as
+    // the Rust `h2` client does with streams it had queued: one write, so
+    // the server reads both at once.
     client.get(3, "/three").await;
-    client.write(PING, ACK, 0, &ping.payload).await;
+    client
+        .write_all(&[ping_ack(&ping.payload), headers(5, "/five")].concat())
+        .await;
 
     let (mut final_goaway, mut ended) = (None, Vec::new());
     let mut released = false;
@@ -598,17 +621,13 @@ async fn http2_drain_is_a_two_step_goaway() {
             HEADERS | DATA if frame.flags & END_STREAM != 0 => ended.push(frame.stream),
             _ => {}
         }
-        // Once stream 3 is answered, let the slow one finish.
-        if ended.contains(&3) && !released {
+        // Once 3 and 5 are answered, let the slow one finish.
+        if ended.contains(&3) && ended.contains(&5) && !released {
             released = true;
             probe.release.add_permits(1);
         }
     }
-    assert_eq!(final_goaway, Some(3), "the second GOAWAY names stream 3");
-    assert_eq!(
-        ended,
-        vec![3, 1],
-        "both streams answered, the slow one last"
-    );
+    assert_eq!(final_goaway, Some(5), "the second GOAWAY names stream 5");
+    assert_eq!(ended, vec![3, 5, 1], "all answered, the slow one last");
     server.finished().await.unwrap();
 }
