@@ -14,6 +14,8 @@
 //! Layout:
 //! - [`upload`]: uploads, verification and the artifact store on disk.
 //! - [`reload`]: socket-preserving reloads of a service under load.
+//! - [`http2`]: HTTP/2 and gRPC services reloaded under load (h2load, the
+//!   greeter example).
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
 //! - [`rollout_faults`]: racing rollouts under partitions and kills (randomized, seeded).
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
@@ -31,6 +33,7 @@ mod agent_upgrade;
 mod cli;
 mod fd_store;
 mod fencing;
+mod http2;
 mod operability;
 mod outlive;
 mod probation;
