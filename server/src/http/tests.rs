@@ -631,3 +631,88 @@ async fn http2_drain_is_a_two_step_goaway() {
     assert_eq!(ended, vec![3, 5, 1], "all answered, the slow one last");
     server.finished().await.unwrap();
 }
+
+/// Over TLS the protocol is the one ALPN chose: a client offering `h2`
+/// gets HTTP/2, one offering `http/1.1` gets HTTP/1.1, on the same
+/// listener.
+#[tokio::test]
+async fn tls_serves_the_protocol_alpn_chose() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let mut server_config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let probe = Arc::new(Probe::default());
+    let service = service_fn(move |request| {
+        let probe = probe.clone();
+        async move { Ok::<_, Infallible>(handle(probe, request).await) }
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve_https(
+        listener,
+        Arc::new(server_config),
+        Duration::from_secs(5),
+        service,
+        async move {
+            let _ = stopped.await;
+        },
+        config(Duration::from_secs(5), Duration::from_secs(1)),
+    ));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    for (alpn, expected) in [
+        (&b"h2"[..], http::Version::HTTP_2),
+        (&b"http/1.1"[..], http::Version::HTTP_11),
+    ] {
+        let mut client_config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let request = Request::get("https://localhost/tls")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = if expected == http::Version::HTTP_2 {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            within("an HTTP/2 response", send.send_request(request))
+                .await
+                .unwrap()
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            within("an HTTP/1.1 response", send.send_request(request))
+                .await
+                .unwrap()
+        };
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), expected, "ALPN {alpn:?}");
+    }
+    stop.send(()).unwrap();
+    within("serve_https to return", server)
+        .await
+        .unwrap()
+        .unwrap();
+}
