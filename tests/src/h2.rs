@@ -353,6 +353,19 @@ async fn request_once(channel: &H2Channel, config: &H2LoadConfig, shared: &Mutex
         Ok::<_, BoxError>((parts, body))
     })
     .await;
+    let failed = !matches!(outcome, Ok(Ok(_)));
+    record(outcome, began, config, shared);
+    // A failed request is not retried; the pause keeps a dead server from
+    // turning the workers into a busy loop (as `load` does).
+    if failed {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+type Outcome =
+    Result<Result<(http::response::Parts, Bytes), BoxError>, tokio::time::error::Elapsed>;
+
+fn record(outcome: Outcome, began: Instant, config: &H2LoadConfig, shared: &Mutex<Tally>) {
     let mut tally = shared.lock().unwrap_or_else(PoisonError::into_inner);
     let report = &mut tally.report;
     match outcome {
