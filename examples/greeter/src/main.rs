@@ -22,6 +22,7 @@ use clap::Parser;
 use reload_example_greeter::v1::greeter_server::{Greeter, GreeterServer};
 use reload_example_greeter::v1::{CountReply, CountRequest, HelloReply, HelloRequest};
 use reload_server::http::{shutdown_signal, DrainConfig};
+use reload_server::upgrade::{SelfUpgrade, UpgradeConfig};
 use reload_server::{grpc, notify, Listeners};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -46,6 +47,13 @@ struct Args {
     /// twentieth of the drain timeout.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     close_spread: Option<Duration>,
+    /// Standalone self-upgrade (no agent): on SIGHUP, start the binary now
+    /// at our path with our socket, wait for its READY, then drain.
+    #[arg(long)]
+    self_upgrade: bool,
+    /// With --self-upgrade: the serving pid, rewritten atomically when ready.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<std::path::PathBuf>,
 }
 
 /// The service: who we are.
@@ -160,12 +168,36 @@ async fn run(args: Args, version: String, mut listeners: Listeners) -> anyhow::R
         .context("taking the gRPC listener")?;
     let addr = listener.local_addr()?;
     // Handlers before READY=1: the agent may send the drain signal at once.
-    let shutdown = shutdown_signal().context("installing signal handlers")?;
-    let shutdown = async move {
-        shutdown.await;
-        let _ = notify::stopping();
+    let signal = shutdown_signal().context("installing signal handlers")?;
+    let upgrade = if args.self_upgrade {
+        let config = UpgradeConfig {
+            drain_timeout: args.drain_timeout,
+            pid_file: args.pid_file.clone(),
+            ..UpgradeConfig::default()
+        };
+        let socket: &dyn std::os::fd::AsFd = &listener;
+        Some(
+            SelfUpgrade::enable(&[(args.listen_name.as_str(), socket)], config)
+                .context("enabling self-upgrade")?,
+        )
+    } else {
+        None
     };
     notify::ready().context("sending READY=1")?;
+    if let Some(upgrade) = &upgrade {
+        upgrade.announce_ready().context("writing the pid file")?;
+    }
+    // Drain on the signal, or once a self-upgrade's new process is ready.
+    let shutdown = async move {
+        match &upgrade {
+            Some(upgrade) => tokio::select! {
+                () = signal => {}
+                pid = upgrade.wait_for_successor() => tracing::info!(successor = pid, "upgraded; draining"),
+            },
+            None => signal.await,
+        }
+        let _ = notify::stopping();
+    };
     tracing::info!("reload-greeter {version} pid {pid} serving gRPC on {addr}");
 
     let routes = tonic::service::Routes::new(GreeterServer::new(Service { version, pid }));

@@ -12,8 +12,8 @@
 //!    that never retry, keep-alive and a connection per request, then under
 //!    20 HTTP/2 connections with 10 streams each, beside nginx, gunicorn and
 //!    a stop-then-start restart of the same server under the same load; and
-//!    20 gRPC clients of the greeter example under the agent and
-//!    stop-then-start (`failed-requests-grpc` runs those alone).
+//!    20 gRPC clients of the greeter example under the agent, its own
+//!    self-upgrade and stop-then-start (`failed-requests-grpc` runs those alone).
 //! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
@@ -762,8 +762,8 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!();
 }
 
-/// The gRPC rows: the greeter example under the agent, and restarted
-/// stop-then-start, under `GRPC_CLIENTS` clients calling SayHello.
+/// The gRPC rows: the greeter example under the agent, upgrading itself,
+/// and restarted stop-then-start, under `GRPC_CLIENTS` clients calling SayHello.
 async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
     let adir = dir.join("grpc-agent");
     std::fs::create_dir_all(&adir).unwrap();
@@ -797,6 +797,42 @@ async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
         &during,
     );
     drop(agent);
+
+    // The greeter upgrading itself (SIGHUP), no agent.
+    let sdir = dir.join("grpc-standalone");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pid_file = sdir.join("pid");
+    let mut first = Command::new(bin_path("reload-greeter"))
+        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
+        .arg(&pid_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_async("the greeter's pid file", || read_pid(&pid_file).is_some()).await;
+    let (steady, during) = measure(addr, Traffic::Grpc, |_| {
+        let pid_file = pid_file.clone();
+        async move {
+            let old = read_pid(&pid_file).unwrap();
+            send_signal(old, nix::sys::signal::Signal::SIGHUP);
+            wait_async("the self-upgrade", || {
+                read_pid(&pid_file) != Some(old) && process_gone(old)
+            })
+            .await;
+        }
+    })
+    .await;
+    row(
+        "reload-server self-upgrade (SIGHUP, greeter example)",
+        Traffic::Grpc,
+        &steady,
+        &during,
+    );
+    if let Some(pid) = read_pid(&pid_file) {
+        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = first.kill();
+    let _ = first.wait();
 
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let start_server = || {
