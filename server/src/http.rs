@@ -46,8 +46,6 @@
 mod connection;
 mod shutdown_ping;
 
-pub use connection::Protocol;
-
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
@@ -65,7 +63,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 
-use connection::DrainSlot;
+use connection::{DrainSlot, Protocol};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
