@@ -44,7 +44,8 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
     /// Window over which client connections get their GOAWAY. Default: a
-    /// twentieth of the drain timeout.
+    /// twentieth of the drain timeout on an inherited listener or with
+    /// --self-upgrade, else 0.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     close_spread: Option<Duration>,
     /// Standalone self-upgrade (no agent): on SIGHUP, start the binary now
@@ -163,6 +164,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, version: String, mut listeners: Listeners) -> anyhow::Result<()> {
     let pid = std::process::id();
+    let inherited = listeners.names().contains(&args.listen_name);
     let listener = listeners
         .tcp(&args.listen_name, args.bind)
         .context("taking the gRPC listener")?;
@@ -201,9 +203,17 @@ async fn run(args: Args, version: String, mut listeners: Listeners) -> anyhow::R
     tracing::info!("reload-greeter {version} pid {pid} serving gRPC on {addr}");
 
     let routes = tonic::service::Routes::new(GreeterServer::new(Service { version, pid }));
+    // Spread the GOAWAYs only when another process accepts from the same
+    // socket meanwhile; on a socket nobody shares, spreading only keeps
+    // the port closed longer before a restart.
     let defaults = DrainConfig::for_timeout(args.drain_timeout);
+    let spread = if inherited || args.self_upgrade {
+        defaults.close_spread
+    } else {
+        Duration::ZERO
+    };
     let config = DrainConfig {
-        close_spread: args.close_spread.unwrap_or(defaults.close_spread),
+        close_spread: args.close_spread.unwrap_or(spread),
         ..defaults
     };
     grpc::serve_grpc(listener, routes, shutdown, config)

@@ -102,17 +102,28 @@ struct Args {
     idle_grace: Duration,
     /// Window over which open connections are told to go during the drain
     /// (`Connection: close` for HTTP/1.1, GOAWAY for HTTP/2), so clients
-    /// reconnect a few at a time. Default: a twentieth of the drain timeout.
+    /// reconnect a few at a time. Default: a twentieth of the drain timeout
+    /// when another process accepts from the same socket meanwhile (an
+    /// inherited listener, or --self-upgrade); else 0: on a socket nobody
+    /// shares, spreading only keeps the port closed longer before a
+    /// restart.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     close_spread: Option<Duration>,
 }
 
 impl Args {
-    fn drain_config(&self) -> DrainConfig {
+    /// `shared`: another process accepts from our listening socket while
+    /// we drain (see `--close-spread`).
+    fn drain_config(&self, shared: bool) -> DrainConfig {
         let defaults = DrainConfig::for_timeout(self.drain_timeout);
+        let spread = if shared {
+            defaults.close_spread
+        } else {
+            Duration::ZERO
+        };
         DrainConfig {
             idle_grace: self.idle_grace,
-            close_spread: self.close_spread.unwrap_or(defaults.close_spread),
+            close_spread: self.close_spread.unwrap_or(spread),
             ..defaults
         }
     }
@@ -256,7 +267,8 @@ async fn run(
             let demo = demo.clone();
             async move { Ok::<_, Infallible>(demo.respond(request).await) }
         });
-        let config = args.drain_config();
+        // The probe port is this process's own.
+        let config = args.drain_config(false);
         tokio::spawn(serve_http(
             probe,
             service,
@@ -288,7 +300,7 @@ async fn run(
             tracing::warn!(error = %e, "could not send STOPPING=1");
         }
     };
-    let config = args.drain_config();
+    let config = args.drain_config(inherited || args.self_upgrade);
     serve_http(listener, service, shutdown, config)
         .await
         .context("serving HTTP")?;

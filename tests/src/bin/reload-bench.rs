@@ -660,7 +660,16 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         let _ = first.wait();
 
         // nginx, both ways it reloads while keeping its listening socket.
-        for upgrade in [true, false] {
+        // Not under HTTP/2: with 20 busy h2c connections nginx 1.22's old
+        // master had not exited 30 s after QUIT (its old workers keep
+        // serving connections that never go idle), so a row would measure
+        // nothing but the old workers.
+        let nginx_ways: &[bool] = if matches!(mode, Traffic::Http2) {
+            &[]
+        } else {
+            &[true, false]
+        };
+        for &upgrade in nginx_ways {
             let ndir = dir.join(format!("nginx-{mode:?}-{upgrade}"));
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let pid_file = start_nginx(&ndir, addr, matches!(mode, Traffic::Http2)).await;
