@@ -146,7 +146,20 @@ async fn reload_agent(
     key: &Arc<SigningKey>,
     preflight: bool,
 ) -> (Agent, SocketAddr, String, String) {
+    reload_agent_with(dir, key, preflight, &[]).await
+}
+
+/// Like [`reload_agent`], with more arguments for the demo server.
+async fn reload_agent_with(
+    dir: &Path,
+    key: &Arc<SigningKey>,
+    preflight: bool,
+    demo_args: &[&str],
+) -> (Agent, SocketAddr, String, String) {
     std::fs::create_dir_all(dir).unwrap();
+    let mut args = vec!["--listen-name", "http"];
+    args.extend_from_slice(demo_args);
+    let args = serde_json::to_string(&args).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let preflight = if preflight {
         ""
@@ -156,7 +169,7 @@ async fn reload_agent(
     // Probation off: these sections measure the handoff itself (section 7
     // measures what probation saves).
     let config = format!(
-        "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}\
+        "[[service]]\nname = \"bench\"\nargs = {args}\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}\
          [service.probation]\nhealthy_for = \"0s\"\n"
     );
     let agent = Agent::start(dir, key.clone(), &config);
@@ -771,6 +784,42 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!();
 }
 
+/// What the close spread does to p99: the agent-handoff row of section 3
+/// under HTTP/1.1 keep-alive, with the demo server's default spread and
+/// with `--close-spread 0s` (all connections told at once), alternated
+/// three times so drift on the machine hits both alike.
+async fn close_spread_bench(dir: &Path, key: &Arc<SigningKey>) {
+    println!("## 3b. The close spread, agent handoff, keep-alive, {CONNECTIONS} clients, {RELOADS_UNDER_LOAD} reloads\n");
+    println!("| close spread | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio | reload phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for round in 0..3 {
+        for spread in [None, Some("0s")] {
+            let adir = dir.join(format!("spread-{round}-{}", spread.is_some()));
+            let extra: Vec<&str> = spread
+                .map(|s| vec!["--close-spread", s])
+                .unwrap_or_default();
+            let (agent, addr, v1, v2) = reload_agent_with(&adir, key, true, &extra).await;
+            let mut control =
+                pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+            activate(&mut control, &v1).await;
+            let (steady, during) = measure(addr, ConnectionMode::KeepAlive, |i| {
+                let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+                let mut control = control.clone();
+                async move {
+                    activate(&mut control, &target).await;
+                }
+            })
+            .await;
+            let name = match spread {
+                None => "default (500 ms)".to_string(),
+                Some(s) => format!("{s} (all at once)"),
+            };
+            row(&name, ConnectionMode::KeepAlive, &steady, &during);
+            drop(agent);
+        }
+    }
+    println!();
+}
+
 /// The gRPC rows: the greeter example under the agent, upgrading itself,
 /// and restarted stop-then-start, under `GRPC_CLIENTS` clients calling SayHello.
 async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
@@ -1171,6 +1220,9 @@ fn main() {
     }
     if wants("failed-requests") {
         runtime.block_on(failed_requests_bench(dir, &key));
+    }
+    if only.as_deref() == Some("close-spread") {
+        runtime.block_on(close_spread_bench(dir, &key));
     }
     // The gRPC rows of section 3 alone.
     if only.as_deref() == Some("failed-requests-grpc") {
