@@ -716,3 +716,59 @@ async fn tls_serves_the_protocol_alpn_chose() {
         .unwrap()
         .unwrap();
 }
+
+/// HTTP/2 connections get their first GOAWAY at their own moments in the
+/// close spread too, not all at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_goaways_are_spread_over_the_window() {
+    use h2_frames::*;
+    let spread = Duration::from_millis(600);
+    let mut server = Server::start(
+        DrainConfig {
+            drain_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(60),
+            close_spread: spread,
+        },
+        Arc::new(Probe::default()),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut client = H2Client::connect(server.addr).await;
+        // One answered stream: the connection is served, not in detection.
+        client.get(1, "/").await;
+        loop {
+            let frame = client.next().await.expect("a response");
+            if frame.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+        clients.push(client);
+    }
+    let drain_began = Instant::now();
+    server.begin_drain().await;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                loop {
+                    let frame = client.next().await.expect("a GOAWAY before the end");
+                    if frame.kind == GOAWAY {
+                        return drain_began.elapsed();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut told = Vec::new();
+    for task in tasks {
+        told.push(within("a GOAWAY", task).await.unwrap());
+    }
+    told.sort();
+    let (first, last) = (told[0], told[told.len() - 1]);
+    assert!(first < spread / 4, "first GOAWAY after {first:?}: {told:?}");
+    assert!(last >= spread / 2, "last GOAWAY after {last:?}: {told:?}");
+    let in_first_tenth = told.iter().filter(|t| **t < spread / 10).count();
+    assert!(in_first_tenth <= 3, "a burst of GOAWAYs: {told:?}");
+    server.finished().await.unwrap();
+}
