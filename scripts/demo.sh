@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quick-start demo: three agents on loopback (127.0.0.2-4, as if they
 # were three hosts) with mutual TLS, a fresh signing key, signed releases of the demo
-# server, a first deploy with `reloadctl push`, a rollout to 1.5 while
+# server, a first deploy with `reloadctl push`, h2load's HTTP/2 against it, a rollout to 1.5 while
 # clients that never retry keep every host busy (0 failed requests), a
 # never-healthy 1.6 whose canary halts and reverts the rollout, a fleet
 # rollback, the agents upgrading themselves in place under load (same pids,
@@ -124,6 +124,14 @@ done
 
 step "reloadctl push --version 1.4 hosts.txt   (first deploy)"
 "$reloadctl" push --version 1.4 hosts.txt
+
+# The demo server speaks HTTP/1.1 and HTTP/2 on the same port (told apart
+# by the first bytes), so h2load's prior-knowledge h2c works against it.
+step "h2load -c 20 -m 10 -n 2000 http://127.0.0.2:$((port + 80))/   (HTTP/2, 20 connections x 10 streams)"
+command -v h2load >/dev/null || { echo "h2load is missing: apt-get install nghttp2-client" >&2; exit 1; }
+h2load -c 20 -m 10 -n 2000 "http://127.0.0.2:$((port + 80))/" > h2load.txt
+grep -E "^(Application protocol|requests:)" h2load.txt
+grep -q "2000 succeeded, 0 failed, 0 errored, 0 timeout" h2load.txt || { cat h2load.txt; echo "demo failed: h2load" >&2; exit 1; }
 
 # Clients that never retry, on every host, until stop_load; it fails the
 # demo if a single request failed.

@@ -1,22 +1,40 @@
-//! Drain-aware HTTP/1.1 serving on hyper, and the signal that starts a drain.
+//! Drain-aware HTTP/1.1 and HTTP/2 serving on hyper, and the signal that
+//! starts a drain.
 //!
-//! [`serve_http`] accepts and serves connections until its `shutdown` future
-//! completes, then drains without dropping a request:
+//! [`serve_http`] accepts connections and serves each in the protocol it
+//! speaks (HTTP/1.1, or HTTP/2 with prior knowledge, "h2c", which is what
+//! gRPC clients and `h2load` send; [`serve_https`] does the same over TLS,
+//! choosing by ALPN). When its `shutdown` future completes it drains
+//! without dropping a request:
 //!
 //! 1. The listener is dropped at once. Under the reload agent the listening
 //!    socket is shared with the agent and the new process (same kernel queue),
 //!    so closing our fd does not close the socket: whatever is queued, or
 //!    connects later, is accepted by the new process.
-//! 2. Each open connection answers its *next* request with
-//!    `Connection: close`, and hyper closes it after writing that response. A
-//!    request that is in flight, or arrives during the drain, is answered.
-//!    Closing idle keep-alive connections right away would lose requests: a
-//!    client may be sending its next request at that instant and gets a reset
-//!    instead. That race is how nginx loses about one request per keep-alive
-//!    connection per reload to a client that does not retry (measured with
-//!    wrk and hey, 50 connections, 10 reloads).
-//! 3. A connection that stays idle for [`DrainConfig::idle_grace`] after the
-//!    drain began is closed (a client that sends nothing has nothing to lose).
+//! 2. Each open connection is told to go at its own moment within
+//!    [`DrainConfig::close_spread`] after the drain began, not all at once:
+//!    told together, every keep-alive client reconnects in the same
+//!    millisecond and the new process takes the whole burst of handshakes
+//!    at once (that burst is what raised p99 during keep-alive reloads;
+//!    HAProxy's `close-spread-time` spreads its closes for the same reason).
+//! 3. How a connection is told depends on its protocol (see
+//!    `http/connection.rs` for the details):
+//!    - HTTP/1.1: its *next* response carries `Connection: close`, and hyper
+//!      closes it after writing that response. A request that is in flight,
+//!      or arrives during the drain, is answered. Closing idle keep-alive
+//!      connections right away would lose requests: a client may be sending
+//!      its next request at that instant and gets a reset instead. That race
+//!      is how nginx loses about one request per keep-alive connection per
+//!      reload to a client that does not retry (measured with wrk and hey,
+//!      50 connections, 10 reloads). A connection that stays idle for
+//!      [`DrainConfig::idle_grace`] after its moment is closed (a client
+//!      that sends nothing has nothing to lose).
+//!    - HTTP/2: the two-step GOAWAY (last stream id 2^31-1 and a PING, then
+//!      once the PING is answered the real last stream id), as gRPC core,
+//!      HAProxy, Envoy and Jetty do; the streams in flight finish, then the
+//!      connection closes. One client keeps one connection for many
+//!      streams, so closing it, or a one-step GOAWAY, loses every stream on
+//!      the wire.
 //! 4. After [`DrainConfig::drain_timeout`] the remaining connections are
 //!    dropped. `serve_http` returns as soon as every connection is done.
 //!
@@ -25,47 +43,71 @@
 
 #![forbid(unsafe_code)]
 
+mod connection;
+mod shutdown_ping;
+
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONNECTION};
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 
+use connection::{DrainSlot, Protocol};
+
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// How long a drain may take.
+/// The default close-spread window is this fraction of the drain timeout.
+/// Small on purpose: the drain lasts at least the window, and the agent
+/// starts the next reload of a service only once the previous drain ended.
+const DEFAULT_SPREAD_DIVISOR: u32 = 20;
+
+/// How long a drain may take, and how its closes are spread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainConfig {
     /// From the start of the drain until the remaining connections are
     /// dropped. Keep it below the supervisor's kill timeout, so the program
     /// exits on its own terms.
     pub drain_timeout: Duration,
-    /// How long a connection may stay idle after the drain began before it is
-    /// closed. Long enough for a client in the middle of sending its next
-    /// request to get it through (and get `Connection: close` back); capped
-    /// by what is left of `drain_timeout`.
+    /// How long an HTTP/1.1 connection may stay idle after its moment to go
+    /// before it is closed. Long enough for a client in the middle of
+    /// sending its next request to get it through (and get `Connection:
+    /// close` back); bounded by `drain_timeout`.
     pub idle_grace: Duration,
+    /// The window over which the open connections are told to go, one at a
+    /// time (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). Zero tells
+    /// them all at once. The drain takes at least this long when
+    /// connections are open; keep it well below `drain_timeout`.
+    pub close_spread: Duration,
+}
+
+impl DrainConfig {
+    /// The defaults for a drain of `drain_timeout`: an idle grace of 1 s
+    /// (at most the timeout) and a close spread of a twentieth of the
+    /// timeout.
+    pub fn for_timeout(drain_timeout: Duration) -> Self {
+        DrainConfig {
+            drain_timeout,
+            idle_grace: Duration::from_secs(1).min(drain_timeout),
+            close_spread: drain_timeout / DEFAULT_SPREAD_DIVISOR,
+        }
+    }
 }
 
 impl Default for DrainConfig {
+    /// A 30 s drain, 1 s idle grace, closes spread over 1.5 s.
     fn default() -> Self {
-        DrainConfig {
-            drain_timeout: Duration::from_secs(30),
-            idle_grace: Duration::from_secs(1),
-        }
+        DrainConfig::for_timeout(Duration::from_secs(30))
     }
 }
 
@@ -74,14 +116,13 @@ impl Default for DrainConfig {
 enum Phase {
     /// Accepting and serving with keep-alive.
     Serving,
-    /// Listener gone; every response carries `Connection: close`.
-    Draining,
-    /// `idle_grace` is over: connections close as soon as they are idle.
-    CloseIdle,
+    /// Listener gone since `since`; each connection goes at its moment.
+    Draining { since: Instant },
 }
 
-/// Serve HTTP/1.1 on `listener` until `shutdown` completes, then drain (see
-/// the module docs for the exact semantics).
+/// Serve HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
+/// `shutdown` completes, then drain (see the module docs for the exact
+/// semantics).
 ///
 /// Returns `Ok(())` once every connection is done or dropped, or the
 /// listener's error if accepting failed for good (after draining the
@@ -100,12 +141,76 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_with(listener, shutdown, config, move |stream, phase, slot| {
+        connection::serve_plain(stream, service.clone(), phase, slot)
+    })
+    .await
+}
+
+/// Like [`serve_http`], over TLS: each connection's handshake (bounded by
+/// `handshake_timeout`) runs in its own task, and the protocol is the one
+/// ALPN chose (`h2`, else HTTP/1.1). Offer both in the config's
+/// `alpn_protocols` (`[b"h2", b"http/1.1"]`) for clients to pick HTTP/2.
+pub async fn serve_https<S, B>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    config: DrainConfig,
+) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(
+        listener,
+        shutdown,
+        config,
+        move |stream, mut phase, slot| {
+            let (acceptor, service) = (acceptor.clone(), service.clone());
+            async move {
+                let stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!("TLS handshake timed out"),
+                    };
+                let protocol = match stream.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Protocol::Http2,
+                    _ => Protocol::Http1,
+                };
+                connection::serve(stream, protocol, service, &mut phase, slot).await;
+            }
+        },
+    )
+    .await
+}
+
+/// The accept loop and the drain, for connections served by `serve_one`.
+async fn serve_with<F, Fut>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    config: DrainConfig,
+    serve_one: F,
+) -> io::Result<()>
+where
+    F: Fn(TcpStream, watch::Receiver<Phase>, DrainSlot) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     // Connection tasks live in the set, so dropping `serve_http`'s future
     // (or the drain timeout) aborts them all.
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
     let mut failure = None;
+    let mut accepted_count = 0u64;
+    let spread = config.close_spread.min(config.drain_timeout);
 
     loop {
         tokio::select! {
@@ -114,8 +219,13 @@ where
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let service = DrainAware { inner: service.clone(), phase: phase_rx.clone() };
-                    connections.spawn(serve_connection(stream, service, phase_rx.clone()));
+                    // Small responses must not wait for Nagle's algorithm.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                    }
+                    let slot = DrainSlot::nth(accepted_count, spread, config.idle_grace);
+                    accepted_count += 1;
+                    connections.spawn(serve_one(stream, phase_rx.clone(), slot));
                     tracing::trace!(%peer, "accepted");
                 }
                 Err(e) => match classify_accept_error(&e) {
@@ -149,19 +259,18 @@ where
     // process takes no new connection; the socket itself lives on in the
     // agent and the new process. Nothing between `break` and here awaits.
     drop(listener);
-    // (2) From now on every response says `Connection: close`.
-    phase_tx.send_replace(Phase::Draining);
+    // (2) From now on each connection goes at its moment.
     let started = Instant::now();
+    phase_tx.send_replace(Phase::Draining { since: started });
     tracing::info!(
         open_connections = connections.len(),
         drain_timeout = ?config.drain_timeout,
         idle_grace = ?config.idle_grace,
+        close_spread = ?spread,
         "draining",
     );
 
     let hard_deadline = deadline_after(started, config.drain_timeout);
-    let idle_deadline = deadline_after(started, config.idle_grace.min(config.drain_timeout));
-    let mut idle_closed = false;
     loop {
         tokio::select! {
             joined = connections.join_next() => match joined {
@@ -171,11 +280,6 @@ where
                     break;
                 }
             },
-            // (3) Idle connections have had their grace period.
-            () = sleep_until(idle_deadline), if !idle_closed => {
-                idle_closed = true;
-                phase_tx.send_replace(Phase::CloseIdle);
-            }
             // (4) Out of time: drop whatever is left.
             () = sleep_until(hard_deadline) => {
                 tracing::warn!(
@@ -199,54 +303,6 @@ fn deadline_after(start: Instant, after: Duration) -> Instant {
     start
         .checked_add(after)
         .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
-/// Serve one connection until it closes, or close it once it is idle after
-/// the idle grace.
-async fn serve_connection<S, B>(
-    stream: TcpStream,
-    service: DrainAware<S>,
-    mut phase: watch::Receiver<Phase>,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError> + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    // Small responses must not wait for Nagle's algorithm.
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
-    }
-    let conn = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut conn = pin!(conn);
-
-    // Not `graceful_shutdown` at the start of the drain: on an idle
-    // keep-alive connection it closes the socket at once, under a client that
-    // may be sending its next request. `DrainAware` makes the next response
-    // close the connection instead; only after the grace period is an idle
-    // connection closed (and a busy one finishes its request first).
-    let close_when_idle = async {
-        // An error means the server is gone; closing is right then too.
-        let _ = phase.wait_for(|p| *p == Phase::CloseIdle).await;
-    };
-    tokio::select! {
-        result = conn.as_mut() => return report_connection_end(result),
-        () = close_when_idle => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    report_connection_end(conn.await);
-}
-
-fn report_connection_end(result: hyper::Result<()>) {
-    // Clients resetting or half-sending requests is normal traffic, not an
-    // error of this server.
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
 }
 
 fn report_join(joined: Result<(), JoinError>) {
@@ -275,44 +331,6 @@ fn classify_accept_error(e: &io::Error) -> AcceptError {
         // connection (ECONNABORTED, EPROTO, ENETDOWN, EHOSTUNREACH, …) from
         // accept itself; they concern that connection only.
         _ => AcceptError::Connection,
-    }
-}
-
-/// Wraps the program's service: once the drain has begun, every response
-/// carries `Connection: close`, which makes hyper close the connection right
-/// after writing it.
-#[derive(Clone)]
-struct DrainAware<S> {
-    inner: S,
-    phase: watch::Receiver<Phase>,
-}
-
-impl<S, B> Service<Request<Incoming>> for DrainAware<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    B: 'static,
-{
-    type Response = Response<B>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let response = self.inner.call(request);
-        let phase = self.phase.clone();
-        Box::pin(async move {
-            let mut response = response.await?;
-            // Decided when the response is ready, not when the request came
-            // in: a request that was in flight when the drain began must
-            // close its connection too.
-            if *phase.borrow() != Phase::Serving {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(response)
-        })
     }
 }
 

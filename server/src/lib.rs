@@ -40,7 +40,8 @@
 //! - **Draining** starts on a signal (SIGTERM, SIGINT or SIGQUIT). The listening
 //!   socket is closed at once (the kernel queue lives on in the agent and the
 //!   new process), and each open keep-alive connection gets `Connection: close`
-//!   on its next response instead of being cut while the client may be sending.
+//!   on its next response (HTTP/1.1) or the two-step GOAWAY (HTTP/2) instead
+//!   of being cut while the client may be sending.
 //!   Closing an idle keep-alive connection instead races the client's next
 //!   request on it: that race is how nginx loses about one request per
 //!   keep-alive connection per reload to a client that does not retry.
@@ -50,8 +51,12 @@
 //! - [`listeners`]: inherited sockets by name (the only module with `unsafe`:
 //!   turning a raw fd number into an owned socket).
 //! - [`notify`]: sd_notify readiness messages.
-//! - [`http`]: HTTP/1.1 serving on hyper with the drain semantics above, and
-//!   the signal helper that starts the drain.
+//! - [`http`]: HTTP/1.1 and HTTP/2 serving on hyper (clear text with the
+//!   protocol detected, or TLS by ALPN) with the drain semantics above:
+//!   closes spread over a window, `Connection: close` for HTTP/1.1, the
+//!   two-step GOAWAY for HTTP/2; and the signal helper that starts the
+//!   drain.
+//! - `grpc` (feature `grpc`): a tonic service served with that drain.
 //! - [`spawn`]: starting a process with sockets by the same protocol (the
 //!   agent's handoff and the standalone self-upgrade both use it), and
 //!   pidfds for children that must survive their parent's re-exec.
@@ -69,6 +74,8 @@
 // inherit) and handing them to a new process between fork and exec (spawn).
 #![deny(unsafe_code)]
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod http;
 #[allow(unsafe_code)]
 pub mod inherit;

@@ -1,7 +1,9 @@
 //! `reload-demo-server`: the program the end-to-end tests and the README demo
 //! roll out, and a short example of the `reload-server` library.
 //!
-//! It serves a few HTTP routes on an inherited listener (or its own, when run
+//! It serves a few HTTP routes, over HTTP/1.1 and HTTP/2 with prior
+//! knowledge (told apart by the connection's first bytes, so `curl` and
+//! `h2load` both work), on an inherited listener (or its own, when run
 //! alone), says READY=1 to the supervisor, and drains on SIGTERM, SIGINT or
 //! SIGQUIT. Every response names the version and pid that produced it
 //! (`x-version`, `x-pid`), so load tests can tell old and new processes apart.
@@ -94,9 +96,37 @@ struct Args {
     /// Longest drain before the remaining connections are dropped.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
-    /// How long an idle keep-alive connection is kept once the drain began.
+    /// How long an idle keep-alive connection is kept once the drain told
+    /// it to go.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
     idle_grace: Duration,
+    /// Window over which open connections are told to go during the drain
+    /// (`Connection: close` for HTTP/1.1, GOAWAY for HTTP/2), so clients
+    /// reconnect a few at a time. Default: a twentieth of the drain timeout
+    /// when another process accepts from the same socket meanwhile (an
+    /// inherited listener, or --self-upgrade); else 0: on a socket nobody
+    /// shares, spreading only keeps the port closed longer before a
+    /// restart.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    close_spread: Option<Duration>,
+}
+
+impl Args {
+    /// `shared`: another process accepts from our listening socket while
+    /// we drain (see `--close-spread`).
+    fn drain_config(&self, shared: bool) -> DrainConfig {
+        let defaults = DrainConfig::for_timeout(self.drain_timeout);
+        let spread = if shared {
+            defaults.close_spread
+        } else {
+            Duration::ZERO
+        };
+        DrainConfig {
+            idle_grace: self.idle_grace,
+            close_spread: self.close_spread.unwrap_or(spread),
+            ..defaults
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -237,10 +267,8 @@ async fn run(
             let demo = demo.clone();
             async move { Ok::<_, Infallible>(demo.respond(request).await) }
         });
-        let config = DrainConfig {
-            drain_timeout: args.drain_timeout,
-            idle_grace: args.idle_grace,
-        };
+        // The probe port is this process's own.
+        let config = args.drain_config(false);
         tokio::spawn(serve_http(
             probe,
             service,
@@ -272,10 +300,7 @@ async fn run(
             tracing::warn!(error = %e, "could not send STOPPING=1");
         }
     };
-    let config = DrainConfig {
-        drain_timeout: args.drain_timeout,
-        idle_grace: args.idle_grace,
-    };
+    let config = args.drain_config(inherited || args.self_upgrade);
     serve_http(listener, service, shutdown, config)
         .await
         .context("serving HTTP")?;

@@ -220,10 +220,12 @@ impl RawClient {
     }
 }
 
+/// No close spread: these tests are about what each connection is told.
 fn config(drain_timeout: Duration, idle_grace: Duration) -> DrainConfig {
     DrainConfig {
         drain_timeout,
         idle_grace,
+        close_spread: Duration::ZERO,
     }
 }
 
@@ -383,5 +385,390 @@ async fn returns_at_once_without_connections() {
     )
     .await;
     server.begin_drain().await;
+    server.finished().await.unwrap();
+}
+
+/// Keep-alive clients are told to go one after another over the close
+/// spread, not in one burst: each of 10 busy connections gets its
+/// `Connection: close` at its own moment within the window, and none loses
+/// a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_closes_are_spread_over_the_window() {
+    let probe = Arc::new(Probe::default());
+    let spread = Duration::from_millis(600);
+    let mut server = Server::start(
+        DrainConfig {
+            drain_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(60),
+            close_spread: spread,
+        },
+        probe,
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut client = RawClient::connect(server.addr).await;
+        assert_eq!(client.get("/").await.status, 200);
+        clients.push(client);
+    }
+    let drain_began = Instant::now();
+    server.begin_drain().await;
+    // Each client sends back to back until it is told to close, and says
+    // when that was.
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                loop {
+                    let response = client.get("/").await;
+                    assert_eq!(response.status, 200);
+                    if response.closes() {
+                        client.expect_eof().await;
+                        return drain_began.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    let mut told = Vec::new();
+    for task in tasks {
+        told.push(within("a client to be told to close", task).await.unwrap());
+    }
+    told.sort();
+    let (first, last) = (told[0], told[told.len() - 1]);
+    // Spread: the first within the first quarter of the window, the last in
+    // its second half, and no burst of them all at once.
+    assert!(first < spread / 4, "first close after {first:?}: {told:?}");
+    assert!(last >= spread / 2, "last close after {last:?}: {told:?}");
+    assert!(last < spread + Duration::from_millis(400), "{told:?}");
+    let in_first_tenth = told.iter().filter(|t| **t < spread / 10).count();
+    assert!(in_first_tenth <= 3, "a burst of closes: {told:?}");
+    server.finished().await.unwrap();
+}
+
+/// HTTP/2 frames, written and read by hand so nothing between the test and
+/// the server retries, reorders or hides a frame.
+mod h2_frames {
+    use super::*;
+
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+
+    #[derive(Debug)]
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    impl Frame {
+        /// The last stream id of a GOAWAY frame.
+        pub fn last_stream_id(&self) -> u32 {
+            u32::from_be_bytes(self.payload[..4].try_into().unwrap()) & 0x7fff_ffff
+        }
+    }
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut frame = len.to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// The HEADERS frame of a GET of `path` on stream `id`, with no body.
+    /// The header block is HPACK without the dynamic table or Huffman
+    /// coding.
+    pub fn headers(id: u32, path: &str) -> Vec<u8> {
+        // :method GET, :scheme http (static table entries 2 and 6), then
+        // :path and :authority as literals with indexed names.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x01, 4]);
+        block.extend_from_slice(b"test");
+        frame(HEADERS, END_STREAM | END_HEADERS, id, &block)
+    }
+
+    pub fn ping_ack(payload: &[u8]) -> Vec<u8> {
+        frame(PING, ACK, 0, payload)
+    }
+
+    pub struct H2Client {
+        stream: TcpStream,
+    }
+
+    impl H2Client {
+        /// Connects and sends the preface and an empty SETTINGS frame.
+        pub async fn connect(addr: SocketAddr) -> H2Client {
+            let mut client = H2Client {
+                stream: TcpStream::connect(addr).await.unwrap(),
+            };
+            client
+                .stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            client.write(SETTINGS, 0, 0, &[]).await;
+            client
+        }
+
+        pub async fn write(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            self.write_all(&frame(kind, flags, stream, payload)).await;
+        }
+
+        pub async fn write_all(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+
+        /// GET `path` on stream `id`, with no body.
+        pub async fn get(&mut self, id: u32, path: &str) {
+            self.write_all(&headers(id, path)).await;
+        }
+
+        /// The next frame other than SETTINGS and WINDOW_UPDATE (a SETTINGS
+        /// frame is acknowledged as a client must); `None` at the end of
+        /// the connection.
+        pub async fn next(&mut self) -> Option<Frame> {
+            loop {
+                let mut head = [0u8; 9];
+                match within("a frame", self.stream.read_exact(&mut head)).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return None,
+                    Err(e) => panic!("reading a frame: {e}"),
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                within("a frame's payload", self.stream.read_exact(&mut payload))
+                    .await
+                    .unwrap();
+                let frame = Frame {
+                    kind: head[3],
+                    flags: head[4],
+                    stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+                    payload,
+                };
+                match frame.kind {
+                    SETTINGS if frame.flags & ACK == 0 => self.write(SETTINGS, ACK, 0, &[]).await,
+                    SETTINGS | 0x8 => {}
+                    _ => return Some(frame),
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP/2 drain is the two-step GOAWAY, observed frame by frame: first
+/// GOAWAY with last stream id 2^31-1 and a PING; a stream the client opens
+/// before it answers the PING (it was on the wire when the server decided
+/// to go) is still served, and so is one written right behind the answer
+/// (see `shutdown_ping`); only after the PING answer comes the GOAWAY with
+/// the real last stream id; the stream that was in flight when the drain
+/// began completes; then the connection closes.
+#[tokio::test]
+async fn http2_drain_is_a_two_step_goaway() {
+    use h2_frames::*;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let probe = Arc::new(Probe {
+        started: Some(started_tx),
+        ..Probe::default()
+    });
+    let mut server = Server::start(
+        config(Duration::from_secs(60), Duration::from_secs(60)),
+        probe.clone(),
+    )
+    .await;
+    let mut client = H2Client::connect(server.addr).await;
+    client.get(1, "/slow").await;
+    assert_eq!(
+        within("the slow request to start", started.recv()).await,
+        Some("slow")
+    );
+
+    server.begin_drain().await;
+    let goaway = client.next().await.expect("a frame after the drain began");
+    assert_eq!(goaway.kind, GOAWAY, "{goaway:?}");
+    assert_eq!(
+        goaway.last_stream_id(),
+        0x7fff_ffff,
+        "first GOAWAY: {goaway:?}"
+    );
+    let ping = client.next().await.expect("a PING after the first GOAWAY");
+    assert_eq!((ping.kind, ping.flags & ACK), (PING, 0), "{ping:?}");
+
+    // Stream 3 left the client before it read the GOAWAY. Stream 5 was
+    // opened before too but is written right behind the PING answer, as
+    // the Rust `h2` client does with streams it had queued: one write, so
+    // the server reads both at once.
+    client.get(3, "/three").await;
+    client
+        .write_all(&[ping_ack(&ping.payload), headers(5, "/five")].concat())
+        .await;
+
+    let (mut final_goaway, mut ended) = (None, Vec::new());
+    let mut released = false;
+    while let Some(frame) = client.next().await {
+        match frame.kind {
+            GOAWAY => final_goaway = Some(frame.last_stream_id()),
+            HEADERS | DATA if frame.flags & END_STREAM != 0 => ended.push(frame.stream),
+            _ => {}
+        }
+        // Once 3 and 5 are answered, let the slow one finish.
+        if ended.contains(&3) && ended.contains(&5) && !released {
+            released = true;
+            probe.release.add_permits(1);
+        }
+    }
+    assert_eq!(final_goaway, Some(5), "the second GOAWAY names stream 5");
+    assert_eq!(ended, vec![3, 5, 1], "all answered, the slow one last");
+    server.finished().await.unwrap();
+}
+
+/// Over TLS the protocol is the one ALPN chose: a client offering `h2`
+/// gets HTTP/2, one offering `http/1.1` gets HTTP/1.1, on the same
+/// listener.
+#[tokio::test]
+async fn tls_serves_the_protocol_alpn_chose() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let mut server_config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let probe = Arc::new(Probe::default());
+    let service = service_fn(move |request| {
+        let probe = probe.clone();
+        async move { Ok::<_, Infallible>(handle(probe, request).await) }
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve_https(
+        listener,
+        Arc::new(server_config),
+        Duration::from_secs(5),
+        service,
+        async move {
+            let _ = stopped.await;
+        },
+        config(Duration::from_secs(5), Duration::from_secs(1)),
+    ));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    for (alpn, expected) in [
+        (&b"h2"[..], http::Version::HTTP_2),
+        (&b"http/1.1"[..], http::Version::HTTP_11),
+    ] {
+        let mut client_config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let request = Request::get("https://localhost/tls")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = if expected == http::Version::HTTP_2 {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            within("an HTTP/2 response", send.send_request(request))
+                .await
+                .unwrap()
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            within("an HTTP/1.1 response", send.send_request(request))
+                .await
+                .unwrap()
+        };
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), expected, "ALPN {alpn:?}");
+    }
+    stop.send(()).unwrap();
+    within("serve_https to return", server)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// HTTP/2 connections get their first GOAWAY at their own moments in the
+/// close spread too, not all at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_goaways_are_spread_over_the_window() {
+    use h2_frames::*;
+    let spread = Duration::from_millis(600);
+    let mut server = Server::start(
+        DrainConfig {
+            drain_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(60),
+            close_spread: spread,
+        },
+        Arc::new(Probe::default()),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut client = H2Client::connect(server.addr).await;
+        // One answered stream: the connection is served, not in detection.
+        client.get(1, "/").await;
+        loop {
+            let frame = client.next().await.expect("a response");
+            if frame.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+        clients.push(client);
+    }
+    let drain_began = Instant::now();
+    server.begin_drain().await;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                loop {
+                    let frame = client.next().await.expect("a GOAWAY before the end");
+                    if frame.kind == GOAWAY {
+                        return drain_began.elapsed();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut told = Vec::new();
+    for task in tasks {
+        told.push(within("a GOAWAY", task).await.unwrap());
+    }
+    told.sort();
+    let (first, last) = (told[0], told[told.len() - 1]);
+    assert!(first < spread / 4, "first GOAWAY after {first:?}: {told:?}");
+    assert!(last >= spread / 2, "last GOAWAY after {last:?}: {told:?}");
+    let in_first_tenth = told.iter().filter(|t| **t < spread / 10).count();
+    assert!(in_first_tenth <= 3, "a burst of GOAWAYs: {told:?}");
     server.finished().await.unwrap();
 }

@@ -9,8 +9,11 @@
 //!    the old process signalled, minus the new process's start-up to READY)
 //!    beside one fork+exec+wait of `/bin/true` (the floor).
 //! 3. Failed requests and p99 latency during 20 reloads under 50 clients
-//!    that never retry, keep-alive and a connection per request, beside a
-//!    stop-then-start restart of the same server under the same load.
+//!    that never retry, keep-alive and a connection per request, then under
+//!    20 HTTP/2 connections with 10 streams each, beside nginx, gunicorn and
+//!    a stop-then-start restart of the same server under the same load; and
+//!    20 gRPC clients of the greeter example under the agent, its own
+//!    self-upgrade and stop-then-start (`failed-requests-grpc` runs those alone).
 //! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
+use reload_tests::h2::{H2Channel, H2LoadConfig, H2LoadRun};
 use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
 use reload_tests::{
     bin_path, free_port, process_gone, pseudo_random_bytes, reloadctl_ok, send_signal, Agent,
@@ -142,7 +146,20 @@ async fn reload_agent(
     key: &Arc<SigningKey>,
     preflight: bool,
 ) -> (Agent, SocketAddr, String, String) {
+    reload_agent_with(dir, key, preflight, &[]).await
+}
+
+/// Like [`reload_agent`], with more arguments for the demo server.
+async fn reload_agent_with(
+    dir: &Path,
+    key: &Arc<SigningKey>,
+    preflight: bool,
+    demo_args: &[&str],
+) -> (Agent, SocketAddr, String, String) {
     std::fs::create_dir_all(dir).unwrap();
+    let mut args = vec!["--listen-name", "http"];
+    args.extend_from_slice(demo_args);
+    let args = serde_json::to_string(&args).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let preflight = if preflight {
         ""
@@ -152,7 +169,7 @@ async fn reload_agent(
     // Probation off: these sections measure the handoff itself (section 7
     // measures what probation saves).
     let config = format!(
-        "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}\
+        "[[service]]\nname = \"bench\"\nargs = {args}\n[[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n{preflight}\
          [service.probation]\nhealthy_for = \"0s\"\n"
     );
     let agent = Agent::start(dir, key.clone(), &config);
@@ -169,9 +186,17 @@ async fn activate(
     control: &mut pb::service_control_client::ServiceControlClient<tonic::transport::Channel>,
     sha256: &str,
 ) -> pb::ReloadResult {
+    activate_service(control, "bench", sha256).await
+}
+
+async fn activate_service(
+    control: &mut pb::service_control_client::ServiceControlClient<tonic::transport::Channel>,
+    service: &str,
+    sha256: &str,
+) -> pb::ReloadResult {
     let result = control
         .activate(pb::ActivateRequest {
-            service: "bench".into(),
+            service: service.into(),
             sha256: sha256.into(),
             // Back and forth between two versions the agent ran.
             allow_downgrade: true,
@@ -279,21 +304,158 @@ fn load(addr: SocketAddr, mode: ConnectionMode) -> LoadRun {
     })
 }
 
+/// HTTP/2 rows: this many connections, each with `H2_STREAMS` streams in
+/// flight.
+const H2_CONNECTIONS: usize = 20;
+const H2_STREAMS: usize = 10;
+/// gRPC rows: this many clients, one channel each, unary calls back to back.
+const GRPC_CLIENTS: usize = 20;
+
+/// The load of a row: the HTTP/1.1 client in one of its modes, the HTTP/2
+/// client, or gRPC calls; none of them retries.
+#[derive(Clone, Copy, Debug)]
+enum Traffic {
+    Http1(ConnectionMode),
+    Http2,
+    Grpc,
+}
+
+impl Traffic {
+    fn label(self) -> String {
+        match self {
+            Traffic::Http1(ConnectionMode::KeepAlive) => "keep-alive".into(),
+            Traffic::Http1(ConnectionMode::NewConnectionPerRequest) => "new conn/request".into(),
+            Traffic::Http2 => format!("HTTP/2, {H2_CONNECTIONS} conns x {H2_STREAMS} streams"),
+            Traffic::Grpc => format!("gRPC unary, {GRPC_CLIENTS} channels"),
+        }
+    }
+}
+
+/// A running load of any [`Traffic`].
+enum Running {
+    Http1(LoadRun),
+    Http2(H2LoadRun),
+    Grpc(GrpcRun),
+}
+
+impl Running {
+    fn start(addr: SocketAddr, traffic: Traffic) -> Running {
+        match traffic {
+            Traffic::Http1(mode) => Running::Http1(load(addr, mode)),
+            Traffic::Http2 => Running::Http2(H2LoadRun::start(H2LoadConfig {
+                addr,
+                path: "/".into(),
+                connections: H2_CONNECTIONS,
+                streams: H2_STREAMS,
+                request_timeout: Duration::from_secs(10),
+            })),
+            Traffic::Grpc => Running::Grpc(GrpcRun::start(addr)),
+        }
+    }
+
+    async fn stop(self) -> LoadReport {
+        match self {
+            Running::Http1(run) => run.stop().await,
+            Running::Http2(run) => run.stop().await,
+            Running::Grpc(run) => run.stop().await,
+        }
+    }
+}
+
+/// `GRPC_CLIENTS` tonic clients of the greeter example, each on its own
+/// channel (`reload_tests::h2::H2Channel`), calling SayHello back to back
+/// and counting every failed call.
+struct GrpcRun {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    report: Arc<std::sync::Mutex<LoadReport>>,
+    started: Instant,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl GrpcRun {
+    fn start(addr: SocketAddr) -> GrpcRun {
+        use reload_example_greeter::v1::{greeter_client::GreeterClient, HelloRequest};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
+        let clients = (0..GRPC_CLIENTS)
+            .map(|id| {
+                let (stop, report) = (stop.clone(), report.clone());
+                tokio::spawn(async move {
+                    let mut client = H2Channel::new(addr).grpc(GreeterClient::new);
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let began = Instant::now();
+                        let call = client.say_hello(HelloRequest {
+                            name: format!("bench {id}"),
+                        });
+                        let outcome = tokio::time::timeout(Duration::from_secs(10), call).await;
+                        let failed = {
+                            let mut report = report.lock().unwrap();
+                            match outcome {
+                                Ok(Ok(reply)) => {
+                                    report.requests += 1;
+                                    report.latencies.record(began.elapsed());
+                                    report.pids.insert(reply.into_inner().pid);
+                                    false
+                                }
+                                Ok(Err(status)) => {
+                                    report.failures += 1;
+                                    if report.failure_samples.len() < 20 {
+                                        report.failure_samples.push(status.to_string());
+                                    }
+                                    true
+                                }
+                                Err(_) => {
+                                    report.failures += 1;
+                                    true
+                                }
+                            }
+                        };
+                        // As the HTTP/1.1 client does: a dead server must
+                        // not turn the clients into a busy loop.
+                        if failed {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        GrpcRun {
+            stop,
+            report,
+            started: Instant::now(),
+            clients,
+        }
+    }
+
+    async fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let elapsed = self.started.elapsed();
+        for client in self.clients {
+            let _ = client.await;
+        }
+        let mut report = self.report.lock().unwrap().clone();
+        report.elapsed = elapsed;
+        report
+    }
+}
+
 /// Steady load for STEADY, then RELOADS_UNDER_LOAD reloads done by
-/// `reload`, one every RELOAD_EVERY; returns (steady, during).
+/// `reload`, one every RELOAD_EVERY at most (the agent starts a reload only
+/// once the previous drain ended); returns (steady, during).
 async fn measure<F, Fut>(
     addr: SocketAddr,
-    mode: ConnectionMode,
+    traffic: impl Into<TrafficArg>,
     mut reload: F,
 ) -> (LoadReport, LoadReport)
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let run = load(addr, mode);
+    let traffic = traffic.into().0;
+    let run = Running::start(addr, traffic);
     tokio::time::sleep(STEADY).await;
     let steady = run.stop().await;
-    let run = load(addr, mode);
+    let run = Running::start(addr, traffic);
     for i in 0..RELOADS_UNDER_LOAD {
         let next = tokio::time::Instant::now() + RELOAD_EVERY;
         reload(i).await;
@@ -303,21 +465,39 @@ where
     (steady, run.stop().await)
 }
 
-fn row(name: &str, mode: ConnectionMode, steady: &LoadReport, during: &LoadReport) {
+/// Either a [`ConnectionMode`] (the HTTP/1.1 rows, as before) or a
+/// [`Traffic`].
+struct TrafficArg(Traffic);
+
+impl From<ConnectionMode> for TrafficArg {
+    fn from(mode: ConnectionMode) -> Self {
+        TrafficArg(Traffic::Http1(mode))
+    }
+}
+
+impl From<Traffic> for TrafficArg {
+    fn from(traffic: Traffic) -> Self {
+        TrafficArg(traffic)
+    }
+}
+
+fn row(name: &str, traffic: impl Into<TrafficArg>, steady: &LoadReport, during: &LoadReport) {
+    let traffic = traffic.into().0;
     let failed_pct =
         100.0 * during.failures as f64 / (during.requests + during.failures).max(1) as f64;
     println!(
-        "| {name} | {} | {} | {} | {failed_pct:.3}% | {} | {} | {:.2}x |",
-        match mode {
-            ConnectionMode::KeepAlive => "keep-alive",
-            ConnectionMode::NewConnectionPerRequest => "new conn/request",
-        },
+        "| {name} | {} | {} | {} | {failed_pct:.3}% | {} | {} | {:.2}x | {:.1} s |",
+        traffic.label(),
         during.requests + during.failures,
         during.failures,
         ms(steady.p99()),
         ms(during.p99()),
-        during.p99().as_secs_f64() / steady.p99().as_secs_f64().max(1e-9)
+        during.p99().as_secs_f64() / steady.p99().as_secs_f64().max(1e-9),
+        during.elapsed.as_secs_f64(),
     );
+    if let Some(first) = during.failure_samples.first() {
+        eprintln!("  {name} / {}: first failure: {first}", traffic.label());
+    }
 }
 
 fn read_pid(path: &Path) -> Option<u32> {
@@ -338,7 +518,8 @@ async fn wait_async(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// nginx (from Debian's package) answering 200 on `addr`, daemonized;
 /// returns its pid file.
-async fn start_nginx(dir: &Path, addr: SocketAddr) -> PathBuf {
+/// With `http2`, nginx speaks HTTP/2 with prior knowledge (h2c) there.
+async fn start_nginx(dir: &Path, addr: SocketAddr, http2: bool) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let pid_file = dir.join("nginx.pid");
     let conf = dir.join("nginx.conf");
@@ -349,9 +530,10 @@ async fn start_nginx(dir: &Path, addr: SocketAddr) -> PathBuf {
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 65;\n\
              client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fastcgi;\n\
              uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-             server {{ listen {addr}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+             server {{ listen {addr}{h2}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
             pid = pid_file.display(),
-            dir = dir.display()
+            dir = dir.display(),
+            h2 = if http2 { " http2" } else { "" }
         ),
     )
     .unwrap();
@@ -403,10 +585,11 @@ async fn start_gunicorn(dir: &Path, addr: SocketAddr) -> PathBuf {
 
 async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("## 3. Failed requests during {RELOADS_UNDER_LOAD} reloads, {CONNECTIONS} clients that never retry\n");
-    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio |\n|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio | reload phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for mode in [
-        ConnectionMode::KeepAlive,
-        ConnectionMode::NewConnectionPerRequest,
+        Traffic::Http1(ConnectionMode::KeepAlive),
+        Traffic::Http1(ConnectionMode::NewConnectionPerRequest),
+        Traffic::Http2,
     ] {
         let (agent, addr, v1, v2) =
             reload_agent(&dir.join(format!("load-agent-{mode:?}")), key, true).await;
@@ -490,10 +673,19 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         let _ = first.wait();
 
         // nginx, both ways it reloads while keeping its listening socket.
-        for upgrade in [true, false] {
+        // Not under HTTP/2: with 20 busy h2c connections nginx 1.22's old
+        // master had not exited 30 s after QUIT (its old workers keep
+        // serving connections that never go idle), so a row would measure
+        // nothing but the old workers.
+        let nginx_ways: &[bool] = if matches!(mode, Traffic::Http2) {
+            &[]
+        } else {
+            &[true, false]
+        };
+        for &upgrade in nginx_ways {
             let ndir = dir.join(format!("nginx-{mode:?}-{upgrade}"));
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let pid_file = start_nginx(&ndir, addr).await;
+            let pid_file = start_nginx(&ndir, addr, matches!(mode, Traffic::Http2)).await;
             let (steady, during) = measure(addr, mode, |_| {
                 let pid_file = pid_file.clone();
                 async move {
@@ -532,21 +724,24 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
             }
         }
 
-        // gunicorn's graceful worker restart.
-        let gdir = dir.join(format!("gunicorn-{mode:?}"));
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let pid_file = start_gunicorn(&gdir, addr).await;
-        let (steady, during) = measure(addr, mode, |_| {
-            let master = read_pid(&pid_file).unwrap();
-            async move {
-                send_signal(master, nix::sys::signal::Signal::SIGHUP);
+        // gunicorn's graceful worker restart (HTTP/1.1 only: its sync
+        // workers do not speak HTTP/2).
+        if matches!(mode, Traffic::Http1(_)) {
+            let gdir = dir.join(format!("gunicorn-{mode:?}"));
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let pid_file = start_gunicorn(&gdir, addr).await;
+            let (steady, during) = measure(addr, mode, |_| {
+                let master = read_pid(&pid_file).unwrap();
+                async move {
+                    send_signal(master, nix::sys::signal::Signal::SIGHUP);
+                }
+            })
+            .await;
+            row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
+            if let Some(master) = read_pid(&pid_file) {
+                send_signal(master, nix::sys::signal::Signal::SIGTERM);
+                wait_async("gunicorn to stop", || process_gone(master)).await;
             }
-        })
-        .await;
-        row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
-        if let Some(master) = read_pid(&pid_file) {
-            send_signal(master, nix::sys::signal::Signal::SIGTERM);
-            wait_async("gunicorn to stop", || process_gone(master)).await;
         }
 
         // The same server restarted the way `systemctl restart` does it:
@@ -585,7 +780,152 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
             let _ = last.wait();
         }
     }
+    grpc_rows(dir, key).await;
     println!();
+}
+
+/// What the close spread does to p99: the agent-handoff row of section 3
+/// under HTTP/1.1 keep-alive, with the demo server's default spread and
+/// with `--close-spread 0s` (all connections told at once), alternated
+/// three times so drift on the machine hits both alike.
+async fn close_spread_bench(dir: &Path, key: &Arc<SigningKey>) {
+    println!("## 3b. The close spread, agent handoff, keep-alive, {CONNECTIONS} clients, {RELOADS_UNDER_LOAD} reloads\n");
+    println!("| close spread | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio | reload phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for round in 0..3 {
+        for spread in [None, Some("0s")] {
+            let adir = dir.join(format!("spread-{round}-{}", spread.is_some()));
+            let extra: Vec<&str> = spread
+                .map(|s| vec!["--close-spread", s])
+                .unwrap_or_default();
+            let (agent, addr, v1, v2) = reload_agent_with(&adir, key, true, &extra).await;
+            let mut control =
+                pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+            activate(&mut control, &v1).await;
+            let (steady, during) = measure(addr, ConnectionMode::KeepAlive, |i| {
+                let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+                let mut control = control.clone();
+                async move {
+                    activate(&mut control, &target).await;
+                }
+            })
+            .await;
+            let name = match spread {
+                None => "default (500 ms)".to_string(),
+                Some(s) => format!("{s} (all at once)"),
+            };
+            row(&name, ConnectionMode::KeepAlive, &steady, &during);
+            drop(agent);
+        }
+    }
+    println!();
+}
+
+/// The gRPC rows: the greeter example under the agent, upgrading itself,
+/// and restarted stop-then-start, under `GRPC_CLIENTS` clients calling SayHello.
+async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
+    let adir = dir.join("grpc-agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!(
+        "[[service]]\nname = \"greeter\"\nargs = [\"--listen-name\", \"grpc\"]\n[[service.listener]]\nname = \"grpc\"\ntcp = \"{addr}\"\n\
+         [service.probation]\nhealthy_for = \"0s\"\n"
+    );
+    let agent = Agent::start(&adir, key.clone(), &config);
+    let greeter = |version: &str| {
+        let mut bytes = std::fs::read(bin_path("reload-greeter")).unwrap();
+        bytes.extend_from_slice(format!("\nbench greeter {version}\n").as_bytes());
+        bytes
+    };
+    let v1 = agent.stage("greeter", "1.0.0", &greeter("1.0.0")).await;
+    let v2 = agent.stage("greeter", "2.0.0", &greeter("2.0.0")).await;
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    activate_service(&mut control, "greeter", &v1).await;
+    let (steady, during) = measure(addr, Traffic::Grpc, |i| {
+        let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+        let mut control = control.clone();
+        async move {
+            activate_service(&mut control, "greeter", &target).await;
+        }
+    })
+    .await;
+    row(
+        "reload-agent handoff (greeter example)",
+        Traffic::Grpc,
+        &steady,
+        &during,
+    );
+    drop(agent);
+
+    // The greeter upgrading itself (SIGHUP), no agent.
+    let sdir = dir.join("grpc-standalone");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pid_file = sdir.join("pid");
+    let mut first = Command::new(bin_path("reload-greeter"))
+        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
+        .arg(&pid_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_async("the greeter's pid file", || read_pid(&pid_file).is_some()).await;
+    let (steady, during) = measure(addr, Traffic::Grpc, |_| {
+        let pid_file = pid_file.clone();
+        async move {
+            let old = read_pid(&pid_file).unwrap();
+            send_signal(old, nix::sys::signal::Signal::SIGHUP);
+            wait_async("the self-upgrade", || {
+                read_pid(&pid_file) != Some(old) && process_gone(old)
+            })
+            .await;
+        }
+    })
+    .await;
+    row(
+        "reload-server self-upgrade (SIGHUP, greeter example)",
+        Traffic::Grpc,
+        &steady,
+        &during,
+    );
+    if let Some(pid) = read_pid(&pid_file) {
+        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let start_server = || {
+        let child = Command::new(bin_path("reload-greeter"))
+            .args(["--bind", &addr.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "greeter did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child
+    };
+    let server = std::sync::Mutex::new(Some(start_server()));
+    let (steady, during) = measure(addr, Traffic::Grpc, |_| {
+        let mut old = server.lock().unwrap().take().unwrap();
+        send_signal(old.id(), nix::sys::signal::Signal::SIGTERM);
+        old.wait().unwrap();
+        *server.lock().unwrap() = Some(start_server());
+        async {}
+    })
+    .await;
+    row(
+        "stop-then-start restart (greeter example)",
+        Traffic::Grpc,
+        &steady,
+        &during,
+    );
+    let last = server.lock().unwrap().take();
+    if let Some(mut last) = last {
+        let _ = last.kill();
+        let _ = last.wait();
+    }
 }
 
 const ROLLOUT_HOSTS: usize = 50;
@@ -881,6 +1221,13 @@ fn main() {
     if wants("failed-requests") {
         runtime.block_on(failed_requests_bench(dir, &key));
     }
+    if only.as_deref() == Some("close-spread") {
+        runtime.block_on(close_spread_bench(dir, &key));
+    }
+    // The gRPC rows of section 3 alone.
+    if only.as_deref() == Some("failed-requests-grpc") {
+        runtime.block_on(grpc_rows(dir, &key));
+    }
     if wants("rollout") {
         runtime.block_on(rollout_bench(dir, &key));
     }
@@ -904,7 +1251,7 @@ fn agent_release_bytes(version: &str) -> Vec<u8> {
 
 async fn agent_upgrade_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("## 6. The agent upgrading itself in place, {RELOADS_UNDER_LOAD} times under {CONNECTIONS} clients that never retry\n");
-    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during upgrades | p99 ratio |\n|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| method | connections | requests | failed | failed % | p99 steady | p99 during upgrades | p99 ratio | upgrade phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let durations = Arc::new(std::sync::Mutex::new(Vec::new()));
     for mode in [
         ConnectionMode::KeepAlive,

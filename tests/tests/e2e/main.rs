@@ -16,6 +16,8 @@
 //! - [`upload`]: uploads, verification and the artifact store on disk.
 //! - [`fetch`]: agents fetching releases from an HTTP artifact repository (nginx).
 //! - [`reload`]: socket-preserving reloads of a service under load.
+//! - [`http2`]: HTTP/2 and gRPC services reloaded under load (h2load, the
+//!   greeter example).
 //! - [`rollout`]: `reloadctl push` across a fleet of agents.
 //! - [`rollout_faults`]: racing rollouts under partitions and kills (randomized, seeded).
 //! - [`agent_upgrade`]: the agent upgrading itself in place.
@@ -37,6 +39,7 @@ mod cli_project;
 mod fd_store;
 mod fencing;
 mod fetch;
+mod http2;
 mod operability;
 mod outlive;
 mod probation;

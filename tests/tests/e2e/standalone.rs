@@ -460,3 +460,46 @@ async fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
     assert!(ready.contains("READY=1"), "{ready}");
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
 }
+
+/// The standalone self-upgrade drains HTTP/2 too: 20 connections with 10
+/// streams in flight each, 10 upgrades, no stream fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_self_upgrades_lose_no_http2_stream() {
+    use reload_tests::h2::{H2LoadConfig, H2LoadRun};
+    let s = start(None).await;
+    let run = H2LoadRun::start(H2LoadConfig {
+        addr: s.addr,
+        path: "/".into(),
+        connections: 20,
+        streams: 10,
+        request_timeout: Duration::from_secs(10),
+    });
+    run.wait_for_requests(500).await;
+    let mut pids = vec![s.pid().unwrap()];
+    for _ in 0..10 {
+        pids.push(s.upgrade().await);
+        run.wait_for_requests(200).await;
+    }
+    let connections = run.connection_summary();
+    let opened = run
+        .totals
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let report = run.stop().await;
+    println!(
+        "HTTP/2 over 10 self-upgrades: {}; {connections}",
+        report.summary()
+    );
+    report.assert_no_failures();
+    assert!(
+        report.pids.len() > 5,
+        "the serving pid did not change: {:?}",
+        report.pids
+    );
+    assert!(
+        report.pids.iter().all(|p| pids.contains(p)),
+        "an unknown pid answered: {:?} vs {pids:?}",
+        report.pids
+    );
+    assert!(opened >= 100, "{connections}");
+}
