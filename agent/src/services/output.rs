@@ -157,6 +157,15 @@ impl ServiceOutput {
             }
         }
         ring.file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // Opened now rather than at the first line, so the agent holds the
+        // same files whether or not its service has said anything yet (an
+        // upgrade's fd check compares them); a failure is retried then.
+        ring.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .ok();
         ServiceOutput {
             inner: Mutex::new(ring),
             followers: broadcast::channel(FOLLOW_BUFFER).0,

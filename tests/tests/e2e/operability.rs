@@ -203,7 +203,8 @@ async fn reflection_describes_reload_v1_without_the_proto_files() {
             "Rollback",
             "StopService",
             "GetStatus",
-            "WatchEvents"
+            "WatchEvents",
+            "ReadLogs"
         ]
     );
     let activate = file
