@@ -304,11 +304,12 @@ impl Agent {
     /// as `--shim` with a spec naming this agent's folder). They outlive
     /// the agent by design, so a test ends them itself.
     pub fn shim_pids(&self) -> Vec<u32> {
-        let marker = self
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        // The whole folder, as the agent resolved it: a shim's spec names
+        // paths under it. (The folder's name alone matched other tests'
+        // shims whenever two tests named their folders alike, and ended
+        // their services under them.)
+        let folder = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let marker = format!("{}/", folder.display());
         processes()
             .into_iter()
             .filter(|pid| {

@@ -62,17 +62,8 @@ impl AgentState {
             version = %verified.manifest.version,
             sha256 = %verified.manifest.sha256,
         );
-        let (check, check_envelope) = (verified.clone(), envelope.clone());
-        if let Some(existing) = self
-            .with_store(move |store| store.restore_existing(&check, &check_envelope))
-            .await?
-        {
-            span.in_scope(|| tracing::info!("artifact already stored; upload skipped"));
-            return Ok(pb::UploadArtifactResponse {
-                artifact: Some(artifact_info(&existing)),
-                already_present: true,
-                bytes_received: 0,
-            });
+        if let Some(present) = self.already_stored(&verified, &envelope, &span).await? {
+            return Ok(present);
         }
 
         self.check_free_space(verified.manifest.size)?;
@@ -144,17 +135,8 @@ impl AgentState {
             sha256 = %manifest.sha256,
             %url,
         );
-        let (check, check_envelope) = (verified.clone(), envelope.clone());
-        if let Some(existing) = self
-            .with_store(move |store| store.restore_existing(&check, &check_envelope))
-            .await?
-        {
-            span.in_scope(|| tracing::info!("artifact already stored; fetch skipped"));
-            return Ok(pb::UploadArtifactResponse {
-                artifact: Some(artifact_info(&existing)),
-                already_present: true,
-                bytes_received: 0,
-            });
+        if let Some(present) = self.already_stored(&verified, &envelope, &span).await? {
+            return Ok(present);
         }
         self.check_free_space(manifest.size)?;
         // One fetch of a file at a time: they would share its partial file.
@@ -270,6 +252,31 @@ impl AgentState {
             already_present: false,
             bytes_received: received,
         })
+    }
+
+    /// The answer to an upload or a fetch of bytes the store holds
+    /// already (their envelope kept or renewed, see `restore_existing`):
+    /// nothing more is read.
+    async fn already_stored(
+        &self,
+        verified: &VerifiedManifest,
+        envelope: &[u8],
+        span: &tracing::Span,
+    ) -> Result<Option<pb::UploadArtifactResponse>, Status> {
+        let (check, check_envelope) = (verified.clone(), envelope.to_vec());
+        let existing = self
+            .with_store(move |store| store.restore_existing(&check, &check_envelope))
+            .await?;
+        Ok(existing.map(|existing| {
+            span.in_scope(|| {
+                tracing::info!("artifact already stored; its bytes are not read again")
+            });
+            pb::UploadArtifactResponse {
+                artifact: Some(artifact_info(&existing)),
+                already_present: true,
+                bytes_received: 0,
+            }
+        }))
     }
 
     /// What an upload or a fetch counts and audits.

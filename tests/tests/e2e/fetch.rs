@@ -108,6 +108,17 @@ impl Drop for Repository {
     }
 }
 
+/// A folder for an agent inside the test's `dir`, with a name no other
+/// test's agent has: the test helpers find an agent's shims (to end them)
+/// by its folder's name.
+fn agent_dir(dir: &tempfile::TempDir) -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("fetch-agent-")
+        .tempdir_in(dir.path())
+        .unwrap()
+        .keep()
+}
+
 fn agent_allowing(dir: &Path, key: Arc<SigningKey>, prefixes: &[String], limits: &str) -> Agent {
     let allow: Vec<String> = prefixes.iter().map(|p| format!("{p:?}")).collect();
     std::fs::create_dir_all(dir).unwrap();
@@ -148,7 +159,7 @@ async fn an_agent_fetches_a_signed_release_from_nginx_and_runs_it() {
     let dir = tempfile::tempdir().unwrap();
     let repository = Repository::start(&dir.path().join("repository"));
     let key = Arc::new(SigningKey::generate());
-    let agent = agent_allowing(&dir.path().join("agent"), key, &[repository.prefix()], "");
+    let agent = agent_allowing(&agent_dir(&dir), key, &[repository.prefix()], "");
     let bytes = Agent::demo_server_bytes("1.5.0");
     let url = repository.publish("web-1.5.0", &bytes);
     let envelope = agent.sign("web", "1.5.0", &bytes);
@@ -183,7 +194,7 @@ async fn a_tampered_file_on_the_repository_is_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let repository = Repository::start(&dir.path().join("repository"));
     let key = Arc::new(SigningKey::generate());
-    let agent = agent_allowing(&dir.path().join("agent"), key, &[repository.prefix()], "");
+    let agent = agent_allowing(&agent_dir(&dir), key, &[repository.prefix()], "");
     let bytes = pseudo_random_bytes(3 << 20, 19);
     let envelope = agent.sign("web", "1.5.0", &bytes);
 
@@ -287,7 +298,7 @@ async fn a_stalled_fetch_times_out_keeps_its_bytes_and_the_next_fetch_resumes_wi
     let stall_prefix = format!("http://127.0.0.1:{stall_port}/releases/");
     let key = Arc::new(SigningKey::generate());
     let agent = agent_allowing(
-        &dir.path().join("agent"),
+        &agent_dir(&dir),
         key,
         &[repository.prefix(), stall_prefix.clone()],
         "upload_idle_timeout = \"1s\"",
@@ -368,8 +379,7 @@ async fn a_push_with_artifact_url_has_every_agent_fetch_and_the_cli_sends_only_e
     let mut hosts = String::new();
     for i in 0..HOSTS {
         let ip: std::net::IpAddr = format!("127.0.19.{}", i + 1).parse().unwrap();
-        let agent_dir = dir.path().join(format!("agent-{i}"));
-        std::fs::create_dir_all(&agent_dir).unwrap();
+        let agent_dir = agent_dir(&dir);
         let agent = Agent::start_at(
             ip,
             &agent_dir,

@@ -1307,30 +1307,10 @@ mod connections {
                 w.opened
             );
         }
-        // The normal client was answered throughout, every time, quickly.
-        assert!(
-            probes.len() >= 10,
-            "only {} GetStatus probes ran during the flood",
-            probes.len()
-        );
-        for (at, took, answer) in &probes {
-            assert!(
-                answer.is_ok(),
-                "GetStatus at {at:?} into the flood failed: {answer:?}"
-            );
-            assert!(
-                *took < STATUS_BOUND,
-                "GetStatus at {at:?} into the flood took {took:?}"
-            );
-        }
-        // The descriptors came back, and the closures were counted.
-        eventually(
-            "the agent's open files back to where they were",
-            Duration::from_secs(10),
-            async || open_files(pid),
-            |files| *files <= files_before + 16,
-        )
-        .await;
+        // The normal client was answered throughout, every time, quickly;
+        // the descriptors came back, and the closures were counted.
+        assert_answered_throughout(&probes);
+        open_files_back(pid, files_before).await;
         let health_client = tls_client_config(&dir, "monitor", &[]);
         let metrics = https_get(&health_client, health, "/metrics").await.unwrap();
         let timed_out = metric(
@@ -1472,8 +1452,18 @@ mod connections {
                 "an idle connection was closed later than {CLOSED_WITHIN:?}: {summary}"
             );
         }
-        assert!(probes.len() >= 10, "only {} probes ran", probes.len());
-        for (at, took, answer) in &probes {
+        assert_answered_throughout(&probes);
+        open_files_back(pid, files_before).await;
+    }
+
+    /// Every probe of a flood was answered, quickly, and there were enough.
+    fn assert_answered_throughout(probes: &[Probe]) {
+        assert!(
+            probes.len() >= 10,
+            "only {} GetStatus probes ran during the flood",
+            probes.len()
+        );
+        for (at, took, answer) in probes {
             assert!(
                 answer.is_ok(),
                 "GetStatus at {at:?} into the flood failed: {answer:?}"
@@ -1483,11 +1473,16 @@ mod connections {
                 "GetStatus at {at:?} into the flood took {took:?}"
             );
         }
+    }
+
+    /// Waits until the agent holds no more descriptors than before a flood
+    /// (give or take a few of its own).
+    async fn open_files_back(pid: u32, before: usize) {
         eventually(
             "the agent's open files back to where they were",
             Duration::from_secs(10),
             async || open_files(pid),
-            |files| *files <= files_before + 16,
+            |files| *files <= before + 16,
         )
         .await;
     }
