@@ -152,72 +152,79 @@ impl AgentState {
         let (mut upload, mut held) = self
             .with_store(move |store| store.resume_fetch(v, e))
             .await?;
-        let mut fetched = match self
-            .fetcher
-            .get(&url, held, limits.upload_idle_timeout)
-            .await
-        {
-            Ok(fetched) => fetched,
-            Err(err) => {
-                upload.suspend().await;
-                return Err(fetch_status(err));
-            }
-        };
-        if fetched.from != held {
-            // The repository sent the whole file instead of the rest of it.
-            drop(upload);
-            let (v, e) = (verified, envelope);
-            (upload, held) = self
-                .with_store(move |store| store.resume_fetch(v, e))
-                .await?;
-        }
-        let resumed = held;
-        loop {
-            let wait = limits
-                .upload_idle_timeout
-                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            let frame = match tokio::time::timeout(
-                wait,
-                http_body_util::BodyExt::frame(&mut fetched.body),
-            )
-            .await
+        let resumed;
+        if held < manifest.size {
+            let mut fetched = match self
+                .fetcher
+                .get(&url, held, limits.upload_idle_timeout)
+                .await
             {
-                Ok(None) => break,
-                Ok(Some(Ok(frame))) => frame,
-                Ok(Some(Err(err))) => {
-                    let got = upload.received();
+                Ok(fetched) => fetched,
+                Err(err) => {
                     upload.suspend().await;
-                    return Err(Status::data_loss(format!(
-                        "the connection to {} ended after {got} of {} bytes ({err}); they are kept: fetch again to resume",
-                        fetched.url, manifest.size
-                    )));
-                }
-                Err(_) => {
-                    let got = upload.received();
-                    upload.suspend().await;
-                    let why = if tokio::time::Instant::now() >= deadline {
-                        format!(
-                            "the fetch took longer than {} in all ([limits] upload_max_duration)",
-                            humantime::format_duration(limits.upload_max_duration)
-                        )
-                    } else {
-                        format!(
-                            "{} sent nothing for {} ([limits] upload_idle_timeout)",
-                            fetched.url,
-                            humantime::format_duration(limits.upload_idle_timeout)
-                        )
-                    };
-                    return Err(Status::deadline_exceeded(format!(
-                        "{why}; the {got} of {} bytes fetched are kept: fetch again to resume",
-                        manifest.size
-                    )));
+                    return Err(fetch_status(err));
                 }
             };
-            if let Ok(data) = frame.into_data() {
-                // More than the manifest's size: not the signed file; its
-                // bytes go (the upload is dropped).
-                upload.write_chunk(data).await?;
+            if fetched.from != held {
+                // The repository sent the whole file instead of the rest of it.
+                drop(upload);
+                let (v, e) = (verified, envelope);
+                (upload, held) = self
+                    .with_store(move |store| store.resume_fetch(v, e))
+                    .await?;
             }
+            resumed = held;
+            loop {
+                let wait = limits
+                    .upload_idle_timeout
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                let frame = match tokio::time::timeout(
+                    wait,
+                    http_body_util::BodyExt::frame(&mut fetched.body),
+                )
+                .await
+                {
+                    Ok(None) => break,
+                    Ok(Some(Ok(frame))) => frame,
+                    Ok(Some(Err(err))) => {
+                        let got = upload.received();
+                        upload.suspend().await;
+                        return Err(Status::data_loss(format!(
+                            "the connection to {} ended after {got} of {} bytes ({err}); they are kept: fetch again to resume",
+                            fetched.url, manifest.size
+                        )));
+                    }
+                    Err(_) => {
+                        let got = upload.received();
+                        upload.suspend().await;
+                        let why = if tokio::time::Instant::now() >= deadline {
+                            format!(
+                                "the fetch took longer than {} in all ([limits] upload_max_duration)",
+                                humantime::format_duration(limits.upload_max_duration)
+                            )
+                        } else {
+                            format!(
+                                "{} sent nothing for {} ([limits] upload_idle_timeout)",
+                                fetched.url,
+                                humantime::format_duration(limits.upload_idle_timeout)
+                            )
+                        };
+                        return Err(Status::deadline_exceeded(format!(
+                            "{why}; the {got} of {} bytes fetched are kept: fetch again to resume",
+                            manifest.size
+                        )));
+                    }
+                };
+                if let Ok(data) = frame.into_data() {
+                    // More than the manifest's size: not the signed file; its
+                    // bytes go (the upload is dropped).
+                    upload.write_chunk(data).await?;
+                }
+            }
+        } else {
+            // Every byte came before (a fetch cut off after its last one):
+            // no request, the hash decides.
+            resumed = held;
         }
         let received = upload.received() - resumed;
         let stored = upload.finish(&self.store).await?;

@@ -264,7 +264,8 @@ async fn fetching_is_off_until_configured_and_limited_to_the_allowed_prefixes() 
 }
 
 /// A repository that sends the first `sent` bytes of `bytes` (announcing
-/// them all) and then nothing, keeping the connection open.
+/// one byte more than there are) and then nothing, keeping the connection
+/// open.
 async fn stalling_repository(bytes: Vec<u8>, sent: usize) -> (u16, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -278,7 +279,7 @@ async fn stalling_repository(bytes: Vec<u8>, sent: usize) -> (u16, tokio::task::
             let _ = stream.read(&mut request).await;
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
-                bytes.len()
+                bytes.len() + 1
             );
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(&bytes[..sent]).await;
@@ -425,4 +426,36 @@ async fn a_push_with_artifact_url_has_every_agent_fetch_and_the_cli_sends_only_e
         assert_eq!(status.current_version, "1.5.0", "{}", agent.host());
         assert_eq!(status.current_sha256, sha256_hex(&bytes));
     }
+}
+
+/// A fetch cut off after the file's last byte (the repository promised one
+/// more) keeps every byte; the next fetch asks the repository nothing (it
+/// is gone here) and the hash decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_cut_off_after_its_last_byte_completes_without_asking_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = pseudo_random_bytes(1 << 20, 11);
+    let (port, stalling) = stalling_repository(bytes.clone(), bytes.len()).await;
+    let prefix = format!("http://127.0.0.1:{port}/releases/");
+    let key = Arc::new(SigningKey::generate());
+    let agent = agent_allowing(
+        &agent_dir(&dir),
+        key,
+        &[prefix.clone()],
+        "upload_idle_timeout = \"1s\"",
+    );
+    let envelope = agent.sign("web", "1.5.0", &bytes);
+    let url = format!("{prefix}web-1.5.0");
+    let err = fetch(&agent, envelope.clone(), &url).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    stalling.abort();
+    let _ = stalling.await;
+    let done = fetch(&agent, envelope, &url).await.unwrap();
+    assert_eq!(done.bytes_received, 0);
+    let sha = sha256_hex(&bytes);
+    assert_eq!(
+        std::fs::read(agent.store().join("sha256").join(&sha)).unwrap(),
+        bytes
+    );
+    assert!(temp_files(&agent).is_empty(), "{:?}", temp_files(&agent));
 }
