@@ -441,7 +441,7 @@ async fn a_fetch_cut_off_after_its_last_byte_completes_without_asking_again() {
     let agent = agent_allowing(
         &agent_dir(&dir),
         key,
-        &[prefix.clone()],
+        std::slice::from_ref(&prefix),
         "upload_idle_timeout = \"1s\"",
     );
     let envelope = agent.sign("web", "1.5.0", &bytes);
