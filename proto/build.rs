@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Upload chunks as `Bytes`: decoded without a copy out of the
         // receive buffer.
         .bytes(".reload.v1.UploadArtifactRequest.chunk")
+        .bytes(".reload.v1.ReadArtifactResponse.chunk")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=reload");
     Ok(())

@@ -294,6 +294,7 @@ mod tests {
         Fetcher::new(&FetchConfig {
             allow: allow.iter().map(|s| s.to_string()).collect(),
             ca: None,
+            peers: None,
         })
         .unwrap()
     }

@@ -45,6 +45,7 @@ mod health_http;
 pub mod lease;
 pub mod main_thread;
 pub mod metrics;
+pub mod peers;
 pub mod redact;
 pub mod selfupgrade;
 pub mod services;

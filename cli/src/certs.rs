@@ -23,7 +23,7 @@ fn dn(common_name: &str) -> DistinguishedName {
 fn leaf(
     names: &[String],
     common_name: &str,
-    usage: ExtendedKeyUsagePurpose,
+    usages: &[ExtendedKeyUsagePurpose],
     issuer: &Issuer<'_, &KeyPair>,
 ) -> anyhow::Result<(String, String)> {
     let mut params = CertificateParams::new(names.to_vec()).with_context(|| {
@@ -34,7 +34,7 @@ fn leaf(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usages.to_vec();
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -68,10 +68,15 @@ pub fn make_certs(
         0o600,
         force,
     )?;
+    // Client use too: an agent fetching a release from another agent
+    // (`[fetch] peers`) presents its own certificate.
     let (cert, key) = leaf(
         agent_names,
         "reload-agent",
-        ExtendedKeyUsagePurpose::ServerAuth,
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         &issuer,
     )?;
     write_atomically(&out.join("agent.pem"), cert.as_bytes(), 0o644, force)?;
@@ -82,7 +87,7 @@ pub fn make_certs(
         let (cert, key) = leaf(
             std::slice::from_ref(client),
             client,
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &issuer,
         )?;
         write_atomically(

@@ -95,37 +95,49 @@ impl AgentState {
         let received = upload.received();
         let stored = upload.finish(&self.store).await?;
         span.in_scope(|| tracing::info!(bytes = received, "artifact verified and stored"));
-        self.services.events().emit(
-            pb::EventKind::ArtifactStored,
-            EventFields {
-                service: &stored.manifest.service,
-                version: &stored.manifest.version,
-                sha256: &stored.manifest.sha256,
-                pid: 0,
-                message: format!(
-                    "stored {} {} ({received} bytes)",
-                    stored.manifest.service, stored.manifest.version
-                ),
-            },
+        self.stored_event(
+            &stored,
+            format!(
+                "stored {} {} ({received} bytes)",
+                stored.manifest.service, stored.manifest.version
+            ),
         );
         Ok(pb::UploadArtifactResponse {
             artifact: Some(artifact_info(&stored)),
             already_present: false,
             bytes_received: received,
+            ..Default::default()
         })
     }
 }
 
 impl AgentState {
     /// FetchArtifact: the envelope checked as for an upload, then the bytes
-    /// from the repository (resuming what an earlier fetch of the same file
-    /// got), into the store by the same path an upload takes.
+    /// from each source in turn (the peers, then the repository) until one
+    /// delivers the signed file, into the store by the same path an upload
+    /// takes. Bytes a source got before it stopped are kept for the next
+    /// source (or the next fetch) to resume after; bytes that turn out not
+    /// to be the signed file are discarded.
     async fn fetch(
         &self,
         request: pb::FetchArtifactRequest,
     ) -> Result<pb::UploadArtifactResponse, Status> {
-        let pb::FetchArtifactRequest { envelope, url } = request;
-        self.fetcher.check_allowed(&url).map_err(fetch_status)?;
+        let pb::FetchArtifactRequest {
+            envelope,
+            url,
+            peers,
+        } = request;
+        if url.is_empty() && peers.is_empty() {
+            return Err(Status::invalid_argument(
+                "FetchArtifact needs a `url` or `peers` to fetch from",
+            ));
+        }
+        if !url.is_empty() {
+            self.fetcher.check_allowed(&url).map_err(fetch_status)?;
+        }
+        if !peers.is_empty() {
+            self.peers.check_allowed(&peers)?;
+        }
         let verified = self.verifier.check_envelope(&envelope)?;
         let manifest = verified.manifest.clone();
         let span = tracing::info_span!(
@@ -133,7 +145,6 @@ impl AgentState {
             service = %manifest.service,
             version = %manifest.version,
             sha256 = %manifest.sha256,
-            %url,
         );
         if let Some(present) = self.already_stored(&verified, &envelope, &span).await? {
             return Ok(present);
@@ -146,52 +157,124 @@ impl AgentState {
                 manifest.sha256
             ))
         })?;
-        let limits = &self.config.limits;
-        let deadline = tokio::time::Instant::now() + limits.upload_max_duration;
-        let (v, e) = (verified.clone(), envelope.clone());
-        let (mut upload, mut held) = self
-            .with_store(move |store| store.resume_fetch(v, e))
-            .await?;
-        let resumed;
-        if held < manifest.size {
-            let mut fetched = match self
-                .fetcher
-                .get(&url, held, limits.upload_idle_timeout)
+        let deadline = tokio::time::Instant::now() + self.config.limits.upload_max_duration;
+        let sources: Vec<Source> = peers
+            .into_iter()
+            .map(Source::Peer)
+            .chain((!url.is_empty()).then_some(Source::Repository(url)))
+            .collect();
+        let mut skipped = Vec::new();
+        let mut last_error = None;
+        for source in &sources {
+            match self
+                .fetch_from(source, &verified, &envelope, deadline)
                 .await
             {
-                Ok(fetched) => fetched,
-                Err(err) => {
+                Ok((stored, received, resumed)) => {
+                    span.in_scope(|| {
+                        tracing::info!(
+                            bytes = received,
+                            resumed_from = resumed,
+                            %source,
+                            skipped = ?skipped,
+                            "artifact fetched, verified and stored"
+                        )
+                    });
+                    let resumed_note = if resumed > 0 {
+                        format!(", resumed after {resumed}")
+                    } else {
+                        String::new()
+                    };
+                    self.stored_event(
+                        &stored,
+                        format!(
+                            "fetched {} {} from {source} ({received} bytes{resumed_note})",
+                            stored.manifest.service, stored.manifest.version
+                        ),
+                    );
+                    return Ok(pb::UploadArtifactResponse {
+                        artifact: Some(artifact_info(&stored)),
+                        already_present: false,
+                        bytes_received: received,
+                        source: source.to_string(),
+                        skipped_sources: skipped,
+                    });
+                }
+                Err(status) => {
+                    span.in_scope(|| tracing::warn!(%source, error = %status.message(), "fetch source skipped"));
+                    skipped.push(format!("{source}: {}", status.message()));
+                    last_error = Some(status);
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        let last = last_error.expect("at least one source was tried");
+        if sources.len() == 1 {
+            return Err(last);
+        }
+        Err(Status::new(
+            last.code(),
+            format!(
+                "no source delivered the signed file: {}",
+                skipped.join("; ")
+            ),
+        ))
+    }
+
+    /// One source's attempt: resumes after the bytes kept from earlier
+    /// attempts, streams the rest into the store and finishes. Returns the
+    /// stored artifact, the bytes received from this source and the bytes
+    /// it resumed after.
+    async fn fetch_from(
+        &self,
+        source: &Source,
+        verified: &VerifiedManifest,
+        envelope: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<(StoredArtifact, u64, u64), Status> {
+        let limits = &self.config.limits;
+        let size = verified.manifest.size;
+        let resume = || {
+            let (v, e) = (verified.clone(), envelope.to_vec());
+            self.with_store(move |store| store.resume_fetch(v, e))
+        };
+        let (mut upload, mut held) = resume().await?;
+        let resumed;
+        if held < size {
+            let mut body = match self.open_source(source, verified, held).await {
+                Ok((body, from)) => {
+                    if from != held {
+                        // The whole file instead of the rest of it.
+                        drop(upload);
+                        (upload, held) = resume().await?;
+                    }
+                    body
+                }
+                Err(status) => {
                     upload.suspend().await;
-                    return Err(fetch_status(err));
+                    return Err(status);
                 }
             };
-            if fetched.from != held {
-                // The repository sent the whole file instead of the rest of it.
-                drop(upload);
-                let (v, e) = (verified, envelope);
-                (upload, held) = self
-                    .with_store(move |store| store.resume_fetch(v, e))
-                    .await?;
-            }
             resumed = held;
             loop {
                 let wait = limits
                     .upload_idle_timeout
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                let frame = match tokio::time::timeout(
+                let data = match tokio::time::timeout(
                     wait,
-                    http_body_util::BodyExt::frame(&mut fetched.body),
+                    tokio_stream::StreamExt::next(&mut body),
                 )
                 .await
                 {
                     Ok(None) => break,
-                    Ok(Some(Ok(frame))) => frame,
+                    Ok(Some(Ok(data))) => data,
                     Ok(Some(Err(err))) => {
                         let got = upload.received();
                         upload.suspend().await;
                         return Err(Status::data_loss(format!(
-                            "the connection to {} ended after {got} of {} bytes ({err}); they are kept: fetch again to resume",
-                            fetched.url, manifest.size
+                            "the connection to {source} ended after {got} of {size} bytes ({err}); they are kept: fetch again to resume"
                         )));
                     }
                     Err(_) => {
@@ -204,22 +287,25 @@ impl AgentState {
                             )
                         } else {
                             format!(
-                                "{} sent nothing for {} ([limits] upload_idle_timeout)",
-                                fetched.url,
+                                "{source} sent nothing for {} ([limits] upload_idle_timeout)",
                                 humantime::format_duration(limits.upload_idle_timeout)
                             )
                         };
                         return Err(Status::deadline_exceeded(format!(
-                            "{why}; the {got} of {} bytes fetched are kept: fetch again to resume",
-                            manifest.size
+                            "{why}; the {got} of {size} bytes fetched are kept: fetch again to resume"
                         )));
                     }
                 };
-                if let Ok(data) = frame.into_data() {
-                    // More than the manifest's size: not the signed file; its
-                    // bytes go (the upload is dropped).
-                    upload.write_chunk(data).await?;
-                }
+                // More than the manifest's size: not the signed file; its
+                // bytes go (the upload is dropped).
+                upload.write_chunk(data).await?;
+            }
+            if upload.received() < size {
+                let got = upload.received();
+                upload.suspend().await;
+                return Err(Status::data_loss(format!(
+                    "{source} ended the file after {got} of {size} bytes; they are kept: fetch again to resume"
+                )));
             }
         } else {
             // Every byte came before (a fetch cut off after its last one):
@@ -227,14 +313,62 @@ impl AgentState {
             resumed = held;
         }
         let received = upload.received() - resumed;
-        let stored = upload.finish(&self.store).await?;
-        span.in_scope(|| {
-            tracing::info!(
-                bytes = received,
-                resumed_from = resumed,
-                "artifact fetched, verified and stored"
-            )
-        });
+        let stored = upload.finish(&self.store).await.map_err(|err| {
+            let status = Status::from(err);
+            if status.code() != tonic::Code::DataLoss {
+                return status;
+            }
+            Status::data_loss(format!(
+                "{source} sent bytes that are not the signed file ({}); they were discarded",
+                status.message()
+            ))
+        })?;
+        Ok((stored, received, resumed))
+    }
+
+    /// The bytes of `source` from `from` on (or from 0, if it can only send
+    /// the whole file), and where they start.
+    async fn open_source(
+        &self,
+        source: &Source,
+        verified: &VerifiedManifest,
+        from: u64,
+    ) -> Result<(ByteStream, u64), Status> {
+        let idle = self.config.limits.upload_idle_timeout;
+        match source {
+            Source::Repository(url) => {
+                let fetched = self
+                    .fetcher
+                    .get(url, from, idle)
+                    .await
+                    .map_err(fetch_status)?;
+                let body = http_body_util::BodyStream::new(fetched.body);
+                let data = tokio_stream::StreamExt::filter_map(body, |frame| match frame {
+                    Ok(frame) => frame.into_data().ok().map(Ok),
+                    Err(err) => Some(Err(err.to_string())),
+                });
+                Ok((Box::pin(data), fetched.from))
+            }
+            Source::Peer(peer) => {
+                let stream = self
+                    .peers
+                    .read(peer, &verified.manifest.sha256, from, idle)
+                    .await
+                    .map_err(|status| {
+                        Status::new(status.code(), format!("peer {peer}: {}", status.message()))
+                    })?;
+                let data = tokio_stream::StreamExt::map(stream, |message| {
+                    message
+                        .map(|m| m.chunk)
+                        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+                });
+                Ok((Box::pin(data), from))
+            }
+        }
+    }
+
+    /// Tells watchers a release was stored.
+    fn stored_event(&self, stored: &StoredArtifact, message: String) {
         self.services.events().emit(
             pb::EventKind::ArtifactStored,
             EventFields {
@@ -242,23 +376,9 @@ impl AgentState {
                 version: &stored.manifest.version,
                 sha256: &stored.manifest.sha256,
                 pid: 0,
-                message: format!(
-                    "fetched {} {} ({received} bytes{})",
-                    stored.manifest.service,
-                    stored.manifest.version,
-                    if resumed > 0 {
-                        format!(", resumed after {resumed}")
-                    } else {
-                        String::new()
-                    }
-                ),
+                message,
             },
         );
-        Ok(pb::UploadArtifactResponse {
-            artifact: Some(artifact_info(&stored)),
-            already_present: false,
-            bytes_received: received,
-        })
     }
 
     /// The answer to an upload or a fetch of bytes the store holds
@@ -281,7 +401,7 @@ impl AgentState {
             pb::UploadArtifactResponse {
                 artifact: Some(artifact_info(&existing)),
                 already_present: true,
-                bytes_received: 0,
+                ..Default::default()
             }
         }))
     }
@@ -322,6 +442,27 @@ impl AgentState {
         );
     }
 }
+
+/// Where FetchArtifact takes the bytes from.
+enum Source {
+    /// Another agent (host:port), by ReadArtifact.
+    Peer(String),
+    /// An artifact repository's URL.
+    Repository(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Peer(peer) => write!(f, "peer {peer}"),
+            Source::Repository(url) => f.write_str(url),
+        }
+    }
+}
+
+/// A source's bytes, in order; an error is the transport's, as text.
+type ByteStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<bytes::Bytes, String>> + Send>>;
 
 /// A fetch's repository error as a status (see the proto's codes).
 fn fetch_status(err: crate::fetch::FetchError) -> Status {
@@ -478,6 +619,43 @@ impl pb::artifact_service_server::ArtifactService for AgentApi {
         };
         self.count_and_audit(&identity, "FetchArtifact", &result);
         result.map(Response::new)
+    }
+
+    type ReadArtifactStream = crate::peers::ReadStream;
+
+    async fn read_artifact(
+        &self,
+        request: Request<pb::ReadArtifactRequest>,
+    ) -> Result<Response<Self::ReadArtifactStream>, Status> {
+        let (identity, allowed) = self.authorize(&request, Right::Fetch, "ReadArtifact");
+        allowed?;
+        let pb::ReadArtifactRequest { sha256, offset } = request.into_inner();
+        let permit = self.peer_read_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} peer reads are already running on this agent ([limits] max_concurrent_peer_reads); fetch from another peer or retry",
+                self.config.limits.max_concurrent_peer_reads
+            ))
+        })?;
+        let wanted = sha256.clone();
+        let stored = self
+            .with_store(move |store| store.stat(&wanted, None))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("this agent does not hold {sha256}")))?;
+        // Opened before the size check: pruning after this cannot take the
+        // bytes from under the stream.
+        let file = std::fs::File::open(&stored.path).map_err(|err| {
+            Status::not_found(format!("this agent no longer holds {sha256}: {err}"))
+        })?;
+        if offset > stored.manifest.size {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end of {sha256} ({} bytes)",
+                stored.manifest.size
+            )));
+        }
+        tracing::info!(%identity, sha256 = %stored.manifest.sha256, offset, "serving a stored artifact to a peer");
+        Ok(Response::new(crate::peers::read_stored(
+            file, offset, permit,
+        )))
     }
 
     async fn list_artifacts(

@@ -16,6 +16,8 @@ use crate::audit::AuditEntry;
 pub enum Right {
     Read,
     Deploy,
+    /// ReadArtifact: a peer agent fetching a release's bytes.
+    Fetch,
 }
 
 impl Right {
@@ -23,6 +25,7 @@ impl Right {
         match self {
             Right::Read => "read",
             Right::Deploy => "deploy",
+            Right::Fetch => "fetch",
         }
     }
 }
@@ -139,6 +142,7 @@ impl AgentState {
         let allowed: Vec<&String> = match right {
             Right::Deploy => rights.deploy.iter().collect(),
             Right::Read => rights.deploy.iter().chain(&rights.read).collect(),
+            Right::Fetch => rights.deploy.iter().chain(&rights.fetch).collect(),
         };
         if names.iter().any(|n| allowed.contains(&n)) {
             return (shown, Ok(()));

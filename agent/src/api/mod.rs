@@ -72,6 +72,10 @@ pub struct AgentState {
     selfupgrade: Arc<SelfUpgrade>,
     metrics: SharedMetrics,
     fetcher: Arc<crate::fetch::Fetcher>,
+    /// FetchArtifact's peer client (`[fetch] peers`).
+    peers: crate::peers::PeerClient,
+    /// One permit per ReadArtifact stream served to a peer at once.
+    peer_read_slots: Arc<Semaphore>,
     /// The sha256s being fetched now (see `artifacts::FetchingGuard`).
     fetching: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per client identity (per IP address in insecure mode): tokens left
@@ -92,6 +96,8 @@ impl AgentApi {
             fetcher,
         } = rooms;
         let upload_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_uploads));
+        let peer_read_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_peer_reads));
+        let peers = crate::peers::PeerClient::new(config.fetch.peers.clone());
         AgentApi(Arc::new(AgentState {
             config,
             store: verifier.store().clone(),
@@ -104,6 +110,8 @@ impl AgentApi {
             selfupgrade,
             metrics,
             fetcher,
+            peers,
+            peer_read_slots,
             fetching: Default::default(),
             rate: Default::default(),
         }))

@@ -52,6 +52,15 @@ struct FetchSection {
     /// PEM CA certificates an https repository's certificate must chain to,
     /// instead of the host's own trusted roots.
     ca: Option<PathBuf>,
+    /// FetchArtifact may name peer agents to fetch from (ReadArtifact over
+    /// mutual TLS, with this agent's `[tls]` certificate as its client
+    /// identity, peers checked against `[tls] ca`).
+    peers: bool,
+    /// A client certificate for peer fetches other than `[tls] cert` (a
+    /// PKI whose agent certificates are for servers only).
+    peer_cert: Option<PathBuf>,
+    /// Its key (mode 0600).
+    peer_key: Option<PathBuf>,
 }
 
 /// The checked `[fetch]` settings.
@@ -60,6 +69,18 @@ pub struct FetchConfig {
     pub allow: Vec<String>,
     /// PEM bytes of `[fetch] ca`, read at start.
     pub ca: Option<Vec<u8>>,
+    /// `[fetch] peers = true`: how this agent calls its peers.
+    pub peers: Option<PeerFetch>,
+}
+
+/// How FetchArtifact reaches peer agents: with mutual TLS when the agent
+/// has `[tls]`, or in plaintext to loopback addresses only when it runs
+/// `insecure` (as its own API does).
+#[derive(Debug, Clone)]
+pub struct PeerFetch {
+    /// The CA peers' certificates chain to, and this agent's client
+    /// certificate and key; `None` for an insecure agent.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Mutual TLS for the gRPC API: clients must present a certificate that
@@ -81,6 +102,8 @@ pub struct RightsSection {
     pub deploy: Vec<String>,
     /// Status, lists, health, events.
     pub read: Vec<String>,
+    /// ReadArtifact only: peer agents fetching a release from this one.
+    pub fetch: Vec<String>,
 }
 
 impl RightsSection {
@@ -189,6 +212,8 @@ struct LimitsSection {
     /// A gRPC connection with no call open for this long is closed.
     #[serde(with = "humantime_serde")]
     idle_timeout: Duration,
+    /// ReadArtifact streams served to peer agents at once.
+    max_concurrent_peer_reads: usize,
     /// Open connections per client address (IPv6: per /64), on each port.
     max_connections_per_peer: usize,
     /// Open connections in all, on each port.
@@ -213,6 +238,7 @@ impl Default for LimitsSection {
             requests_per_second: 100,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5 * 60),
+            max_concurrent_peer_reads: 8,
             max_connections_per_peer: 64,
             max_connections: 4096,
             keepalive_interval: Duration::from_secs(60),
@@ -282,6 +308,7 @@ pub struct Limits {
     pub max_artifact_bytes: u64,
     pub max_chunk_bytes: u64,
     pub max_concurrent_uploads: usize,
+    pub max_concurrent_peer_reads: usize,
     pub upload_idle_timeout: Duration,
     pub upload_max_duration: Duration,
     pub min_free_bytes: u64,
@@ -363,8 +390,10 @@ impl AgentConfig {
                 limits.max_chunk_size
             );
         }
-        if limits.max_concurrent_uploads == 0 {
-            bail!("[limits] max_concurrent_uploads must be at least 1");
+        if limits.max_concurrent_uploads == 0 || limits.max_concurrent_peer_reads == 0 {
+            bail!(
+                "[limits] max_concurrent_uploads and max_concurrent_peer_reads must be at least 1"
+            );
         }
         if limits.upload_idle_timeout.is_zero() || limits.upload_max_duration.is_zero() {
             bail!("[limits] upload_idle_timeout and upload_max_duration must be above zero");
@@ -430,7 +459,7 @@ impl AgentConfig {
         };
         let state_dir = base.join(&agent.state_dir);
         check_socket_paths_fit(&state_dir, &services)?;
-        let fetch = check_fetch(file.fetch, base)?;
+        let fetch = check_fetch(file.fetch, base, tls.as_ref())?;
         for name in &agent.anonymous_health {
             if !services.iter().any(|service| &service.name == name) {
                 bail!("[agent] anonymous_health names {name:?}, which is not a [[service]] here: list only configured services");
@@ -461,6 +490,7 @@ impl AgentConfig {
                 max_artifact_bytes: limits.max_artifact_size.as_u64(),
                 max_chunk_bytes,
                 max_concurrent_uploads: limits.max_concurrent_uploads,
+                max_concurrent_peer_reads: limits.max_concurrent_peer_reads,
                 upload_idle_timeout: limits.upload_idle_timeout,
                 upload_max_duration: limits.upload_max_duration,
                 min_free_bytes: limits.min_free_space.as_u64(),
@@ -482,7 +512,11 @@ impl AgentConfig {
 /// `[fetch]` checked: each prefix an http(s) URL with a host and a path
 /// (so `https://a.example` cannot be passed by `https://a.example.evil`),
 /// the CA file read now.
-fn check_fetch(fetch: FetchSection, base: &Path) -> anyhow::Result<FetchConfig> {
+fn check_fetch(
+    fetch: FetchSection,
+    base: &Path,
+    tls: Option<&TlsFiles>,
+) -> anyhow::Result<FetchConfig> {
     for prefix in &fetch.allow {
         let rest = prefix
             .strip_prefix("https://")
@@ -502,9 +536,36 @@ fn check_fetch(fetch: FetchSection, base: &Path) -> anyhow::Result<FetchConfig> 
         }
         None => None,
     };
+    let peers = match (fetch.peers, fetch.peer_cert, fetch.peer_key) {
+        (false, None, None) => None,
+        (false, _, _) => {
+            bail!("[fetch] peer_cert and peer_key are set but peers is not: set peers = true, or remove them")
+        }
+        (true, Some(cert), Some(key)) => {
+            let Some(tls) = tls else {
+                bail!("[fetch] peer_cert is for an agent with [tls]; an insecure agent fetches from loopback peers in plaintext: remove peer_cert and peer_key");
+            };
+            let (cert, key) = (base.join(cert), base.join(key));
+            refuse_exposed_secret(&key, "[fetch] peer_key")?;
+            let read = |path: &Path, what: &str| {
+                std::fs::read(path)
+                    .with_context(|| format!("[fetch] {what}: cannot read {}", path.display()))
+            };
+            Some(PeerFetch {
+                tls: Some(TlsFiles {
+                    ca: tls.ca.clone(),
+                    cert: read(&cert, "peer_cert")?,
+                    key: read(&key, "peer_key")?,
+                }),
+            })
+        }
+        (true, None, None) => Some(PeerFetch { tls: tls.cloned() }),
+        (true, _, _) => bail!("[fetch] peer_cert and peer_key go together: set both, or neither to use [tls] cert and key"),
+    };
     Ok(FetchConfig {
         allow: fetch.allow,
         ca,
+        peers,
     })
 }
 

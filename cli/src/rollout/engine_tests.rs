@@ -30,6 +30,7 @@ fn fast() -> RolloutSettings {
         max_failures: "0".into(),
         auto_revert: true,
         pause_between_waves: Duration::ZERO,
+        peer_fetch: 0,
     }
 }
 

@@ -25,6 +25,7 @@ use super::fleet::{
 };
 use super::journal::Cause;
 use super::output::LiveView;
+use super::peer_tree::{PeerTree, Turn};
 use crate::client::upload;
 
 /// What the fleet is moved to; fixed at plan time.
@@ -42,6 +43,8 @@ pub struct Target {
     pub allow_downgrade: bool,
     /// Where the agents fetch the release (FetchArtifact); `None`: upload.
     pub fetch_url: Option<String>,
+    /// `[rollout] peer_fetch`: the degree of the peer tree; 0: off.
+    pub peer_fetch: usize,
 }
 
 impl Target {
@@ -58,6 +61,8 @@ pub struct GrpcFleet {
     channels: HashMap<String, Channel>,
     /// Where the agents' activation steps are shown.
     live: Arc<LiveView>,
+    /// With `peer_fetch`: who stages from whom.
+    peer_tree: Option<Arc<PeerTree>>,
 }
 
 fn failure((cause, message): (Cause, String)) -> HostFailure {
@@ -119,10 +124,12 @@ impl GrpcFleet {
             .iter()
             .map(|h| Ok((h.clone(), crate::client::endpoint(h)?.connect_lazy())))
             .collect::<anyhow::Result<_>>()?;
+        let peer_tree = (target.peer_fetch > 0).then(|| PeerTree::new(target.peer_fetch));
         Ok(GrpcFleet {
             target: Arc::new(target),
             channels,
             live,
+            peer_tree,
         })
     }
 
@@ -141,12 +148,81 @@ impl GrpcFleet {
         pb::lease_service_client::LeaseServiceClient::new(self.channel(host))
     }
 
+    /// Gets the release onto the host: from hosts that hold it already
+    /// (`peer_fetch`, see [`PeerTree`]), else as [`Self::stage_directly`].
+    async fn upload_release(&self, host: &str) -> Result<Staged, HostFailure> {
+        let envelope = std::fs::read(envelope_path_for(&self.target.artifact))
+            .map_err(|e| HostFailure::new(Cause::Rejected, e.to_string()))?;
+        let Some(tree) = &self.peer_tree else {
+            return self.stage_directly(host, envelope).await;
+        };
+        let ticket = tree.turn(host).await;
+        let peers = match &ticket.turn {
+            Turn::Seed => {
+                let staged = self.stage_directly(host, envelope).await?;
+                tree.holds(host);
+                return Ok(staged);
+            }
+            Turn::Fetch(peers) => peers.clone(),
+        };
+        self.live
+            .phase(host, &format!("staging: fetching from peer {}", peers[0]));
+        match self.fetch_from_peers(host, envelope.clone(), peers).await {
+            Ok(staged) => {
+                tree.holds(host);
+                Ok(staged)
+            }
+            Err(failure) => {
+                // Its place under the peer is free again before the upload.
+                drop(ticket);
+                self.live.println(&format!(
+                    "{host}: the peer fetch failed ({}); sending it the release directly",
+                    failure.message
+                ));
+                let staged = self.stage_directly(host, envelope).await?;
+                tree.holds(host);
+                Ok(staged)
+            }
+        }
+    }
+
+    /// FetchArtifact from `peers` (then `artifact_url`, if set).
+    async fn fetch_from_peers(
+        &self,
+        host: &str,
+        envelope: Vec<u8>,
+        peers: Vec<String>,
+    ) -> Result<Staged, HostFailure> {
+        let sent = envelope.len() as u64;
+        let mut client =
+            pb::artifact_service_client::ArtifactServiceClient::new(self.channel(host));
+        let answer = client
+            .fetch_artifact(pb::FetchArtifactRequest {
+                envelope,
+                url: self.target.fetch_url.clone().unwrap_or_default(),
+                peers,
+            })
+            .await
+            .map_err(|s| {
+                HostFailure::new(cause_of(&s), format!("{:?}: {}", s.code(), s.message()))
+            })?
+            .into_inner();
+        if !answer.skipped_sources.is_empty() {
+            self.live.println(&format!(
+                "{host}: fetched from {} after skipping {}",
+                answer.source,
+                answer.skipped_sources.join("; ")
+            ));
+        }
+        Ok(Staged::Uploaded {
+            bytes_sent: if answer.already_present { 0 } else { sent },
+        })
+    }
+
     /// Uploads the release unless the host has it, or has the host fetch
     /// it from the repository (`artifact_url`).
-    async fn upload_release(&self, host: &str) -> Result<Staged, HostFailure> {
+    async fn stage_directly(&self, host: &str, envelope: Vec<u8>) -> Result<Staged, HostFailure> {
         let target = &self.target;
-        let envelope = std::fs::read(envelope_path_for(&target.artifact))
-            .map_err(|e| HostFailure::new(Cause::Rejected, e.to_string()))?;
         if let Some(url) = &target.fetch_url {
             return self.fetch_release(host, envelope, url).await;
         }
@@ -188,6 +264,7 @@ impl GrpcFleet {
             .fetch_artifact(pb::FetchArtifactRequest {
                 envelope,
                 url: url.to_string(),
+                peers: Vec::new(),
             })
             .await
             .map_err(|s| {
@@ -456,6 +533,9 @@ impl Fleet for GrpcFleet {
             s.current_sha256 == target.sha256 && s.state == pb::ServiceState::Running as i32
         });
         if running_target {
+            if let Some(tree) = &self.peer_tree {
+                tree.holds(host);
+            }
             return Ok(Staged::AlreadyOnTarget);
         }
         self.upload_release(host).await

@@ -48,6 +48,7 @@ pub mod history;
 pub mod hosts;
 pub mod journal;
 pub mod output;
+mod peer_tree;
 pub mod plan;
 pub mod project;
 pub mod settings;
@@ -343,6 +344,12 @@ async fn run(
             artifact: plan.artifact.clone(),
             allow_downgrade: plan.allow_downgrade,
             fetch_url: plan.fetch_url.clone(),
+            // Agent releases are uploaded, as with artifact_url.
+            peer_fetch: if plan.service == project::AGENT_SERVICE {
+                0
+            } else {
+                plan.settings.peer_fetch
+            },
         },
         &plan.hosts,
         live.clone(),

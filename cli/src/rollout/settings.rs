@@ -30,6 +30,17 @@ pub struct RolloutSettings {
     pub auto_revert: bool,
     #[serde(with = "humantime_serde")]
     pub pause_between_waves: Duration,
+    /// Peer fetch: the release goes to one host, and every other host
+    /// fetches it from hosts that hold it (FetchArtifact `peers`), each
+    /// serving at most this many at once (a tree of this degree). 0: the
+    /// CLI uploads to every host. Left out of the journal when 0, so
+    /// journals from before it keep their form.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub peer_fetch: usize,
+}
+
+fn is_zero(value: &usize) -> bool {
+    *value == 0
 }
 
 impl Default for RolloutSettings {
@@ -45,6 +56,7 @@ impl Default for RolloutSettings {
             max_failures: "0".into(),
             auto_revert: true,
             pause_between_waves: Duration::ZERO,
+            peer_fetch: 0,
         }
     }
 }
@@ -82,6 +94,10 @@ pub struct RolloutOverrides {
     pub auto_revert: Option<bool>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub pause_between_waves: Option<Duration>,
+    /// Hosts fetch the release from each other, each serving at most N at
+    /// once (agents need `[fetch] peers = true`); 0: upload to every host.
+    #[arg(long, value_name = "N")]
+    pub peer_fetch: Option<usize>,
 }
 
 impl RolloutSettings {
@@ -101,6 +117,7 @@ impl RolloutSettings {
             max_failures: o.max_failures.unwrap_or_else(|| self.max_failures.clone()),
             auto_revert: o.auto_revert.unwrap_or(self.auto_revert),
             pause_between_waves: o.pause_between_waves.unwrap_or(self.pause_between_waves),
+            peer_fetch: o.peer_fetch.unwrap_or(self.peer_fetch),
         }
     }
 }

@@ -144,6 +144,7 @@ async fn fetch(
         .fetch_artifact(pb::FetchArtifactRequest {
             envelope,
             url: url.to_string(),
+            peers: Vec::new(),
         })
         .await
         .map(tonic::Response::into_inner)

@@ -15,6 +15,7 @@
 //! Layout:
 //! - [`upload`]: uploads, verification and the artifact store on disk.
 //! - [`fetch`]: agents fetching releases from an HTTP artifact repository (nginx).
+//! - [`peers`]: agents fetching releases from each other (peer fetch).
 //! - [`reload`]: socket-preserving reloads of a service under load.
 //! - [`http2`]: HTTP/2 and gRPC services reloaded under load (h2load, the
 //!   greeter example).
@@ -42,6 +43,7 @@ mod fetch;
 mod http2;
 mod operability;
 mod outlive;
+mod peers;
 mod probation;
 mod recipes;
 mod reload;
