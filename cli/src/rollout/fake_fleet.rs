@@ -62,6 +62,8 @@ struct State {
     renew_failures: HashMap<String, HostFailure>,
     hanging_renewals: HashSet<String>,
     fence_states: HashMap<String, FenceState>,
+    /// Hosts that report health changes: notified by the test.
+    health_reports: HashMap<String, Arc<Notify>>,
 }
 
 #[derive(Clone, Default)]
@@ -175,6 +177,13 @@ impl FakeFleet {
 
     pub fn interrupt_on_activate(&self, host: &str) -> &Self {
         self.with(|s| s.interrupt_on = Some(host.into()));
+        self
+    }
+
+    /// The host reports health changes: each `notify_one` on `report` is
+    /// one report (see [`Fleet::health_changes`]).
+    pub fn reports_health(&self, host: &str, report: Arc<Notify>) -> &Self {
+        self.with(|s| s.health_reports.insert(host.to_string(), report));
         self
     }
 
@@ -299,6 +308,13 @@ impl Fleet for FakeFleet {
             }
             s.probe_after.get(host).cloned().unwrap_or(Probe::Healthy)
         })
+    }
+
+    async fn health_changes(&self, host: &str) -> Option<super::fleet::HealthChanges> {
+        let report = self.with(|s| s.health_reports.get(host).cloned())?;
+        // The test's reports stand for the agent's events.
+        let follower = tokio::spawn(std::future::pending::<()>());
+        Some(super::fleet::HealthChanges::new(report, follower))
     }
 
     async fn settle(&self, host: &str) -> Result<Option<u32>, HostFailure> {

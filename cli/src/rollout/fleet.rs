@@ -83,6 +83,35 @@ pub struct FenceState {
     pub running_version: String,
 }
 
+/// Wakes the health gate (see [`Fleet::health_changes`]); the task that
+/// follows the host's reports ends with it.
+pub struct HealthChanges {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl HealthChanges {
+    /// `wake` is notified by `follower` at each report.
+    pub fn new(
+        wake: std::sync::Arc<tokio::sync::Notify>,
+        follower: tokio::task::JoinHandle<()>,
+    ) -> HealthChanges {
+        HealthChanges { wake, follower }
+    }
+
+    /// Returns at the next report (at once if one came since the last
+    /// call).
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
+}
+
+impl Drop for HealthChanges {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
 /// What staging found or did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Staged {
@@ -164,6 +193,15 @@ pub trait Fleet: Send + Sync + 'static {
 
     /// One health poll of the process `pid` (see [`Probe`]).
     fn probe(&self, host: &str, pid: u32) -> impl Future<Output = Probe> + Send;
+
+    /// The host's own reports that the service's health may have changed
+    /// (the agent's events), subscribed to before the gate's first poll:
+    /// the gate polls as soon as the agent has seen a change instead of at
+    /// its next tick. `None`: the gate only polls on its own.
+    fn health_changes(&self, host: &str) -> impl Future<Output = Option<HealthChanges>> + Send {
+        let _ = host;
+        async { None }
+    }
 
     /// After a crash: waits while the host still works on an activation it
     /// was given, then tells whether it runs the target, and on which pid.

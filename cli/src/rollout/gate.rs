@@ -6,7 +6,10 @@
 //! in a row make the cause "unreachable"; a probe that reports the process
 //! gone or a refusal ends the gate at once. The poll interval is the
 //! window divided by the checks, kept between 100 ms and 2 s so a short
-//! window is not hammered and a long one is not sampled too rarely.
+//! window is not hammered and a long one is not sampled too rarely; a
+//! report from the agent that the health changed (its events, see
+//! [`Fleet::health_changes`]) brings the next poll forward, so the window
+//! starts when the agent saw the process healthy, not a tick later.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,8 @@ impl<'a> HealthGate<'a> {
         let (mut streak, mut since) = (0u32, None::<Instant>);
         let mut last = String::from("no answer yet");
         let mut unanswered = 0;
+        // Before the first poll: a change between the two is not missed.
+        let changes = fleet.health_changes(host).await;
         loop {
             let healthy = match fleet.probe(host, pid).await {
                 Probe::Healthy => {
@@ -108,7 +113,62 @@ impl<'a> HealthGate<'a> {
                     ),
                 ));
             }
-            tokio::time::sleep(wait).await;
+            match &changes {
+                Some(changes) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = changes.changed() => {}
+                    }
+                }
+                None => tokio::time::sleep(wait).await,
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::fake_fleet::FakeFleet;
+    use std::sync::Arc;
+
+    /// 2 checks over 2 s: a poll a second. The host turns healthy 100 ms
+    /// after its activation.
+    async fn gate_time(reported: bool) -> Duration {
+        let settings = RolloutSettings {
+            healthy_checks: 2,
+            min_healthy_time: Duration::from_secs(2),
+            ..RolloutSettings::default()
+        };
+        let fleet = FakeFleet::new();
+        fleet.probes("h1:7700", vec![Probe::NotYet("UNKNOWN".into())]);
+        let report = Arc::new(tokio::sync::Notify::new());
+        if reported {
+            fleet.reports_health("h1:7700", report.clone());
+        }
+        let began = Instant::now();
+        let turns_healthy = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            report.notify_one();
+        });
+        HealthGate::new(&settings)
+            .wait_healthy(&fleet, "h1:7700", 1001, &|_| {})
+            .await
+            .unwrap();
+        turns_healthy.await.unwrap();
+        began.elapsed()
+    }
+
+    #[tokio::test]
+    async fn the_agents_report_starts_the_window_when_the_host_turned_healthy() {
+        // Polling alone sees it healthy at the second poll (1 s), so the
+        // 2 s window ends at 3 s; the report brings that poll to 100 ms,
+        // and the window ends at 2.1 s.
+        let (polled, reported) = tokio::join!(gate_time(false), gate_time(true));
+        assert!(polled >= Duration::from_secs(3), "polling only: {polled:?}");
+        assert!(
+            reported < Duration::from_millis(2600),
+            "with the agent's report: {reported:?}"
+        );
     }
 }

@@ -20,8 +20,8 @@ use tonic::Code;
 use super::agent_upgrade::{agent_info, upgrade_agent, UPGRADE_TIMEOUT};
 use super::causes::cause_of;
 use super::fleet::{
-    Activated, FenceState, Fleet, HostFailure, Lease, LeaseGrant, LeaseRefusal, Probe, Staged,
-    LEASE_TTL,
+    Activated, FenceState, Fleet, HealthChanges, HostFailure, Lease, LeaseGrant, LeaseRefusal,
+    Probe, Staged, LEASE_TTL,
 };
 use super::journal::Cause;
 use super::output::LiveView;
@@ -597,6 +597,39 @@ impl Fleet for GrpcFleet {
         } else {
             self.probe_service(host, pid).await
         }
+    }
+
+    /// The service's events on the host: a health change, an exit or a
+    /// restart wakes the gate. Agent rollouts poll only (the stream ends
+    /// at the agent's exec).
+    async fn health_changes(&self, host: &str) -> Option<HealthChanges> {
+        if self.target.agent() {
+            return None;
+        }
+        let mut events = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.control(host).watch_events(pb::WatchEventsRequest {
+                service: self.target.service.clone(),
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let waker = wake.clone();
+        let follower = tokio::spawn(async move {
+            use pb::EventKind as K;
+            while let Ok(Some(event)) = events.message().await {
+                if matches!(
+                    K::try_from(event.kind),
+                    Ok(K::HealthChanged | K::Exited | K::Restarted | K::Failed)
+                ) {
+                    waker.notify_one();
+                }
+            }
+        });
+        Some(HealthChanges::new(wake, follower))
     }
 
     async fn settle(&self, host: &str) -> Result<Option<u32>, HostFailure> {

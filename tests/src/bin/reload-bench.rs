@@ -17,7 +17,10 @@
 //! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
-//!    the artifact already staged.
+//!    the artifact already staged, then a release fetched by the hosts
+//!    from each other (peer fetch); the CLI's egress, CPU and peak RSS for
+//!    each. `rollout-scale [HOSTS]` (not in the default run) does the same
+//!    across 1,000 agents.
 //! 5. Footprint: the agent's RSS and CPU over 60 s idle with 3 services,
 //!    and its start-up time to serving gRPC, beside a fork+exec+wait of
 //!    `/bin/true`.
@@ -930,50 +933,119 @@ async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
 
 const ROLLOUT_HOSTS: usize = 50;
 const ROLLOUT_MIN_HEALTHY: Duration = Duration::from_secs(2);
+/// `push --peer-fetch`: each host holding the release serves at most this
+/// many at once.
+const PEER_DEGREE: usize = 4;
 
-/// Runs `reloadctl push ... --output json` and returns its events.
-fn push_json(dir: &Path, version: &str) -> Vec<serde_json::Value> {
-    let output = Command::new(bin_path("reloadctl"))
-        .args([
-            "push",
-            "--version",
-            version,
-            "--canary",
-            "0",
-            "--waves",
-            "1,10%,50%,100%",
-            "--max-parallel",
-            "50",
-            "--healthy-checks",
-            "3",
-        ])
-        .args([
-            "--min-healthy-time",
-            &humantime::format_duration(ROLLOUT_MIN_HEALTHY).to_string(),
-            "--output",
-            "json",
-            "hosts.txt",
-        ])
+/// A `reloadctl push` that ran to its end: its JSON events, its wall time,
+/// and what that one process cost (wait4's rusage: CPU seconds and peak
+/// RSS).
+struct PushRun {
+    events: Vec<serde_json::Value>,
+    wall: Duration,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+}
+
+impl PushRun {
+    /// Bytes the CLI sent in all over one artifact's size.
+    fn egress(&self, size: u64) -> f64 {
+        self.events.last().unwrap()["bytes_sent"].as_u64().unwrap() as f64 / size as f64
+    }
+
+    /// The lower bound of this push: per wave, the slowest handoff
+    /// (activating to activated, from the journal) plus the
+    /// min-healthy-time the gate must observe. Returns it and the waves.
+    fn lower_bound(&self, min_healthy: Duration) -> (Duration, usize) {
+        let mut activating: BTreeMap<String, SystemTime> = BTreeMap::new();
+        let mut slowest: BTreeMap<u64, Duration> = BTreeMap::new();
+        let mut wave = 0;
+        for event in &self.events {
+            match event["event"].as_str().unwrap() {
+                "wave" => wave = event["index"].as_u64().unwrap(),
+                "host" if event["state"] == "activating" => {
+                    activating.insert(
+                        event["host"].as_str().unwrap().to_string(),
+                        parse_time(event),
+                    );
+                }
+                "host" if event["state"] == "activated" => {
+                    let began = activating[event["host"].as_str().unwrap()];
+                    let took = parse_time(event).duration_since(began).unwrap_or_default();
+                    let entry = slowest.entry(wave).or_default();
+                    *entry = (*entry).max(took);
+                }
+                _ => {}
+            }
+        }
+        let bound = slowest.values().map(|handoff| *handoff + min_healthy).sum();
+        (bound, slowest.len())
+    }
+}
+
+/// Runs `reloadctl push` in `dir` with `args` and waits for it with
+/// wait4, so its own CPU time and peak RSS are known.
+fn push_run(dir: &Path, version: &str, args: &[&str]) -> PushRun {
+    use std::io::Read;
+    let started = Instant::now();
+    // Reaped by wait4 below, which std's wait cannot do with the rusage.
+    #[allow(clippy::zombie_processes)]
+    let mut child = Command::new(bin_path("reloadctl"))
+        .args(["push", "--version", version, "--output", "json"])
+        .args(args)
+        .arg("hosts.txt")
         .current_dir(dir)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut text = String::new();
+    stdout.read_to_string(&mut text).unwrap();
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child; `usage` is written by it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, child.id() as i32, "wait4");
+    let wall = started.elapsed();
+    let errors = errors.join().unwrap();
     assert!(
-        output.status.success(),
-        "push failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "push failed: {errors}"
     );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    PushRun {
+        events: text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        wall,
+        cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+        peak_rss_kib: usage.ru_maxrss as u64,
+    }
 }
 
 fn parse_time(event: &serde_json::Value) -> SystemTime {
     humantime::parse_rfc3339(event["time"].as_str().unwrap()).unwrap()
 }
 
-async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
-    let project = dir.join("rollout-project");
+/// A project signing `versions` of the demo server (release build) for
+/// service "bench", and `hosts` agents on 127.0.x.y supervising it with an
+/// HTTP health probe every `health_interval`, peer fetch on. Returns the
+/// project folder, the agents and the release's size.
+fn rollout_fleet(
+    dir: &Path,
+    key: &Arc<SigningKey>,
+    hosts: usize,
+    versions: &[&str],
+    health_interval: &str,
+) -> (PathBuf, Vec<Agent>, u64) {
+    let project = dir.join(format!("rollout-project-{hosts}"));
     std::fs::create_dir_all(project.join("releases")).unwrap();
     std::fs::write(project.join("release.key"), key.to_pem()).unwrap();
     std::fs::write(project.join("release.pub"), key.public().to_pem()).unwrap();
@@ -982,7 +1054,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
         "service = \"bench\"\nartifact = \"releases/bench-{version}\"\ntrusted_keys = [\"release.pub\"]\n",
     )
     .unwrap();
-    for version in ["1.0.0", "2.0.0"] {
+    for version in versions {
         let path = project.join(format!("releases/bench-{version}"));
         std::fs::write(&path, Agent::demo_server_bytes(version)).unwrap();
         reloadctl_ok(
@@ -999,99 +1071,189 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
             ],
         );
     }
-    let size = std::fs::metadata(project.join("releases/bench-2.0.0"))
+    let size = std::fs::metadata(project.join(format!("releases/bench-{}", versions[0])))
         .unwrap()
         .len();
     let mut agents = Vec::new();
-    let mut hosts = String::new();
-    for i in 0..ROLLOUT_HOSTS {
-        let ip: std::net::IpAddr = format!("127.0.60.{}", i + 1).parse().unwrap();
+    let mut list = String::new();
+    for i in 0..hosts {
+        // 127.0.60.1 on: 250 hosts per third octet.
+        let ip: std::net::IpAddr = format!("127.0.{}.{}", 60 + i / 250, i % 250 + 1)
+            .parse()
+            .unwrap();
         let port = reload_tests::free_port_on(ip);
-        let agent_dir = dir.join(format!("rollout-agent-{i}"));
+        let agent_dir = dir.join(format!("rollout-{hosts}-agent-{i}"));
         std::fs::create_dir_all(&agent_dir).unwrap();
         let config = format!(
             "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{ip}:{port}\"\n\
-             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\n[service.preflight]\nargs = []\n"
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"{health_interval}\"\n[service.preflight]\nargs = []\n\
+             [fetch]\npeers = true\n"
         );
         let agent = Agent::start_at(ip, &agent_dir, key.clone(), &config);
-        hosts.push_str(&format!("{}\n", agent.host()));
+        list.push_str(&format!("{}\n", agent.host()));
         agents.push(agent);
     }
-    std::fs::write(project.join("hosts.txt"), hosts).unwrap();
-    push_json(&project, "1.0.0");
+    std::fs::write(project.join("hosts.txt"), list).unwrap();
+    (project, agents, size)
+}
 
-    let start = Instant::now();
-    let events = push_json(&project, "2.0.0");
-    let wall = start.elapsed();
-    // Lower bound: per wave, the slowest handoff (activating -> activated)
-    // plus the min-healthy-time the gate must observe.
-    let mut activating: BTreeMap<String, SystemTime> = BTreeMap::new();
-    let mut slowest: BTreeMap<u64, Duration> = BTreeMap::new();
-    let mut wave = 0;
-    for event in &events {
-        match event["event"].as_str().unwrap() {
-            "wave" => wave = event["index"].as_u64().unwrap(),
-            "host" if event["state"] == "activating" => {
-                activating.insert(
-                    event["host"].as_str().unwrap().to_string(),
-                    parse_time(event),
-                );
-            }
-            "host" if event["state"] == "activated" => {
-                let began = activating[event["host"].as_str().unwrap()];
-                let took = parse_time(event).duration_since(began).unwrap_or_default();
-                let entry = slowest.entry(wave).or_default();
-                *entry = (*entry).max(took);
-            }
-            _ => {}
-        }
-    }
-    let bound: Duration = slowest
-        .values()
-        .map(|handoff| *handoff + ROLLOUT_MIN_HEALTHY)
-        .sum();
-    let sent = events.last().unwrap()["bytes_sent"].as_u64().unwrap();
-    // Back to 1.0.0 everywhere, then 2.0.0 again: now already staged.
-    let rollback = Command::new(bin_path("reloadctl"))
-        .args(["rollback", "hosts.txt", "--service", "bench"])
-        .current_dir(&project)
-        .output()
-        .unwrap();
-    assert!(
-        rollback.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rollback.stderr)
+/// The push flags of section 4: every host of a wave at once.
+fn section_4_flags(min_healthy: &str) -> Vec<String> {
+    [
+        "--canary",
+        "0",
+        "--waves",
+        "1,10%,50%,100%",
+        "--max-parallel",
+        "50",
+        "--healthy-checks",
+        "3",
+        "--min-healthy-time",
+        min_healthy,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+fn push_row(name: &str, run: &PushRun, bound: Duration, size: u64) {
+    println!(
+        "| {name} | {:.2} s | {:.2} s | {:.2}x | {:.3} | {:.2} s | {:.1} MiB |",
+        run.wall.as_secs_f64(),
+        bound.as_secs_f64(),
+        run.wall.as_secs_f64() / bound.as_secs_f64(),
+        run.egress(size),
+        run.cpu_seconds,
+        run.peak_rss_kib as f64 / 1024.0
     );
-    let start = Instant::now();
-    let staged = push_json(&project, "2.0.0");
-    let staged_wall = start.elapsed();
-    let staged_sent = staged.last().unwrap()["bytes_sent"].as_u64().unwrap();
-    println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,10%,50%,100%, max-parallel 50, 3 checks over a min-healthy-time of {})\n", humantime::format_duration(ROLLOUT_MIN_HEALTHY));
+}
+
+async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
+    let (project, agents, size) = rollout_fleet(
+        dir,
+        key,
+        ROLLOUT_HOSTS,
+        &["1.0.0", "2.0.0", "3.0.0"],
+        "100ms",
+    );
+    let min_healthy = humantime::format_duration(ROLLOUT_MIN_HEALTHY).to_string();
+    let flags = section_4_flags(&min_healthy);
+    let flags = as_strs(&flags);
+    push_run(&project, "1.0.0", &flags);
+
+    // The default mode: the CLI uploads to every host.
+    let uploaded = push_run(&project, "2.0.0", &flags);
+    let (bound, waves) = uploaded.lower_bound(ROLLOUT_MIN_HEALTHY);
+    // Back to 1.0.0 everywhere, then 2.0.0 again: now already staged.
+    reloadctl_ok(&project, &["rollback", "hosts.txt", "--service", "bench"]);
+    let staged = push_run(&project, "2.0.0", &flags);
+    let (staged_bound, _) = staged.lower_bound(ROLLOUT_MIN_HEALTHY);
+    // A release no host holds, with peer fetch.
+    let degree = PEER_DEGREE.to_string();
+    let mut peer_flags = flags.clone();
+    peer_flags.extend(["--peer-fetch", degree.as_str()]);
+    let peered = push_run(&project, "3.0.0", &peer_flags);
+    let (peered_bound, _) = peered.lower_bound(ROLLOUT_MIN_HEALTHY);
+
+    println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,10%,50%,100%, max-parallel 50, 3 checks over a min-healthy-time of {min_healthy}; a {:.1} MiB release)\n", size as f64 / 1048576.0);
+    println!("The lower bound of each push: per wave ({waves}), the slowest handoff (activating to activated, from the journal) plus the min-healthy-time.\n");
+    println!("| push | wall | lower bound | wall / bound | CLI egress / artifact size | CLI CPU | CLI peak RSS |\n|---|---:|---:|---:|---:|---:|---:|");
+    push_row(
+        "default mode: the CLI uploads to every host",
+        &uploaded,
+        bound,
+        size,
+    );
+    push_row(
+        "the release already staged everywhere",
+        &staged,
+        staged_bound,
+        size,
+    );
+    push_row(
+        &format!("peer fetch (`--peer-fetch {PEER_DEGREE}`)"),
+        &peered,
+        peered_bound,
+        size,
+    );
+    println!();
+    println!(
+        "| CLI egress / artifact size | {:.3} |",
+        uploaded.egress(size)
+    );
+    println!(
+        "| CLI egress / artifact size, peer fetch | {:.3} |",
+        peered.egress(size)
+    );
+    println!();
+    drop(agents);
+}
+
+/// `reload-bench rollout-scale [HOSTS]`: a rollout across many agents on
+/// this one machine (default 1,000), peer fetch on: wall time against its
+/// lower bound, the CLI's CPU and peak RSS, the agents' total RSS.
+async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
+    let started = Instant::now();
+    let (project, agents, size) = rollout_fleet(dir, key, hosts, &["1.0.0", "2.0.0"], "1s");
+    let start_up = started.elapsed();
+    let min_healthy = Duration::from_secs(1);
+    let flags: Vec<String> = [
+        "--canary",
+        "1",
+        "--waves",
+        "10%,50%,100%",
+        "--max-parallel",
+        "1000",
+        "--healthy-checks",
+        "2",
+        "--min-healthy-time",
+        "1s",
+        "--peer-fetch",
+        "4",
+    ]
+    .map(String::from)
+    .to_vec();
+    let flags = as_strs(&flags);
+    let first = push_run(&project, "1.0.0", &flags);
+    let run = push_run(&project, "2.0.0", &flags);
+    let (bound, waves) = run.lower_bound(min_healthy);
+    let agent_rss: u64 = agents.iter().map(|a| rss_kib(a.pid())).sum();
+    println!("## 4b. Rollout of {hosts} hosts on this machine (agents on 127.0.60.1 on, a {:.1} MiB release, canary 1, waves 10%,50%,100%, every host of a wave at once, 2 checks over 1 s, peer fetch of degree 4)\n", size as f64 / 1048576.0);
     println!("| measure | value |\n|---|---:|");
     println!(
-        "| wall time of `reloadctl push` | {:.2} s |",
-        wall.as_secs_f64()
+        "| {hosts} agents started (one after the other) | {:.1} s |",
+        start_up.as_secs_f64()
     );
     println!(
-        "| lower bound ({} waves: slowest handoff + min-healthy-time each) | {:.2} s |",
-        slowest.len(),
+        "| first push (1.0.0, services started) | {:.2} s |",
+        first.wall.as_secs_f64()
+    );
+    println!(
+        "| wall time of the push to 2.0.0 | {:.2} s |",
+        run.wall.as_secs_f64()
+    );
+    println!(
+        "| lower bound ({waves} waves: slowest handoff + min-healthy-time each) | {:.2} s |",
         bound.as_secs_f64()
     );
     println!(
-        "| wall / lower bound | {:.2}x (goal <= 1.2x) |",
-        wall.as_secs_f64() / bound.as_secs_f64()
+        "| wall / lower bound | {:.2}x (goal <= 1.3x) |",
+        run.wall.as_secs_f64() / bound.as_secs_f64()
+    );
+    println!("| CLI egress / artifact size | {:.3} |", run.egress(size));
+    println!("| CLI CPU | {:.2} s |", run.cpu_seconds);
+    println!(
+        "| CLI peak RSS | {:.1} MiB (goal <= 64 MiB) |",
+        run.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "| wall time again, artifact already staged (no upload) | {:.2} s = {:.2}x the bound |",
-        staged_wall.as_secs_f64(),
-        staged_wall.as_secs_f64() / bound.as_secs_f64()
+        "| agents' RSS in all, after the push | {:.0} MiB ({:.1} MiB each) |",
+        agent_rss as f64 / 1024.0,
+        agent_rss as f64 / 1024.0 / hosts as f64
     );
-    println!(
-        "| bytes sent / (artifact size x hosts) | {sent} / {} = {:.3} |",
-        size * ROLLOUT_HOSTS as u64,
-        sent as f64 / (size * ROLLOUT_HOSTS as u64) as f64
-    );
-    println!("| bytes sent with the artifact already staged | {staged_sent} |");
     println!();
     drop(agents);
 }
@@ -1230,6 +1392,13 @@ fn main() {
     }
     if wants("rollout") {
         runtime.block_on(rollout_bench(dir, &key));
+    }
+    if only.as_deref() == Some("rollout-scale") {
+        let hosts = std::env::args()
+            .nth(2)
+            .map(|n| n.parse().expect("rollout-scale HOSTS: a number"))
+            .unwrap_or(1000);
+        runtime.block_on(rollout_scale_bench(dir, &key, hosts));
     }
     if wants("footprint") {
         runtime.block_on(footprint_bench(dir, &key));
