@@ -3,7 +3,9 @@
 //!
 //! One small JSON file, rewritten whole on every change through a temp file,
 //! fsync and rename (then an fsync of the folder), so a crash leaves either
-//! the old or the new state, never half of one.
+//! the old or the new state, never half of one. The folder's fsync may be
+//! left to the caller ([`StateFile::write`], [`Written::sync`]): a handoff
+//! signals the old process between the two (see `services::handoff`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -100,7 +102,7 @@ impl ServiceVersions {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct StateFileContents {
     services: BTreeMap<String, ServiceVersions>,
 }
@@ -165,6 +167,11 @@ impl ServiceVersions {
 pub struct StateFile {
     path: PathBuf,
     contents: Mutex<StateFileContents>,
+    /// Bumped under the `contents` lock at each change: a [`Prepared`]
+    /// file is only put in place if nothing changed since it was written.
+    generation: std::sync::atomic::AtomicU64,
+    /// Names the temp files apart.
+    temp_counter: std::sync::atomic::AtomicU64,
 }
 
 impl StateFile {
@@ -181,9 +188,116 @@ impl StateFile {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => StateFileContents::default(),
             Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
         };
+        // Temp files a crash left behind: never the state (only a rename
+        // makes one that). Those of a live process other than this one (an
+        // agent whose handoff prepared its next state) are its own.
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix(".services.json.") else {
+                    continue;
+                };
+                let pid = rest.split('.').next().unwrap_or_default();
+                let ours = pid == std::process::id().to_string();
+                if ours || !Path::new("/proc").join(pid).exists() || pid.is_empty() {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(StateFile {
             path,
             contents: Mutex::new(contents),
+            generation: Default::default(),
+            temp_counter: Default::default(),
+        })
+    }
+
+    /// A temp file name of this process no other call uses.
+    fn temp_path(&self) -> PathBuf {
+        let n = self
+            .temp_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.path.parent().expect("state file has a folder");
+        dir.join(format!(".services.json.{}.{n}", std::process::id()))
+    }
+
+    /// Writes `bytes` to a new temp file and fsyncs its data.
+    fn write_temp(&self, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+        let temp = self.temp_path();
+        let write = || -> std::io::Result<()> {
+            let mut file = fs::File::create(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_data()
+        };
+        if let Err(err) = write() {
+            let _ = fs::remove_file(&temp);
+            return Err(err).with_context(|| format!("cannot write {}", temp.display()));
+        }
+        Ok(temp)
+    }
+
+    /// Writes, ahead of time, the state file as it will be once `versions`
+    /// are `service`'s (a handoff does this while the new process starts,
+    /// so the fsync is not between READY and the traffic moving). Nothing
+    /// changes until [`StateFile::commit_prepared`]; dropping the result
+    /// removes the file. Blocking.
+    pub fn prepare(&self, service: &str, versions: ServiceVersions) -> anyhow::Result<Prepared> {
+        let (bytes, generation) = {
+            let contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = contents.clone();
+            next.services.insert(service.to_string(), versions.clone());
+            (
+                serde_json::to_vec_pretty(&next).expect("state serializes"),
+                self.generation.load(std::sync::atomic::Ordering::SeqCst),
+            )
+        };
+        let temp = self.write_temp(&bytes)?;
+        Ok(Prepared {
+            temp: Some(temp),
+            generation,
+            service: service.to_string(),
+            versions,
+        })
+    }
+
+    /// Records `versions` for `service` as [`StateFile::write`] does, by
+    /// renaming `prepared` into place if it holds exactly that change and
+    /// nothing changed since it was written (else it is written now).
+    pub fn commit_prepared(
+        &self,
+        mut prepared: Prepared,
+        service: &str,
+        versions: ServiceVersions,
+    ) -> anyhow::Result<Written> {
+        let mut contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        if prepared.generation != current
+            || prepared.service != service
+            || prepared.versions != versions
+        {
+            drop(contents);
+            return self.write(service, versions);
+        }
+        let temp = prepared
+            .temp
+            .take()
+            .expect("a prepared file is committed once");
+        if fs::rename(&temp, &self.path).is_err() {
+            // Gone (removed by hand, or by an open of this folder): write it
+            // now, as without a prepared file.
+            let _ = fs::remove_file(&temp);
+            drop(contents);
+            return self.write(service, versions);
+        }
+        contents.services.insert(service.to_string(), versions);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Written {
+            dir: self
+                .path
+                .parent()
+                .expect("state file has a folder")
+                .to_path_buf(),
         })
     }
 
@@ -194,19 +308,67 @@ impl StateFile {
 
     /// Records `versions` for `service` durably before returning.
     pub fn set(&self, service: &str, versions: ServiceVersions) -> anyhow::Result<()> {
+        self.write(service, versions)?.sync()
+    }
+
+    /// Records `versions` for `service`: the new file's bytes are fsync'd
+    /// and it has replaced the old one when this returns, so a crash of
+    /// the agent from here on finds it, and no crash finds half a file. It
+    /// is durable across a power loss once [`Written::sync`] (the folder's
+    /// fsync, which makes the rename durable) has returned; until then a
+    /// power loss may bring back the state before it, whole.
+    pub fn write(&self, service: &str, versions: ServiceVersions) -> anyhow::Result<Written> {
         let mut contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
         contents.services.insert(service.to_string(), versions);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let bytes = serde_json::to_vec_pretty(&*contents).expect("state serializes");
-        let dir = self.path.parent().expect("state file has a folder");
-        let temp = dir.join(format!(".services.json.{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut file = fs::File::create(&temp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(&temp, &self.path)?;
-            fs::File::open(dir)?.sync_all()
-        };
-        write().with_context(|| format!("cannot write {}", self.path.display()))
+        let temp = self.write_temp(&bytes)?;
+        if let Err(err) = fs::rename(&temp, &self.path) {
+            let _ = fs::remove_file(&temp);
+            return Err(err).with_context(|| format!("cannot write {}", self.path.display()));
+        }
+        Ok(Written {
+            dir: self
+                .path
+                .parent()
+                .expect("state file has a folder")
+                .to_path_buf(),
+        })
+    }
+}
+
+/// The state file as it will be after one change, written and fsync'd
+/// beside the real one (see [`StateFile::prepare`]).
+pub struct Prepared {
+    /// `None` once renamed into place.
+    temp: Option<PathBuf>,
+    generation: u64,
+    service: String,
+    versions: ServiceVersions,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// A state change written and in place, not yet durable across a power
+/// loss: see [`StateFile::write`].
+#[must_use = "the change is durable only after sync()"]
+pub struct Written {
+    dir: PathBuf,
+}
+
+impl Written {
+    /// The folder's fsync: the rename, and with it the change, is durable.
+    pub fn sync(self) -> anyhow::Result<()> {
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync the folder {}", self.dir.display()))
     }
 }
 
@@ -273,5 +435,82 @@ mod tests {
         fs::write(dir.path().join("services.json"), b"{").unwrap();
         let err = StateFile::open(dir.path()).err().unwrap();
         assert!(format!("{err:#}").contains("damaged"));
+    }
+
+    fn versions_of(sha: &str) -> ServiceVersions {
+        ServiceVersions::default().after(
+            &ArtifactRef {
+                sha256: sha.repeat(64),
+                version: "1.0.0".into(),
+            },
+            false,
+        )
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".services.json."))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_prepared_state_is_renamed_in_unless_the_state_changed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open(dir.path()).unwrap();
+        // Prepared, then committed as is: the file on disk has it.
+        let prepared = state.prepare("web", versions_of("a")).unwrap();
+        assert_eq!(temp_files(dir.path()).len(), 1);
+        let on_disk = || fs::read_to_string(dir.path().join("services.json")).unwrap_or_default();
+        assert!(
+            !on_disk().contains(&"a".repeat(64)),
+            "prepared is not committed"
+        );
+        state
+            .commit_prepared(prepared, "web", versions_of("a"))
+            .unwrap()
+            .sync()
+            .unwrap();
+        assert_eq!(
+            StateFile::open(dir.path()).unwrap().get("web"),
+            versions_of("a")
+        );
+        assert!(temp_files(dir.path()).is_empty());
+
+        // Another service committed between prepare and commit: the
+        // prepared file lacks that change, so the state is written anew
+        // and both changes are on disk.
+        let prepared = state.prepare("web", versions_of("b")).unwrap();
+        state.set("api", versions_of("c")).unwrap();
+        state
+            .commit_prepared(prepared, "web", versions_of("b"))
+            .unwrap()
+            .sync()
+            .unwrap();
+        let reopened = StateFile::open(dir.path()).unwrap();
+        assert_eq!(reopened.get("web"), versions_of("b"));
+        assert_eq!(reopened.get("api"), versions_of("c"));
+        assert!(temp_files(dir.path()).is_empty());
+
+        // A handoff that failed drops its prepared file: nothing changes.
+        drop(state.prepare("web", versions_of("d")).unwrap());
+        assert!(temp_files(dir.path()).is_empty());
+        assert_eq!(
+            StateFile::open(dir.path()).unwrap().get("web"),
+            versions_of("b")
+        );
+    }
+
+    #[test]
+    fn temp_files_a_crash_left_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open(dir.path()).unwrap();
+        std::mem::forget(state.prepare("web", versions_of("a")).unwrap());
+        assert_eq!(temp_files(dir.path()).len(), 1);
+        StateFile::open(dir.path()).unwrap();
+        assert!(temp_files(dir.path()).is_empty());
     }
 }

@@ -16,8 +16,18 @@
 //!    the old one and must stay alive and healthy for a while; if it does
 //!    not, it is drained and the old one goes on (REVERTED), nothing
 //!    committed;
-//! 6. commit: the new version is made current and persisted (fsync +
-//!    rename) before the old process is told anything;
+//! 6. commit: the new version is made current and written (its bytes
+//!    fsync'd, renamed over the state file) before the old process is told
+//!    anything; the folder's fsync, which makes the rename durable across a
+//!    power loss, follows the drain signal and precedes the answer. Why
+//!    that order is safe: an agent crash at any point after the rename
+//!    finds the new state (the processes outlive it and are adopted as the
+//!    new version); a power loss before the folder's fsync ends every
+//!    process and may bring back the old state, whole, at boot, but no
+//!    caller was told the new version succeeded, since the answer waits
+//!    for that fsync. So no caller is ever told of a version a reboot
+//!    would not bring back, and the fsync is not between READY and the
+//!    traffic moving to the new process;
 //! 7. drain: the old process gets its drain signal, the drain timeout, then
 //!    SIGKILL of its group. The service's reload lock is held until the
 //!    drain ends, so the next reload waits for it (bounded).
@@ -446,6 +456,19 @@ impl Handoff {
             format!("verifying {}", new_ref.version),
         );
 
+        // The state file as the commit will have it, written and fsync'd
+        // while the new process starts (see `StateFile::prepare`): the
+        // commit then only renames it. Dropped (and removed) on a failure.
+        let next_versions = old_versions.after(&new_ref, rollback);
+        let prepared = {
+            let (state, name, versions) = (
+                self.state.clone(),
+                service.config.name.clone(),
+                next_versions.clone(),
+            );
+            tokio::task::spawn_blocking(move || state.prepare(&name, versions))
+        };
+
         // Steps 1-4. A failure leaves the old process serving, untouched.
         let new_process = match self.start(service, &new_ref.sha256, admission).await {
             Ok(process) => process,
@@ -478,6 +501,16 @@ impl Handoff {
         // another rollout) means this call may not commit; the fence is
         // held across the commit, so no grant slips in between. Current,
         // durably, before the old process is told to go.
+        let prepared = match prepared.await {
+            Ok(Ok(prepared)) => Some(prepared),
+            // Written at the commit instead.
+            Ok(Err(err)) => {
+                tracing::warn!(service = %service.config.name, error = %format!("{err:#}"), "could not write the next state ahead");
+                None
+            }
+            Err(_) => None,
+        };
+        let mut written = None;
         let refused = match proven.and_then(|()| {
             fence.hold().map_err(|fenced| {
                 StartFailure::new(
@@ -487,10 +520,11 @@ impl Handoff {
             })
         }) {
             Ok(hold) => {
-                self.commit(
+                written = self.commit(
                     service,
                     &new_ref,
-                    old_versions.after(&new_ref, rollback),
+                    next_versions,
+                    prepared,
                     new_process.clone(),
                     hold.token,
                 );
@@ -528,6 +562,10 @@ impl Handoff {
                 new_pid,
                 format!("{} started (pid {new_pid})", new_ref.version),
             ),
+        }
+        // Durable before the answer (see the module docs).
+        if let Some(Err(err)) = written.map(crate::state::Written::sync) {
+            tracing::error!(service = %service.config.name, version = %new_ref.version, error = %format!("{err:#}"), "could not persist the new current version");
         }
         result
     }
@@ -593,25 +631,35 @@ impl Handoff {
         );
     }
 
-    /// Makes `new_process` the serving one and `versions` current: persisted
-    /// first, then pinned in the store (pruning keeps current and
+    /// Makes `new_process` the serving one and `versions` current: written
+    /// first (durable once the returned [`crate::state::Written`] is
+    /// synced), then pinned in the store (pruning keeps current and
     /// history), then in memory.
     fn commit(
         &self,
         service: &Service,
         new_ref: &ArtifactRef,
         versions: crate::state::ServiceVersions,
+        prepared: Option<crate::state::Prepared>,
         new_process: Process,
         token: u64,
-    ) {
+    ) -> Option<crate::state::Written> {
         let name = &service.config.name;
         // Under the fence: the log orders commits among the grants.
         tracing::info!(service = %name, version = %new_ref.version, pid = new_process.pid, token, "committing under fencing token");
-        if let Err(err) = self.state.set(name, versions.clone()) {
-            // Serving is right; only the memory of it across a restart is
-            // at risk. Say so loudly.
-            tracing::error!(service = %name, version = %new_ref.version, error = %format!("{err:#}"), "could not persist the new current version");
-        }
+        let written = match prepared {
+            Some(prepared) => self.state.commit_prepared(prepared, name, versions.clone()),
+            None => self.state.write(name, versions.clone()),
+        };
+        let written = match written {
+            Ok(written) => Some(written),
+            Err(err) => {
+                // Serving is right; only the memory of it across a restart
+                // is at risk. Say so loudly.
+                tracing::error!(service = %name, version = %new_ref.version, error = %format!("{err:#}"), "could not persist the new current version");
+                None
+            }
+        };
         self.verifier.store().pin(name, versions.pinned());
         self.verifier
             .keep_images(&self.verifier.store().pinned_all());
@@ -623,6 +671,7 @@ impl Handoff {
         });
         service.set_state(pb::ServiceState::Running);
         service.bump();
+        written
     }
 
     /// Drains the old process in a task of its own. The reload lock
