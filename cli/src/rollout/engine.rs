@@ -267,33 +267,90 @@ impl<F: Fleet> RolloutEngine<F> {
         let hosts = &self.plan.hosts;
         let mut order: Vec<usize> = (0..hosts.len()).collect();
         order.sort_by(|a, b| hosts[*a].cmp(&hosts[*b]));
-        let mut taken = Vec::new();
-        for i in order {
-            let lease = &self.start.lease;
-            let grant = self
-                .fleet
-                .acquire_lease(
-                    &hosts[i],
-                    lease,
-                    &self.start.holder,
-                    self.start.force_takeover,
-                )
-                .await;
-            match grant {
-                Ok(grant) => {
-                    if let Some(displaced) = grant.displaced {
-                        self.report.took_over(&hosts[i], &displaced);
-                    }
-                    self.leases.lock().unwrap_or_else(|p| p.into_inner())[i].token = grant.token;
-                    taken.push(i);
-                }
-                Err(refusal) => {
+        let Some((&first, rest)) = order.split_first() else {
+            return Ok(());
+        };
+        // The first host in sorted order alone: every push asks for it
+        // first, so of two pushes over the same hosts exactly one gets it
+        // and the other stops there, holding nothing. Past it, nothing
+        // depends on the order (the agents' leases keep holders apart),
+        // so a new push asks the rest at once: a thousand hosts cost one
+        // round trip, not a thousand. A resume goes host by host: its new
+        // lease generation fences what the run it resumes still has in
+        // flight on a host, and an activation already under way there
+        // should rather finish (the resume then finds it done) than be
+        // reverted by a lease taken a moment earlier.
+        if !self.start.fresh {
+            for &i in &order {
+                if let Err(reason) = self.acquire_one(i).await {
+                    let taken: Vec<usize> = order.iter().copied().take_while(|&t| t != i).collect();
                     self.release_leases(&taken).await;
-                    return Err(format!("{}: {}", hosts[i], refusal.0));
+                    return Err(reason);
                 }
             }
+            return Ok(());
         }
+        self.acquire_one(first).await?;
+        let mut asks = JoinSet::new();
+        for &i in rest {
+            let (fleet, host, lease, holder, force) = (
+                self.fleet.clone(),
+                hosts[i].clone(),
+                self.start.lease.clone(),
+                self.start.holder.clone(),
+                self.start.force_takeover,
+            );
+            asks.spawn(
+                async move { (i, fleet.acquire_lease(&host, &lease, &holder, force).await) },
+            );
+        }
+        let mut taken = vec![first];
+        let mut refused = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            let (i, grant) = done.map_err(|e| format!("lease task failed: {e}"))?;
+            match grant {
+                Ok(grant) => {
+                    self.granted(i, grant);
+                    taken.push(i);
+                }
+                Err(refusal) => refused.push((i, refusal.0)),
+            }
+        }
+        // The first refusal in host order, so the message does not depend
+        // on which answer came first.
+        refused.sort_by(|a, b| hosts[a.0].cmp(&hosts[b.0]));
+        match refused.into_iter().next() {
+            None => Ok(()),
+            Some((i, reason)) => {
+                self.release_leases(&taken).await;
+                Err(format!("{}: {reason}", hosts[i]))
+            }
+        }
+    }
+
+    /// Takes host `i`'s lease alone (see [`Self::acquire_leases`]).
+    async fn acquire_one(&self, i: usize) -> Result<(), String> {
+        let host = &self.plan.hosts[i];
+        let grant = self
+            .fleet
+            .acquire_lease(
+                host,
+                &self.start.lease,
+                &self.start.holder,
+                self.start.force_takeover,
+            )
+            .await
+            .map_err(|refusal| format!("{host}: {}", refusal.0))?;
+        self.granted(i, grant);
         Ok(())
+    }
+
+    /// Records a granted lease (and says whom it displaced).
+    fn granted(&self, i: usize, grant: super::fleet::LeaseGrant) {
+        if let Some(displaced) = grant.displaced {
+            self.report.took_over(&self.plan.hosts[i], &displaced);
+        }
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())[i].token = grant.token;
     }
 
     /// A resume's first question: did a later rollout take any host over

@@ -63,7 +63,15 @@ pub struct GrpcFleet {
     live: Arc<LiveView>,
     /// With `peer_fetch`: who stages from whom.
     peer_tree: Option<Arc<PeerTree>>,
+    /// Uploads from this process at once (see [`MAX_CONCURRENT_UPLOADS`]).
+    uploads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Uploads the CLI runs at once, whatever `max_parallel`: a few streams
+/// fill the uplink of one machine, and each upload in flight holds up to
+/// an agent's flow-control window (8 MiB) of the release in this process,
+/// so 50 at once cost 185 MiB of memory and no time.
+const MAX_CONCURRENT_UPLOADS: usize = 4;
 
 fn failure((cause, message): (Cause, String)) -> HostFailure {
     HostFailure { cause, message }
@@ -130,6 +138,7 @@ impl GrpcFleet {
             channels,
             live,
             peer_tree,
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
         })
     }
 
@@ -226,6 +235,7 @@ impl GrpcFleet {
         if let Some(url) = &target.fetch_url {
             return self.fetch_release(host, envelope, url).await;
         }
+        let _slot = self.uploads.acquire().await;
         let outcome = upload(
             host,
             self.channel(host),

@@ -1079,6 +1079,44 @@ fn push_run(dir: &Path, version: &str, args: &[&str]) -> PushRun {
     }
 }
 
+impl PushRun {
+    /// Where the wall time went, from the journal's times: the plan to
+    /// the leases, the leases to the first wave (staging), the waves, and
+    /// the last wave to the end.
+    fn phases(&self) -> String {
+        let time_of = |name: &str| {
+            self.events
+                .iter()
+                .find(|e| e["event"] == name)
+                .map(parse_time)
+        };
+        let (Some(plan), Some(leased), Some(wave), Some(finished)) = (
+            time_of("plan"),
+            time_of("leased"),
+            time_of("wave"),
+            time_of("finished"),
+        ) else {
+            return "-".into();
+        };
+        let last_healthy = self
+            .events
+            .iter()
+            .filter(|e| e["event"] == "host" && e["state"] == "healthy")
+            .map(parse_time)
+            .max()
+            .unwrap_or(finished);
+        let secs =
+            |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default().as_secs_f64();
+        format!(
+            "leases {:.2} s, staging {:.2} s, waves {:.2} s, end {:.2} s",
+            secs(plan, leased),
+            secs(leased, wave),
+            secs(wave, last_healthy),
+            secs(last_healthy, finished)
+        )
+    }
+}
+
 fn parse_time(event: &serde_json::Value) -> SystemTime {
     humantime::parse_rfc3339(event["time"].as_str().unwrap()).unwrap()
 }
@@ -1105,7 +1143,7 @@ fn rollout_fleet(
     .unwrap();
     for version in versions {
         let path = project.join(format!("releases/bench-{version}"));
-        std::fs::write(&path, Agent::demo_server_bytes(version)).unwrap();
+        std::fs::write(&path, stripped_demo_server_bytes(dir, version)).unwrap();
         reloadctl_ok(
             &project,
             &[
@@ -1146,6 +1184,21 @@ fn rollout_fleet(
     (project, agents, size)
 }
 
+/// The demo server as shipped: stripped (binutils' `strip`, which the
+/// Rust toolchain's linker brings), with a version trailer.
+fn stripped_demo_server_bytes(dir: &Path, version: &str) -> Vec<u8> {
+    let copy = dir.join("demo-server-stripped");
+    std::fs::copy(bin_path("reload-demo-server"), &copy).unwrap();
+    let status = Command::new("strip")
+        .arg(&copy)
+        .status()
+        .expect("strip (binutils)");
+    assert!(status.success(), "strip failed");
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes.extend_from_slice(format!("\nreload-test-version {version}\n").as_bytes());
+    bytes
+}
+
 /// The push flags of section 4: every host of a wave at once.
 fn section_4_flags(min_healthy: &str) -> Vec<String> {
     [
@@ -1170,13 +1223,14 @@ fn as_strs(flags: &[String]) -> Vec<&str> {
 
 fn push_row(name: &str, run: &PushRun, bound: Duration, size: u64) {
     println!(
-        "| {name} | {:.2} s | {:.2} s | {:.2}x | {:.3} | {:.2} s | {:.1} MiB |",
+        "| {name} | {:.2} s | {:.2} s | {:.2}x | {:.3} | {:.2} s | {:.1} MiB | {} |",
         run.wall.as_secs_f64(),
         bound.as_secs_f64(),
         run.wall.as_secs_f64() / bound.as_secs_f64(),
         run.egress(size),
         run.cpu_seconds,
-        run.peak_rss_kib as f64 / 1024.0
+        run.peak_rss_kib as f64 / 1024.0,
+        run.phases()
     );
 }
 
@@ -1209,7 +1263,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
 
     println!("## 4. Rollout of {ROLLOUT_HOSTS} hosts (waves 1,10%,50%,100%, max-parallel 50, 3 checks over a min-healthy-time of {min_healthy}; a {:.1} MiB release)\n", size as f64 / 1048576.0);
     println!("The lower bound of each push: per wave ({waves}), the slowest handoff (activating to activated, from the journal) plus the min-healthy-time.\n");
-    println!("| push | wall | lower bound | wall / bound | CLI egress / artifact size | CLI CPU | CLI peak RSS |\n|---|---:|---:|---:|---:|---:|---:|");
+    println!("| push | wall | lower bound | wall / bound | CLI egress / artifact size | CLI CPU | CLI peak RSS | where the time went |\n|---|---:|---:|---:|---:|---:|---:|---|");
     push_row(
         "default mode: the CLI uploads to every host",
         &uploaded,
@@ -1284,6 +1338,7 @@ async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
         "| wall time of the push to 2.0.0 | {:.2} s |",
         run.wall.as_secs_f64()
     );
+    println!("| where it went | {} |", run.phases());
     println!(
         "| lower bound ({waves} waves: slowest handoff + min-healthy-time each) | {:.2} s |",
         bound.as_secs_f64()
