@@ -35,6 +35,7 @@ use reload_proto::v1 as pb;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_file_limit();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -44,6 +45,20 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// A push keeps a connection (and, in its health gate, a stream) per
+/// host: a thousand hosts need more descriptors than the common soft limit
+/// of 1024. The soft limit goes up to the hard one, as the Go runtime
+/// does for every program; failing that, the push reports the hosts it
+/// could not reach.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
 }

@@ -1063,10 +1063,19 @@ fn push_run(dir: &Path, version: &str, args: &[&str]) -> PushRun {
     assert_eq!(reaped, child.id() as i32, "wait4");
     let wall = started.elapsed();
     let errors = errors.join().unwrap();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "push failed: {errors}"
-    );
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        // Why: the hosts that failed, and the verdict (the last line).
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\"state\":\"failed\""))
+            .take(10)
+            .collect();
+        panic!(
+            "push failed: {errors}\n{}\n{}",
+            failed.join("\n"),
+            text.lines().last().unwrap_or_default()
+        );
+    }
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     PushRun {
         events: text
@@ -1130,7 +1139,7 @@ fn rollout_fleet(
     key: &Arc<SigningKey>,
     hosts: usize,
     versions: &[&str],
-    health_interval: &str,
+    health: &str,
 ) -> (PathBuf, Vec<Agent>, u64) {
     let project = dir.join(format!("rollout-project-{hosts}"));
     std::fs::create_dir_all(project.join("releases")).unwrap();
@@ -1168,12 +1177,15 @@ fn rollout_fleet(
         let ip: std::net::IpAddr = format!("127.0.{}.{}", 60 + i / 250, i % 250 + 1)
             .parse()
             .unwrap();
-        let port = reload_tests::free_port_on(ip);
+        // Every simulated host has its own address, so the service takes
+        // the same port on each, below the ephemeral range (a port picked
+        // free beforehand can be taken by the agent's own `:0` binds).
+        let port = 8080;
         let agent_dir = dir.join(format!("rollout-{hosts}-agent-{i}"));
         std::fs::create_dir_all(&agent_dir).unwrap();
         let config = format!(
             "[[service]]\nname = \"bench\"\nargs = [\"--listen-name\", \"http\"]\n[[service.listener]]\nname = \"http\"\ntcp = \"{ip}:{port}\"\n\
-             [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"{health_interval}\"\n[service.preflight]\nargs = []\n\
+             [service.health]\nkind = \"http\"\npath = \"/healthz\"\n{health}\n[service.preflight]\nargs = []\n\
              [fetch]\npeers = true\n"
         );
         let agent = Agent::start_at(ip, &agent_dir, key.clone(), &config);
@@ -1240,7 +1252,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
         key,
         ROLLOUT_HOSTS,
         &["1.0.0", "2.0.0", "3.0.0"],
-        "100ms",
+        "interval = \"100ms\"",
     );
     let min_healthy = humantime::format_duration(ROLLOUT_MIN_HEALTHY).to_string();
     let flags = section_4_flags(&min_healthy);
@@ -1300,7 +1312,16 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
 /// lower bound, the CLI's CPU and peak RSS, the agents' total RSS.
 async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
     let started = Instant::now();
-    let (project, agents, size) = rollout_fleet(dir, key, hosts, &["1.0.0", "2.0.0"], "1s");
+    // Probes every 2 s with a 10 s timeout, and no probation (the CLI's
+    // gate is the check): 500 handoffs at once put 2 cores under a load
+    // of hundreds, where 1 s probe timeouts fail healthy processes.
+    let (project, agents, size) = rollout_fleet(
+        dir,
+        key,
+        hosts,
+        &["1.0.0", "2.0.0"],
+        "interval = \"2s\"\ntimeout = \"10s\"\n[service.probation]\nhealthy_for = \"0s\"",
+    );
     let start_up = started.elapsed();
     let min_healthy = Duration::from_secs(1);
     let flags: Vec<String> = [
@@ -1320,11 +1341,15 @@ async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
     .map(String::from)
     .to_vec();
     let flags = as_strs(&flags);
-    let first = push_run(&project, "1.0.0", &flags);
+    let first = push_run(
+        &project,
+        "1.0.0",
+        &[flags.as_slice(), &["--healthy-deadline", "10m"]].concat(),
+    );
     let run = push_run(&project, "2.0.0", &flags);
     let (bound, waves) = run.lower_bound(min_healthy);
     let agent_rss: u64 = agents.iter().map(|a| rss_kib(a.pid())).sum();
-    println!("## 4b. Rollout of {hosts} hosts on this machine (agents on 127.0.60.1 on, a {:.1} MiB release, canary 1, waves 10%,50%,100%, every host of a wave at once, 2 checks over 1 s, peer fetch of degree 4)\n", size as f64 / 1048576.0);
+    println!("## 4b. Rollout of {hosts} hosts on this machine (agents on 127.0.60.1 on, a {:.1} MiB release, canary 1, waves 10%,50%,100%, every host of a wave at once, 2 checks over 1 s, peer fetch of degree 4; agents probe every 2 s, no probation)\n", size as f64 / 1048576.0);
     println!("| measure | value |\n|---|---:|");
     println!(
         "| {hosts} agents started (one after the other) | {:.1} s |",
