@@ -292,13 +292,18 @@ impl StateFile {
         contents.services.insert(service.to_string(), versions);
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Written {
+        Ok(self.written())
+    }
+
+    /// What is left to do for durability: the folder's fsync.
+    fn written(&self) -> Written {
+        Written {
             dir: self
                 .path
                 .parent()
                 .expect("state file has a folder")
                 .to_path_buf(),
-        })
+        }
     }
 
     pub fn get(&self, service: &str) -> ServiceVersions {
@@ -328,13 +333,7 @@ impl StateFile {
             let _ = fs::remove_file(&temp);
             return Err(err).with_context(|| format!("cannot write {}", self.path.display()));
         }
-        Ok(Written {
-            dir: self
-                .path
-                .parent()
-                .expect("state file has a folder")
-                .to_path_buf(),
-        })
+        Ok(self.written())
     }
 }
 

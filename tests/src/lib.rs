@@ -74,6 +74,22 @@ pub fn reloadctl(dir: &Path, args: &[&str]) -> Output {
 
 /// Runs `reloadctl` and fails the test, printing everything, unless it
 /// succeeds. Returns stdout.
+/// The summary (`finished` event) of a `reloadctl push --output json`
+/// that succeeded; otherwise the test fails with all it printed.
+pub fn push_finished(output: &Output) -> serde_json::Value {
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{said}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "finished")
+        .unwrap_or_else(|| panic!("no finished event: {said}"))
+}
+
 pub fn reloadctl_ok(dir: &Path, args: &[&str]) -> String {
     let output = reloadctl(dir, args);
     assert!(

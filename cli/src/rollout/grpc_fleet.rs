@@ -176,7 +176,7 @@ impl GrpcFleet {
         };
         self.live
             .phase(host, &format!("staging: fetching from peer {}", peers[0]));
-        match self.fetch_from_peers(host, envelope.clone(), peers).await {
+        match self.fetch_release(host, envelope.clone(), peers).await {
             Ok(staged) => {
                 tree.holds(host);
                 Ok(staged)
@@ -195,45 +195,12 @@ impl GrpcFleet {
         }
     }
 
-    /// FetchArtifact from `peers` (then `artifact_url`, if set).
-    async fn fetch_from_peers(
-        &self,
-        host: &str,
-        envelope: Vec<u8>,
-        peers: Vec<String>,
-    ) -> Result<Staged, HostFailure> {
-        let sent = envelope.len() as u64;
-        let mut client =
-            pb::artifact_service_client::ArtifactServiceClient::new(self.channel(host));
-        let answer = client
-            .fetch_artifact(pb::FetchArtifactRequest {
-                envelope,
-                url: self.target.fetch_url.clone().unwrap_or_default(),
-                peers,
-            })
-            .await
-            .map_err(|s| {
-                HostFailure::new(cause_of(&s), format!("{:?}: {}", s.code(), s.message()))
-            })?
-            .into_inner();
-        if !answer.skipped_sources.is_empty() {
-            self.live.println(&format!(
-                "{host}: fetched from {} after skipping {}",
-                answer.source,
-                answer.skipped_sources.join("; ")
-            ));
-        }
-        Ok(Staged::Uploaded {
-            bytes_sent: if answer.already_present { 0 } else { sent },
-        })
-    }
-
     /// Uploads the release unless the host has it, or has the host fetch
     /// it from the repository (`artifact_url`).
     async fn stage_directly(&self, host: &str, envelope: Vec<u8>) -> Result<Staged, HostFailure> {
         let target = &self.target;
-        if let Some(url) = &target.fetch_url {
-            return self.fetch_release(host, envelope, url).await;
+        if target.fetch_url.is_some() {
+            return self.fetch_release(host, envelope, Vec::new()).await;
         }
         let _slot = self.uploads.acquire().await;
         let outcome = upload(
@@ -259,31 +226,44 @@ impl GrpcFleet {
         })
     }
 
-    /// FetchArtifact: the host takes the bytes from the repository; only
-    /// the envelope leaves this process.
+    /// FetchArtifact: the host takes the bytes from `peers` (in order),
+    /// then from the repository (`artifact_url`, if set); only the envelope
+    /// leaves this process.
     async fn fetch_release(
         &self,
         host: &str,
         envelope: Vec<u8>,
-        url: &str,
+        peers: Vec<String>,
     ) -> Result<Staged, HostFailure> {
         let sent = envelope.len() as u64;
+        let url = self.target.fetch_url.clone().unwrap_or_default();
+        let from = peers
+            .first()
+            .map(|peer| format!("peer {peer}"))
+            .unwrap_or_else(|| url.clone());
         let mut client =
             pb::artifact_service_client::ArtifactServiceClient::new(self.channel(host));
         let answer = client
             .fetch_artifact(pb::FetchArtifactRequest {
                 envelope,
-                url: url.to_string(),
-                peers: Vec::new(),
+                url,
+                peers,
             })
             .await
             .map_err(|s| {
                 HostFailure::new(
                     cause_of(&s),
-                    format!("fetching {url} ({:?}): {}", s.code(), s.message()),
+                    format!("fetching from {from} ({:?}): {}", s.code(), s.message()),
                 )
             })?
             .into_inner();
+        if !answer.skipped_sources.is_empty() {
+            self.live.println(&format!(
+                "{host}: fetched from {} after skipping {}",
+                answer.source,
+                answer.skipped_sources.join("; ")
+            ));
+        }
         Ok(Staged::Uploaded {
             bytes_sent: if answer.already_present { 0 } else { sent },
         })

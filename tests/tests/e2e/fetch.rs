@@ -401,17 +401,7 @@ async fn a_push_with_artifact_url_has_every_agent_fetch_and_the_cli_sends_only_e
         &project,
         &["push", "--version", "1.5", "--output", "json", "hosts.txt"],
     );
-    let said = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{said}");
-    let finished: serde_json::Value = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["event"] == "finished")
-        .unwrap_or_else(|| panic!("no finished event: {said}"));
+    let finished = push_finished(&output);
     let sent = finished["bytes_sent"].as_u64().unwrap();
     let egress = sent as f64 / bytes.len() as f64;
     println!(

@@ -289,18 +289,9 @@ async fn a_push_with_peer_fetch_sends_the_release_out_once() {
         &project,
         &["push", "--version", "1.5", "--output", "json", "hosts.txt"],
     );
-    let said = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{said}");
+    let finished = push_finished(&output);
+    let said = String::from_utf8_lossy(&output.stderr);
     assert!(!said.contains("peer fetch failed"), "{said}");
-    let finished: serde_json::Value = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["event"] == "finished")
-        .unwrap_or_else(|| panic!("no finished event: {said}"));
     let sent = finished["bytes_sent"].as_u64().unwrap();
     let egress = sent as f64 / bytes.len() as f64;
     println!(
