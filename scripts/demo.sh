@@ -89,6 +89,10 @@ for host in "${hosts[@]}"; do
 listen = ["$host"]
 health_listen = "$ip:$((port + 1))"
 trusted_keys = ["release.pub"]
+# Services outlive their agent by default (a crashed or restarted agent
+# must not take them down); the demo's agents end theirs when the demo
+# ends, so a second run finds its ports free.
+stop_services_on_exit = true
 
 [tls]
 ca = "../certs/ca.pem"
