@@ -150,6 +150,13 @@ impl<F: Fleet> RolloutEngine<F> {
                 return self.finish(Outcome::Superseded);
             }
         }
+        // A resumed host whose activation was in flight when the last run
+        // died: let the agent finish it before the new lease generation
+        // fences it. Fenced at its commit, it would be reverted, and this
+        // run would activate the host a second time.
+        if !self.start.fresh {
+            self.wait_for_activations_in_flight().await;
+        }
         // Fence first: nothing is staged or changed without every lease.
         // Leases last from before they were asked for, as the engine counts.
         let leased_at = Instant::now();
@@ -179,6 +186,21 @@ impl<F: Fleet> RolloutEngine<F> {
         self.release_leases(&all).await;
         let outcome = result?;
         self.finish(outcome)
+    }
+
+    /// Waits (through [`Fleet::settle`], which needs no lease) until every
+    /// host journaled `activating` has ended the activation it was given.
+    async fn wait_for_activations_in_flight(&self) {
+        let mut waits = JoinSet::new();
+        for (i, record) in self.snapshot().iter().enumerate() {
+            if record.state == Some(HostState::Activating) {
+                let (fleet, host) = (self.fleet.clone(), self.plan.hosts[i].clone());
+                waits.spawn(async move {
+                    let _ = fleet.settle(&host).await;
+                });
+            }
+        }
+        while waits.join_next().await.is_some() {}
     }
 
     fn record(&self, record: Record) -> anyhow::Result<()> {
@@ -275,11 +297,9 @@ impl<F: Fleet> RolloutEngine<F> {
         // and the other stops there, holding nothing. Past it, nothing
         // depends on the order (the agents' leases keep holders apart),
         // so a new push asks the rest at once: a thousand hosts cost one
-        // round trip, not a thousand. A resume goes host by host: its new
-        // lease generation fences what the run it resumes still has in
-        // flight on a host, and an activation already under way there
-        // should rather finish (the resume then finds it done) than be
-        // reverted by a lease taken a moment earlier.
+        // round trip, not a thousand. A resume goes host by host, as
+        // before, after waiting for the activations its dead predecessor
+        // left in flight (see `run`).
         if !self.start.fresh {
             for &i in &order {
                 if let Err(reason) = self.acquire_one(i).await {

@@ -955,10 +955,17 @@ async fn resume_settles_journaled_activations_and_activates_no_host_twice() {
     .await;
     assert_eq!(done.outcome, Outcome::Done);
     assert_eq!(fleet.hosts_with(Op::Activate), vec!["h4:7700"]);
+    // h2 was `activating` when the last run died: its activation is
+    // waited for before any lease is taken (a new lease generation would
+    // fence it, and it would be activated twice), then settled with h3.
     assert_eq!(
         sorted(fleet.hosts_with(Op::Settle)),
-        vec!["h2:7700", "h3:7700"]
+        vec!["h2:7700", "h2:7700", "h3:7700"]
     );
+    let calls = fleet.calls();
+    let first = |op: Op| calls.iter().position(|c| c.op == op).unwrap();
+    assert!(first(Op::Settle) < first(Op::Acquire), "{calls:?}");
+    assert_eq!(calls[first(Op::Settle)].host, "h2:7700");
     // Only the staged host is staged again; the healthy one is left alone.
     assert_eq!(fleet.hosts_with(Op::Stage), vec!["h4:7700"]);
     assert!(!fleet.hosts_with(Op::Probe).contains(&"h1:7700".to_string()));
