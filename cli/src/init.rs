@@ -52,6 +52,8 @@ progress_deadline = "30m"       # the whole rollout
 max_failures = "0"              # failed hosts tolerated: a count or a percentage
 auto_revert = true              # roll back the hosts this rollout changed when it halts
 pause_between_waves = "0s"
+stage_first = false             # true: stage every host before the canary (slower; a host that
+                                # cannot be staged then stops the push with nothing changed)
 "#
     )
 }

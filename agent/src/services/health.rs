@@ -84,8 +84,19 @@ pub fn start_probes<'a>(
         tasks.spawn(async move {
             let mut interval = tokio::time::interval(service.config.health_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A new serving process (a handoff committed, a restart) is
+            // probed at once rather than up to an interval later: the
+            // rollout's health gate waits for this agent's verdict, and
+            // with 2 s probes a wave would otherwise idle up to 2 s.
+            let mut process_changed = service.changed.subscribe();
             loop {
-                interval.tick().await;
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    Ok(()) = process_changed.changed() => {
+                        process_changed.borrow_and_update();
+                        interval.reset();
+                    }
+                }
                 let healthy = probe_once(&service).await;
                 let Some(health) = service.record_health(healthy) else {
                     continue;

@@ -5,10 +5,16 @@
 //! 1. Fence: take the lease on every host in sorted host order. Of two
 //!    concurrent pushes the one that gets the first host wins; the other
 //!    fails there, gives back what it took, and changes nothing.
-//! 2. Stage every host still to do, `max_parallel` at once: hosts already on
-//!    the target are skipped, the others get the release. On a fresh push a
-//!    host that cannot be staged stops the rollout before any host changes
-//!    (a resume goes on: its failed hosts count against the budget).
+//! 2. Stage every host still to do, `max_parallel` at once, in wave order,
+//!    in the background: hosts already on the target are skipped, the
+//!    others get the release. Each wave starts once its own hosts are
+//!    staged, so the later waves' hosts stage while the canary runs. On a
+//!    fresh push a host that could not be staged by the time the first wave
+//!    is staged stops the rollout before any host changes; one found later
+//!    (or on a resume) is a failed host, counted against the budget: with
+//!    the default budget of 0 the rollout halts before the next wave and
+//!    reverts what it changed. `stage_first` waits for every host before
+//!    the first wave instead.
 //! 3. Waves: activate and gate ([`HealthGate`]) up to `max_parallel` hosts
 //!    at once. Past the failure budget, no further host is started; the
 //!    hosts in flight finish, then the rollout halts and, with auto-revert,
@@ -38,7 +44,7 @@
 //! changed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +91,52 @@ pub struct RolloutEngine<F> {
     /// Set when the rollout must stop touching hosts: superseded, or a
     /// lease lost.
     stop: Mutex<Option<Stop>>,
+}
+
+/// Staging as it goes on beside the waves.
+struct StagingProgress {
+    /// Per host: its staging has ended (staged, skipped or failed), or it
+    /// needed none.
+    ended: Mutex<Vec<bool>>,
+    /// Hosts that could not be staged.
+    failed: AtomicUsize,
+    /// A staging result could not be journaled: the rollout stops.
+    error: Mutex<Option<anyhow::Error>>,
+    changed: tokio::sync::Notify,
+}
+
+impl StagingProgress {
+    fn lock_ended(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the staging of every host in `hosts` has ended. Err: a
+    /// result could not be journaled.
+    async fn wait_for(&self, hosts: &[usize]) -> anyhow::Result<()> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the look, so an end between the two is not
+            // missed.
+            changed.as_mut().enable();
+            if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(e.context("journaling a staging result"));
+            }
+            if hosts.iter().all(|&i| self.lock_ended()[i]) {
+                return Ok(());
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Aborts the task when dropped: the background staging ends with the run.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why the rollout stopped on its own.
@@ -135,8 +187,9 @@ impl<F: Fleet> RolloutEngine<F> {
     }
 
     /// Runs the rollout to its outcome. `interrupt` completes on Ctrl-C;
-    /// it is first polled once staging is over, so an interrupt before
-    /// that keeps its default effect (nothing has changed yet).
+    /// it is first polled once the first wave's hosts are staged, so an
+    /// interrupt before that keeps its default effect (nothing has changed
+    /// yet).
     pub async fn run(
         self: Arc<Self>,
         interrupt: impl std::future::Future<Output = ()> + Send + 'static,
@@ -210,7 +263,7 @@ impl<F: Fleet> RolloutEngine<F> {
             .append(record)
     }
 
-    /// Journals a host state, then updates memory and the screen.
+    /// Journals a host state (fsync'd), then updates memory and the screen.
     fn host(
         &self,
         index: usize,
@@ -218,15 +271,35 @@ impl<F: Fleet> RolloutEngine<F> {
         cause: Option<Cause>,
         message: impl Into<String>,
     ) -> anyhow::Result<()> {
-        let message = message.into();
+        self.host_with(index, state, cause, message.into(), true)
+    }
+
+    /// [`Self::host`]; `sync` false for a state a resume finds out again
+    /// by itself (staged, skipped: staging is asked of the host anew), so
+    /// the rollout need not wait for the disk (see
+    /// [`Journal::append_unsynced`]).
+    fn host_with(
+        &self,
+        index: usize,
+        state: HostState,
+        cause: Option<Cause>,
+        message: String,
+        sync: bool,
+    ) -> anyhow::Result<()> {
         let (plan, host) = (&self.plan, &self.plan.hosts[index]);
         tracing::info!(rollout = %self.start.lease.rollout, service = %plan.service, version = %plan.version, host = %host, state = ?state, cause = ?cause, "{message}");
-        self.record(Record::Host {
+        let record = Record::Host {
             host: host.clone(),
             state,
             cause,
             message: message.clone(),
-        })?;
+        };
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        match sync {
+            true => journal.append(record)?,
+            false => journal.append_unsynced(record)?,
+        }
+        drop(journal);
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let record = &mut hosts[index];
         record.state = Some(state);
@@ -258,8 +331,17 @@ impl<F: Fleet> RolloutEngine<F> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// One host's state and cause, without copying every host's record
+    /// (a wave of hundreds of hosts asks this for each).
+    fn state_of(&self, index: usize) -> (Option<HostState>, Option<Cause>) {
+        let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        (hosts[index].state, hosts[index].cause)
+    }
+
     fn failures(&self) -> usize {
-        self.snapshot()
+        self.hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|h| h.state == Some(HostState::Failed))
             .count()
@@ -546,83 +628,139 @@ impl<F: Fleet> RolloutEngine<F> {
         while releases.join_next().await.is_some() {}
     }
 
-    /// Stages every host that still needs it, in parallel (bounded). Some:
-    /// the rollout stops here.
-    async fn stage_all(&self) -> anyhow::Result<Option<Outcome>> {
-        let todo: Vec<usize> = self
-            .snapshot()
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| matches!(h.state, None | Some(HostState::Staged)))
-            .map(|(i, _)| i)
-            .collect();
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.plan.settings.max_parallel));
-        let mut staging = JoinSet::new();
-        for i in todo {
-            let (fleet, host, semaphore) = (
-                self.fleet.clone(),
-                self.plan.hosts[i].clone(),
-                semaphore.clone(),
-            );
-            staging.spawn(async move {
-                let _permit = semaphore.acquire_owned().await;
-                (i, fleet.stage(&host).await)
-            });
-        }
-        let mut unstaged = Vec::new();
-        while let Some(done) = staging.join_next().await {
-            let (i, result) = done?;
-            match result {
-                Ok(Staged::AlreadyOnTarget) => self.host(i, HostState::Skipped, None, "")?,
-                Ok(Staged::SameBytesAs { reported_as }) => self.host(
-                    i,
-                    HostState::Skipped,
-                    None,
-                    format!(
-                        "{}{reported_as}: nothing to upgrade, and it goes on reporting {reported_as} (the agent does not re-execute the executable it runs)",
-                        super::output::SAME_BYTES
-                    ),
-                )?,
-                Ok(Staged::Uploaded { bytes_sent }) => {
-                    self.bytes_sent.fetch_add(bytes_sent, Ordering::SeqCst);
-                    self.host(i, HostState::Staged, None, "")?
+    /// Stages every host that still needs it, in the background, in wave
+    /// order, `max_parallel` at once: the waves run while later waves'
+    /// hosts are still staging, and each wave waits for its own hosts
+    /// ([`StagingProgress::wait_for`]). Dropping the guard stops it.
+    fn start_staging(self: &Arc<Self>) -> (Arc<StagingProgress>, AbortOnDrop) {
+        let records = self.snapshot();
+        let needs_staging = |i: usize| matches!(records[i].state, None | Some(HostState::Staged));
+        // Wave order, so the hosts needed first are staged first (and, with
+        // peer fetch, are first in line for a peer).
+        let mut in_wave = vec![false; records.len()];
+        let mut todo: Vec<usize> = self.plan.waves.iter().flatten().copied().collect();
+        todo.iter().for_each(|&i| in_wave[i] = true);
+        todo.extend((0..records.len()).filter(|&i| !in_wave[i]));
+        todo.retain(|&i| needs_staging(i));
+        let progress = Arc::new(StagingProgress {
+            ended: Mutex::new((0..records.len()).map(|i| !needs_staging(i)).collect()),
+            failed: AtomicUsize::new(0),
+            error: Mutex::new(None),
+            changed: tokio::sync::Notify::new(),
+        });
+        // The first wave's hosts go alone: with peer fetch the canary is
+        // then the seed, not whichever host's status call answered first.
+        let first_wave: std::collections::HashSet<usize> = self
+            .plan
+            .waves
+            .first()
+            .map(|wave| wave.iter().copied().collect())
+            .unwrap_or_default();
+        // Each host's rank is its place in wave order.
+        // (host index, rank)
+        type Ranked = Vec<(usize, u64)>;
+        let (first, rest): (Ranked, Ranked) = todo
+            .into_iter()
+            .zip(0u64..)
+            .partition(|(i, _)| first_wave.contains(i));
+        let (engine, shared) = (self.clone(), progress.clone());
+        let task = tokio::spawn(async move {
+            let semaphore = Arc::new(tokio::sync::Semaphore::new(
+                engine.plan.settings.max_parallel,
+            ));
+            for batch in [first, rest] {
+                let mut staging = JoinSet::new();
+                for (i, rank) in batch {
+                    let (fleet, host, semaphore) = (
+                        engine.fleet.clone(),
+                        engine.plan.hosts[i].clone(),
+                        semaphore.clone(),
+                    );
+                    staging.spawn(async move {
+                        let _permit = semaphore.acquire_owned().await;
+                        (i, fleet.stage(&host, rank).await)
+                    });
                 }
-                Err(failure) => unstaged.push((i, failure)),
+                while let Some(done) = staging.join_next().await {
+                    let recorded = match done {
+                        Ok((i, result)) => engine.staged(i, result, &shared).map(|()| i),
+                        Err(e) => Err(e.into()),
+                    };
+                    match recorded {
+                        Ok(i) => shared.lock_ended()[i] = true,
+                        Err(e) => *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+                    }
+                    shared.changed.notify_waiters();
+                }
+            }
+        });
+        (progress, AbortOnDrop(task))
+    }
+
+    /// Journals one host's staging result.
+    fn staged(
+        &self,
+        i: usize,
+        result: Result<Staged, HostFailure>,
+        progress: &StagingProgress,
+    ) -> anyhow::Result<()> {
+        // Not fsync'd: a resume asks each host again what it holds.
+        let unsynced = |state, message: String| self.host_with(i, state, None, message, false);
+        match result {
+            Ok(Staged::AlreadyOnTarget) => unsynced(HostState::Skipped, String::new()),
+            Ok(Staged::SameBytesAs { reported_as }) => unsynced(
+                HostState::Skipped,
+                format!(
+                    "{}{reported_as}: nothing to upgrade, and it goes on reporting {reported_as} (the agent does not re-execute the executable it runs)",
+                    super::output::SAME_BYTES
+                ),
+            ),
+            Ok(Staged::Uploaded { bytes_sent }) => {
+                self.bytes_sent.fetch_add(bytes_sent, Ordering::SeqCst);
+                unsynced(HostState::Staged, String::new())
+            }
+            Err(failure) => {
+                progress.failed.fetch_add(1, Ordering::SeqCst);
+                self.fail(i, failure)
             }
         }
-        if unstaged.is_empty() {
-            return Ok(None);
-        }
-        unstaged.sort_by_key(|(i, _)| *i);
-        let count = unstaged.len();
-        for (i, failure) in unstaged {
-            self.fail(i, failure)?;
-        }
-        if !self.start.fresh {
-            return Ok(None);
-        }
-        let reason = format!("{count} host(s) could not be staged; no host was changed");
-        self.record(Record::Halted {
-            reason: reason.clone(),
-        })?;
-        self.report.not_started(&reason);
-        Ok(Some(Outcome::NotStarted))
     }
 
     async fn run_fenced(
         self: Arc<Self>,
         interrupt: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Outcome> {
-        if let Some(outcome) = self.stage_all().await? {
-            return Ok(outcome);
-        }
         let settings = &self.plan.settings;
+        let (staging, stop_staging) = self.start_staging();
+        // The first wave starts once its own hosts are staged (every host,
+        // with `stage_first`). A fresh push with a host that could not be
+        // staged by then stops here, with no host changed; one found later
+        // counts against the failure budget like any failed host (see the
+        // module docs).
+        let before_first_wave: Vec<usize> = match settings.stage_first {
+            true => (0..self.plan.hosts.len()).collect(),
+            false => self.plan.waves.first().cloned().unwrap_or_default(),
+        };
+        staging.wait_for(&before_first_wave).await?;
+        let unstaged = staging.failed.load(Ordering::SeqCst);
+        if unstaged > 0 && self.start.fresh {
+            let reason = format!("{unstaged} host(s) could not be staged; no host was changed");
+            self.record(Record::Halted {
+                reason: reason.clone(),
+            })?;
+            self.report.not_started(&reason);
+            return Ok(Outcome::NotStarted);
+        }
         let interrupted = Arc::new(AtomicBool::new(false));
+        // Wakes a wave waiting for its hosts' staging.
+        let interrupt_seen = Arc::new(tokio::sync::Notify::new());
         let watcher = {
-            let (interrupted, engine) = (interrupted.clone(), self.clone());
+            let (interrupted, seen, engine) =
+                (interrupted.clone(), interrupt_seen.clone(), self.clone());
             tokio::spawn(async move {
                 interrupt.await;
                 interrupted.store(true, Ordering::SeqCst);
+                seen.notify_one();
                 engine.report.interrupted();
             })
         };
@@ -635,12 +773,42 @@ impl<F: Fleet> RolloutEngine<F> {
         };
         let mut halt: Option<String> = None;
         'waves: for (w, wave) in self.plan.waves.iter().enumerate() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let staged = tokio::select! {
+                staged = tokio::time::timeout(remaining, staging.wait_for(wave)) => staged,
+                () = interrupt_seen.notified() => Ok(Ok(())),
+            };
+            match staged {
+                Ok(result) => result?,
+                Err(_) => {
+                    halt = Some(deadline_passed());
+                    break 'waves;
+                }
+            }
+            if interrupted.load(Ordering::SeqCst) {
+                watcher.abort();
+                self.record(Record::Paused {
+                    reason: "interrupted (Ctrl-C)".into(),
+                })?;
+                return Ok(Outcome::Aborted);
+            }
+            // Hosts that could not be staged are failed hosts.
+            let failures = self.failures();
+            if failures > self.plan.budget {
+                let unstaged = staging.failed.load(Ordering::SeqCst);
+                halt = Some(format!(
+                    "{failures} host(s) failed, above the budget of {} (--max-failures {}); {unstaged} of them could not be staged",
+                    self.plan.budget, settings.max_failures
+                ));
+                break;
+            }
+            let records = self.snapshot();
             let pending: Vec<usize> = wave
                 .iter()
                 .copied()
                 .filter(|&i| {
                     !matches!(
-                        self.snapshot()[i].state,
+                        records[i].state,
                         Some(
                             HostState::Healthy
                                 | HostState::Skipped
@@ -736,6 +904,8 @@ impl<F: Fleet> RolloutEngine<F> {
             }
         }
         watcher.abort();
+        // Whatever is left of staging is not needed after a halt.
+        drop(stop_staging);
         // A stop that came while the last wave finished.
         if let (None, Some(Stop::Superseded { message, .. })) = (&halt, self.stopped()) {
             halt = Some(message);
@@ -765,7 +935,7 @@ impl<F: Fleet> RolloutEngine<F> {
     /// One host through its step: activate (unless already done) and gate.
     async fn roll_host(&self, index: usize) -> anyhow::Result<()> {
         let host = &self.plan.hosts[index];
-        let previous = self.snapshot()[index].state;
+        let (previous, _) = self.state_of(index);
         // After a crash, the agent may have finished what the journal only
         // shows as started: never activate a host twice.
         let mut pid = None;
@@ -842,8 +1012,8 @@ impl<F: Fleet> RolloutEngine<F> {
             reverts.spawn(async move {
                 let host = &engine.plan.hosts[i];
                 // The host keeps the cause it failed with, if it did.
-                let cause = engine.snapshot()[i].cause;
-                if engine.snapshot()[i].state == Some(HostState::Activating) {
+                let (state, cause) = engine.state_of(i);
+                if state == Some(HostState::Activating) {
                     // No answer came back: ask what it runs (waiting while
                     // it still works on the activation).
                     match engine.fleet.settle(host).await {

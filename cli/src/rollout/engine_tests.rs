@@ -31,6 +31,7 @@ fn fast() -> RolloutSettings {
         auto_revert: true,
         pause_between_waves: Duration::ZERO,
         peer_fetch: 0,
+        stage_first: false,
     }
 }
 
@@ -279,14 +280,16 @@ async fn a_refused_lease_starts_nothing_and_gives_back_the_leases_taken() {
 #[tokio::test]
 async fn a_staging_failure_stops_a_push_before_any_activation() {
     let fleet = FakeFleet::new();
-    fleet.fail_stage("h3:7700", failure(Cause::Unreachable));
+    // The canary, the first wave: the push stops with nothing changed.
+    fleet.fail_stage("h1:7700", failure(Cause::Unreachable));
     let done = push(plan(hosts(4), fast()), &fleet).await;
     assert_eq!(done.outcome, Outcome::NotStarted);
-    assert_eq!(sorted(fleet.hosts_with(Op::Stage)), hosts(4));
+    // The first wave is staged alone, first.
+    assert_eq!(fleet.hosts_with(Op::Stage)[0], "h1:7700");
     assert!(fleet.hosts_with(Op::Activate).is_empty());
     assert!(fleet.hosts_with(Op::Revert).is_empty());
     assert_eq!(
-        done.state("h3:7700"),
+        done.state("h1:7700"),
         Some((HostState::Failed, Some(Cause::Unreachable)))
     );
     assert_eq!(
@@ -294,6 +297,108 @@ async fn a_staging_failure_stops_a_push_before_any_activation() {
         "1 host(s) could not be staged; no host was changed"
     );
     assert_eq!(sorted(fleet.hosts_with(Op::Release)), hosts(4));
+}
+
+#[tokio::test]
+async fn later_waves_stage_while_the_canary_runs() {
+    let fleet = FakeFleet::new();
+    let slow = Duration::from_millis(300);
+    fleet.stage_delay("h3:7700", slow);
+    let done = push(plan(hosts(3), fast()), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    let calls = fleet.calls();
+    let at = |op: Op, host: &str| {
+        calls
+            .iter()
+            .find(|c| c.op == op && c.host == host)
+            .unwrap()
+            .at
+    };
+    // The canary was activated while h3 was still staging, and h3 was
+    // activated only once staged.
+    assert!(
+        at(Op::Activate, "h1:7700") < at(Op::Stage, "h3:7700") + slow,
+        "{calls:?}"
+    );
+    assert!(at(Op::Activate, "h3:7700") >= at(Op::Stage, "h3:7700") + slow);
+    for host in hosts(3) {
+        assert_eq!(done.state(&host), Some((HostState::Healthy, None)));
+    }
+}
+
+#[tokio::test]
+async fn hosts_are_staged_ranked_in_wave_order() {
+    let fleet = FakeFleet::new();
+    let settings = RolloutSettings {
+        waves: "1,50%,100%".into(),
+        ..fast()
+    };
+    // File order is not wave order.
+    let file_order: Vec<String> = ["h5", "h2", "h6", "h1", "h4", "h3"]
+        .iter()
+        .map(|h| format!("{h}:7700"))
+        .collect();
+    let plan = plan(file_order, settings);
+    let waves: Vec<Vec<String>> = plan
+        .waves
+        .iter()
+        .map(|wave| wave.iter().map(|&i| plan.hosts[i].clone()).collect())
+        .collect();
+    assert_eq!(push(plan, &fleet).await.outcome, Outcome::Done);
+    let ranks: Vec<Vec<u64>> = waves
+        .iter()
+        .map(|wave| wave.iter().map(|h| fleet.stage_rank(h)).collect())
+        .collect();
+    let mut flat: Vec<u64> = ranks.iter().flatten().copied().collect();
+    assert!(flat.windows(2).all(|w| w[0] < w[1]), "{waves:?}: {ranks:?}");
+    flat.sort();
+    assert_eq!(flat, (0..6).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn a_host_that_cannot_be_staged_once_the_canary_changed_halts_and_reverts_it() {
+    let fleet = FakeFleet::new();
+    fleet
+        .stage_delay("h4:7700", Duration::from_millis(200))
+        .fail_stage("h4:7700", failure(Cause::Unreachable));
+    let done = push(plan(hosts(4), fast()), &fleet).await;
+    assert_eq!(done.outcome, Outcome::HaltedReverted);
+    // The canary changed before h4's staging failed; no later host did,
+    // and the canary is back.
+    assert_eq!(fleet.hosts_with(Op::Activate), vec!["h1:7700"]);
+    assert_eq!(fleet.hosts_with(Op::Revert), vec!["h1:7700"]);
+    assert_eq!(
+        done.state("h4:7700"),
+        Some((HostState::Failed, Some(Cause::Unreachable)))
+    );
+    assert_eq!(done.state("h1:7700"), Some((HostState::Reverted, None)));
+    let reason = done.halted().unwrap();
+    assert!(
+        reason.contains("1 host(s) failed") && reason.contains("1 of them could not be staged"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn with_stage_first_a_late_host_that_cannot_be_staged_stops_the_push_before_the_canary() {
+    let fleet = FakeFleet::new();
+    fleet
+        .stage_delay("h4:7700", Duration::from_millis(200))
+        .fail_stage("h4:7700", failure(Cause::Unreachable));
+    let settings = RolloutSettings {
+        stage_first: true,
+        ..fast()
+    };
+    let done = push(plan(hosts(4), settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::NotStarted);
+    assert!(fleet.hosts_with(Op::Activate).is_empty());
+    assert!(fleet.hosts_with(Op::Revert).is_empty());
+    assert_eq!(sorted(fleet.hosts_with(Op::Stage)), hosts(4));
+    assert_eq!(
+        done.state("h4:7700"),
+        Some((HostState::Failed, Some(Cause::Unreachable)))
+    );
+    assert!(done.halted().unwrap().contains("no host was changed"));
 }
 
 #[tokio::test]

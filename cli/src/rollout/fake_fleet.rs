@@ -45,6 +45,10 @@ struct State {
     on_target: HashSet<String>,
     lease_refusals: HashMap<String, String>,
     stage_failures: HashMap<String, HostFailure>,
+    /// How long staging takes on a host (default: no time).
+    stage_delays: HashMap<String, Duration>,
+    /// The rank each host was staged with.
+    stage_ranks: HashMap<String, u64>,
     upload_bytes: u64,
     activate_failures: HashMap<String, HostFailure>,
     hanging: HashSet<String>,
@@ -113,6 +117,17 @@ impl FakeFleet {
     pub fn fail_stage(&self, host: &str, failure: HostFailure) -> &Self {
         self.with(|s| s.stage_failures.insert(host.into(), failure));
         self
+    }
+
+    /// Staging `host` takes `delay` (then succeeds or fails as set).
+    pub fn stage_delay(&self, host: &str, delay: Duration) -> &Self {
+        self.with(|s| s.stage_delays.insert(host.into(), delay));
+        self
+    }
+
+    /// The rank `host` was staged with.
+    pub fn stage_rank(&self, host: &str) -> u64 {
+        self.with(|s| s.stage_ranks[host])
     }
 
     pub fn upload_bytes(&self, bytes: u64) -> &Self {
@@ -252,8 +267,13 @@ impl Fleet for FakeFleet {
         self.log(Op::Release, host, Some(lease));
     }
 
-    async fn stage(&self, host: &str) -> Result<Staged, HostFailure> {
+    async fn stage(&self, host: &str, rank: u64) -> Result<Staged, HostFailure> {
         self.log(Op::Stage, host, None);
+        self.with(|s| s.stage_ranks.insert(host.into(), rank));
+        let delay = self.with(|s| s.stage_delays.get(host).copied());
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         self.with(|s| {
             if let Some(failure) = s.stage_failures.get(host) {
                 return Err(failure.clone());

@@ -180,8 +180,14 @@ pub trait Fleet: Send + Sync + 'static {
     fn release_lease(&self, host: &str, lease: &Lease) -> impl Future<Output = ()> + Send;
 
     /// Skips a host already on the target, else makes sure it holds the
-    /// release.
-    fn stage(&self, host: &str) -> impl Future<Output = Result<Staged, HostFailure>> + Send;
+    /// release. `rank`: the host's place in the order the rollout needs
+    /// hosts in (wave order); where hosts wait for a source (peer fetch),
+    /// lower ranks go first.
+    fn stage(
+        &self,
+        host: &str,
+        rank: u64,
+    ) -> impl Future<Output = Result<Staged, HostFailure>> + Send;
 
     /// Switches the host to the target: a service activation, or the
     /// agent's in-place upgrade.

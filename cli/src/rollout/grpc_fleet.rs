@@ -26,6 +26,7 @@ use super::fleet::{
 use super::journal::Cause;
 use super::output::LiveView;
 use super::peer_tree::{PeerTree, Turn};
+use super::small_calls;
 use crate::client::upload;
 
 /// What the fleet is moved to; fixed at plan time.
@@ -82,18 +83,21 @@ fn failure((cause, message): (Cause, String)) -> HostFailure {
 /// phase in the live view: the activation waits for them, and a person
 /// should see why. `None` if the agent does not let us watch.
 async fn activation_progress(
-    mut control: pb::service_control_client::ServiceControlClient<Channel>,
+    channel: Channel,
     host: &str,
     service: &str,
     live: Arc<LiveView>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let mut events = control
-        .watch_events(pb::WatchEventsRequest {
+    let mut events = small_calls::server_streaming::<_, pb::Event>(
+        channel,
+        "/reload.v1.ServiceControl/WatchEvents",
+        pb::WatchEventsRequest {
             service: service.to_string(),
-        })
-        .await
-        .ok()?
-        .into_inner();
+        },
+    )
+    .await
+    .ok()?
+    .into_inner();
     let host = host.to_string();
     Some(tokio::spawn(async move {
         use pb::EventKind as K;
@@ -159,13 +163,13 @@ impl GrpcFleet {
 
     /// Gets the release onto the host: from hosts that hold it already
     /// (`peer_fetch`, see [`PeerTree`]), else as [`Self::stage_directly`].
-    async fn upload_release(&self, host: &str) -> Result<Staged, HostFailure> {
+    async fn upload_release(&self, host: &str, rank: u64) -> Result<Staged, HostFailure> {
         let envelope = std::fs::read(envelope_path_for(&self.target.artifact))
             .map_err(|e| HostFailure::new(Cause::Rejected, e.to_string()))?;
         let Some(tree) = &self.peer_tree else {
             return self.stage_directly(host, envelope).await;
         };
-        let ticket = tree.turn(host).await;
+        let ticket = tree.turn(host, rank).await;
         let peers = match &ticket.turn {
             Turn::Seed => {
                 let staged = self.stage_directly(host, envelope).await?;
@@ -214,7 +218,12 @@ impl GrpcFleet {
         .await
         .map_err(|e| {
             let text = format!("{e:#}");
-            let cause = if text.contains("cannot reach") || text.contains("Unavailable") {
+            // An agent that went away mid-upload is unreachable, not a
+            // refusal: the connection broke below gRPC.
+            let cause = if text.contains("cannot reach")
+                || text.contains("Unavailable")
+                || text.contains("failed in transport")
+            {
                 Cause::Unreachable
             } else {
                 Cause::Rejected
@@ -241,22 +250,23 @@ impl GrpcFleet {
             .first()
             .map(|peer| format!("peer {peer}"))
             .unwrap_or_else(|| url.clone());
-        let mut client =
-            pb::artifact_service_client::ArtifactServiceClient::new(self.channel(host));
-        let answer = client
-            .fetch_artifact(pb::FetchArtifactRequest {
+        let answer = small_calls::unary::<_, pb::UploadArtifactResponse>(
+            self.channel(host),
+            "/reload.v1.ArtifactService/FetchArtifact",
+            pb::FetchArtifactRequest {
                 envelope,
                 url,
                 peers,
-            })
-            .await
-            .map_err(|s| {
-                HostFailure::new(
-                    cause_of(&s),
-                    format!("fetching from {from} ({:?}): {}", s.code(), s.message()),
-                )
-            })?
-            .into_inner();
+            },
+        )
+        .await
+        .map_err(|s| {
+            HostFailure::new(
+                cause_of(&s),
+                format!("fetching from {from} ({:?}): {}", s.code(), s.message()),
+            )
+        })?
+        .into_inner();
         if !answer.skipped_sources.is_empty() {
             self.live.println(&format!(
                 "{host}: fetched from {} after skipping {}",
@@ -274,9 +284,13 @@ impl GrpcFleet {
     async fn probe_service(&self, host: &str, pid: u32) -> Probe {
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
-            self.control(host).get_status(pb::GetStatusRequest {
-                service: self.target.service.clone(),
-            }),
+            small_calls::unary::<_, pb::GetStatusResponse>(
+                self.channel(host),
+                "/reload.v1.ServiceControl/GetStatus",
+                pb::GetStatusRequest {
+                    service: self.target.service.clone(),
+                },
+            ),
         )
         .await;
         match answer {
@@ -394,8 +408,12 @@ impl Fleet for GrpcFleet {
             ttl: Some(LEASE_TTL.try_into().expect("small duration")),
             force_takeover: force,
         };
-        let mut client = self.leases(host);
-        match tokio::time::timeout(Duration::from_secs(10), client.acquire_lease(request)).await {
+        let acquire = small_calls::unary::<_, pb::AcquireLeaseResponse>(
+            self.channel(host),
+            "/reload.v1.LeaseService/AcquireLease",
+            request,
+        );
+        match tokio::time::timeout(Duration::from_secs(10), acquire).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
                 let token = response
@@ -439,11 +457,14 @@ impl Fleet for GrpcFleet {
             ttl: Some(LEASE_TTL.try_into().expect("small")),
         };
         // The engine bounds the call.
-        self.leases(host)
-            .renew_lease(request)
-            .await
-            .map(drop)
-            .map_err(|s| HostFailure::new(cause_of(&s), format!("RenewLease: {}", s.message())))
+        small_calls::unary::<_, pb::RenewLeaseResponse>(
+            self.channel(host),
+            "/reload.v1.LeaseService/RenewLease",
+            request,
+        )
+        .await
+        .map(drop)
+        .map_err(|s| HostFailure::new(cause_of(&s), format!("RenewLease: {}", s.message())))
     }
 
     async fn fence_state(&self, host: &str) -> Result<FenceState, HostFailure> {
@@ -489,7 +510,7 @@ impl Fleet for GrpcFleet {
         let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(request)).await;
     }
 
-    async fn stage(&self, host: &str) -> Result<Staged, HostFailure> {
+    async fn stage(&self, host: &str, rank: u64) -> Result<Staged, HostFailure> {
         let target = &self.target;
         if target.agent() {
             let info = agent_info(self.channel(host)).await.map_err(failure)?;
@@ -507,13 +528,17 @@ impl Fleet for GrpcFleet {
                 };
                 return Ok(Staged::SameBytesAs { reported_as });
             }
-            return self.upload_release(host).await;
+            return self.upload_release(host, rank).await;
         }
         let status = tokio::time::timeout(
             Duration::from_secs(10),
-            self.control(host).get_status(pb::GetStatusRequest {
-                service: target.service.clone(),
-            }),
+            small_calls::unary::<_, pb::GetStatusResponse>(
+                self.channel(host),
+                "/reload.v1.ServiceControl/GetStatus",
+                pb::GetStatusRequest {
+                    service: target.service.clone(),
+                },
+            ),
         )
         .await
         .map_err(|_| HostFailure::new(Cause::Unreachable, "no answer within 10s"))?
@@ -528,7 +553,7 @@ impl Fleet for GrpcFleet {
             }
             return Ok(Staged::AlreadyOnTarget);
         }
-        self.upload_release(host).await
+        self.upload_release(host, rank).await
     }
 
     async fn activate(&self, host: &str, lease: &Lease) -> Result<Activated, HostFailure> {
@@ -553,11 +578,14 @@ impl Fleet for GrpcFleet {
             lease: Some(pb_lease(lease)),
             allow_downgrade: target.allow_downgrade,
         };
-        let mut control = self.control(host);
         let progress =
-            activation_progress(control.clone(), host, &target.service, self.live.clone()).await;
-        let response =
-            tokio::time::timeout(Duration::from_secs(300), control.activate(request)).await;
+            activation_progress(self.channel(host), host, &target.service, self.live.clone()).await;
+        let activate = small_calls::unary::<_, pb::ActivateResponse>(
+            self.channel(host),
+            "/reload.v1.ServiceControl/Activate",
+            request,
+        );
+        let response = tokio::time::timeout(Duration::from_secs(300), activate).await;
         if let Some(progress) = progress {
             progress.abort();
         }
@@ -598,9 +626,13 @@ impl Fleet for GrpcFleet {
         }
         let mut events = tokio::time::timeout(
             Duration::from_secs(5),
-            self.control(host).watch_events(pb::WatchEventsRequest {
-                service: self.target.service.clone(),
-            }),
+            small_calls::server_streaming::<_, pb::Event>(
+                self.channel(host),
+                "/reload.v1.ServiceControl/WatchEvents",
+                pb::WatchEventsRequest {
+                    service: self.target.service.clone(),
+                },
+            ),
         )
         .await
         .ok()?

@@ -52,6 +52,7 @@ mod peer_tree;
 pub mod plan;
 pub mod project;
 pub mod settings;
+mod small_calls;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

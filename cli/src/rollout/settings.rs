@@ -1,4 +1,4 @@
-//! The ten knobs of a rollout, declared once.
+//! The knobs of a rollout, declared once.
 //!
 //! [`RolloutSettings`] is the `[rollout]` section of `reloadctl.toml` (every
 //! field defaulted, unknown keys refused) and the `settings` of the journal's
@@ -37,10 +37,22 @@ pub struct RolloutSettings {
     /// journals from before it keep their form.
     #[serde(skip_serializing_if = "is_zero")]
     pub peer_fetch: usize,
+    /// Stage every host before the first wave starts, so a host that
+    /// cannot take the release (disk full, wrong key) stops the push with
+    /// no host changed, at the price of the whole fleet's transfer time
+    /// before the canary. Off: later waves stage while earlier ones run,
+    /// and a host that fails to stage once a host changed counts against
+    /// the failure budget. Left out of the journal when off.
+    #[serde(skip_serializing_if = "is_false")]
+    pub stage_first: bool,
 }
 
 fn is_zero(value: &usize) -> bool {
     *value == 0
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Default for RolloutSettings {
@@ -57,6 +69,7 @@ impl Default for RolloutSettings {
             auto_revert: true,
             pause_between_waves: Duration::ZERO,
             peer_fetch: 0,
+            stage_first: false,
         }
     }
 }
@@ -98,6 +111,11 @@ pub struct RolloutOverrides {
     /// once (agents need `[fetch] peers = true`); 0: upload to every host.
     #[arg(long, value_name = "N")]
     pub peer_fetch: Option<usize>,
+    /// Stage every host before the first wave (a host that cannot be
+    /// staged then stops the push with nothing changed); by default later
+    /// waves stage while the canary runs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub stage_first: Option<bool>,
 }
 
 impl RolloutSettings {
@@ -118,6 +136,7 @@ impl RolloutSettings {
             auto_revert: o.auto_revert.unwrap_or(self.auto_revert),
             pause_between_waves: o.pause_between_waves.unwrap_or(self.pause_between_waves),
             peer_fetch: o.peer_fetch.unwrap_or(self.peer_fetch),
+            stage_first: o.stage_first.unwrap_or(self.stage_first),
         }
     }
 }

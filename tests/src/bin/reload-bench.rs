@@ -19,8 +19,8 @@
 //!    the bytes the CLI sent against artifact size x hosts, then again with
 //!    the artifact already staged, then a release fetched by the hosts
 //!    from each other (peer fetch); the CLI's egress, CPU and peak RSS for
-//!    each. `rollout-scale [HOSTS]` (not in the default run) does the same
-//!    across 1,000 agents.
+//!    each. `rollout-scale [HOSTS] [PROGRAM]` (not in the default run) does
+//!    the same across 1,000 agents, rolling out `reload-small-server`.
 //! 5. Footprint: the agent's RSS and CPU over 60 s idle with 3 services,
 //!    and its start-up time to serving gRPC, beside a fork+exec+wait of
 //!    `/bin/true`.
@@ -1002,6 +1002,62 @@ impl PushRun {
         self.events.last().unwrap()["bytes_sent"].as_u64().unwrap() as f64 / size as f64
     }
 
+    /// Per wave, from the journal: when it started (from the leases), its
+    /// slowest handoff, and how long it took from its start to its last
+    /// host healthy. Where a push spends its time beyond the bound.
+    fn wave_breakdown(&self) -> String {
+        let time_of = |name: &str| {
+            self.events
+                .iter()
+                .find(|e| e["event"] == name)
+                .map(parse_time)
+        };
+        let Some(leased) = time_of("leased") else {
+            return "-".into();
+        };
+        let secs =
+            |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default().as_secs_f64();
+        let (mut wave, mut started) = (0u64, leased);
+        let mut activating: BTreeMap<String, SystemTime> = BTreeMap::new();
+        // wave -> (start, slowest handoff, last healthy)
+        let mut waves: BTreeMap<u64, (SystemTime, f64, SystemTime)> = BTreeMap::new();
+        for event in &self.events {
+            let host = event["host"].as_str().unwrap_or_default().to_string();
+            match event["event"].as_str().unwrap() {
+                "wave" => {
+                    wave = event["index"].as_u64().unwrap();
+                    started = parse_time(event);
+                    waves.insert(wave, (started, 0.0, started));
+                }
+                "host" if event["state"] == "activating" => {
+                    activating.insert(host, parse_time(event));
+                }
+                "host" if event["state"] == "activated" => {
+                    let took = secs(activating[&host], parse_time(event));
+                    let entry = waves.entry(wave).or_insert((started, 0.0, started));
+                    entry.1 = entry.1.max(took);
+                }
+                "host" if event["state"] == "healthy" => {
+                    let entry = waves.entry(wave).or_insert((started, 0.0, started));
+                    entry.2 = entry.2.max(parse_time(event));
+                }
+                _ => {}
+            }
+        }
+        waves
+            .iter()
+            .map(|(w, (start, handoff, healthy))| {
+                format!(
+                    "wave {w}: starts +{:.1} s, slowest handoff {:.1} s, all healthy after {:.1} s",
+                    secs(leased, *start),
+                    handoff,
+                    secs(*start, *healthy)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The lower bound of this push: per wave, the slowest handoff
     /// (activating to activated, from the journal) plus the
     /// min-healthy-time the gate must observe. Returns it and the waves.
@@ -1114,13 +1170,22 @@ impl PushRun {
             .map(parse_time)
             .max()
             .unwrap_or(finished);
+        // Staging overlaps the waves: the last host staged, from the leases.
+        let last_staged = self
+            .events
+            .iter()
+            .filter(|e| e["event"] == "host" && e["state"] == "staged")
+            .map(parse_time)
+            .max()
+            .unwrap_or(leased);
         let secs =
             |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default().as_secs_f64();
         format!(
-            "leases {:.2} s, staging {:.2} s, waves {:.2} s, end {:.2} s",
+            "leases {:.2} s, first wave staged {:.2} s, waves {:.2} s (every host staged {:.2} s after the leases), end {:.2} s",
             secs(plan, leased),
             secs(leased, wave),
             secs(wave, last_healthy),
+            secs(leased, last_staged),
             secs(last_healthy, finished)
         )
     }
@@ -1140,6 +1205,7 @@ fn rollout_fleet(
     hosts: usize,
     versions: &[&str],
     health: &str,
+    program: &str,
 ) -> (PathBuf, Vec<Agent>, u64) {
     let project = dir.join(format!("rollout-project-{hosts}"));
     std::fs::create_dir_all(project.join("releases")).unwrap();
@@ -1152,7 +1218,7 @@ fn rollout_fleet(
     .unwrap();
     for version in versions {
         let path = project.join(format!("releases/bench-{version}"));
-        std::fs::write(&path, stripped_demo_server_bytes(dir, version)).unwrap();
+        std::fs::write(&path, stripped_release_bytes(dir, program, version)).unwrap();
         reloadctl_ok(
             &project,
             &[
@@ -1196,11 +1262,12 @@ fn rollout_fleet(
     (project, agents, size)
 }
 
-/// The demo server as shipped: stripped (binutils' `strip`, which the
-/// Rust toolchain's linker brings), with a version trailer.
-fn stripped_demo_server_bytes(dir: &Path, version: &str) -> Vec<u8> {
-    let copy = dir.join("demo-server-stripped");
-    std::fs::copy(bin_path("reload-demo-server"), &copy).unwrap();
+/// `program` (one of this workspace's binaries) as shipped: stripped
+/// (binutils' `strip`, which the Rust toolchain's linker brings), with a
+/// version trailer.
+fn stripped_release_bytes(dir: &Path, program: &str, version: &str) -> Vec<u8> {
+    let copy = dir.join(format!("{program}-stripped"));
+    std::fs::copy(bin_path(program), &copy).unwrap();
     let status = Command::new("strip")
         .arg(&copy)
         .status()
@@ -1253,6 +1320,7 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
         ROLLOUT_HOSTS,
         &["1.0.0", "2.0.0", "3.0.0"],
         "interval = \"100ms\"",
+        "reload-demo-server",
     );
     let min_healthy = humantime::format_duration(ROLLOUT_MIN_HEALTHY).to_string();
     let flags = section_4_flags(&min_healthy);
@@ -1307,10 +1375,13 @@ async fn rollout_bench(dir: &Path, key: &Arc<SigningKey>) {
     drop(agents);
 }
 
-/// `reload-bench rollout-scale [HOSTS]`: a rollout across many agents on
-/// this one machine (default 1,000), peer fetch on: wall time against its
-/// lower bound, the CLI's CPU and peak RSS, the agents' total RSS.
-async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
+/// `reload-bench rollout-scale [HOSTS] [PROGRAM]`: a rollout across many
+/// agents on this one machine (default 1,000), peer fetch on: wall time
+/// against its lower bound, the CLI's CPU and peak RSS, the agents' total
+/// RSS. PROGRAM is the service rolled out: `reload-small-server` (the
+/// default: a few hundred KiB, so that 1,000 copies of it measure the
+/// rollout rather than this one disk) or `reload-demo-server` (4.3 MiB).
+async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize, program: &str) {
     let started = Instant::now();
     // Probes every 2 s with a 10 s timeout, and no probation (the CLI's
     // gate is the check): 500 handoffs at once put 2 cores under a load
@@ -1321,6 +1392,7 @@ async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
         hosts,
         &["1.0.0", "2.0.0"],
         "interval = \"2s\"\ntimeout = \"10s\"\n[service.probation]\nhealthy_for = \"0s\"",
+        program,
     );
     let start_up = started.elapsed();
     let min_healthy = Duration::from_secs(1);
@@ -1349,7 +1421,7 @@ async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
     let run = push_run(&project, "2.0.0", &flags);
     let (bound, waves) = run.lower_bound(min_healthy);
     let agent_rss: u64 = agents.iter().map(|a| rss_kib(a.pid())).sum();
-    println!("## 4b. Rollout of {hosts} hosts on this machine (agents on 127.0.60.1 on, a {:.1} MiB release, canary 1, waves 10%,50%,100%, every host of a wave at once, 2 checks over 1 s, peer fetch of degree 4; agents probe every 2 s, no probation)\n", size as f64 / 1048576.0);
+    println!("## 4b. Rollout of {hosts} hosts on this machine (agents on 127.0.60.1 on, {program}: a {:.2} MiB release, canary 1, waves 10%,50%,100%, every host of a wave at once, 2 checks over 1 s, peer fetch of degree 4; agents probe every 2 s, no probation)\n", size as f64 / 1048576.0);
     println!("| measure | value |\n|---|---:|");
     println!(
         "| {hosts} agents started (one after the other) | {:.1} s |",
@@ -1364,6 +1436,7 @@ async fn rollout_scale_bench(dir: &Path, key: &Arc<SigningKey>, hosts: usize) {
         run.wall.as_secs_f64()
     );
     println!("| where it went | {} |", run.phases());
+    println!("| the waves | {} |", run.wave_breakdown());
     println!(
         "| lower bound ({waves} waves: slowest handoff + min-healthy-time each) | {:.2} s |",
         bound.as_secs_f64()
@@ -1527,7 +1600,10 @@ fn main() {
             .nth(2)
             .map(|n| n.parse().expect("rollout-scale HOSTS: a number"))
             .unwrap_or(1000);
-        runtime.block_on(rollout_scale_bench(dir, &key, hosts));
+        let program = std::env::args()
+            .nth(3)
+            .unwrap_or_else(|| "reload-small-server".into());
+        runtime.block_on(rollout_scale_bench(dir, &key, hosts, &program));
     }
     if wants("footprint") {
         runtime.block_on(footprint_bench(dir, &key));

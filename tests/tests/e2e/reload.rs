@@ -156,6 +156,36 @@ async fn twenty_reloads_lose_no_request_on_keep_alive_connections() {
     reload_twenty_times_under_load(ConnectionMode::KeepAlive).await;
 }
 
+/// A new serving process is probed as soon as it serves, not an interval
+/// later: a rollout's health gate waits for the agent's verdict. The probe
+/// interval here is an hour, so only that immediate probe can report it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_is_probed_at_once_not_a_probe_interval_later() {
+    let fx = fixture_from(
+        |addr| {
+            format!(
+                "[[service]]\nname = \"web\"\nargs = [\"--listen-name\", \"http\"]\n\
+                 [[service.listener]]\nname = \"http\"\ntcp = \"{addr}\"\n\
+                 [service.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"1h\"\n\
+                 [service.probation]\nhealthy_for = \"0s\"\n"
+            )
+        },
+        "",
+    );
+    for version in ["1.0.0", "2.0.0"] {
+        let sha = fx.stage_demo(version).await;
+        let result = fx.activate_ok(&sha).await;
+        let status = eventually(
+            format!("{version} to be reported healthy, an hour before its next probe"),
+            Duration::from_secs(10),
+            async || fx.agent.status("web").await,
+            |s| s.health == pb::HealthState::Healthy as i32 && s.current_version == version,
+        )
+        .await;
+        assert_eq!(status.pid, result.new_pid, "{status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_reloads_lose_no_request_with_a_connection_per_request() {
     reload_twenty_times_under_load(ConnectionMode::NewConnectionPerRequest).await;
