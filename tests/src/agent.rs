@@ -287,7 +287,13 @@ impl Agent {
     /// The demo server binary with a trailer naming `version`: the same
     /// program, distinct bytes, so each version is its own artifact.
     pub fn demo_server_bytes(version: &str) -> Vec<u8> {
-        let mut bytes = std::fs::read(bin_path("reload-demo-server")).unwrap();
+        Agent::program_bytes("reload-demo-server", version)
+    }
+
+    /// One of this workspace's binaries with a version trailer, so each
+    /// version is a different artifact.
+    pub fn program_bytes(program: &str, version: &str) -> Vec<u8> {
+        let mut bytes = std::fs::read(bin_path(program)).unwrap();
         bytes.extend_from_slice(format!("\nreload-test-version {version}\n").as_bytes());
         bytes
     }

@@ -160,6 +160,7 @@ fn accept_loop(server: &Arc<Server>, socket: &TcpListener) {
 /// drain says otherwise.
 fn serve(server: &Server, stream: TcpStream) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -203,14 +204,17 @@ fn serve(server: &Server, stream: TcpStream) -> std::io::Result<()> {
             _ => format!("hello from {} pid {}\n", server.version, server.pid),
         };
         let close = client_closes || server.draining();
-        write!(
-            writer,
+        // One write: `write!` on the socket would send each piece apart,
+        // and Nagle's algorithm holds the later pieces for the client's
+        // delayed ACK (40 ms).
+        let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-version: {}\r\nx-pid: {}\r\nconnection: {}\r\n\r\n{body}",
             body.len(),
             server.version,
             server.pid,
             if close { "close" } else { "keep-alive" },
-        )?;
+        );
+        writer.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }

@@ -96,9 +96,17 @@ impl Fixture {
 }
 
 async fn reload_twenty_times_under_load(mode: ConnectionMode) {
+    reload_program_twenty_times_under_load("reload-demo-server", mode).await;
+}
+
+async fn reload_program_twenty_times_under_load(program: &str, mode: ConnectionMode) {
     let f = fixture("");
-    let v1 = f.stage_demo("1.0.0").await;
-    let v2 = f.stage_demo("2.0.0").await;
+    let v1 = f
+        .stage(&Agent::program_bytes(program, "1.0.0"), "1.0.0")
+        .await;
+    let v2 = f
+        .stage(&Agent::program_bytes(program, "2.0.0"), "2.0.0")
+        .await;
     f.activate_ok(&v1).await;
     let first_pid = f.status().await.pid;
 
@@ -154,6 +162,14 @@ async fn reload_twenty_times_under_load(mode: ConnectionMode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_reloads_lose_no_request_on_keep_alive_connections() {
     reload_twenty_times_under_load(ConnectionMode::KeepAlive).await;
+}
+
+/// The program `reload-bench rollout-scale` rolls out to 1,000 hosts is
+/// a correct participant too: it drains keep-alive connections with
+/// `Connection: close` rather than cutting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_server_of_the_scale_benchmark_loses_no_request_over_twenty_reloads() {
+    reload_program_twenty_times_under_load("reload-small-server", ConnectionMode::KeepAlive).await;
 }
 
 /// A new serving process is probed as soon as it serves, not an interval
