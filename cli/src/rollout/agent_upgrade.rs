@@ -19,10 +19,9 @@ pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// GetAgentInfo, bounded.
 pub async fn agent_info(channel: Channel) -> Result<pb::GetAgentInfoResponse, (Cause, String)> {
-    let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
     tokio::time::timeout(
         Duration::from_secs(10),
-        agent.get_agent_info(pb::GetAgentInfoRequest {}),
+        super::small_calls::get_agent_info(channel),
     )
     .await
     .map_err(|_| (Cause::Unreachable, "no answer within 10s".to_string()))?

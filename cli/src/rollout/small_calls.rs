@@ -1,6 +1,6 @@
 //! gRPC calls with small codec buffers, for the calls a push makes to
-//! every host at once: lease renewals, health polls and the health gate's
-//! event stream.
+//! every host at once: leases (taken, renewed, released), status checks,
+//! health polls, activations and the event streams.
 //!
 //! tonic's default codec sets aside 8 KiB to encode each request and 8 KiB
 //! to decode each response. The messages here are a few hundred bytes, but
@@ -15,6 +15,8 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use reload_proto::v1 as pb;
 
 /// Room for any of these messages without growing; the yield threshold is
 /// tonic's default.
@@ -90,4 +92,50 @@ where
             SmallBufferCodec(PhantomData),
         )
         .await
+}
+
+/// GetStatus of `service` (empty: every service), the call a push makes
+/// most: staging, the gate's polls, the fence check.
+pub async fn get_status(
+    channel: Channel,
+    service: &str,
+) -> Result<Response<pb::GetStatusResponse>, Status> {
+    unary(
+        channel,
+        "/reload.v1.ServiceControl/GetStatus",
+        pb::GetStatusRequest {
+            service: service.to_string(),
+        },
+    )
+    .await
+}
+
+/// GetAgentInfo.
+pub async fn get_agent_info(
+    channel: Channel,
+) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
+    unary(
+        channel,
+        "/reload.v1.AgentService/GetAgentInfo",
+        pb::GetAgentInfoRequest {},
+    )
+    .await
+}
+
+/// GetLease.
+pub async fn get_lease(channel: Channel) -> Result<Response<pb::GetLeaseResponse>, Status> {
+    unary(
+        channel,
+        "/reload.v1.LeaseService/GetLease",
+        pb::GetLeaseRequest {},
+    )
+    .await
+}
+
+/// ReleaseLease: the end of every push, on every host at once.
+pub async fn release_lease(
+    channel: Channel,
+    request: pb::ReleaseLeaseRequest,
+) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+    unary(channel, "/reload.v1.LeaseService/ReleaseLease", request).await
 }
