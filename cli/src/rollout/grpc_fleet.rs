@@ -26,6 +26,7 @@ use super::fleet::{
 use super::journal::Cause;
 use super::output::LiveView;
 use super::peer_tree::{PeerTree, Turn};
+use super::ranked_slots::RankedSlots;
 use super::small_calls;
 use crate::client::upload;
 
@@ -66,20 +67,19 @@ pub struct GrpcFleet {
     peer_tree: Option<Arc<PeerTree>>,
     /// Uploads from this process at once (see [`MAX_CONCURRENT_UPLOADS`]).
     uploads: Arc<tokio::sync::Semaphore>,
-    /// Staging's "what does the host run?" calls at once (see
-    /// [`STAGING_STATUS_CHECKS`]).
-    status_checks: Arc<tokio::sync::Semaphore>,
+    /// Staging's "what does the host run?" calls at once, lowest rank
+    /// first (see [`STAGING_STATUS_CHECKS`]).
+    status_checks: Arc<RankedSlots>,
 }
 
 /// Hosts asked at once what they run before being staged. The engine
-/// starts every host's staging at once, in wave order; without this, a
-/// thousand status calls answer in whatever order the machine schedules
-/// them, and the hosts reach the upload slots and the peer tree (both
-/// first come, first served among those waiting) in that order, so the
+/// starts every host's staging at once; without this, a thousand status
+/// calls answer in whatever order the machine schedules them, and the
+/// hosts reach the upload slots and the peer tree in that order, so the
 /// next wave's hosts wait behind later waves' (measured at 1,000 hosts:
-/// the second wave waited 3.2 s for its staging). A fair semaphore lets
-/// them through in about the order they were started, and the calls are
-/// short, so 64 at once still keeps any tree or uplink busy.
+/// the second wave waited 3 to 8 s for its staging). Slots go to the
+/// lowest rank (wave order) waiting, and the calls are short, so 64 at
+/// once still keeps any tree or uplink busy.
 const STAGING_STATUS_CHECKS: usize = 64;
 
 /// Uploads the CLI runs at once, whatever `max_parallel`: a few streams
@@ -157,7 +157,7 @@ impl GrpcFleet {
             live,
             peer_tree,
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
-            status_checks: Arc::new(tokio::sync::Semaphore::new(STAGING_STATUS_CHECKS)),
+            status_checks: RankedSlots::new(STAGING_STATUS_CHECKS),
         })
     }
 
@@ -508,7 +508,7 @@ impl Fleet for GrpcFleet {
 
     async fn stage(&self, host: &str, rank: u64) -> Result<Staged, HostFailure> {
         let target = &self.target;
-        let status_check = self.status_checks.acquire().await;
+        let status_check = self.status_checks.acquire(rank).await;
         if target.agent() {
             let info = agent_info(self.channel(host)).await.map_err(failure)?;
             drop(status_check);

@@ -51,6 +51,7 @@ pub mod output;
 mod peer_tree;
 pub mod plan;
 pub mod project;
+mod ranked_slots;
 pub mod settings;
 mod small_calls;
 
