@@ -1093,8 +1093,6 @@ impl PushRun {
 fn push_run(dir: &Path, version: &str, args: &[&str]) -> PushRun {
     use std::io::Read;
     let started = Instant::now();
-    // Reaped by wait4 below, which std's wait cannot do with the rusage.
-    #[allow(clippy::zombie_processes)]
     // RELOAD_BENCH_CLI_WRAPPER (e.g. `heaptrack`): run the CLI under a
     // profiler; its CPU and RSS figures are then the profiler's too.
     let mut command = match std::env::var_os("RELOAD_BENCH_CLI_WRAPPER") {
@@ -1105,6 +1103,8 @@ fn push_run(dir: &Path, version: &str, args: &[&str]) -> PushRun {
         }
         None => Command::new(bin_path("reloadctl")),
     };
+    // Reaped by wait4 below, which std's wait cannot do with the rusage.
+    #[allow(clippy::zombie_processes)]
     let mut child = command
         .args(["push", "--version", version, "--output", "json"])
         .args(args)
