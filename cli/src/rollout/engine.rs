@@ -786,11 +786,7 @@ impl<F: Fleet> RolloutEngine<F> {
                 }
             }
             if interrupted.load(Ordering::SeqCst) {
-                watcher.abort();
-                self.record(Record::Paused {
-                    reason: "interrupted (Ctrl-C)".into(),
-                })?;
-                return Ok(Outcome::Aborted);
+                return self.pause(&watcher);
             }
             // Hosts that could not be staged are failed hosts.
             let failures = self.failures();
@@ -892,11 +888,7 @@ impl<F: Fleet> RolloutEngine<F> {
                 break;
             }
             if interrupted.load(Ordering::SeqCst) {
-                watcher.abort();
-                self.record(Record::Paused {
-                    reason: "interrupted (Ctrl-C)".into(),
-                })?;
-                return Ok(Outcome::Aborted);
+                return self.pause(&watcher);
             }
             if Instant::now() >= deadline {
                 halt = Some(deadline_passed());
@@ -930,6 +922,16 @@ impl<F: Fleet> RolloutEngine<F> {
         } else {
             Outcome::HaltedPartial
         })
+    }
+
+    /// Ctrl-C seen between steps: the rollout pauses where it is, to be
+    /// resumed.
+    fn pause(&self, watcher: &tokio::task::JoinHandle<()>) -> anyhow::Result<Outcome> {
+        watcher.abort();
+        self.record(Record::Paused {
+            reason: "interrupted (Ctrl-C)".into(),
+        })?;
+        Ok(Outcome::Aborted)
     }
 
     /// One host through its step: activate (unless already done) and gate.
