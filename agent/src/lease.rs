@@ -90,6 +90,15 @@ pub enum LeaseError {
     Persist(std::io::Error),
 }
 
+/// Whether a save's rename must survive a crash: a grant's must (its
+/// token is never to be granted again); a renewal's and a release's need
+/// not (see [`Leases::renew`] and [`Leases::release`]).
+#[derive(Clone, Copy)]
+enum Rename {
+    Durable,
+    MayBeLost,
+}
+
 pub struct Leases {
     path: PathBuf,
     state: Mutex<LeaseFile>,
@@ -202,7 +211,10 @@ impl Leases {
         })
     }
 
-    fn save(&self, state: &LeaseFile) -> Result<(), LeaseError> {
+    /// Writes the table to a temp file, fsyncs it and renames it over the
+    /// lease file; with [`Rename::Durable`] the folder is fsync'd too, so
+    /// the rename itself survives a crash.
+    fn save(&self, state: &LeaseFile, rename: Rename) -> Result<(), LeaseError> {
         let bytes = serde_json::to_vec_pretty(state).expect("lease state serializes");
         let dir = self.path.parent().expect("lease file has a folder");
         let temp = dir.join(format!(".lease.json.{}", std::process::id()));
@@ -211,7 +223,10 @@ impl Leases {
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&temp, &self.path)?;
-            std::fs::File::open(dir)?.sync_all()
+            match rename {
+                Rename::Durable => std::fs::File::open(dir)?.sync_all(),
+                Rename::MayBeLost => Ok(()),
+            }
         };
         write().map_err(LeaseError::Persist)
     }
@@ -314,7 +329,7 @@ impl Leases {
         }
         state.lease = Some(held.clone());
         state.last_grant = Some(held.clone());
-        self.save(&state)?;
+        self.save(&state, Rename::Durable)?;
         // Logged under the table's lock, so the log orders grants and
         // commits as they happened.
         tracing::info!(token = held.token, rollout = %held.rollout_id, generation = held.generation, holder = %held.holder, "fencing token granted");
@@ -366,7 +381,13 @@ impl Leases {
         let held = Self::held_by(&mut state, request.r#ref.as_ref())?;
         held.expires = SystemTime::now() + ttl_of(request.ttl);
         let renewed = to_pb(held);
-        self.save(&state)?;
+        // A crash that loses this rename brings back the expiry of the
+        // grant or renewal before: earlier, never later, so the lease can
+        // only end sooner than the holder was told (its next call is
+        // refused, the safe side of fencing). The tokens are untouched. A
+        // push renews every host's lease every few seconds; at a thousand
+        // hosts on one disk the folder fsyncs competed with the waves.
+        self.save(&state, Rename::MayBeLost)?;
         Ok(pb::RenewLeaseResponse {
             lease: Some(renewed),
         })
@@ -376,7 +397,15 @@ impl Leases {
         let mut state = self.lock();
         Self::held_by(&mut state, request.r#ref.as_ref())?;
         state.lease = None;
-        self.save(&state)
+        // The only change is the lease gone; the tokens and generations
+        // stay as the grant made them durable. A crash that loses this
+        // rename brings back the file before it: the same lease, held until
+        // its expiry, which fences exactly as a CLI that died before
+        // releasing does. The file's own fsync stays, so the rename never
+        // exposes a file whose bytes are not on disk. A push releases every
+        // host's lease at its end: at a thousand hosts on one disk the
+        // folder fsyncs were a visible part of the push's wall time.
+        self.save(&state, Rename::MayBeLost)
     }
 
     pub fn get(&self) -> pb::GetLeaseResponse {

@@ -685,6 +685,26 @@ async fn max_parallel_bounds_the_hosts_in_flight() {
     assert_eq!(fleet.max_in_flight(), 2);
 }
 
+/// With `max_parallel` above the window, no more than the window's hosts
+/// stage at once, and every host is still staged and changed.
+#[tokio::test]
+async fn staging_keeps_at_most_its_window_of_hosts_in_flight() {
+    let fleet = FakeFleet::new();
+    let all = hosts(300);
+    for host in &all {
+        fleet.stage_delay(host, Duration::from_millis(20));
+    }
+    let settings = RolloutSettings {
+        max_parallel: 300,
+        ..fast()
+    };
+    let done = push(plan(all, settings), &fleet).await;
+    assert_eq!(done.outcome, Outcome::Done);
+    assert_eq!(fleet.hosts_with(Op::Stage).len(), 300);
+    assert_eq!(fleet.hosts_with(Op::Activate).len(), 300);
+    assert_eq!(fleet.max_staging(), 256);
+}
+
 #[tokio::test]
 async fn the_progress_deadline_halts_and_reverts_what_changed() {
     let fleet = FakeFleet::new();

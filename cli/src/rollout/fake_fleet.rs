@@ -55,6 +55,8 @@ struct State {
     activate_delay: Duration,
     in_flight: usize,
     max_in_flight: usize,
+    staging: usize,
+    max_staging: usize,
     /// Answers given in order, then `probe_after` (default: healthy).
     probes: HashMap<String, VecDeque<Probe>>,
     probe_after: HashMap<String, Probe>,
@@ -219,6 +221,11 @@ impl FakeFleet {
     pub fn max_in_flight(&self) -> usize {
         self.with(|s| s.max_in_flight)
     }
+
+    /// The most hosts that were staging at the same time.
+    pub fn max_staging(&self) -> usize {
+        self.with(|s| s.max_staging)
+    }
 }
 
 impl Fleet for FakeFleet {
@@ -269,12 +276,17 @@ impl Fleet for FakeFleet {
 
     async fn stage(&self, host: &str, rank: u64) -> Result<Staged, HostFailure> {
         self.log(Op::Stage, host, None);
-        self.with(|s| s.stage_ranks.insert(host.into(), rank));
-        let delay = self.with(|s| s.stage_delays.get(host).copied());
+        let delay = self.with(|s| {
+            s.stage_ranks.insert(host.into(), rank);
+            s.staging += 1;
+            s.max_staging = s.max_staging.max(s.staging);
+            s.stage_delays.get(host).copied()
+        });
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
         self.with(|s| {
+            s.staging -= 1;
             if let Some(failure) = s.stage_failures.get(host) {
                 return Err(failure.clone());
             }

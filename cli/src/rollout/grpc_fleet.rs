@@ -80,7 +80,7 @@ pub struct GrpcFleet {
 /// the second wave waited 3 to 8 s for its staging). Slots go to the
 /// lowest rank (wave order) waiting, and the calls are short, so 64 at
 /// once still keeps any tree or uplink busy.
-const STAGING_STATUS_CHECKS: usize = 64;
+pub(super) const STAGING_STATUS_CHECKS: usize = 64;
 
 /// Uploads the CLI runs at once, whatever `max_parallel`: a few streams
 /// fill the uplink of one machine, and each upload in flight holds up to
