@@ -385,7 +385,7 @@ impl Leases {
         // grant or renewal before: earlier, never later, so the lease can
         // only end sooner than the holder was told (its next call is
         // refused, the safe side of fencing). The tokens are untouched. A
-        // push renews every host's lease every few seconds; at a thousand
+        // push renews every host's lease every ten seconds; at a thousand
         // hosts on one disk the folder fsyncs competed with the waves.
         self.save(&state, Rename::MayBeLost)?;
         Ok(pb::RenewLeaseResponse {
