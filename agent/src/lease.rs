@@ -516,6 +516,51 @@ mod tests {
         assert_eq!(after.highest_holder, "b-holder");
     }
 
+    /// A renewal and a release are on disk without the folder fsync: an
+    /// agent started again (a reopen of the file) sees the renewed expiry,
+    /// then the lease gone with the tokens kept.
+    #[test]
+    fn a_renewal_and_a_release_are_what_a_restarted_agent_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let leases = Leases::open(dir.path()).unwrap();
+        let held = granted(&leases, "a", 1, false);
+        let granted_until = Leases::open(dir.path())
+            .unwrap()
+            .lock()
+            .lease
+            .clone()
+            .unwrap()
+            .expires;
+        std::thread::sleep(Duration::from_millis(20));
+        leases
+            .renew(pb::RenewLeaseRequest {
+                r#ref: Some(held.clone()),
+                ttl: None,
+            })
+            .unwrap();
+        let renewed_until = Leases::open(dir.path())
+            .unwrap()
+            .lock()
+            .lease
+            .clone()
+            .unwrap()
+            .expires;
+        assert!(renewed_until > granted_until);
+        release(&leases, &held).unwrap();
+        let reopened = Leases::open(dir.path()).unwrap();
+        assert!(reopened.get().lease.is_none());
+        assert_eq!(reopened.get().highest_token, held.token);
+        // No temp file is left beside it.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with(".lease.json.")),
+            "{names:?}"
+        );
+    }
+
     /// Hole (a) of the fencing issue: once the rollout that displaced it
     /// released its lease, a displaced rollout could act again (no lease
     /// held let any ref pass). Its token keeps it out, across a restart.

@@ -61,7 +61,7 @@ use super::plan::RolloutPlan;
 /// entry, not as a future (at 1,000 hosts the futures of hosts waiting
 /// their turn were 3.5 MiB of the CLI). Four times the status calls
 /// staging makes at once, so the window never starves them.
-const STAGING_WINDOW: usize = 4 * super::grpc_fleet::STAGING_STATUS_CHECKS;
+pub(super) const STAGING_WINDOW: usize = 4 * super::grpc_fleet::STAGING_STATUS_CHECKS;
 
 /// How this run starts.
 pub struct RunStart {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::engine::{HostRecord, RolloutEngine, RunStart};
+use super::engine::{HostRecord, RolloutEngine, RunStart, STAGING_WINDOW};
 use super::fake_fleet::{pid_of, FakeFleet, Op};
 use super::fleet::{FenceState, HostFailure, Lease, Probe};
 use super::journal::{self, Cause, HostState, Journal, Line, Outcome, Record};
@@ -690,19 +690,22 @@ async fn max_parallel_bounds_the_hosts_in_flight() {
 #[tokio::test]
 async fn staging_keeps_at_most_its_window_of_hosts_in_flight() {
     let fleet = FakeFleet::new();
-    let all = hosts(300);
+    let n = STAGING_WINDOW + 44;
+    let all = hosts(n);
     for host in &all {
         fleet.stage_delay(host, Duration::from_millis(20));
     }
     let settings = RolloutSettings {
-        max_parallel: 300,
+        max_parallel: n,
         ..fast()
     };
     let done = push(plan(all, settings), &fleet).await;
     assert_eq!(done.outcome, Outcome::Done);
-    assert_eq!(fleet.hosts_with(Op::Stage).len(), 300);
-    assert_eq!(fleet.hosts_with(Op::Activate).len(), 300);
-    assert_eq!(fleet.max_staging(), 256);
+    assert_eq!(fleet.hosts_with(Op::Stage).len(), n);
+    assert_eq!(fleet.hosts_with(Op::Activate).len(), n);
+    // All but the canary (staged alone first) would stage at once
+    // without the window.
+    assert_eq!(fleet.max_staging(), STAGING_WINDOW);
 }
 
 #[tokio::test]
