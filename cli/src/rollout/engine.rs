@@ -269,68 +269,106 @@ impl<F: Fleet> RolloutEngine<F> {
             .append(record)
     }
 
-    /// Journals a host state (fsync'd), then updates memory and the screen.
-    fn host(
+    /// Journals a host state and waits until it is on disk (the fsync is
+    /// shared with the other hosts' states written meanwhile: see
+    /// [`Journal::append_deferred`]), then shows it. Memory follows the
+    /// journal's file at once, so a task cancelled while it waits leaves
+    /// the two the same.
+    async fn host(
         &self,
         index: usize,
         state: HostState,
         cause: Option<Cause>,
         message: impl Into<String>,
     ) -> anyhow::Result<()> {
-        self.host_with(index, state, cause, message.into(), true)
+        let message = message.into();
+        let record = self.host_record(index, state, cause, &message);
+        // A block, not drop(): the lock guard must not live in the future.
+        let (pending, done) = {
+            let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = journal.append_deferred(record)?;
+            (pending, self.remember(index, state, cause, &message))
+        };
+        pending.durable().await?;
+        self.show(index, done, state, cause, &message);
+        Ok(())
     }
 
-    /// [`Self::host`]; `sync` false for a state a resume finds out again
-    /// by itself (staged, skipped: staging is asked of the host anew), so
-    /// the rollout need not wait for the disk (see
-    /// [`Journal::append_unsynced`]).
-    fn host_with(
+    /// [`Self::host`] for a state a resume finds out again by itself
+    /// (staged, skipped: staging is asked of the host anew): the rollout
+    /// need not wait for the disk (see [`Journal::append_unsynced`]).
+    fn host_unsynced(&self, index: usize, state: HostState, message: String) -> anyhow::Result<()> {
+        let record = self.host_record(index, state, None, &message);
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.append_unsynced(record)?;
+        let done = self.remember(index, state, None, &message);
+        drop(journal);
+        self.show(index, done, state, None, &message);
+        Ok(())
+    }
+
+    fn host_record(
         &self,
         index: usize,
         state: HostState,
         cause: Option<Cause>,
-        message: String,
-        sync: bool,
-    ) -> anyhow::Result<()> {
+        message: &str,
+    ) -> Record {
         let (plan, host) = (&self.plan, &self.plan.hosts[index]);
         tracing::info!(rollout = %self.start.lease.rollout, service = %plan.service, version = %plan.version, host = %host, state = ?state, cause = ?cause, "{message}");
-        let record = Record::Host {
+        Record::Host {
             host: host.clone(),
             state,
             cause,
-            message: message.clone(),
-        };
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        match sync {
-            true => journal.append(record)?,
-            false => journal.append_unsynced(record)?,
+            message: message.to_string(),
         }
-        drop(journal);
+    }
+
+    /// Updates a host's record in memory (under the journal's lock, so
+    /// memory holds what the file holds, in its order); returns how many
+    /// hosts are done.
+    fn remember(
+        &self,
+        index: usize,
+        state: HostState,
+        cause: Option<Cause>,
+        message: &str,
+    ) -> usize {
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let record = &mut hosts[index];
         record.state = Some(state);
         record.cause = cause;
-        record.message = message.clone();
+        record.message = message.to_string();
         if state == HostState::Activated {
             record.changed = true;
         }
-        let done = hosts
+        hosts
             .iter()
             .filter(|h| matches!(h.state, Some(HostState::Healthy | HostState::Skipped)))
-            .count();
-        drop(hosts);
-        self.report
-            .host(host, (done, plan.hosts.len()), state, cause, &message);
-        Ok(())
+            .count()
     }
 
-    fn fail(&self, index: usize, failure: HostFailure) -> anyhow::Result<()> {
+    fn show(
+        &self,
+        index: usize,
+        done: usize,
+        state: HostState,
+        cause: Option<Cause>,
+        message: &str,
+    ) {
+        let (plan, host) = (&self.plan, &self.plan.hosts[index]);
+        self.report
+            .host(host, (done, plan.hosts.len()), state, cause, message);
+    }
+
+    async fn fail(&self, index: usize, failure: HostFailure) -> anyhow::Result<()> {
         self.host(
             index,
             HostState::Failed,
             Some(failure.cause),
             failure.message,
         )
+        .await
     }
 
     fn snapshot(&self) -> Vec<HostRecord> {
@@ -698,7 +736,7 @@ impl<F: Fleet> RolloutEngine<F> {
                         break;
                     };
                     let recorded = match done {
-                        Ok((i, result)) => engine.staged(i, result, &shared).map(|()| i),
+                        Ok((i, result)) => engine.staged(i, result, &shared).await.map(|()| i),
                         Err(e) => Err(e.into()),
                     };
                     match recorded {
@@ -713,14 +751,14 @@ impl<F: Fleet> RolloutEngine<F> {
     }
 
     /// Journals one host's staging result.
-    fn staged(
+    async fn staged(
         &self,
         i: usize,
         result: Result<Staged, HostFailure>,
         progress: &StagingProgress,
     ) -> anyhow::Result<()> {
         // Not fsync'd: a resume asks each host again what it holds.
-        let unsynced = |state, message: String| self.host_with(i, state, None, message, false);
+        let unsynced = |state, message: String| self.host_unsynced(i, state, message);
         match result {
             Ok(Staged::AlreadyOnTarget) => unsynced(HostState::Skipped, String::new()),
             Ok(Staged::SameBytesAs { reported_as }) => unsynced(
@@ -736,7 +774,7 @@ impl<F: Fleet> RolloutEngine<F> {
             }
             Err(failure) => {
                 progress.failed.fetch_add(1, Ordering::SeqCst);
-                self.fail(i, failure)
+                self.fail(i, failure).await
             }
         }
     }
@@ -965,12 +1003,13 @@ impl<F: Fleet> RolloutEngine<F> {
                             HostState::Activated,
                             None,
                             "found activated when resuming",
-                        )?;
+                        )
+                        .await?;
                     }
                     pid = Some(current);
                 }
                 Ok(None) => {}
-                Err(failure) => return self.fail(index, failure),
+                Err(failure) => return self.fail(index, failure).await,
             }
         }
         let pid = match pid {
@@ -980,10 +1019,11 @@ impl<F: Fleet> RolloutEngine<F> {
                     // Stopped while this host waited for its turn.
                     return Ok(());
                 }
-                self.host(index, HostState::Activating, None, "")?;
+                self.host(index, HostState::Activating, None, "").await?;
                 match self.fleet.activate(host, &self.lease(index)).await {
                     Ok(activated) => {
-                        self.host(index, HostState::Activated, None, activated.message)?;
+                        self.host(index, HostState::Activated, None, activated.message)
+                            .await?;
                         activated.pid
                     }
                     Err(failure) => {
@@ -993,7 +1033,7 @@ impl<F: Fleet> RolloutEngine<F> {
                                 message: format!("{host}: {}", failure.message),
                             });
                         }
-                        return self.fail(index, failure);
+                        return self.fail(index, failure).await;
                     }
                 }
             }
@@ -1001,8 +1041,8 @@ impl<F: Fleet> RolloutEngine<F> {
         let gate = HealthGate::new(&self.plan.settings);
         let progress = |text: String| self.report.phase(host, &text);
         match gate.wait_healthy(&*self.fleet, host, pid, &progress).await {
-            Ok(()) => self.host(index, HostState::Healthy, None, ""),
-            Err(failure) => self.fail(index, failure),
+            Ok(()) => self.host(index, HostState::Healthy, None, "").await,
+            Err(failure) => self.fail(index, failure).await,
         }
     }
 
@@ -1034,30 +1074,38 @@ impl<F: Fleet> RolloutEngine<F> {
                     // No answer came back: ask what it runs (waiting while
                     // it still works on the activation).
                     match engine.fleet.settle(host).await {
-                        Ok(Some(pid)) => engine.host(
-                            i,
-                            HostState::Activated,
-                            cause,
-                            format!("found on the new version (pid {pid}) after the halt"),
-                        )?,
+                        Ok(Some(pid)) => {
+                            engine
+                                .host(
+                                    i,
+                                    HostState::Activated,
+                                    cause,
+                                    format!("found on the new version (pid {pid}) after the halt"),
+                                )
+                                .await?
+                        }
                         Ok(None) => {
-                            return engine.host(
-                                i,
-                                HostState::Unchanged,
-                                cause,
-                                "asked after the halt: still on its previous version",
-                            )
+                            return engine
+                                .host(
+                                    i,
+                                    HostState::Unchanged,
+                                    cause,
+                                    "asked after the halt: still on its previous version",
+                                )
+                                .await
                         }
                         Err(failure) => {
-                            return engine.host(
-                                i,
-                                HostState::RevertFailed,
-                                cause,
-                                format!(
-                                    "its outcome is unknown and it could not be asked: {}",
-                                    failure.message
-                                ),
-                            )
+                            return engine
+                                .host(
+                                    i,
+                                    HostState::RevertFailed,
+                                    cause,
+                                    format!(
+                                        "its outcome is unknown and it could not be asked: {}",
+                                        failure.message
+                                    ),
+                                )
+                                .await
                         }
                     }
                 }
@@ -1065,7 +1113,7 @@ impl<F: Fleet> RolloutEngine<F> {
                     Ok(message) => (HostState::Reverted, message),
                     Err(message) => (HostState::RevertFailed, message),
                 };
-                engine.host(i, state, cause, message)
+                engine.host(i, state, cause, message).await
             });
         }
         while let Some(done) = reverts.join_next().await {

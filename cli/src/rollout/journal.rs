@@ -2,14 +2,24 @@
 //! fsync'd before the rollout acts on it, so `reloadctl resume` (after
 //! Ctrl-C, a crash or SIGKILL) knows exactly what was done. The same lines
 //! are the `--output json` event stream.
+//!
+//! Host states are many and come from many tasks at once (a thousand hosts
+//! staging and rolling), so their fsyncs are grouped: a writer appends its
+//! line under the journal's lock, then waits, off the lock and off the
+//! async runtime's threads, for one thread that fsyncs on behalf of every
+//! line written since its last fsync ([`Journal::append_deferred`]). Each
+//! writer still acts only once its own line is on disk; it just shares the
+//! fsync with the others that wrote meanwhile.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::SystemTime;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 
 use super::settings::RolloutSettings;
@@ -159,12 +169,80 @@ pub struct Line {
 pub struct Journal {
     pub path: PathBuf,
     rollout: String,
-    file: File,
+    file: Arc<File>,
     /// Held while this process runs the rollout (see [`RunLock`]).
     _lock: RunLock,
     seq: u64,
+    /// The `seq` of the last line written to the file (maybe not synced
+    /// yet); read by the fsync thread before each fsync.
+    written: Arc<AtomicU64>,
+    /// To the fsync thread of [`Journal::append_deferred`], started by its
+    /// first call.
+    group_sync: Option<mpsc::Sender<SyncWaiter>>,
+    /// How many fsyncs the fsync thread has made (for tests).
+    group_fsyncs: Arc<AtomicU64>,
     /// Also print each line on stdout (`--output json`).
     echo: bool,
+}
+
+/// A line waiting for the fsync thread: its seq and where to answer.
+type SyncWaiter = (u64, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// A line written by [`Journal::append_deferred`], not yet known durable.
+#[must_use = "a deferred line may only be acted on once durable() returns"]
+pub struct PendingSync {
+    answer: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// Waits until the line is on disk. Err: the fsync failed (the error
+    /// names the journal) or the fsync thread is gone.
+    pub async fn durable(self) -> anyhow::Result<()> {
+        let written = |e: String| anyhow!("cannot write the journal {}: {e}", self.path.display());
+        match self.answer.await {
+            Ok(result) => result.map_err(written),
+            Err(_) => Err(written("its fsync thread ended".into())),
+        }
+    }
+}
+
+/// The fsync thread: takes every waiter that has arrived, fsyncs once for
+/// all of them, answers them, and again. While one fsync runs the next
+/// writers queue up, so under load one fsync covers many lines; when idle,
+/// a lone writer waits for its own fsync only.
+fn run_group_sync(
+    file: Arc<File>,
+    written: Arc<AtomicU64>,
+    fsyncs: Arc<AtomicU64>,
+    waiters: mpsc::Receiver<SyncWaiter>,
+) {
+    let mut synced = 0;
+    // After a failed fsync the kernel may have dropped the dirty pages
+    // and a later fsync may succeed without them: every later line fails
+    // too, and the rollout stops.
+    let mut failed: Option<String> = None;
+    while let Ok(first) = waiters.recv() {
+        let mut batch = vec![first];
+        batch.extend(waiters.try_iter());
+        if failed.is_none() && batch.iter().any(|(seq, _)| *seq > synced) {
+            // Read before the fsync: every line up to here is in the file,
+            // so this fsync covers it. A waiter's line was written before
+            // it queued, so it is covered.
+            let upto = written.load(Ordering::Acquire);
+            fsyncs.fetch_add(1, Ordering::Relaxed);
+            match file.sync_data() {
+                Ok(()) => synced = upto,
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        for (_, answer) in batch {
+            let _ = answer.send(match &failed {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            });
+        }
+    }
 }
 
 impl Journal {
@@ -187,9 +265,12 @@ impl Journal {
         Ok(Journal {
             path,
             rollout: rollout.to_string(),
-            file,
+            file: Arc::new(file),
             _lock: lock,
             seq: 0,
+            written: Arc::new(AtomicU64::new(0)),
+            group_sync: None,
+            group_fsyncs: Arc::new(AtomicU64::new(0)),
             echo,
         })
     }
@@ -203,12 +284,16 @@ impl Journal {
             bail!("journal {} is empty", path.display());
         };
         let file = OpenOptions::new().append(true).open(path)?;
+        let seq = lines.last().map(|l| l.seq).unwrap_or(0);
         let journal = Journal {
             path: path.to_path_buf(),
             rollout: first.rollout.clone(),
-            file,
+            file: Arc::new(file),
             _lock: lock,
-            seq: lines.last().map(|l| l.seq).unwrap_or(0),
+            seq,
+            written: Arc::new(AtomicU64::new(seq)),
+            group_sync: None,
+            group_fsyncs: Arc::new(AtomicU64::new(0)),
             echo,
         };
         Ok((journal, lines))
@@ -228,6 +313,36 @@ impl Journal {
         self.append_with(record, false)
     }
 
+    /// Appends one record and returns at once; the rollout may act on it
+    /// once [`PendingSync::durable`] returns. Many tasks appending at once
+    /// share fsyncs (see the module docs), and none of them holds the lock
+    /// or an async runtime thread while the disk works.
+    pub fn append_deferred(&mut self, record: Record) -> anyhow::Result<PendingSync> {
+        self.append_with(record, false)?;
+        let waiters = match self.group_sync.take() {
+            Some(waiters) => waiters,
+            None => {
+                let (sender, receiver) = mpsc::channel();
+                let (file, written) = (self.file.clone(), self.written.clone());
+                let fsyncs = self.group_fsyncs.clone();
+                std::thread::Builder::new()
+                    .name("journal-fsync".into())
+                    .spawn(move || run_group_sync(file, written, fsyncs, receiver))
+                    .context("cannot start the journal's fsync thread")?;
+                sender
+            }
+        };
+        let waiters = self.group_sync.insert(waiters);
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        waiters
+            .send((self.seq, answer))
+            .map_err(|_| anyhow!("the journal's fsync thread ended"))?;
+        Ok(PendingSync {
+            answer: answered,
+            path: self.path.clone(),
+        })
+    }
+
     fn append_with(&mut self, record: Record, sync: bool) -> anyhow::Result<()> {
         self.seq += 1;
         let line = Line {
@@ -238,11 +353,14 @@ impl Journal {
         };
         let mut text = serde_json::to_string(&line).expect("journal lines serialize");
         text.push('\n');
-        self.file
+        (&*self.file)
             .write_all(text.as_bytes())
-            .and_then(|_| match sync {
-                true => self.file.sync_data(),
-                false => Ok(()),
+            .and_then(|_| {
+                self.written.store(self.seq, Ordering::Release);
+                match sync {
+                    true => self.file.sync_data(),
+                    false => Ok(()),
+                }
             })
             .with_context(|| format!("cannot write the journal {}", self.path.display()))?;
         if self.echo {
@@ -404,6 +522,63 @@ impl HostRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The race the group commit exists for: many tasks on a
+    /// multi-threaded runtime appending at once. Every line comes back
+    /// once its writer was told it is durable, each exactly once, in seq
+    /// order, and the fsyncs were shared.
+    #[test]
+    fn lines_appended_at_once_by_many_tasks_share_fsyncs_and_all_arrive() {
+        const TASKS: u64 = 8;
+        const EACH: u64 = 50;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(std::sync::Mutex::new(
+            Journal::create(dir.path(), "r1", false).unwrap(),
+        ));
+        let path = journal.lock().unwrap().path.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for task in 0..TASKS {
+                let journal = journal.clone();
+                tasks.spawn(async move {
+                    for n in 0..EACH {
+                        let record = Record::Paused {
+                            reason: format!("task {task} line {n}"),
+                        };
+                        let pending = journal.lock().unwrap().append_deferred(record).unwrap();
+                        pending.durable().await.unwrap();
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        });
+        let lines = read_lines(&path).unwrap();
+        let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, (1..=TASKS * EACH).collect::<Vec<_>>());
+        let mut reasons: Vec<String> = lines
+            .iter()
+            .map(|l| match &l.record {
+                Record::Paused { reason } => reason.clone(),
+                other => panic!("unexpected record {other:?}"),
+            })
+            .collect();
+        reasons.sort();
+        reasons.dedup();
+        assert_eq!(reasons.len() as u64, TASKS * EACH);
+        let fsyncs = journal.lock().unwrap().group_fsyncs.load(Ordering::Relaxed);
+        println!("{} lines, {fsyncs} fsyncs", TASKS * EACH);
+        assert!(
+            (1..TASKS * EACH).contains(&fsyncs),
+            "{fsyncs} fsyncs for {} lines: none shared",
+            TASKS * EACH
+        );
+    }
 
     #[test]
     fn a_journal_in_use_cannot_be_reopened_and_the_refusal_names_the_pid() {
