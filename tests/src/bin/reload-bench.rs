@@ -844,8 +844,8 @@ async fn close_spread_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("## 3b. The close spread, agent handoff, keep-alive, {CONNECTIONS} clients, {RELOADS_UNDER_LOAD} reloads\n");
     println!("| close spread | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio | reload phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for round in 0..3 {
-        for spread in [None, Some("0s")] {
-            let adir = dir.join(format!("spread-{round}-{}", spread.is_some()));
+        for (n, spread) in [None, Some("100ms"), Some("50ms"), Some("0s")].into_iter().enumerate() {
+            let adir = dir.join(format!("spread-{round}-{n}"));
             let extra: Vec<&str> = spread
                 .map(|s| vec!["--close-spread", s])
                 .unwrap_or_default();
@@ -863,7 +863,8 @@ async fn close_spread_bench(dir: &Path, key: &Arc<SigningKey>) {
             .await;
             let name = match spread {
                 None => "default (500 ms)".to_string(),
-                Some(s) => format!("{s} (all at once)"),
+                Some("0s") => "0s (all at once)".to_string(),
+                Some(s) => s.to_string(),
             };
             row(&name, ConnectionMode::KeepAlive, &steady, &during);
             drop(agent);
