@@ -844,7 +844,10 @@ async fn close_spread_bench(dir: &Path, key: &Arc<SigningKey>) {
     println!("## 3b. The close spread, agent handoff, keep-alive, {CONNECTIONS} clients, {RELOADS_UNDER_LOAD} reloads\n");
     println!("| close spread | connections | requests | failed | failed % | p99 steady | p99 during reloads | p99 ratio | reload phase |\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for round in 0..3 {
-        for (n, spread) in [None, Some("100ms"), Some("50ms"), Some("0s")].into_iter().enumerate() {
+        for (n, spread) in [None, Some("100ms"), Some("50ms"), Some("0s")]
+            .into_iter()
+            .enumerate()
+        {
             let adir = dir.join(format!("spread-{round}-{n}"));
             let extra: Vec<&str> = spread
                 .map(|s| vec!["--close-spread", s])
