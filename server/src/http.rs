@@ -11,12 +11,16 @@
 //!    socket is shared with the agent and the new process (same kernel queue),
 //!    so closing our fd does not close the socket: whatever is queued, or
 //!    connects later, is accepted by the new process.
-//! 2. Each open connection is told to go at its own moment within
-//!    [`DrainConfig::close_spread`] after the drain began, not all at once:
-//!    told together, every keep-alive client reconnects in the same
-//!    millisecond and the new process takes the whole burst of handshakes
-//!    at once (that burst is what raised p99 during keep-alive reloads;
-//!    HAProxy's `close-spread-time` spreads its closes for the same reason).
+//! 2. Each open connection is told to go at its own moment within a
+//!    window after the drain began, not all at once: told together,
+//!    thousands of keep-alive clients reconnect in the same millisecond and
+//!    the new process takes the whole burst of handshakes at once
+//!    (HAProxy's `close-spread-time` spreads its closes for the same
+//!    reason). The window is sized by the connections open when the drain
+//!    begins ([`DrainConfig::close_spread_per_connection`] each, at most
+//!    [`DrainConfig::close_spread`]): a window longer than the burst needs
+//!    keeps two processes serving side by side, which costs more than a
+//!    small burst.
 //! 3. How a connection is told depends on its protocol (see
 //!    `http/connection.rs` for the details):
 //!    - HTTP/1.1: its *next* response carries `Connection: close`, and hyper
@@ -72,6 +76,21 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// starts the next reload of a service only once the previous drain ended.
 const DEFAULT_SPREAD_DIVISOR: u32 = 20;
 
+/// The default share of the window each open clear-text connection takes
+/// (see [`DrainConfig::close_spread_per_connection`]): the new process
+/// takes at most about 10,000 reconnections a second, each an accept and a
+/// first request, a fraction of a core. 50 connections are told within
+/// 5 ms; 10,000 over 1 s. Measured (BENCHMARKS.md §3b): on 2 cores, a
+/// fixed 500 ms window for 50 connections raised p99 more than telling
+/// them all at once, because the old and the new process then serve side
+/// by side for the whole window.
+pub const CLEAR_TEXT_SPREAD_PER_CONNECTION: Duration = Duration::from_micros(100);
+
+/// The same over TLS: a new TLS connection costs the new process a
+/// handshake (about a millisecond of CPU with an ECDSA key), so the
+/// reconnections come ten times slower.
+pub const TLS_SPREAD_PER_CONNECTION: Duration = Duration::from_millis(1);
+
 /// How long a drain may take, and how its closes are spread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainConfig {
@@ -84,28 +103,50 @@ pub struct DrainConfig {
     /// sending its next request to get it through (and get `Connection:
     /// close` back); bounded by `drain_timeout`.
     pub idle_grace: Duration,
-    /// The window over which the open connections are told to go, one at a
-    /// time (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). Zero tells
-    /// them all at once. The drain takes at least this long when
+    /// The longest window over which the open connections are told to go,
+    /// one at a time (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2).
+    /// The window used is `close_spread_per_connection` times the
+    /// connections open when the drain begins, at most this. Zero tells
+    /// them all at once. The drain takes at least the window when
     /// connections are open; keep it well below `drain_timeout`.
     pub close_spread: Duration,
+    /// How much of the window each open connection takes; `None`: the
+    /// protocol's default, [`CLEAR_TEXT_SPREAD_PER_CONNECTION`] for
+    /// [`serve_http`] and [`TLS_SPREAD_PER_CONNECTION`] for
+    /// [`serve_https`]. A window sized by the count keeps a few connections
+    /// from holding two processes side by side for the whole window, and
+    /// many from reconnecting in one burst.
+    pub close_spread_per_connection: Option<Duration>,
 }
 
 impl DrainConfig {
     /// The defaults for a drain of `drain_timeout`: an idle grace of 1 s
-    /// (at most the timeout) and a close spread of a twentieth of the
-    /// timeout.
+    /// (at most the timeout) and a close spread of at most a twentieth of
+    /// the timeout, sized by the open connections (the protocol's default
+    /// share each).
     pub fn for_timeout(drain_timeout: Duration) -> Self {
         DrainConfig {
             drain_timeout,
             idle_grace: Duration::from_secs(1).min(drain_timeout),
             close_spread: drain_timeout / DEFAULT_SPREAD_DIVISOR,
+            close_spread_per_connection: None,
         }
+    }
+
+    /// The window for `open` connections: `open` shares, at most
+    /// `close_spread` and `drain_timeout`.
+    fn spread_for(&self, open: usize, default_share: Duration) -> Duration {
+        let share = self.close_spread_per_connection.unwrap_or(default_share);
+        let sized = u32::try_from(open)
+            .ok()
+            .and_then(|open| share.checked_mul(open))
+            .unwrap_or(Duration::MAX);
+        sized.min(self.close_spread).min(self.drain_timeout)
     }
 }
 
 impl Default for DrainConfig {
-    /// A 30 s drain, 1 s idle grace, closes spread over 1.5 s.
+    /// A 30 s drain, 1 s idle grace, closes spread over at most 1.5 s.
     fn default() -> Self {
         DrainConfig::for_timeout(Duration::from_secs(30))
     }
@@ -116,8 +157,9 @@ impl Default for DrainConfig {
 enum Phase {
     /// Accepting and serving with keep-alive.
     Serving,
-    /// Listener gone since `since`; each connection goes at its moment.
-    Draining { since: Instant },
+    /// Listener gone since `since`; each connection goes at its moment
+    /// in the `spread` after it.
+    Draining { since: Instant, spread: Duration },
 }
 
 /// Serve HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
@@ -141,9 +183,14 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    serve_with(listener, shutdown, config, move |stream, phase, slot| {
-        connection::serve_plain(stream, service.clone(), phase, slot)
-    })
+    let share = CLEAR_TEXT_SPREAD_PER_CONNECTION;
+    serve_with(
+        listener,
+        shutdown,
+        config,
+        share,
+        move |stream, phase, slot| connection::serve_plain(stream, service.clone(), phase, slot),
+    )
     .await
 }
 
@@ -172,6 +219,7 @@ where
         listener,
         shutdown,
         config,
+        TLS_SPREAD_PER_CONNECTION,
         move |stream, mut phase, slot| {
             let (acceptor, service) = (acceptor.clone(), service.clone());
             async move {
@@ -197,6 +245,7 @@ async fn serve_with<F, Fut>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     config: DrainConfig,
+    default_share: Duration,
     serve_one: F,
 ) -> io::Result<()>
 where
@@ -210,7 +259,6 @@ where
     let mut shutdown = pin!(shutdown);
     let mut failure = None;
     let mut accepted_count = 0u64;
-    let spread = config.close_spread.min(config.drain_timeout);
 
     loop {
         tokio::select! {
@@ -223,7 +271,7 @@ where
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "could not set TCP_NODELAY");
                     }
-                    let slot = DrainSlot::nth(accepted_count, spread, config.idle_grace);
+                    let slot = DrainSlot::nth(accepted_count, config.idle_grace);
                     accepted_count += 1;
                     connections.spawn(serve_one(stream, phase_rx.clone(), slot));
                     tracing::trace!(%peer, "accepted");
@@ -261,7 +309,11 @@ where
     drop(listener);
     // (2) From now on each connection goes at its moment.
     let started = Instant::now();
-    phase_tx.send_replace(Phase::Draining { since: started });
+    let spread = config.spread_for(connections.len(), default_share);
+    phase_tx.send_replace(Phase::Draining {
+        since: started,
+        spread,
+    });
     tracing::info!(
         open_connections = connections.len(),
         drain_timeout = ?config.drain_timeout,

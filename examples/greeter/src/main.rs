@@ -43,9 +43,9 @@ struct Args {
     /// Longest drain before the remaining connections are dropped.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
-    /// Window over which client connections get their GOAWAY. Default: a
-    /// twentieth of the drain timeout on an inherited listener or with
-    /// --self-upgrade, else 0.
+    /// Longest window over which client connections get their GOAWAY (100us
+    /// of it per open connection). Default: a twentieth of the drain
+    /// timeout on an inherited listener or with --self-upgrade, else 0.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     close_spread: Option<Duration>,
     /// Standalone self-upgrade (no agent): on SIGHUP, start the binary now

@@ -100,15 +100,20 @@ struct Args {
     /// it to go.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
     idle_grace: Duration,
-    /// Window over which open connections are told to go during the drain
-    /// (`Connection: close` for HTTP/1.1, GOAWAY for HTTP/2), so clients
-    /// reconnect a few at a time. Default: a twentieth of the drain timeout
+    /// Longest window over which open connections are told to go during
+    /// the drain (`Connection: close` for HTTP/1.1, GOAWAY for HTTP/2), so
+    /// clients reconnect a few at a time. Default: a twentieth of the drain timeout
     /// when another process accepts from the same socket meanwhile (an
     /// inherited listener, or --self-upgrade); else 0: on a socket nobody
     /// shares, spreading only keeps the port closed longer before a
     /// restart.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     close_spread: Option<Duration>,
+    /// How much of the close-spread window each open connection takes: the
+    /// window used is this times the connections open when the drain
+    /// begins, at most --close-spread. Default: 100us (1ms with TLS).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    close_spread_per_connection: Option<Duration>,
 }
 
 impl Args {
@@ -124,6 +129,7 @@ impl Args {
         DrainConfig {
             idle_grace: self.idle_grace,
             close_spread: self.close_spread.unwrap_or(spread),
+            close_spread_per_connection: self.close_spread_per_connection,
             ..defaults
         }
     }

@@ -66,23 +66,23 @@ pub(super) enum Protocol {
 /// When one connection is told to go, relative to the start of the drain.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DrainSlot {
-    /// Its point in the close-spread window.
-    pub offset: Duration,
+    /// Its point in the close-spread window, as a fraction of the window
+    /// (whose length is known only once the drain begins: it is sized by
+    /// the connections open then).
+    pub fraction: f64,
     /// How long it may stay idle after that point (HTTP/1.1 only).
     pub idle_grace: Duration,
 }
 
 impl DrainSlot {
-    /// The slot of the `n`th accepted connection in a window of `spread`.
-    /// Offsets follow the golden-ratio sequence (`n * 0.618...` modulo 1):
-    /// whatever set of connections is open when the drain begins, their
-    /// offsets are spread about evenly over the window, with no random
-    /// source and no count of the open connections.
-    pub fn nth(n: u64, spread: Duration, idle_grace: Duration) -> DrainSlot {
+    /// The slot of the `n`th accepted connection. Fractions follow the
+    /// golden-ratio sequence (`n * 0.618...` modulo 1): whatever set of
+    /// connections is open when the drain begins, their moments are
+    /// spread about evenly over the window, with no random source.
+    pub fn nth(n: u64, idle_grace: Duration) -> DrainSlot {
         const GOLDEN: f64 = 0.618_033_988_749_894_9;
-        let fraction = (n as f64 * GOLDEN).fract();
         DrainSlot {
-            offset: spread.mul_f64(fraction),
+            fraction: (n as f64 * GOLDEN).fract(),
             idle_grace,
         }
     }
@@ -95,24 +95,23 @@ impl DrainSlot {
     /// The instant this connection is told to go, once the drain began. A
     /// server that is gone (the sender dropped) counts as draining now.
     async fn go_at(&self, phase: &mut watch::Receiver<Phase>) -> Instant {
-        let since = match phase
+        let draining = phase
             .wait_for(|p| matches!(p, Phase::Draining { .. }))
             .await
-        {
-            Ok(p) => match *p {
-                Phase::Draining { since } => since,
-                Phase::Serving => Instant::now(),
-            },
-            Err(_) => Instant::now(),
-        };
-        since + self.offset
+            .map(|p| *p);
+        match draining {
+            Ok(Phase::Draining { since, spread }) => since + spread.mul_f64(self.fraction),
+            Ok(Phase::Serving) | Err(_) => Instant::now(),
+        }
     }
 
     /// Whether this connection's moment has passed.
     fn passed(&self, phase: &watch::Receiver<Phase>) -> bool {
         match *phase.borrow() {
             Phase::Serving => false,
-            Phase::Draining { since } => Instant::now() >= since + self.offset,
+            Phase::Draining { since, spread } => {
+                Instant::now() >= since + spread.mul_f64(self.fraction)
+            }
         }
     }
 }

@@ -226,6 +226,7 @@ fn config(drain_timeout: Duration, idle_grace: Duration) -> DrainConfig {
         drain_timeout,
         idle_grace,
         close_spread: Duration::ZERO,
+        close_spread_per_connection: None,
     }
 }
 
@@ -388,33 +389,18 @@ async fn returns_at_once_without_connections() {
     server.finished().await.unwrap();
 }
 
-/// Keep-alive clients are told to go one after another over the close
-/// spread, not in one burst: each of 10 busy connections gets its
-/// `Connection: close` at its own moment within the window, and none loses
-/// a request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_closes_are_spread_over_the_window() {
-    let probe = Arc::new(Probe::default());
-    let spread = Duration::from_millis(600);
-    let mut server = Server::start(
-        DrainConfig {
-            drain_timeout: Duration::from_secs(60),
-            idle_grace: Duration::from_secs(60),
-            close_spread: spread,
-        },
-        probe,
-    )
-    .await;
+/// Opens `count` keep-alive connections, begins the drain, and has each
+/// client send back to back until it is told to close: when each was told
+/// (since the drain began), sorted. Every request must be answered.
+async fn close_moments(server: &mut Server, count: usize) -> Vec<Duration> {
     let mut clients = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..count {
         let mut client = RawClient::connect(server.addr).await;
         assert_eq!(client.get("/").await.status, 200);
         clients.push(client);
     }
     let drain_began = Instant::now();
     server.begin_drain().await;
-    // Each client sends back to back until it is told to close, and says
-    // when that was.
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|mut client| {
@@ -436,6 +422,83 @@ async fn keep_alive_closes_are_spread_over_the_window() {
         told.push(within("a client to be told to close", task).await.unwrap());
     }
     told.sort();
+    told
+}
+
+/// The window is sized by the connections open when the drain begins:
+/// 10 connections at 40 ms each are told within about 400 ms, not over
+/// the 60 s maximum, and still one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_close_window_is_sized_by_the_open_connections() {
+    let mut server = Server::start(
+        DrainConfig {
+            drain_timeout: Duration::from_secs(120),
+            idle_grace: Duration::from_secs(60),
+            close_spread: Duration::from_secs(60),
+            close_spread_per_connection: Some(Duration::from_millis(40)),
+        },
+        Arc::new(Probe::default()),
+    )
+    .await;
+    let told = close_moments(&mut server, 10).await;
+    let (first, last) = (told[0], told[told.len() - 1]);
+    let window = Duration::from_millis(400);
+    assert!(first < window / 4, "first close after {first:?}: {told:?}");
+    assert!(last >= window / 2, "last close after {last:?}: {told:?}");
+    assert!(last < window + Duration::from_millis(400), "{told:?}");
+    server.finished().await.unwrap();
+}
+
+#[test]
+fn the_close_window_is_the_shares_at_most_the_spread_and_the_timeout() {
+    let config = DrainConfig {
+        drain_timeout: Duration::from_secs(10),
+        idle_grace: Duration::from_secs(1),
+        close_spread: Duration::from_millis(500),
+        close_spread_per_connection: None,
+    };
+    let share = Duration::from_micros(100);
+    assert_eq!(config.spread_for(0, share), Duration::ZERO);
+    assert_eq!(config.spread_for(50, share), Duration::from_millis(5));
+    assert_eq!(
+        config.spread_for(100_000, share),
+        Duration::from_millis(500)
+    );
+    // An overflowing product is the longest window, not a panic.
+    let huge = DrainConfig {
+        close_spread_per_connection: Some(Duration::MAX),
+        ..config
+    };
+    assert_eq!(huge.spread_for(3, share), Duration::from_millis(500));
+    // Never longer than the drain itself.
+    let short = DrainConfig {
+        drain_timeout: Duration::from_millis(200),
+        ..config
+    };
+    assert_eq!(short.spread_for(100_000, share), Duration::from_millis(200));
+}
+
+/// Keep-alive clients are told to go one after another over the close
+/// spread, not in one burst: each of 10 busy connections gets its
+/// `Connection: close` at its own moment within the window, and none loses
+/// a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_closes_are_spread_over_the_window() {
+    let probe = Arc::new(Probe::default());
+    let spread = Duration::from_millis(600);
+    let mut server = Server::start(
+        DrainConfig {
+            drain_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(60),
+            close_spread: spread,
+            // A share as long as the window: these tests are about the
+            // moments within a window of known length.
+            close_spread_per_connection: Some(spread),
+        },
+        probe,
+    )
+    .await;
+    let told = close_moments(&mut server, 10).await;
     let (first, last) = (told[0], told[told.len() - 1]);
     // Spread: the first within the first quarter of the window, the last in
     // its second half, and no burst of them all at once.
@@ -728,6 +791,9 @@ async fn http2_goaways_are_spread_over_the_window() {
             drain_timeout: Duration::from_secs(60),
             idle_grace: Duration::from_secs(60),
             close_spread: spread,
+            // A share as long as the window: these tests are about the
+            // moments within a window of known length.
+            close_spread_per_connection: Some(spread),
         },
         Arc::new(Probe::default()),
     )
