@@ -86,9 +86,10 @@ const DEFAULT_SPREAD_DIVISOR: u32 = 20;
 /// by side for the whole window.
 pub const CLEAR_TEXT_SPREAD_PER_CONNECTION: Duration = Duration::from_micros(100);
 
-/// The same over TLS: a new TLS connection costs the new process a
-/// handshake (about a millisecond of CPU with an ECDSA key), so the
-/// reconnections come ten times slower.
+/// The same over TLS: a new TLS connection also costs the new process a
+/// handshake (a key exchange and a signature, many times an accept), so
+/// the reconnections come ten times slower. Not measured here; a server
+/// that knows its handshake cost sets its own share.
 pub const TLS_SPREAD_PER_CONNECTION: Duration = Duration::from_millis(1);
 
 /// How long a drain may take, and how its closes are spread.

@@ -273,7 +273,10 @@ impl<F: Fleet> RolloutEngine<F> {
     /// shared with the other hosts' states written meanwhile: see
     /// [`Journal::append_deferred`]), then shows it. Memory follows the
     /// journal's file at once, so a task cancelled while it waits leaves
-    /// the two the same.
+    /// the two the same. Other hosts' tasks may so see a state before it is
+    /// on disk; what they do on it is to stop starting hosts (the failure
+    /// budget) or to revert a host seen activated, both of which a resume
+    /// after a crash finds again (an `activating` host is settled first).
     async fn host(
         &self,
         index: usize,

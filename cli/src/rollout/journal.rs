@@ -199,10 +199,11 @@ impl PendingSync {
     /// Waits until the line is on disk. Err: the fsync failed (the error
     /// names the journal) or the fsync thread is gone.
     pub async fn durable(self) -> anyhow::Result<()> {
-        let written = |e: String| anyhow!("cannot write the journal {}: {e}", self.path.display());
+        let cannot_write =
+            |e: String| anyhow!("cannot write the journal {}: {e}", self.path.display());
         match self.answer.await {
-            Ok(result) => result.map_err(written),
-            Err(_) => Err(written("its fsync thread ended".into())),
+            Ok(result) => result.map_err(cannot_write),
+            Err(_) => Err(cannot_write("its fsync thread ended".into())),
         }
     }
 }
