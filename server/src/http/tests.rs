@@ -220,6 +220,17 @@ impl RawClient {
     }
 }
 
+/// A close window of exactly `spread` whatever the connection count (a
+/// share as long as the window), for tests of the moments within it.
+fn fixed_window(spread: Duration) -> DrainConfig {
+    DrainConfig {
+        drain_timeout: Duration::from_secs(60),
+        idle_grace: Duration::from_secs(60),
+        close_spread: spread,
+        close_spread_per_connection: Some(spread),
+    }
+}
+
 /// No close spread: these tests are about what each connection is told.
 fn config(drain_timeout: Duration, idle_grace: Duration) -> DrainConfig {
     DrainConfig {
@@ -486,18 +497,7 @@ fn the_close_window_is_the_shares_at_most_the_spread_and_the_timeout() {
 async fn keep_alive_closes_are_spread_over_the_window() {
     let probe = Arc::new(Probe::default());
     let spread = Duration::from_millis(600);
-    let mut server = Server::start(
-        DrainConfig {
-            drain_timeout: Duration::from_secs(60),
-            idle_grace: Duration::from_secs(60),
-            close_spread: spread,
-            // A share as long as the window: these tests are about the
-            // moments within a window of known length.
-            close_spread_per_connection: Some(spread),
-        },
-        probe,
-    )
-    .await;
+    let mut server = Server::start(fixed_window(spread), probe).await;
     let told = close_moments(&mut server, 10).await;
     let (first, last) = (told[0], told[told.len() - 1]);
     // Spread: the first within the first quarter of the window, the last in
@@ -786,18 +786,7 @@ async fn tls_serves_the_protocol_alpn_chose() {
 async fn http2_goaways_are_spread_over_the_window() {
     use h2_frames::*;
     let spread = Duration::from_millis(600);
-    let mut server = Server::start(
-        DrainConfig {
-            drain_timeout: Duration::from_secs(60),
-            idle_grace: Duration::from_secs(60),
-            close_spread: spread,
-            // A share as long as the window: these tests are about the
-            // moments within a window of known length.
-            close_spread_per_connection: Some(spread),
-        },
-        Arc::new(Probe::default()),
-    )
-    .await;
+    let mut server = Server::start(fixed_window(spread), Arc::new(Probe::default())).await;
     let mut clients = Vec::new();
     for _ in 0..10 {
         let mut client = H2Client::connect(server.addr).await;
