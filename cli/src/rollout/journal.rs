@@ -524,6 +524,42 @@ impl HostRecord {
 mod tests {
     use super::*;
 
+    /// A failed fsync fails the line waiting for it and every later one,
+    /// even if a later fsync would succeed: the kernel may have dropped
+    /// the unwritten pages. A pipe's fd refuses fsync (EINVAL).
+    #[test]
+    fn a_failed_fsync_fails_its_lines_and_every_later_one() {
+        let (_read_end, write_end) = nix::unistd::pipe().unwrap();
+        let file = Arc::new(File::from(write_end));
+        let (written, fsyncs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (waiters, receiver) = mpsc::channel();
+        let thread = {
+            let (written, fsyncs) = (written.clone(), fsyncs.clone());
+            std::thread::spawn(move || run_group_sync(file, written, fsyncs, receiver))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for seq in 1..=3 {
+            written.store(seq, Ordering::Release);
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            waiters.send((seq, answer)).unwrap();
+            let pending = PendingSync {
+                answer: answered,
+                path: PathBuf::from("r1.jsonl"),
+            };
+            let err = runtime.block_on(pending.durable()).unwrap_err();
+            assert!(
+                format!("{err:#}").starts_with("cannot write the journal r1.jsonl: "),
+                "{err:#}"
+            );
+        }
+        // Only the first line was tried; the others failed without an fsync.
+        assert_eq!(fsyncs.load(Ordering::Relaxed), 1);
+        drop(waiters);
+        thread.join().unwrap();
+    }
+
     /// The race the group commit exists for: many tasks on a
     /// multi-threaded runtime appending at once. Every line comes back
     /// once its writer was told it is durable, each exactly once, in seq
