@@ -310,6 +310,8 @@ where
     drop(listener);
     // (2) From now on each connection goes at its moment.
     let started = Instant::now();
+    // The set may still hold a few connections that just ended (not yet
+    // reaped): the window can come out a share or two long, never short.
     let spread = config.spread_for(connections.len(), default_share);
     phase_tx.send_replace(Phase::Draining {
         since: started,

@@ -320,24 +320,24 @@ impl Journal {
     /// or an async runtime thread while the disk works.
     pub fn append_deferred(&mut self, record: Record) -> anyhow::Result<PendingSync> {
         self.append_with(record, false)?;
-        let waiters = match self.group_sync.take() {
-            Some(waiters) => waiters,
-            None => {
-                let (sender, receiver) = mpsc::channel();
-                let (file, written) = (self.file.clone(), self.written.clone());
-                let fsyncs = self.group_fsyncs.clone();
-                std::thread::Builder::new()
-                    .name("journal-fsync".into())
-                    .spawn(move || run_group_sync(file, written, fsyncs, receiver))
-                    .context("cannot start the journal's fsync thread")?;
-                sender
-            }
-        };
-        let waiters = self.group_sync.insert(waiters);
+        if self.group_sync.is_none() {
+            let (sender, receiver) = mpsc::channel();
+            let (file, written) = (self.file.clone(), self.written.clone());
+            let fsyncs = self.group_fsyncs.clone();
+            std::thread::Builder::new()
+                .name("journal-fsync".into())
+                .spawn(move || run_group_sync(file, written, fsyncs, receiver))
+                .context("cannot start the journal's fsync thread")?;
+            self.group_sync = Some(sender);
+        }
+        let waiters = self.group_sync.as_ref().expect("started just above");
         let (answer, answered) = tokio::sync::oneshot::channel();
-        waiters
-            .send((self.seq, answer))
-            .map_err(|_| anyhow!("the journal's fsync thread ended"))?;
+        waiters.send((self.seq, answer)).map_err(|_| {
+            anyhow!(
+                "cannot write the journal {}: its fsync thread ended",
+                self.path.display()
+            )
+        })?;
         Ok(PendingSync {
             answer: answered,
             path: self.path.clone(),
