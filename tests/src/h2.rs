@@ -7,8 +7,8 @@
 //!   that received one stops, and every request it had left is counted as
 //!   failed, whatever the server did (a run of 30000 requests over 20
 //!   connections with one graceful reload: 13477 "failed", none of them
-//!   sent). So it measures a server that is never drained, not a reload.
-//!   The tests use it only to show the demo server answers h2c at all.
+//!   sent). So a long run measures a server that is never drained, not a
+//!   reload. The tests run it in short runs instead ([`crate::h2load`]).
 //! - tonic's `Channel` (hyper's HTTP/2 client) fails the first call made
 //!   after a GOAWAY arrived while a stream was open, without sending it
 //!   (hyper's dispatch task learns of the GOAWAY only when that call

@@ -22,11 +22,14 @@
 //! - [`load`]: a load client that never retries and counts every failure.
 //! - [`h2`]: the same for HTTP/2 (and a channel tonic clients run on),
 //!   following GOAWAY as RFC 9113 asks.
+//! - [`h2load`]: nghttp2's `h2load` run back to back through reloads, and
+//!   its totals added up.
 //! - [`hostile`]: clients that hold connections without speaking (from
 //!   chosen 127.x source addresses), and what tells they were closed.
 
 pub mod agent;
 pub mod h2;
+pub mod h2load;
 pub mod hostile;
 pub mod load;
 pub mod wait;

@@ -10,10 +10,12 @@
 //!    beside one fork+exec+wait of `/bin/true` (the floor).
 //! 3. Failed requests and p99 latency during 20 reloads under 50 clients
 //!    that never retry, keep-alive and a connection per request, then under
-//!    20 HTTP/2 connections with 10 streams each, beside nginx, gunicorn and
-//!    a stop-then-start restart of the same server under the same load; and
-//!    20 gRPC clients of the greeter example under the agent, its own
-//!    self-upgrade and stop-then-start (`failed-requests-grpc` runs those alone).
+//!    20 HTTP/2 connections with 10 streams each and under `h2load` itself
+//!    (short runs back to back, `failed-requests-h2load` runs those alone),
+//!    beside nginx, gunicorn and a stop-then-start restart of the same
+//!    server under the same load; and 20 gRPC clients of the greeter example
+//!    under the agent, its own self-upgrade and stop-then-start
+//!    (`failed-requests-grpc` runs those alone).
 //! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
@@ -39,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime};
 use reload_artifact::SigningKey;
 use reload_proto::v1 as pb;
 use reload_tests::h2::{H2Channel, H2LoadConfig, H2LoadRun};
+use reload_tests::h2load::H2loadLoop;
 use reload_tests::load::{ConnectionMode, LoadConfig, LoadReport, LoadRun};
 use reload_tests::{
     bin_path, free_port, process_gone, pseudo_random_bytes, reloadctl_ok, send_signal, Agent,
@@ -403,6 +406,9 @@ const GRPC_CLIENTS: usize = 20;
 enum Traffic {
     Http1(ConnectionMode),
     Http2,
+    /// `h2load` itself, in short runs back to back (`reload_tests::h2load`
+    /// says why): `H2_CONNECTIONS` x `H2_STREAMS`, one request per stream.
+    H2load,
     Grpc,
 }
 
@@ -412,6 +418,10 @@ impl Traffic {
             Traffic::Http1(ConnectionMode::KeepAlive) => "keep-alive".into(),
             Traffic::Http1(ConnectionMode::NewConnectionPerRequest) => "new conn/request".into(),
             Traffic::Http2 => format!("HTTP/2, {H2_CONNECTIONS} conns x {H2_STREAMS} streams"),
+            Traffic::H2load => format!(
+                "h2load -c {H2_CONNECTIONS} -m {H2_STREAMS} -n {}, back to back",
+                H2_CONNECTIONS * H2_STREAMS
+            ),
             Traffic::Grpc => format!("gRPC unary, {GRPC_CLIENTS} channels"),
         }
     }
@@ -421,6 +431,7 @@ impl Traffic {
 enum Running {
     Http1(LoadRun),
     Http2(H2LoadRun),
+    H2load(H2loadLoop),
     Grpc(GrpcRun),
 }
 
@@ -435,6 +446,11 @@ impl Running {
                 streams: H2_STREAMS,
                 request_timeout: Duration::from_secs(10),
             })),
+            Traffic::H2load => Running::H2load(H2loadLoop::start(
+                addr,
+                H2_CONNECTIONS as u32,
+                H2_STREAMS as u32,
+            )),
             Traffic::Grpc => Running::Grpc(GrpcRun::start(addr)),
         }
     }
@@ -443,6 +459,13 @@ impl Running {
         match self {
             Running::Http1(run) => run.stop().await,
             Running::Http2(run) => run.stop().await,
+            // The run under way finishes first: a few milliseconds, off the
+            // runtime's threads.
+            Running::H2load(run) => tokio::task::spawn_blocking(move || {
+                run.stop().load_report((H2_CONNECTIONS * H2_STREAMS) as u64)
+            })
+            .await
+            .expect("the h2load runs"),
             Running::Grpc(run) => run.stop().await,
         }
     }
@@ -676,198 +699,207 @@ async fn failed_requests_bench(dir: &Path, key: &Arc<SigningKey>) {
         Traffic::Http1(ConnectionMode::KeepAlive),
         Traffic::Http1(ConnectionMode::NewConnectionPerRequest),
         Traffic::Http2,
+        Traffic::H2load,
     ] {
-        let (agent, addr, v1, v2) =
-            reload_agent(&dir.join(format!("load-agent-{mode:?}")), key, true).await;
-        let mut control =
-            pb::service_control_client::ServiceControlClient::new(agent.channel().await);
-        activate(&mut control, &v1).await;
-        let (steady, during) = measure(addr, mode, |i| {
-            let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
-            let mut control = control.clone();
-            async move {
-                activate(&mut control, &target).await;
-            }
-        })
-        .await;
-        row("reload-agent handoff", mode, &steady, &during);
-
-        // The agent itself killed (SIGKILL) and started again 100 ms later,
-        // as systemd's Restart= would: the service runs on under its shim.
-        let agent_dir = agent.dir.clone();
-        let agent = std::sync::Mutex::new(Some(agent));
-        let (steady, during) = measure(addr, mode, |_| {
-            let mut old = agent.lock().unwrap().take().unwrap();
-            old.kill();
-            let (dir, key) = (agent_dir.clone(), key.clone());
-            let agent = &agent;
-            async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                // Restarted before the old value goes, so the harness keeps
-                // the services (they belong to the folder's last agent).
-                let restarted = Agent::start_with_config(&dir, key);
-                drop(old);
-                *agent.lock().unwrap() = Some(restarted);
-            }
-        })
-        .await;
-        row(
-            "reload-agent killed (SIGKILL), restarted 100 ms later",
-            mode,
-            &steady,
-            &during,
-        );
-        drop(agent);
-
-        // reload-server's standalone self-upgrade: SIGHUP to the demo server.
-        let sdir = dir.join(format!("standalone-{mode:?}"));
-        std::fs::create_dir_all(&sdir).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let pid_file = sdir.join("pid");
-        let mut first = Command::new(bin_path("reload-demo-server"))
-            .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
-            .arg(&pid_file)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_async("the demo server's pid file", || {
-            read_pid(&pid_file).is_some()
-        })
-        .await;
-        let (steady, during) = measure(addr, mode, |_| {
-            let pid_file = pid_file.clone();
-            async move {
-                let old = read_pid(&pid_file).unwrap();
-                send_signal(old, nix::sys::signal::Signal::SIGHUP);
-                wait_async("the self-upgrade", || {
-                    read_pid(&pid_file) != Some(old) && process_gone(old)
-                })
-                .await;
-            }
-        })
-        .await;
-        row(
-            "reload-server self-upgrade (SIGHUP)",
-            mode,
-            &steady,
-            &during,
-        );
-        if let Some(pid) = read_pid(&pid_file) {
-            send_signal(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = first.kill();
-        let _ = first.wait();
-
-        // nginx, both ways it reloads while keeping its listening socket.
-        // Not under HTTP/2: with 20 busy h2c connections nginx 1.22's old
-        // master had not exited 30 s after QUIT (its old workers keep
-        // serving connections that never go idle), so a row would measure
-        // nothing but the old workers.
-        let nginx_ways: &[bool] = if matches!(mode, Traffic::Http2) {
-            &[]
-        } else {
-            &[true, false]
-        };
-        for &upgrade in nginx_ways {
-            let ndir = dir.join(format!("nginx-{mode:?}-{upgrade}"));
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let pid_file = start_nginx(&ndir, addr, matches!(mode, Traffic::Http2)).await;
-            let (steady, during) = measure(addr, mode, |_| {
-                let pid_file = pid_file.clone();
-                async move {
-                    let master = read_pid(&pid_file).unwrap();
-                    if upgrade {
-                        // USR2: a new master with the same sockets; WINCH:
-                        // the old workers finish gracefully; QUIT: the old
-                        // master goes.
-                        let oldbin = pid_file.with_extension("pid.oldbin");
-                        send_signal(master, nix::sys::signal::Signal::SIGUSR2);
-                        wait_async("nginx's new master", || {
-                            oldbin.exists() && read_pid(&pid_file).is_some_and(|p| p != master)
-                        })
-                        .await;
-                        send_signal(master, nix::sys::signal::Signal::SIGWINCH);
-                        send_signal(master, nix::sys::signal::Signal::SIGQUIT);
-                        wait_async("nginx's old master to exit", || {
-                            !oldbin.exists() && process_gone(master)
-                        })
-                        .await;
-                    } else {
-                        send_signal(master, nix::sys::signal::Signal::SIGHUP);
-                    }
-                }
-            })
-            .await;
-            let name = if upgrade {
-                "nginx binary upgrade (USR2, WINCH, QUIT)"
-            } else {
-                "nginx -s reload (HUP)"
-            };
-            row(name, mode, &steady, &during);
-            if let Some(master) = read_pid(&pid_file) {
-                send_signal(master, nix::sys::signal::Signal::SIGTERM);
-                wait_async("nginx to stop", || process_gone(master)).await;
-            }
-        }
-
-        // gunicorn's graceful worker restart (HTTP/1.1 only: its sync
-        // workers do not speak HTTP/2).
-        if matches!(mode, Traffic::Http1(_)) {
-            let gdir = dir.join(format!("gunicorn-{mode:?}"));
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let pid_file = start_gunicorn(&gdir, addr).await;
-            let (steady, during) = measure(addr, mode, |_| {
-                let master = read_pid(&pid_file).unwrap();
-                async move {
-                    send_signal(master, nix::sys::signal::Signal::SIGHUP);
-                }
-            })
-            .await;
-            row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
-            if let Some(master) = read_pid(&pid_file) {
-                send_signal(master, nix::sys::signal::Signal::SIGTERM);
-                wait_async("gunicorn to stop", || process_gone(master)).await;
-            }
-        }
-
-        // The same server restarted the way `systemctl restart` does it:
-        // stop (drain), then start a new process that binds the port again.
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let start_server = || {
-            let child = Command::new(bin_path("reload-demo-server"))
-                .args(["--bind", &addr.to_string()])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(addr).is_err() {
-                assert!(Instant::now() < deadline, "demo server did not start");
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            child
-        };
-        let server = std::sync::Mutex::new(Some(start_server()));
-        let (steady, during) = measure(addr, mode, |_| {
-            let mut old = server.lock().unwrap().take().unwrap();
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(old.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            old.wait().unwrap();
-            *server.lock().unwrap() = Some(start_server());
-            async {}
-        })
-        .await;
-        row("stop-then-start restart", mode, &steady, &during);
-        let last = server.lock().unwrap().take();
-        if let Some(mut last) = last {
-            let _ = last.kill();
-            let _ = last.wait();
-        }
+        traffic_rows(dir, key, mode).await;
     }
     grpc_rows(dir, key).await;
     println!();
+}
+
+/// The rows of section 3 under one kind of HTTP load: the agent handoff,
+/// the agent killed and restarted, the standalone self-upgrade, nginx and
+/// gunicorn where they speak it, and stop-then-start.
+async fn traffic_rows(dir: &Path, key: &Arc<SigningKey>, mode: Traffic) {
+    let (agent, addr, v1, v2) =
+        reload_agent(&dir.join(format!("load-agent-{mode:?}")), key, true).await;
+    let mut control = pb::service_control_client::ServiceControlClient::new(agent.channel().await);
+    activate(&mut control, &v1).await;
+    let (steady, during) = measure(addr, mode, |i| {
+        let target = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+        let mut control = control.clone();
+        async move {
+            activate(&mut control, &target).await;
+        }
+    })
+    .await;
+    row("reload-agent handoff", mode, &steady, &during);
+
+    // The agent itself killed (SIGKILL) and started again 100 ms later,
+    // as systemd's Restart= would: the service runs on under its shim.
+    let agent_dir = agent.dir.clone();
+    let agent = std::sync::Mutex::new(Some(agent));
+    let (steady, during) = measure(addr, mode, |_| {
+        let mut old = agent.lock().unwrap().take().unwrap();
+        old.kill();
+        let (dir, key) = (agent_dir.clone(), key.clone());
+        let agent = &agent;
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Restarted before the old value goes, so the harness keeps
+            // the services (they belong to the folder's last agent).
+            let restarted = Agent::start_with_config(&dir, key);
+            drop(old);
+            *agent.lock().unwrap() = Some(restarted);
+        }
+    })
+    .await;
+    row(
+        "reload-agent killed (SIGKILL), restarted 100 ms later",
+        mode,
+        &steady,
+        &during,
+    );
+    drop(agent);
+
+    // reload-server's standalone self-upgrade: SIGHUP to the demo server.
+    let sdir = dir.join(format!("standalone-{mode:?}"));
+    std::fs::create_dir_all(&sdir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pid_file = sdir.join("pid");
+    let mut first = Command::new(bin_path("reload-demo-server"))
+        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
+        .arg(&pid_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_async("the demo server's pid file", || {
+        read_pid(&pid_file).is_some()
+    })
+    .await;
+    let (steady, during) = measure(addr, mode, |_| {
+        let pid_file = pid_file.clone();
+        async move {
+            let old = read_pid(&pid_file).unwrap();
+            send_signal(old, nix::sys::signal::Signal::SIGHUP);
+            wait_async("the self-upgrade", || {
+                read_pid(&pid_file) != Some(old) && process_gone(old)
+            })
+            .await;
+        }
+    })
+    .await;
+    row(
+        "reload-server self-upgrade (SIGHUP)",
+        mode,
+        &steady,
+        &during,
+    );
+    if let Some(pid) = read_pid(&pid_file) {
+        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+
+    // nginx, both ways it reloads while keeping its listening socket.
+    // Not under the long-lived HTTP/2 connections: with 20 busy h2c
+    // connections nginx 1.22's old master had not exited 30 s after
+    // QUIT (its old workers keep serving connections that never go
+    // idle), so a row would measure nothing but the old workers. The
+    // short h2load runs end their connections, so nginx is in those.
+    let nginx_ways: &[bool] = if matches!(mode, Traffic::Http2) {
+        &[]
+    } else {
+        &[true, false]
+    };
+    for &upgrade in nginx_ways {
+        let ndir = dir.join(format!("nginx-{mode:?}-{upgrade}"));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http2 = matches!(mode, Traffic::Http2 | Traffic::H2load);
+        let pid_file = start_nginx(&ndir, addr, http2).await;
+        let (steady, during) = measure(addr, mode, |_| {
+            let pid_file = pid_file.clone();
+            async move {
+                let master = read_pid(&pid_file).unwrap();
+                if upgrade {
+                    // USR2: a new master with the same sockets; WINCH:
+                    // the old workers finish gracefully; QUIT: the old
+                    // master goes.
+                    let oldbin = pid_file.with_extension("pid.oldbin");
+                    send_signal(master, nix::sys::signal::Signal::SIGUSR2);
+                    wait_async("nginx's new master", || {
+                        oldbin.exists() && read_pid(&pid_file).is_some_and(|p| p != master)
+                    })
+                    .await;
+                    send_signal(master, nix::sys::signal::Signal::SIGWINCH);
+                    send_signal(master, nix::sys::signal::Signal::SIGQUIT);
+                    wait_async("nginx's old master to exit", || {
+                        !oldbin.exists() && process_gone(master)
+                    })
+                    .await;
+                } else {
+                    send_signal(master, nix::sys::signal::Signal::SIGHUP);
+                }
+            }
+        })
+        .await;
+        let name = if upgrade {
+            "nginx binary upgrade (USR2, WINCH, QUIT)"
+        } else {
+            "nginx -s reload (HUP)"
+        };
+        row(name, mode, &steady, &during);
+        if let Some(master) = read_pid(&pid_file) {
+            send_signal(master, nix::sys::signal::Signal::SIGTERM);
+            wait_async("nginx to stop", || process_gone(master)).await;
+        }
+    }
+
+    // gunicorn's graceful worker restart (HTTP/1.1 only: its sync
+    // workers do not speak HTTP/2).
+    if matches!(mode, Traffic::Http1(_)) {
+        let gdir = dir.join(format!("gunicorn-{mode:?}"));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pid_file = start_gunicorn(&gdir, addr).await;
+        let (steady, during) = measure(addr, mode, |_| {
+            let master = read_pid(&pid_file).unwrap();
+            async move {
+                send_signal(master, nix::sys::signal::Signal::SIGHUP);
+            }
+        })
+        .await;
+        row("gunicorn HUP (2 sync workers)", mode, &steady, &during);
+        if let Some(master) = read_pid(&pid_file) {
+            send_signal(master, nix::sys::signal::Signal::SIGTERM);
+            wait_async("gunicorn to stop", || process_gone(master)).await;
+        }
+    }
+
+    // The same server restarted the way `systemctl restart` does it:
+    // stop (drain), then start a new process that binds the port again.
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let start_server = || {
+        let child = Command::new(bin_path("reload-demo-server"))
+            .args(["--bind", &addr.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "demo server did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child
+    };
+    let server = std::sync::Mutex::new(Some(start_server()));
+    let (steady, during) = measure(addr, mode, |_| {
+        let mut old = server.lock().unwrap().take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        old.wait().unwrap();
+        *server.lock().unwrap() = Some(start_server());
+        async {}
+    })
+    .await;
+    row("stop-then-start restart", mode, &steady, &during);
+    let last = server.lock().unwrap().take();
+    if let Some(mut last) = last {
+        let _ = last.kill();
+        let _ = last.wait();
+    }
 }
 
 /// What the close spread does to p99: the agent-handoff row of section 3
@@ -1698,9 +1730,12 @@ fn main() {
     if only.as_deref() == Some("close-spread") {
         runtime.block_on(close_spread_bench(dir, &key));
     }
-    // The gRPC rows of section 3 alone.
+    // The gRPC rows of section 3 alone, and the h2load rows alone.
     if only.as_deref() == Some("failed-requests-grpc") {
         runtime.block_on(grpc_rows(dir, &key));
+    }
+    if only.as_deref() == Some("failed-requests-h2load") {
+        runtime.block_on(traffic_rows(dir, &key, Traffic::H2load));
     }
     if wants("rollout") {
         runtime.block_on(rollout_bench(dir, &key));

@@ -461,6 +461,50 @@ async fn the_agent_speaks_sd_notify_and_takes_its_grpc_socket_from_systemd() {
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
 }
 
+/// `h2load` itself against the standalone self-upgrade: runs of 20
+/// connections with 10 streams each, back to back through 10 upgrades
+/// (`reload_tests::h2load` says why each run has as many requests as
+/// streams). Every stream of every run is answered, and the old processes
+/// drained connections of those runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_through_ten_self_upgrades_gets_every_stream_answered() {
+    use reload_tests::h2load::H2loadLoop;
+    let s = start(None).await;
+    let load = H2loadLoop::start(s.addr, 20, 10);
+    load.wait_for_runs(3).await;
+    let mut upgrades = Vec::new();
+    for _ in 0..10 {
+        let asked = std::time::Instant::now();
+        // Returns once the old process drained and exited.
+        s.upgrade().await;
+        upgrades.push((asked, std::time::Instant::now()));
+        load.wait_for_runs(3).await;
+    }
+    let report = load.stop();
+    let log = s.log();
+    let drains_with_connections = log
+        .lines()
+        .filter(|l| l.contains("draining open_connections=") && !l.contains("open_connections=0 "))
+        .count();
+    println!(
+        "h2load -c 20 -m 10 -n 200, back to back, 10 self-upgrades: {}; \
+         {drains_with_connections} of the drains had connections open",
+        report.summary()
+    );
+    report.assert_all_succeeded();
+    for (i, (asked, done)) in upgrades.iter().enumerate() {
+        assert!(
+            report.runs_during(*asked, *done) > 0,
+            "no h2load run was under way during upgrade {i}: {}",
+            report.summary()
+        );
+    }
+    assert!(
+        drains_with_connections > 0,
+        "no old process had a connection open when it drained:\n{log}"
+    );
+}
+
 /// The standalone self-upgrade drains HTTP/2 too: 20 connections with 10
 /// streams in flight each, 10 upgrades, no stream fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
