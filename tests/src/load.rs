@@ -143,6 +143,11 @@ pub struct LoadReport {
     pub failure_samples: Vec<String>,
     /// Latency of each successful request.
     pub latencies: LatencyHistogram,
+    /// The part of `latencies` of requests that went on a connection that
+    /// had already answered one: in keep-alive runs, what is left once the
+    /// reconnections are taken out (a reload's cost to the clients it does
+    /// not move).
+    pub reused_connection_latencies: LatencyHistogram,
     /// Total body bytes of the complete responses.
     pub body_bytes: u64,
     /// Time from the start of the run to this report (or to the stop).
@@ -396,6 +401,7 @@ struct Totals {
     pids: BTreeSet<u32>,
     failure_samples: Vec<String>,
     latencies: LatencyHistogram,
+    reused_connection_latencies: LatencyHistogram,
     body_bytes: u64,
 }
 
@@ -419,7 +425,7 @@ impl Shared {
         self.totals.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record_response(&self, response: &Response, latency: Duration) {
+    fn record_response(&self, response: &Response, latency: Duration, reused: bool) {
         let mut t = self.totals();
         t.requests += 1;
         if response.status != 200 {
@@ -433,6 +439,9 @@ impl Shared {
         }
         t.body_bytes += response.body_len;
         t.latencies.record(latency);
+        if reused {
+            t.reused_connection_latencies.record(latency);
+        }
     }
 
     fn record_failure(&self, describe: impl FnOnce() -> String) {
@@ -458,6 +467,7 @@ impl Shared {
             pids: t.pids.clone(),
             failure_samples: t.failure_samples.clone(),
             latencies: t.latencies.clone(),
+            reused_connection_latencies: t.reused_connection_latencies.clone(),
             body_bytes: t.body_bytes,
             elapsed,
         }
@@ -950,7 +960,7 @@ async fn worker(id: usize, config: Arc<LoadConfig>, shared: Arc<Shared>) {
         .await;
         let failure = match outcome {
             Ok(Ok(response)) => {
-                shared.record_response(&response, started.elapsed());
+                shared.record_response(&response, started.elapsed(), progress.reused);
                 let ends_connection =
                     !response.keep_alive || config.mode == ConnectionMode::NewConnectionPerRequest;
                 if ends_connection {

@@ -130,27 +130,54 @@ pub fn send_with_fds(
     Ok(())
 }
 
-/// Reads the hello (with its fds) from a blocking stream. Reads one byte at
-/// a time up to the newline, so nothing after the hello is consumed (the
-/// fds arrive with its first byte).
+/// Reads the hello (with its fds) from a blocking stream, and nothing after
+/// it: what follows the newline is the next message, read by whoever reads
+/// the stream next.
+///
+/// Each round looks first (`MSG_PEEK`, which without a control buffer
+/// installs no fd) and then takes off the stream only the bytes up to the
+/// newline, or all it saw when there is no newline yet, with `recvmsg`,
+/// which brings the fds along with the first byte. It used to take one
+/// byte per `recvmsg`: a few hundred system calls per hello, in every
+/// reload (BENCHMARKS.md 3b).
 pub fn receive_hello(stream: &UnixStream) -> io::Result<(ShimMessage, Vec<OwnedFd>)> {
+    let closed_early = || {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the shim closed the connection before its hello",
+        )
+    };
     let mut line = Vec::new();
     let mut fds = Vec::new();
-    let mut byte = [0u8; 1];
+    let mut seen = vec![0u8; MAX_MESSAGE_BYTES + 1];
     loop {
-        let (n, received) =
-            reload_server::inherit::recv_with_fds(stream.as_fd(), &mut byte, MAX_LISTENERS)?;
-        fds.extend(received);
+        let n = nix::sys::socket::recv(stream.as_raw_fd(), &mut seen, MsgFlags::MSG_PEEK)
+            .map_err(io::Error::from)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the shim closed the connection before its hello",
-            ));
+            return Err(closed_early());
         }
-        if byte[0] == b'\n' {
+        let wanted = seen[..n]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(n, |at| at + 1);
+        // May take fewer than `wanted` (the kernel stops at the end of a
+        // message that carried fds), never more.
+        let (taken, received) = reload_server::inherit::recv_with_fds(
+            stream.as_fd(),
+            &mut seen[..wanted],
+            MAX_LISTENERS,
+        )?;
+        fds.extend(received);
+        if taken == 0 {
+            return Err(closed_early());
+        }
+        line.extend_from_slice(&seen[..taken]);
+        // Only the bytes up to the first newline are ever taken, so a
+        // newline can only be the last of them.
+        if line.last() == Some(&b'\n') {
+            line.pop();
             break;
         }
-        line.push(byte[0]);
         if line.len() > MAX_MESSAGE_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -160,4 +187,134 @@ pub fn receive_hello(stream: &UnixStream) -> io::Result<(ShimMessage, Vec<OwnedF
     }
     let message = serde_json::from_slice(&line).map_err(io::Error::other)?;
     Ok((message, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    fn hello() -> ShimMessage {
+        ShimMessage::Hello {
+            spec: Box::new(ShimSpec {
+                service: "web".into(),
+                version: "1.2.3".into(),
+                sha256: "ab".repeat(32),
+                program: "/srv/web".into(),
+                args: vec!["--listen-name".into(), "http".into()],
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                working_dir: "/".into(),
+                listeners: vec!["http".into(), "admin".into()],
+                socket_path: "/run/reload/web.sock".into(),
+                notify_path: None,
+                sealed_image: true,
+                image_script: false,
+            }),
+            shim_pid: 42,
+            pid: 43,
+            start_time: 1000,
+            running_ms: 5,
+            exited: None,
+        }
+    }
+
+    /// (device, inode) of what an fd refers to.
+    fn identity(fd: BorrowedFd<'_>) -> (u64, u64) {
+        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        let meta = file.metadata().unwrap();
+        (meta.dev(), meta.ino())
+    }
+
+    #[test]
+    fn the_hello_comes_with_its_fds_and_leaves_the_next_message_on_the_stream() {
+        let (agent, shim) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<std::fs::File> = ["a", "b"]
+            .iter()
+            .map(|name| std::fs::File::create(dir.path().join(name)).unwrap())
+            .collect();
+        let sent: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        send_with_fds(&shim, &hello(), &sent).unwrap();
+        // Already waiting behind the hello when the agent reads it.
+        let next = ShimMessage::Output {
+            stream: "stdout".into(),
+            line: "listening".into(),
+        };
+        send_with_fds(&shim, &next, &[]).unwrap();
+        drop(shim);
+
+        let (message, fds) = receive_hello(&agent).unwrap();
+        match message {
+            ShimMessage::Hello { spec, pid, .. } => {
+                assert_eq!(spec.listeners, ["http", "admin"]);
+                assert_eq!(pid, 43);
+            }
+            other => panic!("not a hello: {other:?}"),
+        }
+        let got: Vec<_> = fds.iter().map(|fd| identity(fd.as_fd())).collect();
+        let want: Vec<_> = sent.iter().map(|fd| identity(*fd)).collect();
+        assert_eq!(got, want);
+        let mut rest = String::new();
+        (&agent).read_to_string(&mut rest).unwrap();
+        let mut expected = serde_json::to_string(&next).unwrap();
+        expected.push('\n');
+        assert_eq!(rest, expected, "the message after the hello was touched");
+    }
+
+    #[test]
+    fn a_hello_written_in_pieces_is_read_whole() {
+        let (agent, shim) = UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("listener")).unwrap();
+        let mut line = serde_json::to_vec(&hello()).unwrap();
+        line.push(b'\n');
+        let (first, rest) = line.split_at(10);
+        // The first piece with the fd, as send_with_fds does.
+        sendmsg::<()>(
+            shim.as_raw_fd(),
+            &[IoSlice::new(first)],
+            &[ControlMessage::ScmRights(&[file.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let rest = rest.to_vec();
+        let writer = std::thread::spawn(move || {
+            let mut shim = shim;
+            for piece in rest.chunks(7) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                shim.write_all(piece).unwrap();
+            }
+            shim
+        });
+        let (message, fds) = receive_hello(&agent).unwrap();
+        assert!(matches!(message, ShimMessage::Hello { shim_pid: 42, .. }));
+        assert_eq!(fds.len(), 1);
+        assert_eq!(identity(fds[0].as_fd()), identity(file.as_fd()));
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_shim_that_closes_mid_hello_is_an_unexpected_end() {
+        let (agent, mut shim) = UnixStream::pair().unwrap();
+        shim.write_all(br#"{"hello":{"spec""#).unwrap();
+        drop(shim);
+        let err = receive_hello(&agent).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    #[test]
+    fn a_hello_longer_than_a_message_may_be_is_refused() {
+        let (agent, shim) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut shim = shim;
+            // Stops once the agent gives up and closes its end.
+            let _ = shim.write_all(&vec![b'x'; MAX_MESSAGE_BYTES * 2]);
+        });
+        let err = receive_hello(&agent).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        drop(agent);
+        writer.join().unwrap();
+    }
 }

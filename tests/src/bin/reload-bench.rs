@@ -15,7 +15,12 @@
 //!    beside nginx, gunicorn and a stop-then-start restart of the same
 //!    server under the same load; and 20 gRPC clients of the greeter example
 //!    under the agent, its own self-upgrade and stop-then-start
-//!    (`failed-requests-grpc` runs those alone).
+//!    (`failed-requests-grpc` runs those alone). `close-spread` (not in
+//!    the default run) compares the drain's close windows on the agent
+//!    handoff under keep-alive. Every row also tells, on stderr, its
+//!    phases on CLOCK_MONOTONIC (`scripts/profile-reloads.sh` cuts a
+//!    `perf` profile by them) and, under keep-alive, the p99 without the
+//!    requests that reconnected.
 //! 4. A 50-host rollout (agents on 127.0.60.x): wall time against its lower
 //!    bound (per wave, the slowest handoff plus the min-healthy-time), and
 //!    the bytes the CLI sent against artifact size x hosts, then again with
@@ -561,9 +566,11 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let traffic = traffic.into().0;
+    let steady_from = monotonic_seconds();
     let run = Running::start(addr, traffic);
     tokio::time::sleep(STEADY).await;
     let steady = run.stop().await;
+    let reloads_from = monotonic_seconds();
     let run = Running::start(addr, traffic);
     for i in 0..RELOADS_UNDER_LOAD {
         let next = tokio::time::Instant::now() + RELOAD_EVERY;
@@ -571,7 +578,22 @@ where
         tokio::time::sleep_until(next).await;
     }
     tokio::time::sleep(RELOAD_EVERY).await;
-    (steady, run.stop().await)
+    let during = run.stop().await;
+    // On CLOCK_MONOTONIC, the clock `perf record --clockid=monotonic`
+    // stamps samples with: a profile of the whole bench can be cut into
+    // the steady and the reload phase of each row.
+    eprintln!(
+        "  phases ({}, CLOCK_MONOTONIC s): steady {steady_from:.6} to {reloads_from:.6}, reloads {reloads_from:.6} to {:.6}",
+        traffic.label(),
+        monotonic_seconds()
+    );
+    (steady, during)
+}
+
+fn monotonic_seconds() -> f64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as f64 + now.tv_nsec() as f64 * 1e-9
 }
 
 /// Either a [`ConnectionMode`] (the HTTP/1.1 rows, as before) or a
@@ -606,6 +628,21 @@ fn row(name: &str, traffic: impl Into<TrafficArg>, steady: &LoadReport, during: 
     );
     if let Some(first) = during.failure_samples.first() {
         eprintln!("  {name} / {}: first failure: {first}", traffic.label());
+    }
+    // Keep-alive rows: the same p99 without the requests that reconnected,
+    // which tells a reload's cost to the clients it moves from its cost to
+    // everyone.
+    if matches!(traffic, Traffic::Http1(ConnectionMode::KeepAlive)) {
+        let (steady, during) = (
+            steady.reused_connection_latencies.quantile(0.99),
+            during.reused_connection_latencies.quantile(0.99),
+        );
+        eprintln!(
+            "  {name} / keep-alive, reused connections only: p99 steady {}, during reloads {}, {:.2}x",
+            ms(steady),
+            ms(during),
+            during.as_secs_f64() / steady.as_secs_f64().max(1e-9)
+        );
     }
 }
 
