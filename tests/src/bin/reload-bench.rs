@@ -902,41 +902,44 @@ async fn traffic_rows(dir: &Path, key: &Arc<SigningKey>, mode: Traffic) {
         }
     }
 
-    // The same server restarted the way `systemctl restart` does it:
-    // stop (drain), then start a new process that binds the port again.
+    // The same server restarted the way `systemctl restart` does it.
+    let (steady, during) = stop_then_start("reload-demo-server", mode).await;
+    row("stop-then-start restart", mode, &steady, &during);
+}
+
+/// `program` (the demo server or the greeter, on `--bind`) restarted the
+/// way `systemctl restart` does it at each reload: stop (SIGTERM, its
+/// drain, its exit), then start a new process that binds the port again.
+async fn stop_then_start(program: &str, traffic: Traffic) -> (LoadReport, LoadReport) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let start_server = || {
-        let child = Command::new(bin_path("reload-demo-server"))
+        let child = Command::new(bin_path(program))
             .args(["--bind", &addr.to_string()])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "demo server did not start");
+            assert!(Instant::now() < deadline, "{program} did not start");
             std::thread::sleep(Duration::from_millis(2));
         }
         child
     };
     let server = std::sync::Mutex::new(Some(start_server()));
-    let (steady, during) = measure(addr, mode, |_| {
+    let measured = measure(addr, traffic, |_| {
         let mut old = server.lock().unwrap().take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(old.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        send_signal(old.id(), nix::sys::signal::Signal::SIGTERM);
         old.wait().unwrap();
         *server.lock().unwrap() = Some(start_server());
         async {}
     })
     .await;
-    row("stop-then-start restart", mode, &steady, &during);
     let last = server.lock().unwrap().take();
     if let Some(mut last) = last {
         let _ = last.kill();
         let _ = last.wait();
     }
+    measured
 }
 
 /// What the close spread does to p99: the agent-handoff row of section 3
@@ -1055,40 +1058,13 @@ async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
     let _ = first.kill();
     let _ = first.wait();
 
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let start_server = || {
-        let child = Command::new(bin_path("reload-greeter"))
-            .args(["--bind", &addr.to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "greeter did not start");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child
-    };
-    let server = std::sync::Mutex::new(Some(start_server()));
-    let (steady, during) = measure(addr, Traffic::Grpc, |_| {
-        let mut old = server.lock().unwrap().take().unwrap();
-        send_signal(old.id(), nix::sys::signal::Signal::SIGTERM);
-        old.wait().unwrap();
-        *server.lock().unwrap() = Some(start_server());
-        async {}
-    })
-    .await;
+    let (steady, during) = stop_then_start("reload-greeter", Traffic::Grpc).await;
     row(
         "stop-then-start restart (greeter example)",
         Traffic::Grpc,
         &steady,
         &during,
     );
-    let last = server.lock().unwrap().take();
-    if let Some(mut last) = last {
-        let _ = last.kill();
-        let _ = last.wait();
-    }
 }
 
 const ROLLOUT_HOSTS: usize = 50;
