@@ -790,31 +790,11 @@ async fn traffic_rows(dir: &Path, key: &Arc<SigningKey>, mode: Traffic) {
     drop(agent);
 
     // reload-server's standalone self-upgrade: SIGHUP to the demo server.
-    let sdir = dir.join(format!("standalone-{mode:?}"));
-    std::fs::create_dir_all(&sdir).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let pid_file = sdir.join("pid");
-    let mut first = Command::new(bin_path("reload-demo-server"))
-        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
-        .arg(&pid_file)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_async("the demo server's pid file", || {
-        read_pid(&pid_file).is_some()
-    })
-    .await;
-    let (steady, during) = measure(addr, mode, |_| {
-        let pid_file = pid_file.clone();
-        async move {
-            let old = read_pid(&pid_file).unwrap();
-            send_signal(old, nix::sys::signal::Signal::SIGHUP);
-            wait_async("the self-upgrade", || {
-                read_pid(&pid_file) != Some(old) && process_gone(old)
-            })
-            .await;
-        }
-    })
+    let (steady, during) = self_upgrades(
+        "reload-demo-server",
+        &dir.join(format!("standalone-{mode:?}")),
+        mode,
+    )
     .await;
     row(
         "reload-server self-upgrade (SIGHUP)",
@@ -822,11 +802,6 @@ async fn traffic_rows(dir: &Path, key: &Arc<SigningKey>, mode: Traffic) {
         &steady,
         &during,
     );
-    if let Some(pid) = read_pid(&pid_file) {
-        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    let _ = first.kill();
-    let _ = first.wait();
 
     // nginx, both ways it reloads while keeping its listening socket.
     // Not under the long-lived HTTP/2 connections: with 20 busy h2c
@@ -905,6 +880,44 @@ async fn traffic_rows(dir: &Path, key: &Arc<SigningKey>, mode: Traffic) {
     // The same server restarted the way `systemctl restart` does it.
     let (steady, during) = stop_then_start("reload-demo-server", mode).await;
     row("stop-then-start restart", mode, &steady, &during);
+}
+
+/// `program` (the demo server or the greeter) running alone with
+/// `--self-upgrade`, upgraded at each reload by a SIGHUP to whoever serves
+/// (its pid file in `dir` says who); a reload ends once the old process
+/// is gone.
+async fn self_upgrades(program: &str, dir: &Path, traffic: Traffic) -> (LoadReport, LoadReport) {
+    std::fs::create_dir_all(dir).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pid_file = dir.join("pid");
+    let mut first = Command::new(bin_path(program))
+        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
+        .arg(&pid_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_async("the pid file of the first process", || {
+        read_pid(&pid_file).is_some()
+    })
+    .await;
+    let measured = measure(addr, traffic, |_| {
+        let pid_file = pid_file.clone();
+        async move {
+            let old = read_pid(&pid_file).unwrap();
+            send_signal(old, nix::sys::signal::Signal::SIGHUP);
+            wait_async("the self-upgrade", || {
+                read_pid(&pid_file) != Some(old) && process_gone(old)
+            })
+            .await;
+        }
+    })
+    .await;
+    if let Some(pid) = read_pid(&pid_file) {
+        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    measured
 }
 
 /// `program` (the demo server or the greeter, on `--bind`) restarted the
@@ -1023,28 +1036,11 @@ async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
     drop(agent);
 
     // The greeter upgrading itself (SIGHUP), no agent.
-    let sdir = dir.join("grpc-standalone");
-    std::fs::create_dir_all(&sdir).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let pid_file = sdir.join("pid");
-    let mut first = Command::new(bin_path("reload-greeter"))
-        .args(["--bind", &addr.to_string(), "--self-upgrade", "--pid-file"])
-        .arg(&pid_file)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_async("the greeter's pid file", || read_pid(&pid_file).is_some()).await;
-    let (steady, during) = measure(addr, Traffic::Grpc, |_| {
-        let pid_file = pid_file.clone();
-        async move {
-            let old = read_pid(&pid_file).unwrap();
-            send_signal(old, nix::sys::signal::Signal::SIGHUP);
-            wait_async("the self-upgrade", || {
-                read_pid(&pid_file) != Some(old) && process_gone(old)
-            })
-            .await;
-        }
-    })
+    let (steady, during) = self_upgrades(
+        "reload-greeter",
+        &dir.join("grpc-standalone"),
+        Traffic::Grpc,
+    )
     .await;
     row(
         "reload-server self-upgrade (SIGHUP, greeter example)",
@@ -1052,11 +1048,6 @@ async fn grpc_rows(dir: &Path, key: &Arc<SigningKey>) {
         &steady,
         &during,
     );
-    if let Some(pid) = read_pid(&pid_file) {
-        send_signal(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    let _ = first.kill();
-    let _ = first.wait();
 
     let (steady, during) = stop_then_start("reload-greeter", Traffic::Grpc).await;
     row(
