@@ -2,7 +2,8 @@
 # The quick-start demo: three agents on loopback (127.0.0.2-4, as if they
 # were three hosts) with mutual TLS, a fresh signing key, signed releases of the demo
 # server, a first deploy with `reloadctl push`, h2load's HTTP/2 against it, a rollout to 1.5 while
-# clients that never retry keep every host busy (0 failed requests), a
+# clients that never retry (HTTP/1.1, and h2load in short runs back to
+# back) keep every host busy (0 failed requests, 0 failed streams), a
 # never-healthy 1.6 whose canary halts and reverts the rollout, a fleet
 # rollback, the agents upgrading themselves in place under load (same pids,
 # services untouched), and a tampered artifact that the agent refuses. Everything lives in a temp folder and every process is stopped on
@@ -169,15 +170,37 @@ print(f"{ok} requests answered, {failed} failed, versions seen: {sorted(versions
 sys.exit(1 if failed else 0)
 PY
     load=$!
+    # And HTTP/2: h2load in short runs back to back over the three hosts
+    # (an h2load client never reconnects after a GOAWAY, so each run has
+    # as many requests as streams, all in flight at once: see README).
+    h2load_loop > h2load-loop.txt &
+    h2load_pid=$!
     sleep 0.5
+}
+h2load_loop() {
+    local runs=0 bad=0 ip out
+    while [ ! -e stop-load ]; do
+        for ip in 127.0.0.2 127.0.0.3 127.0.0.4; do
+            out="$(h2load -c 20 -m 10 -n 200 -N 10s "http://$ip:$((port + 80))/" 2>&1 || true)"
+            runs=$((runs + 1))
+            if ! grep -q "^requests: 200 total, 200 started, 200 done, 200 succeeded, 0 failed, 0 errored, 0 timeout" <<<"$out"; then
+                bad=$((bad + 1))
+                printf '%s\n' "$out" >> h2load-failures.txt
+            fi
+        done
+    done
+    echo "h2load: $runs runs of 20 connections x 10 streams, $bad with a stream not answered"
+    [ "$bad" = 0 ]
 }
 stop_load() {
     touch stop-load
     wait "$load" || { cat load.txt; echo "demo failed: requests failed" >&2; exit 1; }
     cat load.txt
+    wait "$h2load_pid" || { cat h2load-loop.txt; head -40 h2load-failures.txt; echo "demo failed: HTTP/2 streams failed" >&2; exit 1; }
+    cat h2load-loop.txt
 }
 
-step "reloadctl push --version 1.5 hosts.txt   (while clients that never retry keep every host busy)"
+step "reloadctl push --version 1.5 hosts.txt   (while clients that never retry, HTTP/1.1 and h2load's HTTP/2, keep every host busy)"
 start_load
 "$reloadctl" push --version 1.5 hosts.txt
 stop_load
