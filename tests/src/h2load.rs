@@ -87,7 +87,7 @@ impl H2loadCounts {
 /// One `h2load` run: when, and what it counted (or what it printed, when
 /// it printed no totals or did not speak h2c).
 #[derive(Debug, Clone)]
-pub struct H2loadRun {
+pub struct H2loadRunRecord {
     pub began: Instant,
     pub ended: Instant,
     pub outcome: Result<H2loadCounts, String>,
@@ -114,7 +114,7 @@ fn logged_latencies(log: &str) -> Vec<Duration> {
 pub struct H2loadLoop {
     stop: Arc<AtomicBool>,
     finished: Arc<AtomicUsize>,
-    thread: JoinHandle<Vec<H2loadRun>>,
+    thread: JoinHandle<Vec<H2loadRunRecord>>,
 }
 
 /// Where Debian's nghttp2-client puts `h2load`; a missing one fails the
@@ -177,7 +177,7 @@ impl H2loadLoop {
                 };
                 let latencies =
                     logged_latencies(&std::fs::read_to_string(&log_file).unwrap_or_default());
-                runs.push(H2loadRun {
+                runs.push(H2loadRunRecord {
                     began,
                     ended,
                     outcome,
@@ -218,7 +218,7 @@ impl H2loadLoop {
 /// Every run of an [`H2loadLoop`].
 #[derive(Debug)]
 pub struct H2loadReport {
-    pub runs: Vec<H2loadRun>,
+    pub runs: Vec<H2loadRunRecord>,
 }
 
 impl H2loadReport {

@@ -45,9 +45,10 @@ fn agent_with(
 /// with 10 streams each, back to back against the demo server under the
 /// agent through 10 reloads (`reload_tests::h2load` says why each run has
 /// as many requests as streams). Every run gets all 200 streams answered,
-/// 0 failed, 0 errored, 0 timed out, and each reload's drain came while
-/// runs were under way. (Before the demo server spoke HTTP/2, 0 of 200
-/// were answered.)
+/// 0 failed, 0 errored, 0 timed out; each reload's drain came while runs
+/// were under way, and replaced processes had h2load's connections open
+/// when their drain began (their own log line says how many). (Before the
+/// demo server spoke HTTP/2, 0 of 200 were answered.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2load_through_ten_reloads_gets_every_stream_answered() {
     let (agent, addr, _dir) = agent_with("127.0.18.1", web_service_toml);
@@ -91,6 +92,33 @@ async fn h2load_through_ten_reloads_gets_every_stream_answered() {
         )
         .await;
     }
+    // The replaced processes say, in the output the agent keeps, how many
+    // connections they had when their drain began: h2load's were among
+    // them, so the runs above crossed real drains.
+    let mut lines = agent
+        .control()
+        .await
+        .read_logs(reload_proto::v1::ReadLogsRequest {
+            service: "web".into(),
+            lines: 0,
+            follow: false,
+        })
+        .await
+        .expect("ReadLogs")
+        .into_inner();
+    let mut drains_with_connections = 0;
+    while let Some(line) = lines.message().await.expect("a log line") {
+        if line.line.contains("draining open_connections=")
+            && !line.line.contains("open_connections=0 ")
+        {
+            drains_with_connections += 1;
+        }
+    }
+    println!("{drains_with_connections} of the {RELOADS} drains had connections open");
+    assert!(
+        drains_with_connections > 0,
+        "no replaced process had a connection open when its drain began"
+    );
 }
 
 /// 20 connections with 10 streams in flight each, against the demo server
