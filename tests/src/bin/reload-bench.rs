@@ -630,8 +630,8 @@ fn row(name: &str, traffic: impl Into<TrafficArg>, steady: &LoadReport, during: 
         eprintln!("  {name} / {}: first failure: {first}", traffic.label());
     }
     // Keep-alive rows: the same p99 without the requests that reconnected,
-    // which tells a reload's cost to the clients it moves from its cost to
-    // everyone.
+    // to tell what a reload costs the clients it moves apart from what it
+    // costs every client.
     if matches!(traffic, Traffic::Http1(ConnectionMode::KeepAlive)) {
         let (steady, during) = (
             steady.reused_connection_latencies.quantile(0.99),
