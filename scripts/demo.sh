@@ -175,11 +175,14 @@ PY
     # as many requests as streams, all in flight at once: see README).
     h2load_loop > h2load-loop.txt &
     h2load_pid=$!
+    pids+=("$load" "$h2load_pid")
     sleep 0.5
 }
 h2load_loop() {
-    local runs=0 bad=0 ip out
-    while [ ! -e stop-load ]; do
+    # At most 120 s, as the HTTP/1.1 clients: a demo that fails half-way
+    # must not leave it running.
+    local runs=0 bad=0 ip out deadline=$((SECONDS + 120))
+    while [ ! -e stop-load ] && [ "$SECONDS" -lt "$deadline" ]; do
         for ip in 127.0.0.2 127.0.0.3 127.0.0.4; do
             out="$(h2load -c 20 -m 10 -n 200 -N 10s "http://$ip:$((port + 80))/" 2>&1 || true)"
             runs=$((runs + 1))
