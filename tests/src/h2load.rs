@@ -114,7 +114,15 @@ fn logged_latencies(log: &str) -> Vec<Duration> {
 pub struct H2loadLoop {
     stop: Arc<AtomicBool>,
     finished: Arc<AtomicUsize>,
-    thread: JoinHandle<Vec<H2loadRunRecord>>,
+    /// Taken by [`H2loadLoop::stop`]; a loop dropped without it (a test
+    /// that failed half-way) is told to stop and not waited for.
+    thread: Option<JoinHandle<Vec<H2loadRunRecord>>>,
+}
+
+impl Drop for H2loadLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Where Debian's nghttp2-client puts `h2load`; a missing one fails the
@@ -190,7 +198,7 @@ impl H2loadLoop {
         H2loadLoop {
             stop,
             finished,
-            thread,
+            thread: Some(thread),
         }
     }
 
@@ -207,10 +215,11 @@ impl H2loadLoop {
     }
 
     /// Lets the run in progress finish and returns every run.
-    pub fn stop(self) -> H2loadReport {
+    pub fn stop(mut self) -> H2loadReport {
         self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("stop takes the loop once");
         H2loadReport {
-            runs: self.thread.join().expect("the h2load thread panicked"),
+            runs: thread.join().expect("the h2load thread panicked"),
         }
     }
 }
